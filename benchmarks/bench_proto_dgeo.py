@@ -1,0 +1,210 @@
+"""Benchmark: the fused Proto-KD + D-Geo op against the pure-PyTorch reference, eager and torch.compile'd.
+
+    python benchmarks/bench_proto_dgeo.py                       # CPU, or CUDA when a GPU is present
+    python benchmarks/bench_proto_dgeo.py --batch 8192 --dim 512 --dtype float32 --mode fwdbwd
+
+Times forward (under no_grad), backward (on a retained graph) and both, for every provider, batch size,
+width and dtype asked for; prints a table and writes JSON with the machine, versions and thread count.
+CPU timings are torch.utils.benchmark medians; CUDA timings are triton.testing.do_bench medians (it flushes
+L2 between runs), with CUDA-graph replays of the fused op alongside. Inputs are random normal, never zeros.
+"""
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+
+import torch
+import torch.utils.benchmark as benchmark
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import ngd_ext  # noqa: E402
+from ngd_ext import reference  # noqa: E402
+
+PROVIDERS = ("fused", "eager", "compiled")
+MODES = ("fwd", "bwd", "fwdbwd")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+PARAMS = dict(tau=0.9, var_cap=0.2, margin=0.5)
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="cpu or cuda (default: cuda when a GPU is present)")
+    parser.add_argument("--batch", type=int, nargs="+", default=[256, 1024, 8192, 65536], help="batch sizes B")
+    parser.add_argument("--dim", type=int, nargs="+", default=[128, 512, 2048], help="embedding widths D")
+    parser.add_argument("--dtype", nargs="+", default=["float32", "bfloat16"], choices=sorted(DTYPES))
+    parser.add_argument("--mode", nargs="+", default=list(MODES), choices=MODES)
+    parser.add_argument("--provider", nargs="+", default=list(PROVIDERS), choices=PROVIDERS)
+    parser.add_argument("--num-protos", type=int, default=25, help="prototypes K (default 25, the 5x5 grid)")
+    parser.add_argument("--num-classes", type=int, default=8, help="classes C (default 8, FERPlus)")
+    parser.add_argument("--compile-dynamic", action="store_true",
+                        help="compile the reference once with dynamic shapes instead of once per shape "
+                             "(much less compile time; its kernels may be a little slower)")
+    parser.add_argument("--time-budget", type=float, default=float("inf"),
+                        help="seconds after which no new configuration is started (the rest are listed as skipped)")
+    parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/proto_dgeo_<device>.json)")
+    return parser.parse_args()
+
+
+def make_inputs(batch, dim, num_protos, num_classes, dtype, device):
+    generator = torch.Generator(device="cpu").manual_seed(batch * 7 + dim)
+    z = torch.randn(batch, dim, generator=generator).to(device=device, dtype=dtype)
+    protos = torch.randn(num_protos, dim, generator=generator).to(device)
+    target = torch.softmax(torch.randn(num_classes, num_protos, generator=generator) * 2, dim=1).to(device)
+    labels = torch.randint(0, num_classes, (batch,), generator=generator).to(device)
+    positive = torch.zeros(num_classes, dtype=torch.bool)
+    positive[[1, 2]] = True
+    return z, protos, target, labels, positive.to(device)
+
+
+def make_callables(loss_fn, z, rest):
+    """fwd, bwd and fwdbwd closures for one provider."""
+    def forward():
+        with torch.no_grad():
+            return loss_fn(z, *rest, **PARAMS)
+
+    def total(x):
+        return sum(loss_fn(x, *rest, **PARAMS))
+
+    leaf = z.detach().requires_grad_(True)
+    retained = {}
+
+    def backward():
+        if "loss" not in retained:  # built on the untimed first call
+            retained["loss"] = total(leaf)
+        return torch.autograd.grad(retained["loss"], leaf, retain_graph=True)
+
+    def forward_backward():
+        return torch.autograd.grad(total(leaf), leaf)
+
+    return {"fwd": forward, "bwd": backward, "fwdbwd": forward_backward}
+
+
+def time_cpu(fn):
+    fn()
+    measurement = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+    return measurement.blocked_autorange(min_run_time=0.5).median * 1e3
+
+
+def time_cuda(fn, graph=False):
+    import triton.testing
+
+    fn()
+    torch.cuda.synchronize()
+    if graph:
+        return triton.testing.do_bench_cudagraph(fn, rep=50, return_mode="median")
+    return triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median")
+
+
+def copy_bandwidth(nbytes, device):
+    """GB/s of a device copy of this many bytes (read + write counted), measured like the op."""
+    x = torch.randn(nbytes // 4, device=device)
+    y = torch.empty_like(x)
+    ms = time_cuda(lambda: y.copy_(x)) if device == "cuda" else time_cpu(lambda: y.copy_(x))
+    return 2 * nbytes / (ms * 1e-3) / 1e9
+
+
+def machine(device):
+    info = {
+        "platform": platform.platform(),
+        "processor": platform.processor(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "fused_available": ngd_ext.fused_available(device),
+    }
+    if device == "cuda":
+        info["gpu"] = torch.cuda.get_device_name()
+        info["cuda"] = torch.version.cuda
+    return info
+
+
+def main():
+    args = parse_args()
+    device = args.device
+    if "fused" in args.provider and not ngd_ext.fused_available(device):
+        sys.exit(f"the fused op is not built for {device}: pip install --no-build-isolation -e .")
+    compiled_terms = torch.compile(reference.proto_dgeo_terms, dynamic=True if args.compile_dynamic else False)
+    torch._dynamo.config.cache_size_limit = 256
+    losses = {"fused": ngd_ext.proto_dgeo_loss, "eager": reference.proto_dgeo_terms, "compiled": compiled_terms}
+    timer = time_cuda if device == "cuda" else time_cpu
+    started = time.monotonic()
+    results, skipped = [], []
+    copy_gbps = {}
+    for dtype_name in args.dtype:
+        for batch in args.batch:
+            for dim in args.dim:
+                config = dict(dtype=dtype_name, batch=batch, dim=dim)
+                if time.monotonic() - started > args.time_budget:
+                    skipped.append(config)
+                    continue
+                z, *rest = make_inputs(batch, dim, args.num_protos, args.num_classes, DTYPES[dtype_name], device)
+                z_bytes = z.numel() * z.element_size()
+                if device == "cuda":
+                    copy_gbps.setdefault(z_bytes, copy_bandwidth(max(z_bytes, 1 << 20), device))
+                for provider in args.provider:
+                    callables = make_callables(losses[provider], z, rest)
+                    for mode in args.mode:
+                        if device == "cuda":
+                            torch.cuda.synchronize()
+                            torch.cuda.reset_peak_memory_stats()
+                            base = torch.cuda.memory_allocated()
+                        ms = timer(callables[mode])
+                        row = dict(config, provider=provider, mode=mode, ms=ms)
+                        # bytes that must move: read z (fwd); read z, write dz (bwd)
+                        moved = {"fwd": 1, "bwd": 2, "fwdbwd": 3}[mode] * z_bytes
+                        row["gb_per_s"] = moved / (ms * 1e-3) / 1e9
+                        if device == "cuda":
+                            row["peak_mib"] = (torch.cuda.max_memory_allocated() - base) / 2**20
+                            row["copy_gb_per_s"] = copy_gbps[z_bytes]
+                            if provider == "fused" and mode != "bwd":
+                                try:
+                                    row["ms_cuda_graph"] = time_cuda(callables[mode], graph=True)
+                                except RuntimeError as error:
+                                    row["cuda_graph_error"] = str(error).splitlines()[0]
+                        results.append(row)
+                        print(json.dumps(row), flush=True)
+                    del callables
+
+    out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"proto_dgeo_{device}.json")
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    report = dict(machine=machine(device), device=device, num_protos=args.num_protos, num_classes=args.num_classes,
+                  compile_dynamic=args.compile_dynamic, params=PARAMS, results=results, skipped=skipped)
+    with open(out + ".tmp", "w") as handle:
+        json.dump(report, handle, indent=1)
+    os.replace(out + ".tmp", out)
+    print_table(results, device)
+    print(f"\n{len(results)} timings, {len(skipped)} configurations skipped for time; JSON: {out}")
+
+
+def print_table(results, device):
+    index = {(r["dtype"], r["batch"], r["dim"], r["mode"], r["provider"]): r for r in results}
+    keys = sorted({(r["dtype"], r["batch"], r["dim"], r["mode"]) for r in results},
+                  key=lambda k: (k[0], k[1], k[2], MODES.index(k[3])))
+    title = f"{'dtype':9} {'B':>6} {'D':>5} {'mode':7} {'fused ms':>9} {'eager ms':>9} {'compile ms':>10} " \
+            f"{'x eager':>8} {'x compile':>9} {'fused GB/s':>10}"
+    if device == "cuda":
+        title += f" {'graph ms':>9} {'copy GB/s':>9}"
+    print("\n" + title)
+    for key in keys:
+        fused, eager, compiled = (index.get(key + (p,)) for p in PROVIDERS)
+
+        def cell(row, width, field="ms"):
+            return f"{row[field]:{width}.3f}" if row and row.get(field) is not None else " " * (width - 1) + "-"
+
+        def ratio(other):
+            return f"{other['ms'] / fused['ms']:8.2f}" if fused and other else "       -"
+
+        line = f"{key[0]:9} {key[1]:6d} {key[2]:5d} {key[3]:7} {cell(fused, 9)} {cell(eager, 9)} {cell(compiled, 10)} " \
+               f"{ratio(eager)} {ratio(compiled):>9} {cell(fused, 10, 'gb_per_s')}"
+        if device == "cuda":
+            line += f" {cell(fused, 9, 'ms_cuda_graph')} {cell(fused, 9, 'copy_gb_per_s')}"
+        print(line)
+
+
+if __name__ == "__main__":
+    main()

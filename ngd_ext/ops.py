@@ -1,0 +1,78 @@
+"""The fused Proto-KD + D-Geo op: registrations (fake kernels, autograd) and the public entry point."""
+
+import warnings
+
+import torch
+
+from ngd_ext import reference
+
+try:
+    from ngd_ext import _C  # noqa: F401  (importing it registers torch.ops.ngd_ext.*)
+except ImportError as error:
+    _C = None
+    warnings.warn(f"ngd_ext._C is not built ({error}); proto_dgeo_loss runs the pure-PyTorch reference. "
+                  "Build it with: pip install --no-build-isolation -e .", stacklevel=2)
+
+
+# Looked up once, so that proto_dgeo_loss traces under torch.compile(fullgraph=True).
+_FUSED_DEVICE_TYPES = frozenset(
+    device_type for device_type, key in (("cpu", "CPU"), ("cuda", "CUDA"))
+    if _C is not None and torch._C._dispatch_has_kernel_for_dispatch_key("ngd_ext::proto_dgeo_fwd", key))
+
+
+def fused_available(device_type: str) -> bool:
+    """Whether the fused op serves tensors of this device type ('cpu', 'cuda', ...)."""
+    return device_type in _FUSED_DEVICE_TYPES
+
+
+def proto_dgeo_loss(z, protos, target, labels, positive, tau=0.9, var_cap=0.2, margin=0.5):
+    """Return (proto_kd, var_cap_loss, margin_loss) of SPEC section 4; gradients flow to z only.
+
+    Runs the fused op where it is built for z's device and the pure-PyTorch reference otherwise; both
+    take and return the same things (see ngd_ext.reference.proto_dgeo_loss).
+    """
+    if not fused_available(z.device.type):
+        return reference.proto_dgeo_loss(z, protos, target, labels, positive, tau, var_cap, margin)
+    proto_kd, var_cap_loss, margin_loss, *_ = torch.ops.ngd_ext.proto_dgeo_fwd(
+        z, protos, target, labels, positive, float(tau), float(var_cap), float(margin))
+    return proto_kd, var_cap_loss, margin_loss
+
+
+def _accumulate_dtype(z):
+    return torch.float64 if z.dtype == torch.float64 else torch.float32
+
+
+if _C is not None:
+
+    @torch.library.register_fake("ngd_ext::proto_dgeo_fwd")
+    def _(z, protos, target, labels, positive, tau, var_cap, margin):
+        torch._check(z.dim() == 2 and protos.dim() == 2 and target.dim() == 2)
+        dtype = _accumulate_dtype(z)
+        batch, dim = z.shape
+        num_classes, num_protos = target.shape
+        scalar = z.new_empty((), dtype=dtype)
+        return (scalar, scalar.clone(), scalar.clone(), z.new_empty((batch, num_protos), dtype=dtype),
+                z.new_empty((batch,), dtype=dtype), z.new_empty((batch,), dtype=dtype),
+                z.new_empty((num_classes,), dtype=dtype),
+                z.new_empty((num_classes, dim), dtype=dtype), z.new_empty((num_classes, dim), dtype=dtype))
+
+    @torch.library.register_fake("ngd_ext::proto_dgeo_bwd")
+    def _(grad_proto_kd, grad_var_cap, grad_margin, z, protos, target, labels, cosines, lse, norms, var_coef,
+          class_mean, margin_coef, tau):
+        return torch.empty_like(z, memory_format=torch.contiguous_format)
+
+    def _setup_context(ctx, inputs, output):
+        z, protos, target, labels, _positive, tau, _var_cap, _margin = inputs
+        saved = output[3:]  # cosines, lse, norms, var_coef, class_mean, margin_coef
+        ctx.save_for_backward(z, protos, target, labels, *saved)
+        ctx.tau = tau
+        ctx.mark_non_differentiable(*saved)
+
+    def _backward(ctx, grad_proto_kd, grad_var_cap, grad_margin, *_saved_grads):
+        grad_z = None
+        if ctx.needs_input_grad[0]:
+            grad_z = torch.ops.ngd_ext.proto_dgeo_bwd(grad_proto_kd, grad_var_cap, grad_margin, *ctx.saved_tensors,
+                                                      ctx.tau)
+        return grad_z, None, None, None, None, None, None, None
+
+    torch.library.register_autograd("ngd_ext::proto_dgeo_fwd", _backward, setup_context=_setup_context)

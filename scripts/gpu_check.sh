@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# The whole GPU verification of ngd_ext on a CUDA machine, with no network and whatever torch it has:
+# build the extension in place, run the test suite (CUDA cases included), the CUDA benchmark, and
+# compute-sanitizer memcheck and racecheck on a short run. Logs and JSON go to OUTDIR. About 8 minutes.
+#
+#   bash scripts/gpu_check.sh OUTDIR
+set -uo pipefail
+out=${1:?usage: bash scripts/gpu_check.sh OUTDIR}
+mkdir -p "$out"
+cd "$(dirname "$0")/.."
+python=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1 FORCE_CUDA=1
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-$(nproc)}
+if [ -z "${CUDA_HOME:-}" ]; then
+  nvcc_path=$(command -v nvcc) && export CUDA_HOME=$(dirname "$(dirname "$(readlink -f "$nvcc_path")")")
+fi
+
+step() { echo "== $1 ($(date +%T))" | tee -a "$out/summary.txt"; }
+
+step "machine"
+{ nvidia-smi; echo "CUDA_HOME=${CUDA_HOME:-}"; "$python" -c "import torch, sys; print(sys.version); print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())"; } > "$out/machine.txt" 2>&1
+tail -n 2 "$out/machine.txt" | tee -a "$out/summary.txt"
+
+step "build"
+if ! "$python" setup.py build_ext --inplace > "$out/build.log" 2>&1; then
+  tail -n 40 "$out/build.log" | tee -a "$out/summary.txt"
+  exit 1
+fi
+"$python" -c "import ngd_ext; print('fused cpu', ngd_ext.fused_available('cpu'), 'cuda', ngd_ext.fused_available('cuda'))" 2>&1 | tee -a "$out/summary.txt"
+
+step "tests"
+timeout 240 "$python" -m pytest -q -p no:cacheprovider tests > "$out/tests.log" 2>&1
+echo "pytest exit $?" | tee -a "$out/summary.txt"
+grep -E "passed|failed|error" "$out/tests.log" | tail -n 15 | tee -a "$out/summary.txt"
+
+step "benchmark"
+timeout 260 "$python" benchmarks/bench_proto_dgeo.py --device cuda --compile-dynamic --time-budget 170 \
+  --out "$out/bench_cuda.json" > "$out/bench.log" 2>&1
+echo "benchmark exit $?" | tee -a "$out/summary.txt"
+
+step "compute-sanitizer"
+for tool in memcheck racecheck; do
+  timeout 90 compute-sanitizer --tool "$tool" "$python" scripts/gpu_smoke.py > "$out/sanitizer_$tool.log" 2>&1
+  echo "$tool exit $?: $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$out/sanitizer_$tool.log" | tail -n 1)" | tee -a "$out/summary.txt"
+done
+step "done"

@@ -1,0 +1,29 @@
+"""A short CUDA run of the fused op over the kernel's code paths, for compute-sanitizer.
+
+    compute-sanitizer --tool memcheck python scripts/gpu_smoke.py
+"""
+
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+from helpers import make_case, weighted_grad  # noqa: E402
+
+import ngd_ext  # noqa: E402
+
+CASES = [  # batch, dim, prototypes, classes, dtype: register tiles (K <= 32 and K <= 64), shared and global
+    (1000, 130, 25, 8, torch.float32),  # class sums, vector tails, a partial last tile
+    (300, 2048, 64, 64, torch.float32),
+    (257, 64, 25, 8, torch.bfloat16),
+    (129, 96, 40, 5, torch.float64),
+]
+
+for batch, dim, num_protos, num_classes, dtype in CASES:
+    case = make_case(batch, dim, num_protos, num_classes, dtype=dtype, device="cuda", seed=batch)
+    losses, grad = weighted_grad(ngd_ext.proto_dgeo_loss, case)
+    torch.cuda.synchronize()
+    finite = all(torch.isfinite(x).all().item() for x in (*losses, grad))
+    print(f"B={batch} D={dim} K={num_protos} C={num_classes} {dtype}: losses "
+          f"{[round(x.item(), 6) for x in losses]}, all finite: {finite}")

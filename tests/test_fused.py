@@ -1,0 +1,275 @@
+"""The fused op against the reference: shapes, dtypes, edge cases, gradcheck, opcheck, torch.compile,
+determinism, CUDA graphs, and the fallback when the extension is missing. CUDA cases skip without a GPU."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from helpers import DEVICES, kink_free_params, make_case, weighted_grad
+import ngd_ext
+from ngd_ext import reference
+
+pytestmark = pytest.mark.skipif(not ngd_ext.fused_available("cpu"), reason="ngd_ext._C is not built")
+
+TOLERANCES = {  # (losses, gradient) as (rtol, atol)
+    torch.float64: ((1e-10, 1e-12), (1e-9, 1e-12)),
+    torch.float32: ((1e-5, 1e-6), (1e-4, 1e-6)),
+}
+
+
+def compare_exact_dtype(case, device, **params):
+    """float32 / float64: the fused op against the reference run in the same dtype."""
+    assert ngd_ext.fused_available(device)
+    dtype = case["z"].dtype
+    fused_losses, fused_grad = weighted_grad(ngd_ext.proto_dgeo_loss, case, **params)
+    ref_losses, ref_grad = weighted_grad(reference.proto_dgeo_loss, case, **params)
+    (loss_rtol, loss_atol), (grad_rtol, grad_atol) = TOLERANCES[dtype]
+    if device == "cuda" and dtype == torch.float32:
+        loss_atol = 1e-5  # the GPU forms class variances as E||u||^2 - ||mu||^2 (absolute error ~1e-6)
+    for name, got, want in zip(("proto_kd", "var_cap", "margin"), fused_losses, ref_losses):
+        assert got.dtype == want.dtype and got.shape == ()
+        torch.testing.assert_close(got, want, rtol=loss_rtol, atol=loss_atol, msg=lambda m: f"{name}: {m}")
+    assert fused_grad.dtype == dtype and fused_grad.shape == case["z"].shape
+    grad_scale = max(1.0, ref_grad.abs().max().item())
+    torch.testing.assert_close(fused_grad, ref_grad, rtol=grad_rtol, atol=grad_atol * grad_scale)
+    return fused_losses
+
+
+def compare_half_dtype(case, **params):
+    """bfloat16 / float16: the fused error against a float64 reference on the same (upcast) inputs is at most
+    twice the error of the reference run on the half-precision inputs."""
+    exact = dict(case, z=case["z"].double())
+    want_losses, want_grad = weighted_grad(reference.proto_dgeo_loss, exact, **params)
+    fused_losses, fused_grad = weighted_grad(ngd_ext.proto_dgeo_loss, case, **params)
+    ref_losses, ref_grad = weighted_grad(reference.proto_dgeo_loss, case, **params)
+    assert fused_grad.dtype == case["z"].dtype
+    for got, ref, want in zip(fused_losses, ref_losses, want_losses):
+        assert got.dtype == torch.float32
+        assert abs(got.double() - want) <= 2 * abs(ref.double() - want) + 1e-6 * (1 + abs(want))
+    fused_error = (fused_grad.double() - want_grad).abs().max()
+    ref_error = (ref_grad.double() - want_grad).abs().max()
+    assert fused_error <= 2 * ref_error + 1e-6 * want_grad.abs().max()
+
+
+SHAPES = [  # batch, dim, prototypes, classes
+    (1, 1, 25, 8),
+    (7, 3, 25, 8),
+    (256, 127, 25, 8),
+    (256, 128, 25, 8),
+    (1000, 130, 7, 5),
+    (1000, 512, 33, 8),
+    (300, 64, 64, 64),
+    (129, 40, 1, 3),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_shapes(device, dtype, shape):
+    batch, dim, num_protos, num_classes = shape
+    case = make_case(batch, dim, num_protos, num_classes, dtype=dtype, device=device, seed=batch + dim)
+    compare_exact_dtype(case, device, tau=0.9, var_cap=0.2, margin=0.5 if dim > 3 else 1.5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("shape", [(7, 3, 25, 8), (256, 128, 25, 8), (1000, 130, 33, 5)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_half_precision(device, dtype, shape):
+    batch, dim, num_protos, num_classes = shape
+    compare_half_dtype(make_case(batch, dim, num_protos, num_classes, dtype=dtype, device=device, seed=dim),
+                       tau=0.9, var_cap=0.05, margin=0.5)
+
+
+EDGE_CASES = {
+    "absent_class": dict(labels=[0, 1, 1, 3, 3, 3, 0, 1, 4, 4, 0, 1] * 5),
+    "singletons": dict(labels=[0, 1, 2, 2, 4, 5, 6, 6, 7, 3]),
+    "one_class": dict(labels=[2] * 50),
+    "all_positive": dict(positive=tuple(range(8))),
+    "no_positive": dict(positive=()),
+    "zeros_in_target": dict(sparse_target=True),
+    "large_magnitude": dict(scale=1e4),
+    "tiny_magnitude": dict(scale=1e-20),
+}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("name", sorted(EDGE_CASES))
+def test_edge_cases(device, dtype, name):
+    options = dict(EDGE_CASES[name])
+    labels = options.get("labels")
+    batch = len(labels) if labels else 200
+    case = make_case(batch, 48, 25, 8, dtype=dtype, device=device, seed=11, **options)
+    losses = compare_exact_dtype(case, device, tau=0.9, var_cap=0.1, margin=1.2)
+    if name == "one_class":
+        assert losses[2].item() == 0.0  # no pair of present classes
+    if name == "no_positive":
+        assert losses[1].item() == 0.0
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("tau", [0.05, 1.0])
+def test_extreme_tau(device, tau):
+    compare_exact_dtype(make_case(300, 64, 25, 8, device=device, seed=5), device, tau=tau, var_cap=0.1, margin=1.2)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_zero_row(device, dtype):
+    case = make_case(40, 16, 25, 8, dtype=dtype, device=device, seed=2)
+    case["z"][3] = 0
+    compare_exact_dtype(case, device, tau=0.9, var_cap=0.1, margin=1.2)
+    _, grad = weighted_grad(ngd_ext.proto_dgeo_loss, case)
+    assert grad[3].abs().max() > 1e5  # F.normalize semantics: dU / eps below the norm floor
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_non_contiguous_z(device):
+    case = make_case(96, 40, 25, 8, device=device, seed=4)
+    wide = torch.randn(40, 96 * 2, device=device)
+    case["z"] = wide.T[::2]
+    case["z"].copy_(make_case(96, 40, 25, 8, device=device, seed=4)["z"])
+    assert not case["z"].is_contiguous()
+    compare_exact_dtype(case, device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_protos_and_target_in_other_dtypes(device):
+    case = make_case(128, 32, 25, 8, device=device, seed=8)
+    want = weighted_grad(ngd_ext.proto_dgeo_loss, case)
+    case["protos"], case["target"] = case["protos"].float(), case["target"].float()
+    got = weighted_grad(ngd_ext.proto_dgeo_loss, case)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("seed", [0, 1])
+def test_gradcheck_fused(device, seed):
+    case = make_case(batch=30, dim=7, num_protos=9, num_classes=4, dtype=torch.float64, device=device, seed=seed,
+                     positive=(0, 1, 2, 3))
+    params = kink_free_params(case)
+    z = case.pop("z").requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda x: ngd_ext.proto_dgeo_loss(x, **case, **params), (z,), eps=1e-6,
+                                    atol=1e-7)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck(device):
+    case = make_case(64, 24, 25, 8, device=device, seed=6)
+    z = case["z"].requires_grad_(True)
+    args = (z, case["protos"], case["target"], case["labels"], case["positive"], 0.9, 0.2, 0.5)
+    torch.library.opcheck(torch.ops.ngd_ext.proto_dgeo_fwd.default, args)
+    saved = torch.ops.ngd_ext.proto_dgeo_fwd(*args)
+    grads = [torch.tensor(w, device=device) for w in (0.5, 1.0, 2.0)]
+    torch.library.opcheck(torch.ops.ngd_ext.proto_dgeo_bwd.default,
+                          (*grads, z.detach(), case["protos"], case["target"], case["labels"], *saved[3:], 0.9))
+
+
+def test_torch_compile_fullgraph_matches_eager():
+    case = make_case(200, 64, 25, 8, seed=9)
+    compiled = torch.compile(ngd_ext.proto_dgeo_loss, fullgraph=True)
+    torch.testing.assert_close(weighted_grad(compiled, case), weighted_grad(ngd_ext.proto_dgeo_loss, case),
+                               rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_bitwise_deterministic(device, dtype):
+    case = make_case(3000, 96, 25, 8, dtype=dtype, device=device, seed=10)
+    first, second = weighted_grad(ngd_ext.proto_dgeo_loss, case), weighted_grad(ngd_ext.proto_dgeo_loss, case)
+    torch.testing.assert_close(first, second, rtol=0, atol=0)
+
+
+def test_cpu_result_does_not_depend_on_thread_count():
+    case = make_case(3000, 96, 25, 8, seed=12)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = weighted_grad(ngd_ext.proto_dgeo_loss, case)
+        torch.set_num_threads(2)
+        two = weighted_grad(ngd_ext.proto_dgeo_loss, case)
+    finally:
+        torch.set_num_threads(threads)
+    torch.testing.assert_close(one, two, rtol=0, atol=0)
+
+
+def test_falls_back_to_reference_without_extension():
+    script = (
+        "import sys, warnings\n"
+        "sys.modules['ngd_ext._C'] = None\n"  # makes `from ngd_ext import _C` raise ImportError
+        "with warnings.catch_warnings(record=True) as caught:\n"
+        "    warnings.simplefilter('always')\n"
+        "    import ngd_ext\n"
+        "sys.path.insert(0, 'tests')\n"
+        "from helpers import make_case\n"
+        "from ngd_ext import reference\n"
+        "case = make_case(50, 16, 25, 8)\n"
+        "got = ngd_ext.proto_dgeo_loss(**case)\n"
+        "want = reference.proto_dgeo_loss(**case)\n"
+        "print(ngd_ext.fused_available('cpu'), [str(w.message).split(';')[0] for w in caught],\n"
+        "      all(type(g.grad_fn) is type(w.grad_fn) and g.item() == w.item() for g, w in zip(got, want)))\n"
+    )
+    z = make_case(50, 16, 25, 8)["z"]
+    z.requires_grad_(True)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
+                            cwd=str(__import__("pathlib").Path(__file__).parent.parent))
+    assert result.stdout.strip().startswith("False ['ngd_ext._C is not built")
+    assert result.stdout.strip().endswith("True")
+
+
+cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+
+
+def poison_cuda_allocator():
+    """Fill the caching allocator's free memory with NaN, so that an output the kernel forgets to write shows."""
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    poison = torch.full((64 * 1024 * 1024,), float("nan"), device="cuda")
+    del poison
+
+
+@cuda_only
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("shape", [(5000, 512, 25, 8), (70, 2048, 64, 64), (3, 130, 7, 3)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_cuda_outputs_fully_written(dtype, shape):
+    case = make_case(*shape, dtype=dtype, device="cuda", seed=13)
+    poison_cuda_allocator()
+    compare_exact_dtype(case, "cuda", tau=0.9, var_cap=0.1, margin=1.2)
+    poison_cuda_allocator()
+    outputs = torch.ops.ngd_ext.proto_dgeo_fwd(case["z"], case["protos"], case["target"], case["labels"],
+                                               case["positive"], 0.9, 0.1, 1.2)
+    assert all(torch.isfinite(out).all() for out in outputs)
+
+
+@cuda_only
+def test_cuda_graph_replay_matches_eager():
+    case = make_case(4096, 128, 25, 8, device="cuda", seed=14)
+    static_z = case["z"].clone()
+    fixed = (case["protos"], case["target"], case["labels"], case["positive"])
+    grads = [torch.tensor(w, device="cuda") for w in (0.7, -1.3, 2.1)]
+
+    def step(z):
+        saved = torch.ops.ngd_ext.proto_dgeo_fwd(z, *fixed, 0.9, 0.1, 1.2)
+        grad_z = torch.ops.ngd_ext.proto_dgeo_bwd(*grads, z, case["protos"], case["target"], case["labels"],
+                                                  *saved[3:], 0.9)
+        return saved[:3], grad_z
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step(static_z)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_losses, static_grad = step(static_z)
+    for seed in (15, 16):
+        fresh = make_case(4096, 128, 25, 8, device="cuda", seed=seed)["z"]
+        static_z.copy_(fresh)
+        graph.replay()
+        want_losses, want_grad = step(fresh)
+        torch.testing.assert_close((static_losses, static_grad), (want_losses, want_grad), rtol=0, atol=0)
