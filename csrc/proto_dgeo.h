@@ -3,11 +3,24 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <string>
+#include <type_traits>
+
 namespace ngd_ext {
 
 // F.normalize's floor on a norm, and the epsilon under the square root of a class distance.
 constexpr double kNormEps = 1e-8;
 constexpr double kDistEps = 1e-12;
+
+// Numbers in error messages go through std::to_string and snprintf, never through an ostream: an extension
+// built by a newer g++ than libtorch's can crash formatting a number through libtorch's locale (seen with
+// g++ 13 and torch 2.11+cu130).
+template <typename T, typename = std::enable_if_t<std::is_integral<T>::value>>
+std::string text(T value) {
+  return std::to_string(value);
+}
+std::string text(double value);
+std::string text(at::IntArrayRef shape);
 
 // Checks that need no host synchronisation (shapes, dtypes, devices, sizes, scalars), on every device.
 // Errors name the argument.

@@ -495,7 +495,7 @@ std::vector<at::Tensor> forward_cpu_typed(const at::Tensor& z_in, const at::Tens
   });
   for (int64_t chunk = 0; chunk < chunks; ++chunk) {
     TORCH_CHECK_VALUE(first_nonfinite_row[chunk] < 0, "proto_dgeo_loss: z has a non-finite value in row ",
-                      chunk * kChunk + first_nonfinite_row[chunk]);
+                      text(chunk * kChunk + first_nonfinite_row[chunk]));
   }
 
   // Merge the chunks per class in chunk order, in double. The variance is E||u||^2 - ||mean||^2: its absolute

@@ -178,7 +178,8 @@ __global__ void __launch_bounds__(kThreads)
       acc_t cosine[kGroups];
 #pragma unroll
       for (int g = 0; g < kGroups; ++g) cosine[g] = warp_transpose_sum(dot[j * kGroups + g], lane);
-      const acc_t length = sqrt_of(warp_sum(sum_sq[j]));
+      sum_sq[j] = warp_sum(sum_sq[j]);
+      const acc_t length = sqrt_of(sum_sq[j]);
       const int64_t row = first + j;
       const int slot = warp * ROWS + j;
       if (row >= row_end) {  // the same for the whole warp
@@ -251,6 +252,8 @@ __global__ void __launch_bounds__(kThreads)
   if (threadIdx.x == 0) block_kd[blockIdx.x] = *kd_sum;
 }
 
+// The loops over block partials are unrolled so that several loads are in flight; the additions keep block
+// order.
 template <typename acc_t>
 __global__ void class_mean_kernel(const acc_t* __restrict__ block_class_sum, const int* __restrict__ block_count,
                                   int num_blocks, int num_classes, int64_t dim, acc_t* __restrict__ class_mean,
@@ -258,10 +261,12 @@ __global__ void class_mean_kernel(const acc_t* __restrict__ block_class_sum, con
   const int c = blockIdx.y;
   const int64_t d = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
   int count = 0;
+  #pragma unroll 8
   for (int b = 0; b < num_blocks; ++b) count += block_count[b * num_classes + c];
   if (blockIdx.x == 0 && threadIdx.x == 0) class_count[c] = count;
   if (d >= dim) return;
   double sum = 0;
+  #pragma unroll 8
   for (int b = 0; b < num_blocks; ++b) sum += block_class_sum[(b * num_classes + c) * dim + d];
   const double mean = count > 0 ? sum / count : 0.0;
   class_mean_wide[c * dim + d] = mean;
@@ -286,6 +291,7 @@ __global__ void losses_kernel(const double* __restrict__ mean, const int* __rest
     mean_sq = warp_sum(mean_sq);
     if (lane == 0) {
       double sq = 0;
+      #pragma unroll 8
       for (int b = 0; b < num_blocks; ++b) sq += block_sq[b * num_classes + c];
       const int count = class_count[c];
       variance[c] = count > 0 ? larger(sq / count - mean_sq, 0.0) : 0.0;
@@ -308,6 +314,7 @@ __global__ void losses_kernel(const double* __restrict__ mean, const int* __rest
     }
     *var_cap_loss = static_cast<acc_t>(loss);
     double kd = 0;
+    #pragma unroll 8
     for (int b = 0; b < num_blocks; ++b) kd += block_kd[b];
     *proto_kd = static_cast<acc_t>(kd / batch);
     num_pairs = 0.5 * present * (present - 1);
@@ -476,8 +483,8 @@ at::Tensor unit_prototypes(const at::Tensor& protos, at::ScalarType acc_dtype, c
 }
 
 void check_proto_count(const at::Tensor& protos) {
-  TORCH_CHECK_VALUE(protos.size(0) <= kMaxProtos, "proto_dgeo_loss: the CUDA kernel serves at most ", kMaxProtos,
-              " prototypes, got protos with K = ", protos.size(0));
+  TORCH_CHECK_VALUE(protos.size(0) <= kMaxProtos, "proto_dgeo_loss: the CUDA kernel serves at most ",
+                    text(kMaxProtos), " prototypes, got protos with K = ", text(protos.size(0)));
 }
 
 struct ForwardOutputs {
