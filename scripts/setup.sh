@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Creates .venv with the pinned packages and builds ngd_ext's C++ extension: the CPU kernel always, the CUDA
+# kernel too wherever a CUDA toolkit is found (GPU or not). Safe to rerun: it rebuilds only what changed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [ ! -x .venv/bin/python ]; then
+  "${PYTHON:-python3}" -m venv .venv
+fi
+.venv/bin/python -m pip install --quiet --disable-pip-version-check -r requirements.txt
+
+# torch finds the toolkit through CUDA_HOME; the nvcc on PATH may be a wrapper script outside the toolkit's root.
+if [ -z "${CUDA_HOME:-}" ] && [ "${NGD_NO_CUDA:-0}" != 1 ]; then
+  for root in /usr/local/cuda /opt/cuda; do
+    if [ -x "$root/bin/nvcc" ]; then export CUDA_HOME=$root; break; fi
+  done
+fi
+if [ -n "${CUDA_HOME:-}" ]; then
+  export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}  # Hopper; each extra architecture adds nvcc time
+fi
+export MAX_JOBS=${MAX_JOBS:-$(nproc)}
+.venv/bin/python -m pip install --quiet --disable-pip-version-check --no-build-isolation --no-deps -e .
+.venv/bin/python -c "import ngd_ext; print('ngd_ext fused op serves:', ', '.join(d for d in ('cpu', 'cuda') if ngd_ext.fused_available(d)) or 'nothing (reference only)')"
