@@ -1,6 +1,7 @@
 """The fused op against the reference: shapes, dtypes, edge cases, gradcheck, opcheck, torch.compile,
 determinism, CUDA graphs, and the fallback when the extension is missing. CUDA cases skip without a GPU."""
 
+import pathlib
 import subprocess
 import sys
 
@@ -130,9 +131,8 @@ def test_zero_row(device, dtype):
 @pytest.mark.parametrize("device", DEVICES)
 def test_non_contiguous_z(device):
     case = make_case(96, 40, 25, 8, device=device, seed=4)
-    wide = torch.randn(40, 96 * 2, device=device)
-    case["z"] = wide.T[::2]
-    case["z"].copy_(make_case(96, 40, 25, 8, device=device, seed=4)["z"])
+    strided = torch.empty(40, 2 * 96, device=device).T[::2]  # 96 x 40, column-major with gaps
+    case["z"] = strided.copy_(case["z"])
     assert not case["z"].is_contiguous()
     compare_exact_dtype(case, device)
 
@@ -208,17 +208,16 @@ def test_falls_back_to_reference_without_extension():
         "from helpers import make_case\n"
         "from ngd_ext import reference\n"
         "case = make_case(50, 16, 25, 8)\n"
-        "got = ngd_ext.proto_dgeo_loss(**case)\n"
-        "want = reference.proto_dgeo_loss(**case)\n"
-        "print(ngd_ext.fused_available('cpu'), [str(w.message).split(';')[0] for w in caught],\n"
-        "      all(type(g.grad_fn) is type(w.grad_fn) and g.item() == w.item() for g, w in zip(got, want)))\n"
+        "got = [x.item() for x in ngd_ext.proto_dgeo_loss(**case)]\n"
+        "want = [x.item() for x in reference.proto_dgeo_loss(**case)]\n"
+        "print(ngd_ext.fused_available('cpu'), ngd_ext.fused_available('cuda'), got == want)\n"
+        "print(*[w.message for w in caught], sep='\\n')\n"
     )
-    z = make_case(50, 16, 25, 8)["z"]
-    z.requires_grad_(True)
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
-                            cwd=str(__import__("pathlib").Path(__file__).parent.parent))
-    assert result.stdout.strip().startswith("False ['ngd_ext._C is not built")
-    assert result.stdout.strip().endswith("True")
+                            cwd=pathlib.Path(__file__).resolve().parent.parent)
+    availability, warning = result.stdout.splitlines()[:2]
+    assert availability == "False False True"
+    assert warning.startswith("ngd_ext._C is not built")
 
 
 cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
