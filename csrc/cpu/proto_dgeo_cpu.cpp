@@ -394,6 +394,12 @@ bool has_avx2_fma() {
 
 int64_t num_chunks(int64_t rows) { return (rows + kChunk - 1) / kChunk; }
 
+// Tasks get at least this many elements of work: waking a second thread for less costs more than it saves
+// (and its spin-wait competes with the caller on small machines). Chunking, and so the result, is unchanged.
+constexpr int64_t kMinTaskElements = 1 << 14;
+
+int64_t grain(int64_t elements_per_item) { return std::max<int64_t>(1, kMinTaskElements / elements_per_item); }
+
 // p / max(||p||, eps), as F.normalize computes it.
 template <typename acc_t>
 at::Tensor unit_prototypes(const at::Tensor& protos) {
@@ -464,7 +470,7 @@ std::vector<at::Tensor> forward_cpu_typed(const at::Tensor& z_in, const at::Tens
   std::vector<int64_t> first_nonfinite_row(chunks, -1);
   const auto run_chunk = has_avx2_fma() ? forward_chunk_avx2<acc_t> : forward_chunk_baseline<acc_t>;
 
-  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, chunks, grain(kChunk * dim), [&](int64_t begin, int64_t end) {
     at::Tensor buffer = std::is_same<scalar_t, acc_t>::value ? at::Tensor() : at::empty({kChunk, dim}, acc_options);
     std::vector<acc_t> inv_length(kChunk);
     for (int64_t chunk = begin; chunk < end; ++chunk) {
@@ -502,7 +508,7 @@ std::vector<at::Tensor> forward_cpu_typed(const at::Tensor& z_in, const at::Tens
   // error is that of the float sums (~1e-7), far below anything the variance cap resolves.
   std::vector<int64_t> count(num_classes, 0);
   std::vector<double> mean(num_classes * dim, 0.0), variance(num_classes, 0.0);
-  at::parallel_for(0, num_classes, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, num_classes, grain(chunks * dim), [&](int64_t begin, int64_t end) {
     for (int64_t c = begin; c < end; ++c) {
       double* mu = mean.data() + c * dim;
       double unit_sq = 0;
@@ -625,7 +631,7 @@ at::Tensor backward_cpu_typed(const at::Tensor& grad_proto_kd, const at::Tensor&
   const acc_t* cosine = cosines.data_ptr<acc_t>();
   const acc_t* lse = lses.data_ptr<acc_t>();
 
-  at::parallel_for(0, num_chunks(batch), 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, num_chunks(batch), grain(kChunk * dim), [&](int64_t begin, int64_t end) {
     const bool convert = !std::is_same<scalar_t, acc_t>::value;
     at::Tensor buffer = convert ? at::empty({kChunk, dim}, acc_options) : at::Tensor();
     at::Tensor grad_buffer = convert ? at::empty({kChunk, dim}, acc_options) : at::Tensor();
