@@ -1,0 +1,155 @@
+"""DREAMER and MAHNOB-HCI readers on fixtures in the real structures, and their errors."""
+
+import os
+
+import numpy as np
+import pytest
+import scipy.io
+
+from ngd_ext.eeg_formats import (DREAMER_ELECTRODES, MAHNOB_EEG, EEGFormatError, read_dreamer, read_mahnob,
+                                 write_bdf, write_dreamer, write_session_xml)
+
+
+def dreamer_subjects(rng, subjects=2, clips=2, seconds=3, sfreq=128):
+    return [dict(stimuli=[rng.normal(4200, 20, (seconds * sfreq + clip, 14)) for clip in range(clips)],
+                 baseline=[rng.normal(4200, 20, (2 * sfreq, 14)) for _ in range(clips)],
+                 valence=[1 + (s + clip) % 5 for clip in range(clips)],
+                 arousal=[5 - (s + clip) % 5 for clip in range(clips)]) for s in range(subjects)]
+
+
+def test_read_dreamer_round_trip(tmp_path):
+    rng = np.random.default_rng(0)
+    subjects = dreamer_subjects(rng)
+    path = str(tmp_path / "DREAMER.mat")
+    write_dreamer(path, subjects)
+    trials = read_dreamer(path)
+    assert [(t.subject, t.trial) for t in trials] == [("dreamer-01", 1), ("dreamer-01", 2), ("dreamer-02", 1),
+                                                      ("dreamer-02", 2)]
+    first = trials[1]
+    assert first.sfreq == 128 and first.ch_names == DREAMER_ELECTRODES
+    np.testing.assert_allclose(first.signal, subjects[0]["stimuli"][1].T * 1e-6)
+    np.testing.assert_allclose(first.baseline, subjects[0]["baseline"][1].T * 1e-6)
+    assert (first.valence, first.arousal) == ((2 - 3) / 2, (4 - 3) / 2)
+
+
+def test_read_dreamer_single_subject_single_clip(tmp_path):
+    # squeeze_me collapses 1-element cells; the reader must not iterate over the samples instead.
+    path = str(tmp_path / "DREAMER.mat")
+    write_dreamer(path, dreamer_subjects(np.random.default_rng(1), subjects=1, clips=1))
+    trials = read_dreamer(path)
+    assert len(trials) == 1 and trials[0].signal.shape == (14, 3 * 128)
+
+
+def rewrite_without(path, drop_field):
+    """Rewrite DREAMER.mat without DREAMER.<field>, or without the second subject's EEG.<field>."""
+    root = scipy.io.loadmat(path, struct_as_record=False, squeeze_me=False)["DREAMER"][0, 0]
+    content = {name: getattr(root, name) for name in root._fieldnames}
+    if drop_field in content:
+        del content[drop_field]
+    else:
+        subject = content["Data"][0, 1][0, 0]
+        eeg = subject.EEG[0, 0]
+        content["Data"][0, 1] = {name: getattr(subject, name) for name in subject._fieldnames}
+        content["Data"][0, 1]["EEG"] = {name: getattr(eeg, name) for name in eeg._fieldnames if name != drop_field}
+    scipy.io.savemat(path, {"DREAMER": content})
+
+
+@pytest.mark.parametrize("drop_field,message", [
+    ("EEG_Electrodes", r"DREAMER.mat: DREAMER has no field 'EEG_Electrodes'"),
+    ("stimuli", r"DREAMER.mat: DREAMER.Data\{2\}.EEG has no field 'stimuli'"),
+])
+def test_read_dreamer_missing_field(tmp_path, drop_field, message):
+    path = str(tmp_path / "DREAMER.mat")
+    write_dreamer(path, dreamer_subjects(np.random.default_rng(2)))
+    rewrite_without(path, drop_field)
+    with pytest.raises(EEGFormatError, match=message):
+        read_dreamer(path)
+
+
+def test_read_dreamer_wrong_channel_count_and_nan(tmp_path):
+    rng = np.random.default_rng(3)
+    path = str(tmp_path / "DREAMER.mat")
+    subjects = dreamer_subjects(rng)
+    subjects[1]["stimuli"][0] = subjects[1]["stimuli"][0][:, :13]
+    write_dreamer(path, subjects)
+    with pytest.raises(EEGFormatError, match=r"DREAMER.mat: DREAMER.Data\{2\}.EEG.stimuli\{1\} has shape "
+                                             r"\(384, 13\), expected samples x 14"):
+        read_dreamer(path)
+    subjects = dreamer_subjects(rng)
+    subjects[0]["baseline"][1][10, 3] = np.nan
+    write_dreamer(path, subjects)
+    with pytest.raises(EEGFormatError, match=r"DREAMER.Data\{1\}.EEG.baseline\{2\} has a non-finite .* row 11"):
+        read_dreamer(path)
+
+
+def test_read_dreamer_score_out_of_range_and_unreadable_file(tmp_path):
+    path = str(tmp_path / "DREAMER.mat")
+    subjects = dreamer_subjects(np.random.default_rng(4))
+    subjects[0]["arousal"][1] = 7
+    write_dreamer(path, subjects)
+    with pytest.raises(EEGFormatError, match=r"DREAMER.Data\{1\}.ScoreArousal\(2\) = 7 is outside 1..5"):
+        read_dreamer(path)
+    with open(path, "wb") as handle:
+        handle.write(b"garbage")
+    with pytest.raises(EEGFormatError, match=r"DREAMER.mat: not a readable MATLAB file"):
+        read_dreamer(path)
+
+
+def write_mahnob_session(root, session, subject, felt=(7, 3), sfreq=256, seconds=4, baseline=31, order=None,
+                         rng=None, events=2, drop=()):
+    rng = rng or np.random.default_rng(session)
+    folder = os.path.join(root, "Sessions", str(session))
+    os.makedirs(folder)
+    write_session_xml(os.path.join(folder, "session.xml"), session, subject, *(felt or (None, None)))
+    names = [name for name in (order or MAHNOB_EEG) if name not in drop] + ["EXG1"]
+    samples = (baseline + seconds + 2) * sfreq
+    signals = rng.normal(0, 30, (len(names), samples))
+    status = np.zeros(samples)
+    start, stop = baseline * sfreq, (baseline + seconds) * sfreq
+    for onset in [start, stop][:events]:
+        status[onset:onset + 5] = 1 if onset == start else 2
+    write_bdf(os.path.join(folder, f"Part_{subject}_S_Trial{session}_emotion.bdf"), names, signals, sfreq, status)
+    return names, signals, start, stop
+
+
+def test_read_mahnob_picks_channels_by_name_and_cuts_the_trial(tmp_path):
+    root = str(tmp_path)
+    order = list(reversed(MAHNOB_EEG))  # out of order on disk
+    names, signals, start, stop = write_mahnob_session(root, 2, 1, felt=(9, 1), order=order)
+    write_mahnob_session(root, 10, 2, felt=(5, 6))
+    write_mahnob_session(root, 3, 1, felt=None)  # no felt labels: skipped and counted
+    scan = read_mahnob(root)
+    assert [(t.subject, t.trial) for t in scan.trials] == [("mahnob-1", 2), ("mahnob-2", 10)]
+    assert [os.path.basename(p) for p in scan.skipped_without_felt_labels] == ["3"]
+    trial = scan.trials[0]
+    assert trial.sfreq == 256 and trial.ch_names == MAHNOB_EEG
+    assert (trial.valence, trial.arousal) == (1.0, -1.0)
+    assert trial.signal.shape == (32, stop - start) and trial.baseline.shape == (32, 30 * 256)
+    fz = names.index("Fz")
+    # 24-bit quantisation over +-262144 uV is 1/32 uV
+    np.testing.assert_allclose(trial.signal[MAHNOB_EEG.index("Fz")], signals[fz, start:stop] * 1e-6, atol=2e-8)
+    np.testing.assert_allclose(trial.baseline[MAHNOB_EEG.index("Fz"), -1], signals[fz, start - 1] * 1e-6, atol=2e-8)
+
+
+def test_read_mahnob_errors_name_the_file(tmp_path):
+    root = str(tmp_path / "missing_channel")
+    write_mahnob_session(root, 1, 1, drop=("Oz",))
+    with pytest.raises(EEGFormatError, match=r"Part_1_S_Trial1_emotion.bdf: lacks the EEG channels \['Oz'\]"):
+        read_mahnob(root)
+    root = str(tmp_path / "one_event")
+    write_mahnob_session(root, 1, 1, events=1)
+    with pytest.raises(EEGFormatError, match=r"emotion.bdf: 1 Status events; the trial lies between the first two"):
+        read_mahnob(root)
+    root = str(tmp_path / "short_baseline")
+    write_mahnob_session(root, 1, 1, baseline=10)
+    with pytest.raises(EEGFormatError, match=r"starts 10.0 s into the recording; 30 s of baseline"):
+        read_mahnob(root)
+    root = str(tmp_path / "unreadable")
+    write_mahnob_session(root, 1, 1)
+    bdf = os.path.join(root, "Sessions", "1", "Part_1_S_Trial1_emotion.bdf")
+    with open(bdf, "r+b") as handle:
+        handle.truncate(300)
+    with pytest.raises(EEGFormatError, match=r"Part_1_S_Trial1_emotion.bdf: unreadable BDF"):
+        read_mahnob(root)
+    with pytest.raises(EEGFormatError, match=r"no Sessions/ folder"):
+        read_mahnob(str(tmp_path / "nothing"))
