@@ -72,8 +72,7 @@ def plot_occupancy(bank, path, title):
     axes.set_title(title, fontsize=9)
     figure.colorbar(image, ax=axes, label="embeddings")
     figure.tight_layout()
-    with artifacts.atomic_path(path) as temporary:
-        figure.savefig(temporary, format="png", dpi=120)
+    artifacts.save_figure(figure, path)
     plt.close(figure)
 
 
@@ -86,8 +85,7 @@ def plot_similarity(bank, path, title):
     axes.set_title(title, fontsize=9)
     figure.colorbar(image, ax=axes, label="cosine similarity")
     figure.tight_layout()
-    with artifacts.atomic_path(path) as temporary:
-        figure.savefig(temporary, format="png", dpi=120)
+    artifacts.save_figure(figure, path)
     plt.close(figure)
 
 

@@ -50,6 +50,12 @@ def write_json(path, data):
             handle.write("\n")
 
 
+def save_figure(figure, path, dpi=120):
+    """A matplotlib figure as a PNG, written atomically."""
+    with atomic_path(path) as temporary:
+        figure.savefig(temporary, format="png", dpi=dpi)
+
+
 def write_manifest(stage_dir):
     """List every file in stage_dir (recursively, the manifest aside) with its SHA-256, written last."""
     entries = []

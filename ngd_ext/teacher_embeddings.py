@@ -1,8 +1,9 @@
 """stage1/embeddings.npz: the teacher's L2-normalised embeddings of held-out windows, written by stage 1 and
 read by stage 2.
 
-Arrays: embeddings (N x E float32, unit rows), valence and arousal (N, in [-1, 1]), subject and trial (N,
-int64), and source (a string naming the data, "synthetic" for the embedded default).
+Arrays: embeddings (N x E float32, unit rows), valence and arousal (N, in [-1, 1]), subject and trial (N
+strings, e.g. "dreamer-03" and "dreamer-03/2"), and source (a string naming the data, "synthetic" for the
+embedded default).
 """
 
 import numpy as np
@@ -21,7 +22,7 @@ def save_embeddings(path, embeddings, valence, arousal, subject, trial, source):
         with open(temporary, "wb") as handle:
             np.savez(handle, embeddings=np.asarray(embeddings, dtype=np.float32),
                      valence=np.asarray(valence, dtype=np.float32), arousal=np.asarray(arousal, dtype=np.float32),
-                     subject=np.asarray(subject, dtype=np.int64), trial=np.asarray(trial, dtype=np.int64),
+                     subject=np.asarray(subject, dtype=str), trial=np.asarray(trial, dtype=str),
                      source=np.asarray(source))
 
 

@@ -10,5 +10,5 @@ for stage in stage1_teacher.py stage2_prototypes.py stage3_student.py stage4_eva
     exit 0
   fi
   echo "== $stage"
-  .venv/bin/python "$stage" "$@"
+  .venv/bin/python "$stage"
 done

@@ -1,0 +1,321 @@
+"""Stage 1: the EEG teacher, which regresses valence and arousal from topographic maps of EEG.
+
+Reads DREAMER (--dreamer DREAMER.mat) and/or MAHNOB-HCI (--mahnob DIR); with neither, it generates and reads
+the embedded synthetic default (DREAMER- and MAHNOB-structured files under RUN_DIR/data/). Subjects are split
+into training and held-out sets before any windowing, so no window of a held-out trial is ever trained on.
+Writes RUN_DIR/stage1/:
+
+  teacher.pt           state_dict + config (+ the feature standardisation), torch.load(weights_only=True)
+  embeddings.npz       L2-normalised embeddings of the held-out windows, with valence, arousal, subject, trial
+  metrics.json         held-out RMSE, Pearson r and CCC for valence and arousal, beside a mean baseline
+  training_curve.png   training loss and held-out CCC per epoch
+  config.json, SHA256SUMS
+
+    python stage1_teacher.py                                   # synthetic default, into runs/demo
+    python stage1_teacher.py --dreamer DREAMER.mat --mahnob /data/MAHNOB-HCI --run-dir runs/real
+
+A killed run resumes from its last finished epoch (RUN_DIR/stage1/checkpoint.pt) when started again with
+the same arguments.
+"""
+
+import argparse
+import os
+import sys
+
+import matplotlib
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from ngd_ext import artifacts  # noqa: E402
+from ngd_ext.eeg_features import BANDS, band_entropy, interpolation_matrix, preprocess, topographic_maps  # noqa: E402
+from ngd_ext.eeg_formats import EEGFormatError, read_dreamer, read_mahnob  # noqa: E402
+from ngd_ext.synthetic_eeg import ensure_synthetic_eeg  # noqa: E402
+from ngd_ext.teacher_embeddings import save_embeddings  # noqa: E402
+
+# Defaults ---------------------------------------------------------------------------------------------------
+RUN_DIR = "runs/demo"
+SFREQ = 128            # common sampling rate after resampling, Hz
+WINDOW_S, STEP_S = 2.0, 1.0
+MAP_SIZE = 16          # topographic maps are MAP_SIZE x MAP_SIZE per band
+EMBEDDING_SIZE = 128
+EPOCHS = 30
+BATCH_SIZE = 64
+LEARNING_RATE = 2e-3
+WEIGHT_DECAY = 1e-2
+HELD_OUT_FRACTION = 0.25
+SYNTHETIC_SIZES = {  # subjects, clips/sessions per subject and seconds per clip of the embedded default
+    "demo": dict(dreamer_subjects=12, dreamer_clips=8, dreamer_seconds=20,
+                 mahnob_subjects=8, mahnob_sessions_per_subject=5, mahnob_seconds=20),
+    "tiny": dict(dreamer_subjects=3, dreamer_clips=3, dreamer_seconds=6,
+                 mahnob_subjects=2, mahnob_sessions_per_subject=2, mahnob_seconds=6),
+}
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run-dir", default=RUN_DIR, help=f"run folder (default {RUN_DIR})")
+    parser.add_argument("--dreamer", help="path of DREAMER.mat")
+    parser.add_argument("--mahnob", help="MAHNOB-HCI folder holding Sessions/")
+    parser.add_argument("--synthetic-size", choices=sorted(SYNTHETIC_SIZES), default="demo",
+                        help="size of the embedded synthetic default, used when no dataset is given (default demo)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="torch device (default cuda when available)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the split, the model and the synthetic data")
+    parser.add_argument("--held-out-fraction", type=float, default=HELD_OUT_FRACTION,
+                        help=f"share of each dataset's subjects held out (at least one; default {HELD_OUT_FRACTION})")
+    parser.add_argument("--epochs", type=int, default=EPOCHS, help=f"training epochs (default {EPOCHS})")
+    parser.add_argument("--batch-size", type=int, default=BATCH_SIZE, help=f"windows per batch (default {BATCH_SIZE})")
+    parser.add_argument("--lr", type=float, default=LEARNING_RATE, help=f"AdamW learning rate (default {LEARNING_RATE})")
+    parser.add_argument("--weight-decay", type=float, default=WEIGHT_DECAY,
+                        help=f"AdamW weight decay (default {WEIGHT_DECAY})")
+    parser.add_argument("--loss", choices=("ccc", "mse"), default="ccc",
+                        help="1 - concordance correlation (default), or mean squared error")
+    parser.add_argument("--embedding-size", type=int, default=EMBEDDING_SIZE,
+                        help=f"teacher embedding size E (default {EMBEDDING_SIZE})")
+    parser.add_argument("--window-s", type=float, default=WINDOW_S, help=f"window length, s (default {WINDOW_S})")
+    parser.add_argument("--step-s", type=float, default=STEP_S, help=f"step between windows, s (default {STEP_S})")
+    parser.add_argument("--map-size", type=int, default=MAP_SIZE, help=f"topographic map side (default {MAP_SIZE})")
+    args = parser.parse_args(argv)
+    if not 0 < args.held_out_fraction < 1:
+        parser.error(f"--held-out-fraction must be in (0, 1), got {args.held_out_fraction}")
+    for name in ("epochs", "batch_size", "embedding_size", "map_size"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.window_s <= 0 or args.step_s <= 0:
+        parser.error("--window-s and --step-s must be positive")
+    return args
+
+
+def split_subjects(subjects_by_dataset, fraction, seed):
+    """Held-out subjects: a share of each dataset's subjects (at least one where a dataset has two or more)."""
+    rng = np.random.default_rng(seed)
+    held_out = set()
+    for dataset in sorted(subjects_by_dataset):
+        subjects = sorted(subjects_by_dataset[dataset])
+        if len(subjects) < 2:
+            continue
+        count = min(len(subjects) - 1, max(1, int(round(fraction * len(subjects)))))
+        held_out.update(rng.choice(subjects, size=count, replace=False).tolist())
+    return held_out
+
+
+def trial_windows(trials, args, matrices):
+    """Topographic maps of every window of every trial, with its labels and provenance."""
+    maps, valence, arousal, subject, trial_id = [], [], [], [], []
+    for trial in tqdm(trials, desc="features", unit="trial", leave=False):
+        signal, baseline = preprocess(trial.signal, trial.baseline, trial.sfreq, SFREQ)
+        entropy = band_entropy(signal, baseline, SFREQ, args.window_s, args.step_s)
+        if not len(entropy):
+            raise EEGFormatError(f"{trial.source}: {trial.subject} trial {trial.trial} is shorter than one "
+                                 f"{args.window_s:g} s window")
+        maps.append(topographic_maps(entropy, matrices[trial.ch_names], args.map_size))
+        count = len(entropy)
+        valence += [trial.valence] * count
+        arousal += [trial.arousal] * count
+        subject += [trial.subject] * count
+        trial_id += [f"{trial.subject}/{trial.trial}"] * count
+    return (np.concatenate(maps).astype(np.float32), np.array(valence, np.float32), np.array(arousal, np.float32),
+            np.array(subject), np.array(trial_id))
+
+
+class Teacher(nn.Module):
+    """A compact CNN on band topographic maps: an embedding of size E, and a valence/arousal head in [-1, 1]."""
+
+    def __init__(self, bands, embedding_size):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(bands, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
+            nn.Conv2d(32, 64, 3, stride=2, padding=1), nn.BatchNorm2d(64), nn.ReLU(),
+            nn.Conv2d(64, 128, 3, stride=2, padding=1), nn.BatchNorm2d(128), nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(0.2),
+            nn.Linear(128, embedding_size))
+        self.head = nn.Linear(embedding_size, 2)
+
+    def forward(self, maps):
+        embedding = self.features(maps)
+        return torch.tanh(self.head(embedding)), embedding
+
+
+def ccc(prediction, target):
+    """Lin's concordance correlation coefficient of each column."""
+    mean_p, mean_t = prediction.mean(0), target.mean(0)
+    covariance = ((prediction - mean_p) * (target - mean_t)).mean(0)
+    return 2 * covariance / (prediction.var(0, unbiased=False) + target.var(0, unbiased=False)
+                             + (mean_p - mean_t) ** 2 + 1e-8)
+
+
+def regression_metrics(prediction, target):
+    """RMSE, Pearson r and CCC per column (valence, arousal), computed once over all held-out windows."""
+    prediction, target = np.asarray(prediction, np.float64), np.asarray(target, np.float64)
+    out = {}
+    for column, name in enumerate(("valence", "arousal")):
+        p, t = prediction[:, column], target[:, column]
+        pearson = float(np.corrcoef(p, t)[0, 1]) if p.std() > 0 and t.std() > 0 else 0.0
+        concordance = 2 * np.cov(p, t, bias=True)[0, 1] / (p.var() + t.var() + (p.mean() - t.mean()) ** 2 + 1e-12)
+        out[name] = {"rmse": float(np.sqrt(np.mean((p - t) ** 2))), "pearson_r": pearson, "ccc": float(concordance)}
+    return out
+
+
+def predict(model, maps, device, batch_size):
+    model.eval()
+    outputs, embeddings = [], []
+    with torch.no_grad():
+        for start in range(0, len(maps), batch_size):
+            output, embedding = model(torch.from_numpy(maps[start:start + batch_size]).to(device))
+            outputs.append(output.cpu())
+            embeddings.append(embedding.cpu())
+    return torch.cat(outputs).numpy(), torch.cat(embeddings).numpy()
+
+
+def plot_curve(history, path, note):
+    figure, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    epochs = [h["epoch"] for h in history]
+    left.plot(epochs, [h["train_loss"] for h in history])
+    left.set_xlabel("epoch")
+    left.set_ylabel("training loss")
+    for name in ("valence", "arousal"):
+        right.plot(epochs, [h["held_out"][name]["ccc"] for h in history], label=name)
+    right.axhline(0.0, color="grey", linestyle=":", label="mean baseline")
+    right.set_xlabel("epoch")
+    right.set_ylabel("held-out CCC")
+    right.legend()
+    figure.suptitle(f"EEG teacher{note}", fontsize=10)
+    figure.tight_layout()
+    artifacts.save_figure(figure, path)
+    plt.close(figure)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    out_dir = os.path.join(args.run_dir, "stage1")
+    os.makedirs(out_dir, exist_ok=True)
+    manifest = os.path.join(out_dir, artifacts.MANIFEST)
+    if os.path.exists(manifest):
+        os.remove(manifest)  # the folder is being rewritten: it must not look finished
+    torch.manual_seed(args.seed)
+
+    # Data: real files when given, the embedded synthetic default otherwise --------------------------------
+    if args.dreamer or args.mahnob:
+        dreamer_path, mahnob_root, source = args.dreamer, args.mahnob, "real"
+    else:
+        dreamer_path, mahnob_root = ensure_synthetic_eeg(os.path.join(args.run_dir, "data", "synthetic_eeg"),
+                                                         args.seed, **SYNTHETIC_SIZES[args.synthetic_size])
+        source = "synthetic"
+    note = " (synthetic data: not the paper's numbers)" if source == "synthetic" else ""
+    trials = read_dreamer(dreamer_path) if dreamer_path else []
+    if mahnob_root:
+        scan = read_mahnob(mahnob_root)
+        trials += scan.trials
+        print(f"MAHNOB-HCI: {len(scan.trials)} trials; skipped {len(scan.skipped_without_felt_labels)} sessions "
+              f"without felt labels and {len(scan.skipped_without_eeg)} without EEG")
+    subjects_by_dataset = {}
+    for trial in trials:
+        subjects_by_dataset.setdefault(trial.dataset, set()).add(trial.subject)
+    held_out = split_subjects(subjects_by_dataset, args.held_out_fraction, args.seed)
+    if not held_out:
+        sys.exit("stage1_teacher.py: a held-out split needs at least 2 subjects in one dataset")
+    train_trials = [t for t in trials if t.subject not in held_out]
+    test_trials = [t for t in trials if t.subject in held_out]
+    print(f"{len(trials)} trials of {sum(len(s) for s in subjects_by_dataset.values())} subjects "
+          f"({', '.join(f'{d}: {len(s)}' for d, s in sorted(subjects_by_dataset.items()))}); "
+          f"held out: {sorted(held_out)}{note}")
+
+    matrices = {names: interpolation_matrix(names, args.map_size) for names in {t.ch_names for t in trials}}
+    train_maps, train_v, train_a, train_subjects, _ = trial_windows(train_trials, args, matrices)
+    test_maps, test_v, test_a, test_subjects, test_trial_ids = trial_windows(test_trials, args, matrices)
+    assert not set(train_subjects) & set(test_subjects)
+    mean = train_maps.mean(axis=0, keepdims=True)
+    std = train_maps.std(axis=0, keepdims=True) + 1e-6
+    train_maps, test_maps = (train_maps - mean) / std, (test_maps - mean) / std
+    train_targets = np.stack([train_v, train_a], axis=1)
+    test_targets = np.stack([test_v, test_a], axis=1)
+    print(f"{len(train_maps)} training and {len(test_maps)} held-out windows of {len(BANDS)} x {args.map_size} x "
+          f"{args.map_size} maps")
+
+    # Model and optimiser, resumed from the last finished epoch of an identical run ---------------------------
+    device = torch.device(args.device)
+    model = Teacher(len(BANDS), args.embedding_size).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    config = {name: value for name, value in vars(args).items() if name not in ("device", "run_dir")}
+    config.update(source=source, bands=list(BANDS), sfreq=SFREQ)
+    checkpoint_path = os.path.join(out_dir, "checkpoint.pt")
+    history, start_epoch = [], 0
+    if os.path.exists(checkpoint_path):
+        checkpoint = torch.load(checkpoint_path, map_location=device, weights_only=True)
+        if checkpoint["config"] == config:
+            model.load_state_dict(checkpoint["model"])
+            optimizer.load_state_dict(checkpoint["optimizer"])
+            history, start_epoch = checkpoint["history"], checkpoint["epoch"]
+            torch.set_rng_state(checkpoint["rng"])
+            print(f"resuming after epoch {start_epoch}")
+
+    # Training ---------------------------------------------------------------------------------------------
+    train_x = torch.from_numpy(train_maps)
+    train_y = torch.from_numpy(train_targets)
+    progress = tqdm(range(start_epoch + 1, args.epochs + 1), desc="training", unit="epoch")
+    for epoch in progress:
+        model.train()
+        order = torch.randperm(len(train_x))
+        losses = []
+        for start in range(0, len(order), args.batch_size):
+            batch = order[start:start + args.batch_size]
+            if len(batch) < 2:
+                continue  # BatchNorm and the CCC need two samples
+            prediction, _ = model(train_x[batch].to(device))
+            target = train_y[batch].to(device)
+            loss = (1 - ccc(prediction, target)).mean() if args.loss == "ccc" else F.mse_loss(prediction, target)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+        held_out_prediction, _ = predict(model, test_maps, device, 256)
+        history.append({"epoch": epoch, "train_loss": float(np.mean(losses)),
+                        "held_out": regression_metrics(held_out_prediction, test_targets)})
+        scores = history[-1]["held_out"]
+        progress.set_postfix(loss=f"{history[-1]['train_loss']:.4f}", ccc_valence=f"{scores['valence']['ccc']:.3f}",
+                             ccc_arousal=f"{scores['arousal']['ccc']:.3f}")
+        with artifacts.atomic_path(checkpoint_path) as temporary:
+            torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
+                        "history": history, "config": config, "rng": torch.get_rng_state()}, temporary)
+
+    # Outputs ----------------------------------------------------------------------------------------------
+    prediction, embeddings = predict(model, test_maps, device, 256)
+    baseline = np.broadcast_to(train_targets.mean(axis=0), test_targets.shape)
+    metrics = {"held_out": regression_metrics(prediction, test_targets),
+               "mean_baseline": regression_metrics(baseline, test_targets),
+               "held_out_subjects": sorted(held_out), "windows": {"train": len(train_maps), "held_out": len(test_maps)},
+               "source": source}
+    if source == "synthetic":
+        metrics["note"] = "synthetic EEG: these numbers are not the paper's"
+    with artifacts.atomic_path(os.path.join(out_dir, "teacher.pt")) as temporary:
+        torch.save({"state_dict": model.state_dict(), "config": config, "feature_mean": torch.from_numpy(mean),
+                    "feature_std": torch.from_numpy(std)}, temporary)
+    norms = np.maximum(np.linalg.norm(embeddings, axis=1, keepdims=True), 1e-8)
+    save_embeddings(os.path.join(out_dir, "embeddings.npz"), embeddings / norms, test_v, test_a, test_subjects,
+                    test_trial_ids, source)
+    artifacts.write_json(os.path.join(out_dir, "metrics.json"), metrics)
+    plot_curve(history, os.path.join(out_dir, "training_curve.png"), note)
+    os.remove(checkpoint_path)
+    # MAHNOB-HCI is a tree of many large files: its path is recorded, not hashed.
+    artifacts.write_config(out_dir, args, {"dreamer": artifacts.sha256_file(dreamer_path) if dreamer_path else None,
+                                           "mahnob": mahnob_root})
+    artifacts.write_manifest(out_dir)
+
+    for name in ("valence", "arousal"):
+        got, base = metrics["held_out"][name], metrics["mean_baseline"][name]
+        print(f"held-out {name}: CCC {got['ccc']:.3f} (mean baseline {base['ccc']:.3f}), r {got['pearson_r']:.3f}, "
+              f"RMSE {got['rmse']:.3f} (baseline {base['rmse']:.3f}){note}")
+    print(f"wrote {out_dir}/")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (EEGFormatError, artifacts.ArtifactError) as error:
+        sys.exit(f"stage1_teacher.py: {error}")

@@ -1,0 +1,159 @@
+"""Stage 1: features, the subject split, the synthetic default, and stage 1 then stage 2 end to end."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import stage1_teacher
+import stage2_prototypes
+from ngd_ext import artifacts
+from ngd_ext.eeg_features import (band_entropy, differential_entropy, interpolation_matrix, preprocess,
+                                  topographic_maps, windows)
+from ngd_ext.eeg_formats import DREAMER_ELECTRODES, MAHNOB_EEG, read_dreamer, read_mahnob
+from ngd_ext.synthetic_eeg import ensure_synthetic_eeg, write_synthetic_dreamer
+from ngd_ext.teacher_embeddings import load_embeddings
+
+TINY = stage1_teacher.SYNTHETIC_SIZES["tiny"]
+
+
+def test_differential_entropy_of_gaussian_noise():
+    rng = np.random.default_rng(0)
+    segments = rng.normal(0, 3.0, (2, 5, 20000))
+    np.testing.assert_allclose(differential_entropy(segments), 0.5 * np.log(2 * np.pi * np.e * 9.0), rtol=5e-3)
+
+
+def test_windows_count_and_content():
+    signal = np.arange(2 * 10, dtype=float).reshape(2, 10)
+    cut = windows(signal, sfreq=2, window_s=2.0, step_s=1.5)  # 4 samples, step 3
+    assert cut.shape == (3, 2, 4)
+    np.testing.assert_array_equal(cut[1, 1], [13, 14, 15, 16])
+
+
+@pytest.mark.parametrize("names", [DREAMER_ELECTRODES, MAHNOB_EEG], ids=["DREAMER", "MAHNOB"])
+def test_interpolation_matrix(names):
+    matrix = interpolation_matrix(names, 16)
+    inside = matrix.sum(axis=1) > 0
+    np.testing.assert_allclose(matrix[inside].sum(axis=1), 1.0)
+    assert 150 < inside.sum() < 256  # a disc in the square
+    features = np.full((3, 4, len(names)), 2.5)
+    maps = topographic_maps(features, matrix, 16)
+    assert maps.shape == (3, 4, 16, 16)
+    np.testing.assert_allclose(maps.reshape(3, 4, -1)[:, :, inside], 2.5)
+    # the pixel nearest an electrode takes most of its weight from that electrode: F3 is front left
+    f3 = names.index("F3")
+    top_pixel = matrix[:, f3].argmax()
+    row, column = divmod(top_pixel, 16)
+    assert row < 8 and column < 8 and matrix[top_pixel, f3] > 0.5
+
+
+def test_split_holds_out_whole_subjects_of_each_dataset():
+    subjects = {"DREAMER": {f"dreamer-{i:02d}" for i in range(1, 13)}, "MAHNOB-HCI": {f"mahnob-{i}" for i in range(1, 9)}}
+    held_out = stage1_teacher.split_subjects(subjects, 0.25, seed=3)
+    assert len(held_out & subjects["DREAMER"]) == 3 and len(held_out & subjects["MAHNOB-HCI"]) == 2
+    assert held_out == stage1_teacher.split_subjects(subjects, 0.25, seed=3)
+    assert stage1_teacher.split_subjects({"DREAMER": {"a"}, "MAHNOB-HCI": {"b", "c"}}, 0.9, 0) in ({"b"}, {"c"})
+
+
+def test_no_window_of_a_held_out_trial_is_trained_on(tmp_path):
+    dreamer, mahnob = ensure_synthetic_eeg(str(tmp_path / "eeg"), seed=5, **TINY)
+    trials = read_dreamer(dreamer) + read_mahnob(mahnob).trials
+    subjects = {}
+    for trial in trials:
+        subjects.setdefault(trial.dataset, set()).add(trial.subject)
+    held_out = stage1_teacher.split_subjects(subjects, 0.25, seed=5)
+    args = stage1_teacher.parse_args([])
+    matrices = {names: interpolation_matrix(names, args.map_size) for names in {t.ch_names for t in trials}}
+    train = stage1_teacher.trial_windows([t for t in trials if t.subject not in held_out], args, matrices)
+    test = stage1_teacher.trial_windows([t for t in trials if t.subject in held_out], args, matrices)
+    assert len(train[0]) and len(test[0])
+    assert not set(train[4]) & set(test[4])  # trial ids
+    assert set(test[3]) == held_out
+
+
+def test_synthetic_default_is_deterministic(tmp_path):
+    first = ensure_synthetic_eeg(str(tmp_path / "a"), seed=7, **TINY)
+    second = ensure_synthetic_eeg(str(tmp_path / "b"), seed=7, **TINY)
+    for one, other in zip(read_dreamer(first[0]), read_dreamer(second[0])):  # a .mat header holds a timestamp
+        np.testing.assert_array_equal(one.signal, other.signal)
+        assert (one.valence, one.arousal) == (other.valence, other.arousal)
+    bdf = os.path.join("Sessions", "1", "Part_1_S_Trial1_emotion.bdf")
+    assert artifacts.sha256_file(os.path.join(first[1], bdf)) == artifacts.sha256_file(os.path.join(second[1], bdf))
+    scan = read_mahnob(first[1])
+    assert len(scan.trials) == 3 and len(scan.skipped_without_felt_labels) == 1
+
+
+def test_synthetic_eeg_carries_its_valence_and_arousal_correlates(tmp_path):
+    path = str(tmp_path / "DREAMER.mat")
+    write_synthetic_dreamer(path, seed=11, subjects=4, clips=8, seconds=8)
+    asymmetry, fast_power, valence, arousal = [], [], [], []
+    left = [DREAMER_ELECTRODES.index(name) for name in ("AF3", "F3", "F7", "FC5")]
+    right = [DREAMER_ELECTRODES.index(name) for name in ("AF4", "F4", "F8", "FC6")]
+    for trial in read_dreamer(path):
+        signal, baseline = preprocess(trial.signal, trial.baseline, trial.sfreq, 128)
+        entropy = band_entropy(signal, baseline, 128, 2.0, 1.0).mean(axis=0)  # bands x channels
+        asymmetry.append(entropy[1, right].mean() - entropy[1, left].mean())  # alpha: right minus left
+        fast_power.append(entropy[2:].mean())  # beta and gamma
+        valence.append(trial.valence)
+        arousal.append(trial.arousal)
+    assert np.corrcoef(asymmetry, valence)[0, 1] > 0.6
+    assert np.corrcoef(fast_power, arousal)[0, 1] > 0.6
+
+
+def run_tiny_stage1(run_dir, *extra):
+    stage1_teacher.main(["--run-dir", run_dir, "--synthetic-size", "tiny", "--epochs", "2", "--device", "cpu",
+                         *extra])
+
+
+def test_stage1_then_stage2_end_to_end(tmp_path):
+    run_dir = str(tmp_path)
+    run_tiny_stage1(run_dir)
+    stage1 = os.path.join(run_dir, "stage1")
+    names = {"teacher.pt", "embeddings.npz", "metrics.json", "training_curve.png", "config.json"}
+    assert set(artifacts.read_manifest(stage1)) == names
+    artifacts.verify_manifest(stage1, sorted(names))
+    assert not os.path.exists(os.path.join(stage1, "checkpoint.pt"))
+    teacher = torch.load(os.path.join(stage1, "teacher.pt"), weights_only=True)
+    model = stage1_teacher.Teacher(4, teacher["config"]["embedding_size"])
+    model.load_state_dict(teacher["state_dict"])
+    embeddings = load_embeddings(os.path.join(stage1, "embeddings.npz"))
+    np.testing.assert_allclose(np.linalg.norm(embeddings["embeddings"], axis=1), 1.0, rtol=1e-5)
+    with open(os.path.join(stage1, "metrics.json")) as handle:
+        metrics = json.load(handle)
+    assert set(embeddings["subject"]) == set(metrics["held_out_subjects"])
+    assert metrics["windows"]["held_out"] == len(embeddings["embeddings"])
+    assert metrics["source"] == "synthetic" and "not the paper's" in metrics["note"]
+    for name in ("valence", "arousal"):
+        assert set(metrics["held_out"][name]) == {"rmse", "pearson_r", "ccc"}
+        assert metrics["mean_baseline"][name]["ccc"] == 0.0
+    stage2_prototypes.main(["--run-dir", run_dir, "--min-count", "1"])
+    with np.load(os.path.join(run_dir, "stage2", "prototypes.npz")) as bank:
+        assert bank["bank"].shape == (25, 128)
+        assert str(bank["teacher_sha256"]) == artifacts.sha256_file(os.path.join(stage1, "teacher.pt"))
+
+
+def test_stage1_resumes_after_a_crash(tmp_path, monkeypatch, capsys):
+    run_dir = str(tmp_path)
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("killed")
+
+    monkeypatch.setattr(stage1_teacher, "plot_curve", crash)
+    with pytest.raises(RuntimeError, match="killed"):
+        run_tiny_stage1(run_dir)
+    stage1 = os.path.join(run_dir, "stage1")
+    assert os.path.exists(os.path.join(stage1, "checkpoint.pt"))
+    assert not os.path.exists(os.path.join(stage1, artifacts.MANIFEST))  # an unfinished folder never looks done
+    monkeypatch.undo()
+    capsys.readouterr()
+    run_tiny_stage1(run_dir)
+    assert "resuming after epoch 2" in capsys.readouterr().out
+    assert os.path.exists(os.path.join(stage1, artifacts.MANIFEST))
+
+
+def test_stage1_bad_dataset_path_names_the_file(tmp_path):
+    missing = str(tmp_path / "DREAMER.mat")
+    with pytest.raises(Exception, match=r"DREAMER.mat: not a readable MATLAB file"):
+        stage1_teacher.main(["--run-dir", str(tmp_path), "--dreamer", missing])
