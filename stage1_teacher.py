@@ -14,7 +14,7 @@ Writes RUN_DIR/stage1/:
     python stage1_teacher.py                                   # synthetic default, into runs/demo
     python stage1_teacher.py --dreamer DREAMER.mat --mahnob /data/MAHNOB-HCI --run-dir runs/real
 
-A killed run resumes from its last finished epoch (RUN_DIR/stage1/checkpoint.pt) when started again with
+A killed run resumes from its last finished epoch (RUN_DIR/stage1-checkpoint.pt) when started again with
 the same arguments.
 """
 
@@ -244,10 +244,11 @@ def main(argv=None):
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     config = {name: value for name, value in vars(args).items() if name not in ("device", "run_dir")}
     config.update(source=source, bands=list(BANDS), sfreq=SFREQ)
-    checkpoint_path = os.path.join(out_dir, "checkpoint.pt")
+    # Beside the stage folder, not in it: the manifest lists the folder's files, and must never list this one.
+    checkpoint_path = os.path.join(args.run_dir, "stage1-checkpoint.pt")
     history, start_epoch = [], 0
     if os.path.exists(checkpoint_path):
-        checkpoint = torch.load(checkpoint_path, map_location=device, weights_only=True)
+        checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
         if checkpoint["config"] == config:
             model.load_state_dict(checkpoint["model"])
             optimizer.load_state_dict(checkpoint["optimizer"])
@@ -301,11 +302,11 @@ def main(argv=None):
                     test_trial_ids, source)
     artifacts.write_json(os.path.join(out_dir, "metrics.json"), metrics)
     plot_curve(history, os.path.join(out_dir, "training_curve.png"), note)
-    os.remove(checkpoint_path)
     # MAHNOB-HCI is a tree of many large files: its path is recorded, not hashed.
     artifacts.write_config(out_dir, args, {"dreamer": artifacts.sha256_file(dreamer_path) if dreamer_path else None,
                                            "mahnob": mahnob_root})
     artifacts.write_manifest(out_dir)
+    os.remove(checkpoint_path)
 
     for name in ("valence", "arousal"):
         got, base = metrics["held_out"][name], metrics["mean_baseline"][name]

@@ -114,7 +114,7 @@ def test_stage1_then_stage2_end_to_end(tmp_path):
     names = {"teacher.pt", "embeddings.npz", "metrics.json", "training_curve.png", "config.json"}
     assert set(artifacts.read_manifest(stage1)) == names
     artifacts.verify_manifest(stage1, sorted(names))
-    assert not os.path.exists(os.path.join(stage1, "checkpoint.pt"))
+    assert not os.path.exists(os.path.join(run_dir, "stage1-checkpoint.pt"))
     teacher = torch.load(os.path.join(stage1, "teacher.pt"), weights_only=True)
     model = stage1_teacher.Teacher(4, teacher["config"]["embedding_size"])
     model.load_state_dict(teacher["state_dict"])
@@ -144,7 +144,7 @@ def test_stage1_resumes_after_a_crash(tmp_path, monkeypatch, capsys):
     with pytest.raises(RuntimeError, match="killed"):
         run_tiny_stage1(run_dir)
     stage1 = os.path.join(run_dir, "stage1")
-    assert os.path.exists(os.path.join(stage1, "checkpoint.pt"))
+    assert os.path.exists(os.path.join(run_dir, "stage1-checkpoint.pt"))
     assert not os.path.exists(os.path.join(stage1, artifacts.MANIFEST))  # an unfinished folder never looks done
     monkeypatch.undo()
     capsys.readouterr()
