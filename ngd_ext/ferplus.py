@@ -1,0 +1,216 @@
+"""FERPlus (SPEC section 6): the vote tables, the official label rule, and the images in either real layout.
+
+- `fer2013.csv` (emotion, pixels, Usage) joined *by row position* with `fer2013new.csv` (Usage, Image name,
+  votes for neutral ... contempt, unknown, NF); a row of fer2013new.csv with no image name was dropped by
+  FERPlus and is skipped.
+- The generated folders `FER2013Train/`, `FER2013Valid/`, `FER2013Test/`, each with `label.csv` (image name,
+  face box, the ten vote counts) beside the PNG images.
+
+The official majority rule: votes of 1 are zeroed; an image is kept only if its top category holds more than
+half of the remaining votes, and dropped when that category is unknown or NF. Valid and test always use it.
+"""
+
+import csv
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from ngd_ext.emotions import FER_CLASSES
+
+VOTE_COLUMNS = FER_CLASSES + ("unknown", "NF")
+SPLITS = ("train", "valid", "test")
+USAGE_SPLIT = {"Training": "train", "PublicTest": "valid", "PrivateTest": "test"}
+FOLDER_SPLIT = {"train": "FER2013Train", "valid": "FER2013Valid", "test": "FER2013Test"}
+IMAGE_SIDE = 48
+ANNOTATORS = 10
+
+
+class FerPlusError(ValueError):
+    """A FERPlus file that does not have the official structure; the message names the file and row."""
+
+
+def majority_label(votes):
+    """The class index of the official majority rule, or None when the image is dropped."""
+    kept = np.where(np.asarray(votes, dtype=np.float64) <= 1.0, 0.0, votes)
+    total = kept.sum()
+    top = int(np.argmax(kept))
+    if total == 0 or kept[top] <= 0.5 * total or top >= len(FER_CLASSES):
+        return None
+    return top
+
+
+def probability_label(votes):
+    """The official probability target over the 8 classes (votes of 1 zeroed, unknown and NF removed), or
+    None when the image is dropped (its top category is unknown or NF, or no vote is left)."""
+    kept = np.where(np.asarray(votes, dtype=np.float64) <= 1.0, 0.0, votes)
+    if kept.sum() == 0 or int(np.argmax(kept)) >= len(FER_CLASSES):
+        return None
+    emotions = kept[: len(FER_CLASSES)]
+    return emotions / emotions.sum()
+
+
+def _votes(values, path, row):
+    try:
+        votes = np.array([int(value) for value in values], dtype=np.int64)
+    except ValueError:
+        raise FerPlusError(f"{path}, row {row}: vote counts must be integers, got {values}") from None
+    if len(votes) != len(VOTE_COLUMNS) or (votes < 0).any():
+        raise FerPlusError(f"{path}, row {row}: expected {len(VOTE_COLUMNS)} non-negative vote counts "
+                           f"({', '.join(VOTE_COLUMNS)}), got {values}")
+    # Ten annotators labelled each image; the official table has one image (fer0010406.png) with nine votes.
+    if not 1 <= votes.sum() <= ANNOTATORS:
+        raise FerPlusError(f"{path}, row {row}: the votes sum to {votes.sum()}; FERPlus images have at most "
+                           f"{ANNOTATORS} annotators")
+    return votes
+
+
+@dataclass
+class VoteRow:
+    split: str
+    name: str       # the image name, e.g. fer0000123.png
+    position: int   # row position in fer2013.csv (or in the split's label.csv)
+    votes: np.ndarray
+
+
+def read_fer2013new(path):
+    """The rows of fer2013new.csv that name an image, with their split and row position."""
+    rows = []
+    with open(path, newline="") as handle:
+        reader = csv.reader(handle)
+        header = next(reader, None)
+        if header is None or tuple(header[2:]) != VOTE_COLUMNS or header[:2] != ["Usage", "Image name"]:
+            raise FerPlusError(f"{path}: header {header} is not Usage, Image name, {', '.join(VOTE_COLUMNS)}")
+        for position, fields in enumerate(reader):
+            row = position + 2
+            if len(fields) != 2 + len(VOTE_COLUMNS):
+                raise FerPlusError(f"{path}, row {row}: {len(fields)} fields, expected {2 + len(VOTE_COLUMNS)}")
+            if fields[0] not in USAGE_SPLIT:
+                raise FerPlusError(f"{path}, row {row}: Usage {fields[0]!r} is not one of {list(USAGE_SPLIT)}")
+            if not fields[1]:
+                continue  # an image FERPlus dropped
+            rows.append(VoteRow(USAGE_SPLIT[fields[0]], fields[1], position, _votes(fields[2:], path, row)))
+    return rows
+
+
+def read_label_csv(path, split):
+    """The rows of a generated FER2013<Split>/label.csv: image name, face box, the ten vote counts."""
+    rows = []
+    with open(path, newline="") as handle:
+        for position, fields in enumerate(csv.reader(handle)):
+            if len(fields) != 2 + len(VOTE_COLUMNS):
+                raise FerPlusError(f"{path}, row {position + 1}: {len(fields)} fields, expected image name, face "
+                                   f"box and {len(VOTE_COLUMNS)} vote counts")
+            rows.append(VoteRow(split, fields[0], position, _votes(fields[2:], path, position + 1)))
+    return rows
+
+
+def read_votes(folder):
+    """Every named image's vote row, from fer2013new.csv when present, else from the three label.csv files."""
+    table = os.path.join(folder, "fer2013new.csv")
+    if os.path.isfile(table):
+        return read_fer2013new(table)
+    rows = []
+    for split, name in FOLDER_SPLIT.items():
+        path = os.path.join(folder, name, "label.csv")
+        if not os.path.isfile(path):
+            raise FerPlusError(f"{folder}: neither fer2013new.csv nor {name}/label.csv is there")
+        rows += read_label_csv(path, split)
+    return rows
+
+
+def read_fer2013_pixels(path):
+    """fer2013.csv as (usage per row, uint8 images N x 48 x 48), every row checked."""
+    usages, images = [], []
+    with open(path, newline="") as handle:
+        reader = csv.reader(handle)
+        header = next(reader, None)
+        if header != ["emotion", "pixels", "Usage"]:
+            raise FerPlusError(f"{path}: header {header} is not emotion, pixels, Usage")
+        for position, fields in enumerate(reader):
+            row = position + 2
+            if len(fields) != 3:
+                raise FerPlusError(f"{path}, row {row}: {len(fields)} fields, expected emotion, pixels, Usage "
+                                   "(a truncated row?)")
+            pixels = np.array(fields[1].split(), dtype=np.int64) if fields[1].strip() else np.empty(0, np.int64)
+            if len(pixels) != IMAGE_SIDE * IMAGE_SIDE:
+                raise FerPlusError(f"{path}, row {row}: {len(pixels)} pixel values, expected "
+                                   f"{IMAGE_SIDE * IMAGE_SIDE} (48 x 48)")
+            if pixels.min() < 0 or pixels.max() > 255:
+                raise FerPlusError(f"{path}, row {row}: pixel values must lie in 0..255")
+            usages.append(fields[2])
+            images.append(pixels.astype(np.uint8).reshape(IMAGE_SIDE, IMAGE_SIDE))
+    return usages, np.stack(images) if images else np.empty((0, IMAGE_SIDE, IMAGE_SIDE), np.uint8)
+
+
+@dataclass
+class FerSplit:
+    images: np.ndarray   # N x 48 x 48 uint8
+    labels: np.ndarray   # N int64 class indices (majority rule)
+    targets: np.ndarray  # N x 8 float32 training targets (one-hot for majority, else the vote distribution)
+    names: list
+
+
+def apply_rule(rows, split, training_labels="majority"):
+    """Keep the rows of one split that the label rule keeps: (rows, labels, targets)."""
+    kept, labels, targets = [], [], []
+    for row in rows:
+        if row.split != split:
+            continue
+        label = majority_label(row.votes)
+        if split == "train" and training_labels == "probability":
+            target = probability_label(row.votes)
+            if target is None:
+                continue
+            label = int(np.argmax(target))
+        elif label is None:
+            continue
+        else:
+            target = np.eye(len(FER_CLASSES))[label]
+        kept.append(row)
+        labels.append(label)
+        targets.append(target)
+    return kept, np.array(labels, np.int64), np.array(targets, np.float32).reshape(-1, len(FER_CLASSES))
+
+
+def load_ferplus(folder, training_labels="majority"):
+    """{split: FerSplit} from either layout. training_labels: 'majority' or 'probability' (train only)."""
+    from PIL import Image
+
+    rows = read_votes(folder)
+    pixels_csv = os.path.join(folder, "fer2013.csv")
+    usages = images = None
+    if os.path.isfile(os.path.join(folder, "fer2013new.csv")):
+        if not os.path.isfile(pixels_csv):
+            raise FerPlusError(f"{folder}: fer2013new.csv needs fer2013.csv beside it (joined by row position)")
+        usages, images = read_fer2013_pixels(pixels_csv)
+        if len(usages) < max((row.position for row in rows), default=-1) + 1:
+            raise FerPlusError(f"{pixels_csv} has {len(usages)} rows but fer2013new.csv has vote rows up to "
+                               f"position {max(row.position for row in rows) + 1}; the two are joined by row position")
+    splits = {}
+    for split in SPLITS:
+        kept, labels, targets = apply_rule(rows, split, training_labels)
+        if images is not None:
+            for row in kept:
+                if USAGE_SPLIT.get(usages[row.position]) != split:
+                    raise FerPlusError(f"{pixels_csv}, row {row.position + 2}: Usage {usages[row.position]!r} "
+                                       f"disagrees with fer2013new.csv's {split} at the same position")
+            split_images = images[[row.position for row in kept]]
+        else:
+            split_images = np.empty((len(kept), IMAGE_SIDE, IMAGE_SIDE), np.uint8)
+            for i, row in enumerate(kept):
+                path = os.path.join(folder, FOLDER_SPLIT[split], row.name)
+                try:
+                    with Image.open(path) as image:
+                        split_images[i] = np.asarray(image.convert("L").resize((IMAGE_SIDE, IMAGE_SIDE)))
+                except OSError as error:
+                    raise FerPlusError(f"{path}: unreadable image ({error})") from error
+        splits[split] = FerSplit(split_images, labels, targets, [row.name for row in kept])
+    return splits
+
+
+def data_summary(splits):
+    """Image counts per split and class after the label rule."""
+    return {split: {"images": int(len(data.labels)),
+                    "per_class": {name: int((data.labels == c).sum()) for c, name in enumerate(FER_CLASSES)}}
+            for split, data in splits.items()}

@@ -1,0 +1,145 @@
+"""FERPlus: the official label rule on the official vote files, both layouts, and bad input."""
+
+import csv
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from ngd_ext.emotions import FER_CLASSES
+from ngd_ext.ferplus import (SPLITS, FerPlusError, apply_rule, data_summary, load_ferplus, majority_label,
+                             probability_label, read_votes)
+
+OFFICIAL = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "ferplus")
+official = pytest.mark.skipif(not os.path.isfile(os.path.join(OFFICIAL, "fer2013new.csv")),
+                              reason="the official FERPlus vote files are not here")
+
+
+def loop_majority(votes):
+    """The rule as FERPlus's own generator states it, one vote at a time."""
+    votes = [0 if v <= 1 else v for v in votes]
+    top = max(range(10), key=lambda i: (votes[i], -i))
+    if votes[top] > 0.5 * sum(votes) and top < 8:
+        return top
+    return None
+
+
+@pytest.mark.parametrize("votes,label", [
+    ([4, 0, 0, 1, 3, 2, 0, 0, 0, 0], None),      # 4 of 9 after the single vote goes: no majority
+    ([6, 0, 1, 1, 0, 0, 0, 0, 2, 0], 0),         # 6 of 8
+    ([0, 9, 0, 0, 0, 0, 0, 0, 1, 0], 1),
+    ([0, 0, 0, 0, 0, 0, 0, 0, 10, 0], None),     # unknown
+    ([2, 0, 0, 0, 0, 0, 0, 0, 0, 8], None),      # not a face
+    ([5, 5, 0, 0, 0, 0, 0, 0, 0, 0], None),      # exactly half is not more than half
+    ([1, 1, 1, 1, 1, 1, 1, 1, 1, 1], None),      # every vote single: nothing left
+])
+def test_majority_rule(votes, label):
+    assert majority_label(votes) == label == loop_majority(votes)
+
+
+def test_probability_rule():
+    np.testing.assert_allclose(probability_label([6, 0, 1, 1, 0, 0, 0, 0, 2, 0]), np.eye(8)[0])
+    np.testing.assert_allclose(probability_label([4, 0, 0, 0, 3, 2, 0, 0, 1, 0])[[0, 4, 5]], [4 / 9, 3 / 9, 2 / 9])
+    assert probability_label([2, 0, 0, 0, 0, 0, 0, 0, 3, 5]) is None
+
+
+# Per-class counts after the majority rule (FERPlus class order). The two official vote files disagree on the
+# votes of 1602 images, so the layouts give different counts; the folders' totals (25045 / 3191 / 3137) are
+# the ones usually quoted for FERPlus.
+COUNTS = {
+    "fer2013new.csv": {"train": [8740, 7287, 3149, 3014, 2100, 119, 532, 119],
+                       "valid": [1182, 865, 415, 351, 287, 24, 62, 13],
+                       "test": [1090, 893, 396, 384, 273, 18, 83, 16]},
+    "label.csv folders": {"train": [8733, 7284, 3136, 3022, 2098, 116, 536, 120],
+                          "valid": [1180, 862, 411, 348, 289, 25, 60, 16],
+                          "test": [1083, 892, 394, 382, 269, 16, 86, 15]},
+}
+
+
+@official
+@pytest.mark.parametrize("layout", sorted(COUNTS))
+def test_official_votes_give_the_known_counts(layout, tmp_path):
+    if layout == "fer2013new.csv":
+        rows = read_votes(OFFICIAL)
+        assert len(rows) == 35887 - 173  # every row but those without an image name (FERPlus dropped those)
+    else:
+        for name in ("FER2013Train", "FER2013Valid", "FER2013Test"):
+            os.symlink(os.path.join(os.path.abspath(OFFICIAL), name), tmp_path / name)
+        rows = read_votes(str(tmp_path))  # no fer2013new.csv here: the folders' label.csv files
+    for split in SPLITS:
+        kept, labels, _ = apply_rule(rows, split)
+        assert [majority_label(r.votes) for r in kept] == [loop_majority(list(r.votes)) for r in kept]
+        assert np.bincount(labels, minlength=8).tolist() == COUNTS[layout][split]
+
+
+def write_csv_layout(folder, rows):
+    """fer2013.csv + fer2013new.csv. rows: (usage, name, votes, image 48x48)."""
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "fer2013.csv"), "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["emotion", "pixels", "Usage"])
+        for usage, _, _, image in rows:
+            writer.writerow([0, " ".join(map(str, image.ravel())), usage])
+    with open(os.path.join(folder, "fer2013new.csv"), "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["Usage", "Image name", *FER_CLASSES, "unknown", "NF"])
+        for usage, name, votes, _ in rows:
+            writer.writerow([usage, name, *votes])
+
+
+def example_rows(rng):
+    image = lambda: rng.integers(0, 256, (48, 48))  # noqa: E731
+    return [("Training", "fer0.png", [0, 9, 0, 0, 0, 0, 0, 0, 1, 0], image()),
+            ("Training", "", [9, 0, 0, 0, 0, 0, 0, 0, 1, 0], image()),          # dropped by FERPlus
+            ("Training", "fer2.png", [0, 0, 0, 0, 0, 0, 0, 0, 10, 0], image()),  # unknown: dropped
+            ("PublicTest", "fer3.png", [0, 0, 8, 0, 0, 0, 0, 2, 0, 0], image()),
+            ("PrivateTest", "fer4.png", [0, 0, 0, 7, 3, 0, 0, 0, 0, 0], image())]
+
+
+def test_both_layouts_load_the_same_images(tmp_path):
+    rows = example_rows(np.random.default_rng(0))
+    write_csv_layout(str(tmp_path / "csv"), rows)
+    from_csv = load_ferplus(str(tmp_path / "csv"))
+    assert [len(from_csv[s].labels) for s in SPLITS] == [1, 1, 1]
+    np.testing.assert_array_equal(from_csv["train"].images[0], rows[0][3])  # joined by position, not by name
+    assert from_csv["valid"].labels.tolist() == [2] and from_csv["test"].labels.tolist() == [3]
+    folders = {"Training": "FER2013Train", "PublicTest": "FER2013Valid", "PrivateTest": "FER2013Test"}
+    for usage, name, votes, image in rows:
+        if not name:
+            continue
+        folder = tmp_path / "png" / folders[usage]
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image.astype(np.uint8)).save(folder / name)
+        with open(folder / "label.csv", "a", newline="") as handle:
+            csv.writer(handle).writerow([name, "(0, 0, 48, 48)", *votes])
+    from_png = load_ferplus(str(tmp_path / "png"))
+    for split in SPLITS:
+        np.testing.assert_array_equal(from_png[split].images, from_csv[split].images)
+        np.testing.assert_array_equal(from_png[split].labels, from_csv[split].labels)
+    summary = data_summary(from_png)
+    assert summary["valid"] == {"images": 1, "per_class": {**{c: 0 for c in FER_CLASSES}, "surprise": 1}}
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda rows: rows.__setitem__(0, (*rows[0][:3], np.zeros((47, 48), int))),
+     r"fer2013.csv, row 2: 2256 pixel values, expected 2304"),
+    (lambda rows: rows.__setitem__(3, (rows[3][0], rows[3][1], [0, 0, 8, 0, 0, 0, 0, 3, 0, 0], rows[3][3])),
+     r"fer2013new.csv, row 5: the votes sum to 11; FERPlus images have at most 10 annotators"),
+])
+def test_bad_rows_name_the_file_and_row(tmp_path, edit, message):
+    rows = example_rows(np.random.default_rng(1))
+    edit(rows)
+    write_csv_layout(str(tmp_path), rows)
+    with pytest.raises(FerPlusError, match=message):
+        load_ferplus(str(tmp_path))
+
+
+def test_truncated_csv_row(tmp_path):
+    write_csv_layout(str(tmp_path), example_rows(np.random.default_rng(2)))
+    path = tmp_path / "fer2013.csv"
+    text = path.read_text().splitlines()
+    text[3] = text[3].split(",")[0] + "," + text[3].split(",")[1][:100]
+    path.write_text("\n".join(text) + "\n")
+    with pytest.raises(FerPlusError, match=r"fer2013.csv, row 4: 2 fields, expected emotion, pixels, Usage"):
+        load_ferplus(str(tmp_path))
