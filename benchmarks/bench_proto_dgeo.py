@@ -99,12 +99,11 @@ def time_cuda(fn, graph=False):
     return triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median")
 
 
-def copy_bandwidth(nbytes, device):
-    """GB/s of a device copy of this many bytes (read + write counted), measured like the op."""
-    x = torch.randn(nbytes // 4, device=device)
+def cuda_copy_bandwidth(nbytes):
+    """GB/s of a device copy of this many bytes (read + write counted), timed like the op."""
+    x = torch.randn(nbytes // 4, device="cuda")
     y = torch.empty_like(x)
-    ms = time_cuda(lambda: y.copy_(x)) if device == "cuda" else time_cpu(lambda: y.copy_(x))
-    return 2 * nbytes / (ms * 1e-3) / 1e9
+    return 2 * nbytes / (time_cuda(lambda: y.copy_(x)) * 1e-3) / 1e9
 
 
 def machine(device):
@@ -146,7 +145,7 @@ def main():
                 z, *rest = make_inputs(batch, dim, args.num_protos, args.num_classes, DTYPES[dtype_name], device)
                 z_bytes = z.numel() * z.element_size()
                 if device == "cuda":
-                    copy_gbps.setdefault(z_bytes, copy_bandwidth(max(z_bytes, 1 << 20), device))
+                    copy_gbps.setdefault(z_bytes, cuda_copy_bandwidth(max(z_bytes, 1 << 20)))
                 for provider in args.provider:
                     callables = make_callables(losses[provider], z, rest)
                     for mode in args.mode:

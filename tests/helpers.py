@@ -43,7 +43,7 @@ def kink_free_params(case, tau=0.9):
     unit = torch.nn.functional.normalize(case["z"].double(), dim=1, eps=reference.NORM_EPS)
     num_classes = case["target"].shape[0]
     labels = case["labels"]
-    means, variances, present = [], [], []
+    means, variances = [], []
     for c in range(num_classes):
         members = unit[labels == c]
         if len(members):
