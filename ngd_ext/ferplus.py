@@ -11,11 +11,14 @@ half of the remaining votes, and dropped when that category is unknown or NF. Va
 """
 
 import csv
+import glob
+import hashlib
 import os
 from dataclasses import dataclass
 
 import numpy as np
 
+from ngd_ext.artifacts import atomic_path, sha256_file
 from ngd_ext.emotions import FER_CLASSES
 
 VOTE_COLUMNS = FER_CLASSES + ("unknown", "NF")
@@ -207,6 +210,41 @@ def load_ferplus(folder, training_labels="majority"):
                     raise FerPlusError(f"{path}: unreadable image ({error})") from error
         splits[split] = FerSplit(split_images, labels, targets, [row.name for row in kept])
     return splits
+
+
+def source_files(folder):
+    """The files a FERPlus folder's images and labels come from, in a fixed order."""
+    if os.path.isfile(os.path.join(folder, "fer2013new.csv")):
+        return [os.path.join(folder, "fer2013.csv"), os.path.join(folder, "fer2013new.csv")]
+    files = []
+    for name in FOLDER_SPLIT.values():
+        files.append(os.path.join(folder, name, "label.csv"))
+        files += sorted(glob.glob(os.path.join(folder, name, "*.png")))
+    return files
+
+
+def load_ferplus_cached(folder, cache_dir, training_labels="majority"):
+    """load_ferplus, decoded once: the arrays are cached under cache_dir, keyed by the SHA-256 of every
+    source file and the label rule. Returns (splits, key)."""
+    digest = hashlib.sha256(training_labels.encode())
+    for path in source_files(folder):
+        digest.update(os.path.relpath(path, folder).encode() + sha256_file(path).encode())
+    key = digest.hexdigest()
+    cache = os.path.join(cache_dir, f"ferplus-{key[:16]}.npz")
+    if os.path.isfile(cache):
+        with np.load(cache, allow_pickle=False) as data:
+            return {split: FerSplit(data[f"{split}_images"], data[f"{split}_labels"], data[f"{split}_targets"],
+                                    data[f"{split}_names"].tolist()) for split in SPLITS}, key
+    splits = load_ferplus(folder, training_labels)
+    arrays = {}
+    for split, data in splits.items():
+        arrays.update({f"{split}_images": data.images, f"{split}_labels": data.labels,
+                       f"{split}_targets": data.targets, f"{split}_names": np.array(data.names, dtype=str)})
+    os.makedirs(cache_dir, exist_ok=True)
+    with atomic_path(cache) as temporary:
+        with open(temporary, "wb") as handle:
+            np.savez(handle, **arrays)
+    return splits, key
 
 
 def data_summary(splits):

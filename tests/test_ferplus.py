@@ -8,8 +8,9 @@ import pytest
 from PIL import Image
 
 from ngd_ext.emotions import FER_CLASSES
-from ngd_ext.ferplus import (SPLITS, FerPlusError, apply_rule, data_summary, load_ferplus, majority_label,
-                             probability_label, read_votes)
+from ngd_ext import ferplus
+from ngd_ext.ferplus import (SPLITS, FerPlusError, apply_rule, data_summary, load_ferplus, load_ferplus_cached,
+                             majority_label, probability_label, read_votes)
 
 OFFICIAL = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "ferplus")
 official = pytest.mark.skipif(not os.path.isfile(os.path.join(OFFICIAL, "fer2013new.csv")),
@@ -143,3 +144,26 @@ def test_truncated_csv_row(tmp_path):
     path.write_text("\n".join(text) + "\n")
     with pytest.raises(FerPlusError, match=r"fer2013.csv, row 4: 2 fields, expected emotion, pixels, Usage"):
         load_ferplus(str(tmp_path))
+
+
+def test_images_are_decoded_once_and_cached_by_content(tmp_path, monkeypatch):
+    folder, cache = str(tmp_path / "csv"), str(tmp_path / "cache")
+    write_csv_layout(folder, example_rows(np.random.default_rng(3)))
+    first, key = load_ferplus_cached(folder, cache)
+
+    def no_parsing(*args, **kwargs):
+        raise AssertionError("parsed again")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(ferplus, "load_ferplus", no_parsing)
+        again, same_key = load_ferplus_cached(folder, cache)
+    assert same_key == key
+    for split in SPLITS:
+        np.testing.assert_array_equal(again[split].images, first[split].images)
+        np.testing.assert_array_equal(again[split].labels, first[split].labels)
+        assert again[split].names == first[split].names
+    rows = example_rows(np.random.default_rng(4))  # other pixels: another key, parsed anew
+    write_csv_layout(folder, rows)
+    changed, other_key = load_ferplus_cached(folder, cache)
+    assert other_key != key
+    np.testing.assert_array_equal(changed["train"].images[0], rows[0][3])

@@ -1,0 +1,38 @@
+"""SPEC section 5 metrics against hand computations."""
+
+import numpy as np
+import pytest
+
+from ngd_ext.metrics import eight_way, present_only
+
+
+def one_hot_logits(predictions, num_classes=8):
+    return np.eye(num_classes)[predictions] + 0.01 * np.arange(num_classes)[::-1]  # ties impossible
+
+
+def test_eight_way_by_hand():
+    targets = [0, 0, 1, 1, 2, 2]
+    predictions = [0, 1, 1, 1, 2, 5]
+    scores = eight_way(one_hot_logits(predictions), targets)
+    assert scores["accuracy"] == pytest.approx(4 / 6)
+    # F1: class 0: P=1, R=1/2 -> 2/3; class 1: P=2/3, R=1 -> 4/5; class 2: P=1, R=1/2 -> 2/3; class 5: 0;
+    # the four classes never predicted and absent count 0 as well.
+    assert scores["macro_f1"] == pytest.approx((2 / 3 + 4 / 5 + 2 / 3) / 8)
+    assert scores["balanced_accuracy"] == pytest.approx((1 / 2 + 1 + 1 / 2) / 3)  # over present classes
+    assert np.array(scores["confusion"]).sum() == 6
+
+
+def test_present_only_restricts_the_argmax():
+    targets = [0, 0, 1, 1]
+    logits = np.zeros((4, 8))
+    logits[0, [0, 5]] = [1, 3]   # 5 wins 8-way, 0 wins among present {0, 1}
+    logits[1, [1, 6]] = [1, 3]   # 6 wins 8-way, 1 wins present-only
+    logits[2, [1, 0]] = [2, 1]
+    logits[3, [0, 7]] = [2, 9]
+    scores = present_only(logits, targets)
+    assert scores["classes"] == [0, 1]
+    assert scores["accuracy"] == pytest.approx(2 / 4)
+    # present-only predictions 0, 1, 1, 0: class 0 P=1/2 R=1/2, class 1 P=1/2 R=1/2
+    assert scores["macro_f1"] == pytest.approx(0.5)
+    assert scores["balanced_accuracy"] == pytest.approx(0.5)
+    assert eight_way(logits, targets)["accuracy"] == pytest.approx(1 / 4)
