@@ -4,11 +4,21 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-for stage in stage1_teacher.py stage2_prototypes.py stage3_student.py stage4_eval.py; do
-  if [ ! -f "$stage" ]; then
-    echo "== $stage: not written yet; the pipeline stops here"
+# Stage 3 runs twice: a B0 student that serves as the logit-KD teacher, then the full B3 student.
+steps=(
+  "stage1_teacher.py"
+  "stage2_prototypes.py"
+  "stage3_student.py --variant B0 --name kd_teacher"
+  "stage3_student.py --variant B3 --kd-teacher runs/demo/stage3/kd_teacher/best.pt"
+  "stage4_eval.py"
+)
+for step in "${steps[@]}"; do
+  script=${step%% *}
+  if [ ! -f "$script" ]; then
+    echo "== $script: not written yet; the pipeline stops here"
     exit 0
   fi
-  echo "== $stage"
-  .venv/bin/python "$stage"
+  echo "== $step"
+  # shellcheck disable=SC2086  # the step's arguments are meant to split
+  .venv/bin/python $step
 done

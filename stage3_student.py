@@ -1,0 +1,384 @@
+"""Stage 3: the FERPlus student, trained with CE + logit KD + Proto-KD + D-Geo (SPEC section 4).
+
+Reads FERPlus (--ferplus DIR: fer2013.csv + fer2013new.csv, or the FER2013{Train,Valid,Test} folders) or, with
+no --ferplus, the embedded synthetic default; and stage 2's prototype bank, after checking it against stage 2's
+manifest. Writes RUN_DIR/stage3/data_summary.json and RUN_DIR/stage3/<name>/:
+
+  best.pt         state_dict + config of the epoch with the best FERPlus-valid macro-F1
+  history.jsonl   one line per epoch: every loss term, valid accuracy, macro-F1, bACC, learning rate, images/s
+  curves.png      losses and valid scores per epoch
+  config.json, SHA256SUMS
+
+Presets: B0 = CE; B1 = CE + KD; B2 = B1 + Proto-KD; B3 = B2 + D-Geo (the full model); every weight can be
+overridden. KD needs a visual teacher: a best.pt of another stage-3 run. The two-step recipe:
+
+    python stage3_student.py --variant B0 --name kd_teacher
+    python stage3_student.py --variant B3 --kd-teacher runs/demo/stage3/kd_teacher/best.pt
+
+On the embedded default, epochs and the D-Geo ramp default to a short schedule (see --help); with real data to
+the paper's. More processes: torchrun --nproc_per_node=N stage3_student.py ... (DDP; NCCL on GPUs, gloo on
+CPU). A run killed at any moment continues with --resume from its last checkpoint.
+"""
+
+import argparse
+import json
+import math
+import os
+import shutil
+import sys
+import time
+
+import matplotlib
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from tqdm import tqdm
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+import ngd_ext  # noqa: E402
+from ngd_ext import artifacts  # noqa: E402
+from ngd_ext.emotions import DEFAULT_ANCHORS, DEFAULT_POSITIVE, FER_CLASSES  # noqa: E402
+from ngd_ext.ferplus import FerPlusError, data_summary, load_ferplus_cached  # noqa: E402
+from ngd_ext.metrics import eight_way  # noqa: E402
+from ngd_ext.prototypes import proto_kd_targets  # noqa: E402
+from ngd_ext.student_model import ARCHITECTURES, Student, load_backbone_weights  # noqa: E402
+from ngd_ext.synthetic_faces import write_synthetic_ferplus  # noqa: E402
+
+# Defaults ---------------------------------------------------------------------------------------------------
+RUN_DIR = "runs/demo"
+PRESETS = {  # weights of KD, Proto-KD and D-Geo
+    "B0": (0.0, 0.0, 0.0), "B1": (0.30, 0.0, 0.0), "B2": (0.30, 0.12, 0.0), "B3": (0.30, 0.12, 0.012)}
+SCHEDULES = {  # epochs, D-Geo ramp start and end (epochs)
+    "paper": dict(epochs=80, ramp_start=20, ramp_end=60),
+    "synthetic": dict(epochs=6, ramp_start=1, ramp_end=4),
+}
+SYNTHETIC_SIZES = {"demo": dict(train=2400, valid=400, test=400), "tiny": dict(train=640, valid=160, test=160)}
+LABEL_SMOOTHING = 0.055
+KD_TEMPERATURE = 5.0
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run-dir", default=RUN_DIR, help=f"run folder holding stage2/ (default {RUN_DIR})")
+    parser.add_argument("--ferplus", help="FERPlus folder (default: the embedded synthetic faces)")
+    parser.add_argument("--synthetic-size", choices=sorted(SYNTHETIC_SIZES), default="demo",
+                        help="size of the embedded synthetic default, used without --ferplus (default demo)")
+    parser.add_argument("--variant", choices=sorted(PRESETS), default="B3", help="loss preset (default B3)")
+    parser.add_argument("--name", help="output folder under stage3/ (default: the variant)")
+    parser.add_argument("--arch", choices=sorted(ARCHITECTURES), default="resnet18")
+    parser.add_argument("--input-size", type=int, default=48, help="image side fed to the network (default 48)")
+    parser.add_argument("--pretrained", help="local state_dict file for the backbone (never downloaded)")
+    parser.add_argument("--kd-teacher", help="best.pt of another stage-3 run, the logit-KD teacher")
+    parser.add_argument("--kd-loss", choices=("mse", "kl"), default="mse")
+    parser.add_argument("--kd-weight", type=float, help="override the preset's KD weight")
+    parser.add_argument("--proto-weight", type=float, help="override the preset's Proto-KD weight")
+    parser.add_argument("--dgeo-weight", type=float, help="override the preset's D-Geo weight")
+    parser.add_argument("--tau", type=float, default=0.9, help="Proto-KD temperature (default 0.9)")
+    parser.add_argument("--var-cap", type=float, default=0.2, help="D-Geo variance cap (default 0.2)")
+    parser.add_argument("--margin", type=float, default=0.5, help="D-Geo inter-class margin (default 0.5)")
+    parser.add_argument("--training-labels", choices=("majority", "probability"), default="majority")
+    parser.add_argument("--epochs", type=int, help="epochs (default 80 on FERPlus, 6 on the synthetic default)")
+    parser.add_argument("--ramp-start", type=int, help="first epoch of the D-Geo ramp (default 20; synthetic 1)")
+    parser.add_argument("--ramp-end", type=int, help="epoch at which the D-Geo ramp reaches 1 (default 60; synthetic 4)")
+    parser.add_argument("--batch-size", type=int, default=128, help="global batch size (default 128)")
+    parser.add_argument("--lr", type=float, default=2e-4, help="AdamW learning rate (default 2e-4)")
+    parser.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay (default 0.05)")
+    parser.add_argument("--warmup-epochs", type=float, default=1.0, help="linear warmup before the cosine (default 1)")
+    parser.add_argument("--checkpoint-every", type=int, default=50, help="steps between resume checkpoints")
+    parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint of this run")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    schedule = SCHEDULES["synthetic" if args.ferplus is None else "paper"]
+    for key, value in schedule.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    weights = dict(zip(("kd_weight", "proto_weight", "dgeo_weight"), PRESETS[args.variant]))
+    for key, value in weights.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    args.name = args.name or args.variant
+    if args.kd_weight > 0 and not args.kd_teacher:
+        parser.error(f"--variant {args.variant} uses logit KD (weight {args.kd_weight}): give --kd-teacher (a "
+                     "stage-3 best.pt, e.g. of a B0 run) or --kd-weight 0")
+    if args.epochs < 1 or args.batch_size < 1 or args.input_size < 16:
+        parser.error("--epochs and --batch-size must be at least 1, --input-size at least 16")
+    return args
+
+
+def dgeo_ramp(epoch, start, end):
+    """w(e) of SPEC section 4 (epochs counted from 0)."""
+    if epoch < start:
+        return 0.0
+    if epoch >= end:
+        return 1.0
+    return (1 - math.cos(math.pi * (epoch - start) / (end - start))) / 2
+
+
+def kd_loss(student_logits, teacher_logits, kind, temperature=KD_TEMPERATURE):
+    student = F.log_softmax(student_logits / temperature, dim=1)
+    teacher = F.log_softmax(teacher_logits / temperature, dim=1)
+    if kind == "mse":
+        return ((student.exp() - teacher.exp()) ** 2).sum(dim=1).mean()
+    return temperature ** 2 * F.kl_div(student, teacher, log_target=True, reduction="batchmean")
+
+
+def augment(images, generator, size):
+    """A batch of uint8 N x 48 x 48 images -> float N x 1 x size x size: random crop (pad 4), flip, a small
+    affine (rotation, scale), random erasing. All randomness from `generator`, so a resumed run repeats it."""
+    x = images.float().div(255).unsqueeze(1)
+    n = len(x)
+    x = F.pad(x, (4, 4, 4, 4), mode="replicate")
+    offsets = torch.randint(0, 9, (n, 2), generator=generator)
+    x = torch.stack([x[i, :, offsets[i, 0]:offsets[i, 0] + 48, offsets[i, 1]:offsets[i, 1] + 48] for i in range(n)])
+    flip = torch.rand(n, generator=generator) < 0.5
+    x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+    angle = (torch.rand(n, generator=generator) - 0.5) * math.radians(20)
+    scale = 1 + (torch.rand(n, generator=generator) - 0.5) * 0.2
+    theta = torch.zeros(n, 2, 3)
+    theta[:, 0, 0], theta[:, 0, 1] = torch.cos(angle) / scale, -torch.sin(angle) / scale
+    theta[:, 1, 0], theta[:, 1, 1] = torch.sin(angle) / scale, torch.cos(angle) / scale
+    x = F.grid_sample(x, F.affine_grid(theta, (n, 1, size, size), align_corners=False), padding_mode="border",
+                      align_corners=False)
+    erase = torch.rand(n, generator=generator) < 0.25
+    corners = (torch.rand(n, 2, generator=generator) * size * 0.75).long()
+    for i in torch.nonzero(erase).flatten().tolist():
+        x[i, :, corners[i, 0]:corners[i, 0] + size // 4, corners[i, 1]:corners[i, 1] + size // 4] = 0.5
+    return (x - 0.5) / 0.25
+
+
+def prepare(images, size):
+    x = images.float().div(255).unsqueeze(1)
+    if size != x.shape[-1]:
+        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+    return (x - 0.5) / 0.25
+
+
+def evaluate(model, images, labels, size, device, batch_size=512):
+    model.eval()
+    logits = []
+    with torch.no_grad():
+        for start in range(0, len(images), batch_size):
+            batch = prepare(torch.from_numpy(images[start:start + batch_size]), size).to(device)
+            logits.append(model(batch)[0].float().cpu())
+    return eight_way(torch.cat(logits).numpy(), labels)
+
+
+def load_teacher(path, device):
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        config = checkpoint["config"]
+        teacher = Student(config["arch"], len(FER_CLASSES), config["embedding_size"])
+        teacher.load_state_dict(checkpoint["state_dict"])
+    except (OSError, KeyError, RuntimeError, TypeError) as error:
+        raise ValueError(f"--kd-teacher {path}: not a stage-3 checkpoint of an {len(FER_CLASSES)}-class "
+                         f"student ({type(error).__name__}: {error})") from error
+    return teacher.to(device).eval(), config
+
+
+def plot_curves(history, path, note):
+    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    epochs = [h["epoch"] for h in history]
+    for term in ("total", "ce", "kd", "proto_kd", "var_cap", "margin"):
+        left.plot(epochs, [h["train"][term] for h in history], label=term)
+    left.set_yscale("symlog", linthresh=1e-3)
+    left.set_xlabel("epoch")
+    left.set_ylabel("training loss")
+    left.legend(fontsize=8)
+    for score in ("accuracy", "macro_f1", "balanced_accuracy"):
+        right.plot(epochs, [h["valid"][score] for h in history], label=score)
+    right.set_xlabel("epoch")
+    right.set_ylabel("FERPlus valid")
+    right.legend(fontsize=8)
+    figure.suptitle(f"student{note}", fontsize=10)
+    figure.tight_layout()
+    artifacts.save_figure(figure, path)
+    plt.close(figure)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    device = torch.device(args.device)
+    if distributed:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+            torch.cuda.set_device(device)
+    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    if args.batch_size % world:
+        raise ValueError(f"--batch-size {args.batch_size} must divide among the {world} processes")
+    stage_dir = os.path.join(args.run_dir, "stage3")
+    out_dir = os.path.join(stage_dir, args.name)
+    checkpoint_path = os.path.join(stage_dir, f"{args.name}-checkpoint.pt")
+
+    # Data -------------------------------------------------------------------------------------------------
+    if args.ferplus:
+        ferplus_dir, source = args.ferplus, "real"
+    else:
+        ferplus_dir = os.path.join(args.run_dir, "data", f"synthetic_ferplus_{args.synthetic_size}_seed{args.seed}")
+        source = "synthetic"
+        if rank == 0 and not os.path.isfile(os.path.join(ferplus_dir, "fer2013new.csv")):
+            write_synthetic_ferplus(ferplus_dir, args.seed, **SYNTHETIC_SIZES[args.synthetic_size])
+        if distributed:
+            dist.barrier()
+    note = " (synthetic data: not the paper's numbers)" if source == "synthetic" else ""
+    splits, data_key = load_ferplus_cached(ferplus_dir, os.path.join(args.run_dir, "cache"), args.training_labels)
+    train, valid = splits["train"], splits["valid"]
+    counts = np.bincount(train.labels, minlength=len(FER_CLASSES)).astype(np.float64)
+    class_weights = torch.tensor(np.where(counts > 0, 1 / np.maximum(counts, 1), 0), dtype=torch.float32)
+    class_weights = (class_weights / class_weights[class_weights > 0].mean()).to(device)
+
+    stage2_dir = os.path.join(args.run_dir, "stage2")
+    bank_hash = artifacts.verify_manifest(stage2_dir, ["prototypes.npz"])["prototypes.npz"]
+    with np.load(os.path.join(stage2_dir, "prototypes.npz")) as saved:
+        bank, grid = saved["bank"].astype(np.float64), int(saved["G"])
+    anchors = [DEFAULT_ANCHORS[name] for name in FER_CLASSES]
+    protos = torch.tensor(bank, dtype=torch.float32, device=device)
+    target_table = torch.tensor(proto_kd_targets(bank, grid, anchors, args.tau), dtype=torch.float32, device=device)
+    positive = torch.tensor([name in DEFAULT_POSITIVE for name in FER_CLASSES], device=device)
+    teacher = load_teacher(args.kd_teacher, device)[0] if args.kd_teacher else None
+
+    # Model, optimiser, schedule -----------------------------------------------------------------------------
+    torch.manual_seed(args.seed)
+    model = Student(args.arch, len(FER_CLASSES), bank.shape[1])
+    if args.pretrained:
+        load_backbone_weights(model, args.pretrained)
+    model = model.to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    trained = model
+    if distributed:
+        trained = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=args.proto_weight == 0 and args.dgeo_weight == 0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    steps_per_epoch = len(train.labels) // args.batch_size
+    if steps_per_epoch == 0:
+        raise ValueError(f"{len(train.labels)} training images make no batch of --batch-size {args.batch_size}")
+    total_steps, warmup_steps = args.epochs * steps_per_epoch, int(args.warmup_epochs * steps_per_epoch)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: (step + 1) / max(warmup_steps, 1)
+                                                  if step < warmup_steps else 0.5 * (1 + math.cos(
+                                                      math.pi * (step - warmup_steps) / max(total_steps - warmup_steps, 1))))
+    autocast = dict(device_type="cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+    config = {key: value for key, value in vars(args).items() if key not in ("device", "resume", "run_dir")}
+    config.update(embedding_size=int(bank.shape[1]), grid=grid, anchors=anchors, positive=list(DEFAULT_POSITIVE),
+                  prototypes_sha256=bank_hash, data_key=data_key, source=source, world_size=world,
+                  class_weights=class_weights.tolist(), label_smoothing=LABEL_SMOOTHING, kd_temperature=KD_TEMPERATURE)
+    history, start_epoch, start_step, best_f1 = [], 0, 0, -1.0
+    if args.resume and os.path.exists(checkpoint_path):
+        checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+        if checkpoint["config"] != config:
+            raise ValueError(f"{checkpoint_path} was written with other arguments; rerun without --resume to start over")
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scheduler.load_state_dict(checkpoint["scheduler"])
+        history, start_epoch, start_step, best_f1 = (checkpoint["history"], checkpoint["epoch"], checkpoint["step"],
+                                                     checkpoint["best_f1"])
+        if rank == 0:
+            print(f"resuming at epoch {start_epoch + 1}, step {start_step}")
+    elif rank == 0 and os.path.exists(out_dir):
+        shutil.rmtree(out_dir)  # a fresh run: never leave an older run's files looking current
+    if rank == 0:
+        os.makedirs(out_dir, exist_ok=True)
+        artifacts.write_json(os.path.join(stage_dir, "data_summary.json"), {**data_summary(splits), "source": source})
+        manifest = os.path.join(out_dir, artifacts.MANIFEST)
+        if os.path.exists(manifest):
+            os.remove(manifest)
+
+    def save_checkpoint(epoch, step, sums):
+        if rank != 0:
+            return
+        with artifacts.atomic_path(checkpoint_path) as temporary:
+            torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(), "epoch": epoch, "step": step, "history": history,
+                        "best_f1": best_f1, "sums": sums, "config": config}, temporary)
+
+    # Training ---------------------------------------------------------------------------------------------
+    images = torch.from_numpy(train.images)
+    labels = torch.from_numpy(train.labels)
+    soft_targets = torch.from_numpy(train.targets) if args.training_labels == "probability" else None
+    terms = ("total", "ce", "kd", "proto_kd", "var_cap", "margin")
+    for epoch in range(start_epoch, args.epochs):
+        trained.train()
+        order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(args.seed * 1000 + epoch))
+        ramp = dgeo_ramp(epoch, args.ramp_start, args.ramp_end)
+        sums = checkpoint["sums"] if epoch == start_epoch and start_step else dict.fromkeys(terms, 0.0)
+        started = time.perf_counter()
+        progress = tqdm(range(start_step if epoch == start_epoch else 0, steps_per_epoch), disable=rank != 0,
+                        desc=f"epoch {epoch + 1}/{args.epochs}", unit="step", leave=False)
+        for step in progress:
+            batch = order[step * args.batch_size:(step + 1) * args.batch_size][rank::world]
+            generator = torch.Generator().manual_seed(args.seed * 1_000_003 + epoch * 10_007 + step)
+            x = augment(images[batch], generator, args.input_size).to(device)
+            y = labels[batch].to(device)
+            if device.type == "cuda":
+                x = x.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(**autocast):
+                logits, z = trained(x)
+                ce_target = soft_targets[batch].to(device) if soft_targets is not None else y
+                ce = F.cross_entropy(logits.float(), ce_target, weight=class_weights, label_smoothing=LABEL_SMOOTHING)
+                kd = torch.zeros((), device=device)
+                if teacher is not None and args.kd_weight > 0:
+                    with torch.no_grad():
+                        teacher_logits = teacher(x)[0].float()
+                    kd = kd_loss(logits.float(), teacher_logits, args.kd_loss)
+            proto_kd, var_cap, margin = ngd_ext.proto_dgeo_loss(z.float(), protos, target_table, y, positive,
+                                                                args.tau, args.var_cap, args.margin)
+            loss = (ce + args.kd_weight * kd + args.proto_weight * proto_kd
+                    + args.dgeo_weight * ramp * (var_cap + margin))
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"epoch {epoch + 1}, step {step}: the loss is not finite; stopping before "
+                                         "training on it")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            scheduler.step()
+            for term, value in zip(terms, (loss, ce, kd, proto_kd, var_cap, margin)):
+                sums[term] += value.item()
+            if (step + 1) % args.checkpoint_every == 0 and step + 1 < steps_per_epoch:
+                save_checkpoint(epoch, step + 1, sums)
+        elapsed = time.perf_counter() - started
+        done = steps_per_epoch - (start_step if epoch == start_epoch else 0)
+        if rank == 0:
+            scores = evaluate(model, valid.images, valid.labels, args.input_size, device)
+            history.append({"epoch": epoch + 1, "lr": scheduler.get_last_lr()[0], "dgeo_ramp": ramp,
+                            "train": {term: sums[term] / steps_per_epoch for term in terms},
+                            "valid": {key: scores[key] for key in ("accuracy", "macro_f1", "balanced_accuracy")},
+                            "images_per_s": done * args.batch_size / elapsed})
+            print(f"epoch {epoch + 1}: loss {history[-1]['train']['total']:.4f}, valid macro-F1 "
+                  f"{scores['macro_f1']:.3f}, acc {scores['accuracy']:.3f}, {history[-1]['images_per_s']:.0f} images/s")
+            if scores["macro_f1"] > best_f1:
+                best_f1 = scores["macro_f1"]
+                with artifacts.atomic_path(os.path.join(out_dir, "best.pt")) as temporary:
+                    torch.save({"state_dict": model.state_dict(), "config": config, "epoch": epoch + 1,
+                                "valid": history[-1]["valid"]}, temporary)
+        start_step = 0
+        save_checkpoint(epoch + 1, 0, dict.fromkeys(terms, 0.0))
+
+    # Outputs ----------------------------------------------------------------------------------------------
+    if rank == 0:
+        with artifacts.atomic_path(os.path.join(out_dir, "history.jsonl")) as temporary:
+            with open(temporary, "w") as handle:
+                handle.writelines(json.dumps(entry) + "\n" for entry in history)
+        plot_curves(history, os.path.join(out_dir, "curves.png"), note)
+        artifacts.write_config(out_dir, args, {"stage2/prototypes.npz": bank_hash, "ferplus": data_key,
+                                               "kd_teacher": artifacts.sha256_file(args.kd_teacher)
+                                               if args.kd_teacher else None})
+        artifacts.write_manifest(out_dir)
+        os.remove(checkpoint_path)
+        print(f"best valid macro-F1 {best_f1:.3f}{note}; wrote {out_dir}/")
+    if distributed:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (FerPlusError, artifacts.ArtifactError, ValueError, FloatingPointError) as error:
+        sys.exit(f"stage3_student.py: {error}")
