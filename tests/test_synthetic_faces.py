@@ -50,3 +50,15 @@ def test_written_files_go_through_the_real_reader(tmp_path):
     assert 240 < sizes["train"] < 300 and 40 < sizes["valid"] <= 60 and 40 < sizes["test"] <= 60
     assert splits["train"].images.shape[1:] == (48, 48) and splits["train"].images.dtype == np.uint8
     assert set(splits["train"].labels.tolist()) <= set(range(len(FER_CLASSES)))
+
+
+def test_no_image_is_in_two_splits(tmp_path):
+    import hashlib
+
+    write_synthetic_ferplus(str(tmp_path), seed=10, train=400, valid=100, test=100)
+    splits = load_ferplus(str(tmp_path))
+    hashes = {split: {hashlib.sha256(image.tobytes()).hexdigest() for image in data.images}
+              for split, data in splits.items()}
+    assert len(hashes["train"]) == len(splits["train"].images)  # no duplicate within a split either
+    assert not hashes["train"] & hashes["valid"] and not hashes["train"] & hashes["test"]
+    assert not hashes["valid"] & hashes["test"]
