@@ -44,7 +44,7 @@ from ngd_ext.emotions import DEFAULT_ANCHORS, DEFAULT_POSITIVE, FER_CLASSES  # n
 from ngd_ext.ferplus import FerPlusError, data_summary, load_ferplus_cached  # noqa: E402
 from ngd_ext.metrics import eight_way  # noqa: E402
 from ngd_ext.prototypes import proto_kd_targets  # noqa: E402
-from ngd_ext.student_model import ARCHITECTURES, Student, load_backbone_weights  # noqa: E402
+from ngd_ext.student_model import ARCHITECTURES, Student, load_backbone_weights, load_student, predict  # noqa: E402
 from ngd_ext.synthetic_faces import write_synthetic_ferplus  # noqa: E402
 
 # Defaults ---------------------------------------------------------------------------------------------------
@@ -150,33 +150,11 @@ def augment(images, generator, size):
     return (x - 0.5) / 0.25
 
 
-def prepare(images, size):
-    x = images.float().div(255).unsqueeze(1)
-    if size != x.shape[-1]:
-        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
-    return (x - 0.5) / 0.25
-
-
-def evaluate(model, images, labels, size, device, batch_size=512):
-    model.eval()
-    logits = []
-    with torch.no_grad():
-        for start in range(0, len(images), batch_size):
-            batch = prepare(torch.from_numpy(images[start:start + batch_size]), size).to(device)
-            logits.append(model(batch)[0].float().cpu())
-    return eight_way(torch.cat(logits).numpy(), labels)
-
-
 def load_teacher(path, device):
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-        config = checkpoint["config"]
-        teacher = Student(config["arch"], len(FER_CLASSES), config["embedding_size"])
-        teacher.load_state_dict(checkpoint["state_dict"])
-    except (OSError, KeyError, RuntimeError, TypeError) as error:
-        raise ValueError(f"--kd-teacher {path}: not a stage-3 checkpoint of an {len(FER_CLASSES)}-class "
-                         f"student ({type(error).__name__}: {error})") from error
-    return teacher.to(device).eval(), config
+        return load_student(path, len(FER_CLASSES))[0].to(device)
+    except ValueError as error:
+        raise ValueError(f"--kd-teacher {error}") from error
 
 
 def plot_curves(history, path, note):
@@ -240,7 +218,7 @@ def main(argv=None):
     protos = torch.tensor(bank, dtype=torch.float32, device=device)
     target_table = torch.tensor(proto_kd_targets(bank, grid, anchors, args.tau), dtype=torch.float32, device=device)
     positive = torch.tensor([name in DEFAULT_POSITIVE for name in FER_CLASSES], device=device)
-    teacher = load_teacher(args.kd_teacher, device)[0] if args.kd_teacher else None
+    teacher = load_teacher(args.kd_teacher, device) if args.kd_teacher else None
 
     # Model, optimiser, schedule -----------------------------------------------------------------------------
     torch.manual_seed(args.seed)
@@ -346,7 +324,7 @@ def main(argv=None):
         elapsed = time.perf_counter() - started
         done = steps_per_epoch - (start_step if epoch == start_epoch else 0)
         if rank == 0:
-            scores = evaluate(model, valid.images, valid.labels, args.input_size, device)
+            scores = eight_way(predict(model, valid.images, args.input_size, device)[0], valid.labels)
             history.append({"epoch": epoch + 1, "lr": scheduler.get_last_lr()[0], "dgeo_ramp": ramp,
                             "train": {term: sums[term] / steps_per_epoch for term in terms},
                             "valid": {key: scores[key] for key in ("accuracy", "macro_f1", "balanced_accuracy")},

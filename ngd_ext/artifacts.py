@@ -6,10 +6,12 @@ stage reads another stage's files only after `verify_manifest` has checked them,
 """
 
 import contextlib
+import glob
 import hashlib
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 from importlib import metadata
@@ -41,6 +43,25 @@ def atomic_path(path):
     finally:
         if os.path.exists(temporary):
             os.remove(temporary)
+
+
+@contextlib.contextmanager
+def atomic_dir(path):
+    """Yield a temporary folder beside `path`; only if the block completes, it replaces `path` (an older
+    `path` is moved aside first and then deleted). Leftovers of killed runs are removed on the way in."""
+    path = path.rstrip(os.sep)
+    for leftover in glob.glob(f"{glob.escape(path)}.tmp-*") + glob.glob(f"{glob.escape(path)}.old-*"):
+        shutil.rmtree(leftover, ignore_errors=True)
+    temporary, old = f"{path}.tmp-{os.getpid()}", f"{path}.old-{os.getpid()}"
+    os.makedirs(temporary)
+    try:
+        yield temporary
+        if os.path.exists(path):
+            os.replace(path, old)
+        os.replace(temporary, path)
+    finally:
+        shutil.rmtree(temporary, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def write_json(path, data):

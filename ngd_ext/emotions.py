@@ -16,3 +16,16 @@ DEFAULT_ANCHORS = {
 
 # Classes under the D-Geo variance cap.
 DEFAULT_POSITIVE = ("happiness", "surprise")
+
+# Each dataset's own expression codes, by FERPlus class name; any other code is dropped and counted.
+CKPLUS_CODES = {1: "anger", 2: "contempt", 3: "disgust", 4: "fear", 5: "happiness", 6: "sadness", 7: "surprise"}
+AFFECTNET_CODES = {0: "neutral", 1: "happiness", 2: "sadness", 3: "surprise", 4: "fear", 5: "disgust", 6: "anger",
+                   7: "contempt"}
+AFFECTNET_UNUSABLE = {8: "None", 9: "Uncertain", 10: "No-Face"}
+
+# Class names as datasets and folder layouts spell them (case-insensitive), by FERPlus class name.
+CLASS_ALIASES = {
+    "neutral": "neutral", "happiness": "happiness", "happy": "happiness", "surprise": "surprise",
+    "surprised": "surprise", "sadness": "sadness", "sad": "sadness", "anger": "anger", "angry": "anger",
+    "disgust": "disgust", "disgusted": "disgust", "fear": "fear", "fearful": "fear", "contempt": "contempt",
+}

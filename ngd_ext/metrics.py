@@ -16,18 +16,24 @@ def confusion_matrix(targets, predictions, num_classes):
     return matrix
 
 
+def _ratio(numerator, denominator):
+    return np.divide(numerator, denominator, out=np.zeros_like(numerator), where=denominator > 0)
+
+
 def scores_from_confusion(matrix, classes):
-    """Accuracy, macro-F1 over `classes` and bACC over the ones among them present in the ground truth."""
+    """Accuracy, macro-F1 over `classes`, bACC over the ones among them present in the ground truth, and
+    each class's precision, recall, F1 and support (a ratio with a zero denominator counts 0)."""
     true_positive = np.diag(matrix).astype(np.float64)
     support = matrix.sum(axis=1).astype(np.float64)
     predicted = matrix.sum(axis=0).astype(np.float64)
-    denominator = support + predicted
-    f1 = np.divide(2 * true_positive, denominator, out=np.zeros_like(true_positive), where=denominator > 0)
-    recall = np.divide(true_positive, support, out=np.zeros_like(true_positive), where=support > 0)
+    precision, recall = _ratio(true_positive, predicted), _ratio(true_positive, support)
+    f1 = _ratio(2 * true_positive, support + predicted)
     present = [c for c in classes if support[c] > 0]
     return {"accuracy": float(true_positive.sum() / max(matrix.sum(), 1)),
             "macro_f1": float(f1[classes].mean()),
-            "balanced_accuracy": float(recall[present].mean()) if present else 0.0}
+            "balanced_accuracy": float(recall[present].mean()) if present else 0.0,
+            "per_class": [{"class": int(c), "precision": float(precision[c]), "recall": float(recall[c]),
+                           "f1": float(f1[c]), "support": int(support[c])} for c in classes]}
 
 
 def eight_way(logits, targets):

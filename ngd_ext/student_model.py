@@ -2,8 +2,10 @@
 over the 8 FERPlus classes and a projection head to the prototype dimension E. The projection serves
 Proto-KD and D-Geo in training; at inference only the classifier runs."""
 
+import numpy as np
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 import torchvision
 
 ARCHITECTURES = {"resnet18": torchvision.models.resnet18, "resnet50": torchvision.models.resnet50}
@@ -54,3 +56,51 @@ def load_backbone_weights(model, path):
                          f"{len(unexpected)} unexpected {unexpected[:3]}, wrong shapes {wrong_shape[:3]} "
                          "(another architecture?)")
     model.backbone.load_state_dict(state)
+
+
+def preprocess(images, size):
+    """uint8 N x 48 x 48 images (a tensor) -> the network's float N x 1 x size x size input."""
+    x = images.float().div(255).unsqueeze(1)
+    if size != x.shape[-1]:
+        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+    return (x - 0.5) / 0.25
+
+
+def load_student(path, num_classes=8):
+    """A stage-3 checkpoint as (Student in eval mode on the CPU, its config). A file that is not one, or holds
+    a student of another class count or architecture than its config says, is refused naming the file."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        config = checkpoint["config"]
+        arch, embedding_size = config["arch"], config["embedding_size"]
+    except (OSError, RuntimeError, KeyError, TypeError, EOFError) as error:
+        raise ValueError(f"{path}: not a stage-3 checkpoint ({type(error).__name__}: {error})") from error
+    state = checkpoint["state_dict"]
+    classes = tuple(state["classifier.weight"].shape)[0] if "classifier.weight" in state else None
+    if classes != num_classes:
+        raise ValueError(f"{path}: not a stage-3 checkpoint of an {num_classes}-class student (its classifier has "
+                         f"{classes} outputs)")
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"{path}: architecture {arch!r} is not one of {sorted(ARCHITECTURES)}")
+    model = Student(arch, num_classes, embedding_size)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as error:
+        raise ValueError(f"{path}: its weights are not those of the {arch} student its config names "
+                         f"({str(error).splitlines()[0]} ...)") from error
+    return model.eval(), config
+
+
+@torch.no_grad()
+def predict(model, images, size, device, batch_size=512):
+    """(logits N x C, embeddings N x E) as float32 numpy arrays for uint8 N x 48 x 48 images."""
+    model.eval()
+    logits, embeddings = [], []
+    for start in range(0, len(images), batch_size):
+        batch = preprocess(torch.from_numpy(images[start:start + batch_size]), size).to(device)
+        batch_logits, batch_embeddings = model(batch)
+        logits.append(batch_logits.float().cpu())
+        embeddings.append(batch_embeddings.float().cpu())
+    if not logits:
+        raise ValueError("no images to predict")
+    return torch.cat(logits).numpy(), torch.cat(embeddings).numpy()

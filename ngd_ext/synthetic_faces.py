@@ -1,5 +1,7 @@
 """The embedded default faces: synthetic 48x48 grey faces with FERPlus-like votes, written as fer2013.csv +
-fer2013new.csv so that they go through the real FERPlus reader.
+fer2013new.csv so that they go through the real FERPlus reader; and, for stage 4, a CK+-structured tree of
+sequences (faces somewhere in larger frames, to be found by the face detector) and an AffectNet-structured
+validation.csv with colour JPEGs and face boxes, drawn in other styles.
 
 Each face is drawn from an identity (face shape, skin tone, eye spacing), a pose (tilt, shift, scale), a
 lighting gradient and noise, and the expression of its class: mouth curvature and opening, brow angle and
@@ -13,10 +15,12 @@ measured on them says anything about real faces.
 import csv
 import os
 
+import cv2
 import numpy as np
+from PIL import Image
 
-from ngd_ext.artifacts import atomic_path
-from ngd_ext.emotions import FER_CLASSES
+from ngd_ext.artifacts import atomic_dir, atomic_path
+from ngd_ext.emotions import AFFECTNET_CODES, CKPLUS_CODES, DEFAULT_ANCHORS, FER_CLASSES
 from ngd_ext.ferplus import IMAGE_SIDE, VOTE_COLUMNS
 
 # FERPlus's training-set class shares (majority rule), neutral ... contempt.
@@ -136,3 +140,84 @@ def write_synthetic_ferplus(folder, seed, train=2400, valid=400, test=400):
             writer.writerow(["Usage", "Image name", *VOTE_COLUMNS])
             for i, (usage, _, _, votes) in enumerate(rows):
                 writer.writerow([usage, f"fer{i:07d}.png", *votes])
+
+
+# CK+'s labelled sequences per emotion code (1 anger ... 7 surprise), for the synthetic CK+ tree.
+CKPLUS_SEQUENCES = {1: 45, 2: 18, 3: 59, 4: 25, 5: 69, 6: 28, 7: 83}
+AFFECTNET_HEADER = ["subDirectory_filePath", "face_x", "face_y", "face_width", "face_height", "facial_landmarks",
+                    "expression", "valence", "arousal"]
+
+
+def place_face(rng, face, canvas_shape, face_side, style):
+    """A face (48 x 48 uint8) enlarged to face_side and put at a random place on a noisy canvas of the style's
+    background: (canvas uint8, (x, y, width, height) of the face)."""
+    height, width = canvas_shape
+    background = STYLES[style][3] * 255
+    ramp = np.linspace(-1, 1, width)[None, :] * rng.normal(0, 20) + np.linspace(-1, 1, height)[:, None] * rng.normal(0, 20)
+    canvas = background + ramp + rng.normal(0, 6, canvas_shape)
+    x, y = int(rng.integers(0, width - face_side + 1)), int(rng.integers(0, height - face_side + 1))
+    canvas[y:y + face_side, x:x + face_side] = cv2.resize(face, (face_side, face_side), interpolation=cv2.INTER_CUBIC)
+    return np.clip(np.round(canvas), 0, 255).astype(np.uint8), (x, y, face_side, face_side)
+
+
+def write_synthetic_ckplus(folder, seed, sequences=80, unlabelled=12, frames=8, frame_shape=(240, 320)):
+    """A CK+-structured tree: cohn-kanade-images/Sxxx/yyy/Sxxx_yyy_0000000n.png, each sequence going from a
+    neutral face to its expression's apex, somewhere in a larger frame, in the 'ckplus' style; and
+    Emotion/Sxxx/yyy/Sxxx_yyy_<last frame>_emotion.txt for the labelled sequences (the emotion shares are
+    CK+'s); `unlabelled` sequences have no Emotion file, as in CK+. Written whole or not at all."""
+    rng = np.random.default_rng([seed, 7])
+    codes = np.array(sorted(CKPLUS_SEQUENCES))
+    shares = np.array([CKPLUS_SEQUENCES[c] for c in codes], dtype=np.float64)
+    labels = [int(code) for code in rng.choice(codes, size=sequences, p=shares / shares.sum())] + [None] * unlabelled
+    neutral = np.array(EXPRESSIONS["neutral"])
+    with atomic_dir(folder) as root:
+        for index, code in enumerate(labels):
+            subject, sequence = f"S{100 + index // 3:03d}", f"{index % 3 + 1:03d}"
+            shown = CKPLUS_CODES[code] if code else FER_CLASSES[rng.integers(len(FER_CLASSES))]
+            apex = np.array(EXPRESSIONS[shown])
+            sequence_seed, face_side = int(rng.integers(2**63)), int(rng.integers(90, 140))
+            image_dir = os.path.join(root, "cohn-kanade-images", subject, sequence)
+            os.makedirs(image_dir)
+            for frame in range(1, frames + 1):
+                # The same seed for every frame: one person, pose and place; only the expression moves.
+                frame_rng = np.random.default_rng(sequence_seed)
+                face = draw_face(frame_rng, neutral + (apex - neutral) * (frame - 1) / (frames - 1), "ckplus")
+                canvas, _ = place_face(frame_rng, face, frame_shape, face_side, "ckplus")
+                Image.fromarray(canvas).save(os.path.join(image_dir, f"{subject}_{sequence}_{frame:08d}.png"))
+            if code:
+                emotion_dir = os.path.join(root, "Emotion", subject, sequence)
+                os.makedirs(emotion_dir)
+                with open(os.path.join(emotion_dir, f"{subject}_{sequence}_{frames:08d}_emotion.txt"), "w") as handle:
+                    handle.write(f"   {float(code):.7e}\n")
+
+
+def write_synthetic_affectnet(folder, seed, per_class=50, unusable=24):
+    """An AffectNet-structured set: Manually_Annotated_file_lists/validation.csv (AffectNet's columns, its
+    expression codes, face boxes, valence and arousal; codes 8-10, None / Uncertain / No-Face, with V/A -2)
+    and Manually_Annotated_Images/<n>/<name>.jpg, colour JPEGs of differing sizes in the 'affectnet' style.
+    Balanced over the 8 classes, like AffectNet's validation set. Written whole or not at all."""
+    rng = np.random.default_rng([seed, 11])
+    codes = [code for code in AFFECTNET_CODES for _ in range(per_class)] + [int(c) for c in rng.integers(8, 11, unusable)]
+    rows = []
+    with atomic_dir(folder) as root:
+        for index in rng.permutation(len(codes)):
+            code = codes[index]
+            name = AFFECTNET_CODES.get(code, "neutral")
+            face = draw_face(rng, EXPRESSIONS[name], "affectnet")
+            side = int(rng.integers(120, 200))
+            canvas, box = place_face(rng, face, (side, side), int(side * rng.uniform(0.6, 0.8)), "affectnet")
+            colour = np.clip(canvas[..., None] * rng.uniform(0.85, 1.15, 3), 0, 255).astype(np.uint8)
+            relative = f"{index % 7 + 1}/{rng.bytes(20).hex()}.jpg"
+            path = os.path.join(root, "Manually_Annotated_Images", relative)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            Image.fromarray(colour).save(path, quality=90)
+            if code in AFFECTNET_CODES:
+                valence, arousal = np.clip(np.array(DEFAULT_ANCHORS[name]) + rng.normal(0, 0.15, 2), -1, 1)
+            else:
+                valence = arousal = -2.0
+            rows.append([relative, *box, "", code, f"{valence:.6f}", f"{arousal:.6f}"])
+        os.makedirs(os.path.join(root, "Manually_Annotated_file_lists"))
+        with open(os.path.join(root, "Manually_Annotated_file_lists", "validation.csv"), "w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(AFFECTNET_HEADER)
+            writer.writerows(rows)

@@ -36,3 +36,41 @@ def test_present_only_restricts_the_argmax():
     assert scores["macro_f1"] == pytest.approx(0.5)
     assert scores["balanced_accuracy"] == pytest.approx(0.5)
     assert eight_way(logits, targets)["accuracy"] == pytest.approx(1 / 4)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_against_scikit_learn_with_absent_classes(seed):
+    from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score, precision_recall_fscore_support
+
+    rng = np.random.default_rng(seed)
+    present = np.sort(rng.choice(8, size=5, replace=False))  # three classes absent from the ground truth
+    targets = rng.choice(present, size=300)
+    logits = rng.normal(size=(300, 8))
+    logits[np.arange(300), targets] += 1.0  # better than chance, still many errors
+    all_classes = list(range(8))
+
+    predictions = logits.argmax(axis=1)
+    scores = eight_way(logits, targets)
+    assert scores["accuracy"] == pytest.approx(accuracy_score(targets, predictions), abs=1e-12)
+    assert scores["macro_f1"] == pytest.approx(
+        f1_score(targets, predictions, labels=all_classes, average="macro", zero_division=0), abs=1e-12)
+    with pytest.warns(UserWarning):  # scikit-learn warns of predicted classes absent from the ground truth
+        expected_bacc = balanced_accuracy_score(targets, predictions)
+    assert scores["balanced_accuracy"] == pytest.approx(expected_bacc, abs=1e-12)
+    precision, recall, f1, support = precision_recall_fscore_support(targets, predictions, labels=all_classes,
+                                                                     zero_division=0)
+    for c, row in enumerate(scores["per_class"]):
+        assert (row["precision"], row["recall"], row["f1"]) == pytest.approx((precision[c], recall[c], f1[c]), abs=1e-12)
+        assert row["support"] == support[c]
+
+    restricted = present[logits[:, present].argmax(axis=1)]
+    scores = present_only(logits, targets)
+    assert scores["classes"] == present.tolist()
+    assert scores["accuracy"] == pytest.approx(accuracy_score(targets, restricted), abs=1e-12)
+    assert scores["macro_f1"] == pytest.approx(
+        f1_score(targets, restricted, labels=present, average="macro", zero_division=0), abs=1e-12)
+    assert scores["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(targets, restricted), abs=1e-12)
+    assert [row["class"] for row in scores["per_class"]] == present.tolist()
+    precision, recall, f1, _ = precision_recall_fscore_support(targets, restricted, labels=present, zero_division=0)
+    assert [row["f1"] for row in scores["per_class"]] == pytest.approx(f1.tolist(), abs=1e-12)
+    assert [row["precision"] for row in scores["per_class"]] == pytest.approx(precision.tolist(), abs=1e-12)

@@ -1,0 +1,289 @@
+"""Evaluation sets in their real layouts (SPEC section 6), read into FERPlus's class order.
+
+Each reader turns a dataset's files into records (image path, FERPlus label, the dataset's face box if any)
+and a count of what it dropped and why; `read_faces` then decodes and crops them (ngd_ext.face_crop).
+
+- AffectNet: `training.csv` / `validation.csv` (in the folder or its `Manually_Annotated_file_lists/`, with
+  or without the header row) whose `subDirectory_filePath` is relative to `Manually_Annotated_Images/`
+  (or the folder itself); expression codes 0-7 remapped explicitly, 8-10 (None, Uncertain, No-Face) and any
+  other code dropped and counted; the CSV's face box is used. Or class-named image folders (`happy/`,
+  `Surprise/`, ... or AffectNet's codes `0/` ... `7/`); images in other folders are dropped and counted.
+- CK+: `cohn-kanade-images/Sxxx/yyy/*.png` (or `extended-cohn-kanade-images/cohn-kanade-images/`) with
+  `Emotion/Sxxx/yyy/*_emotion.txt` (or `Emotion_labels/Emotion/`). A labelled sequence gives its last 3 frames
+  its label and its first frame `neutral` (a sequence of 3 frames or fewer gives no neutral frame); sequences
+  without an emotion file, and codes outside 1-7, are dropped and counted.
+- A manifest: a CSV with a header naming a `path` column (relative to the CSV's folder, or absolute) and a
+  `label` column (a class name, e.g. `happy`, or a FERPlus index 0-7), and optionally `x`, `y`, `width`,
+  `height` for a face box; unknown labels are dropped and counted.
+
+Image files that are missing or cannot be decoded stop the run with a message naming the file and the row
+that lists it; with `skip_unreadable` they are counted, listed in the report and left out instead.
+"""
+
+import csv
+import glob
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+from tqdm import tqdm
+
+from ngd_ext.emotions import AFFECTNET_CODES, AFFECTNET_UNUSABLE, CKPLUS_CODES, CLASS_ALIASES, FER_CLASSES
+from ngd_ext.face_crop import HOW
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+AFFECTNET_COLUMNS = ("subDirectory_filePath", "face_x", "face_y", "face_width", "face_height", "facial_landmarks",
+                     "expression", "valence", "arousal")
+
+
+class DatasetError(ValueError):
+    """A dataset file that does not have the expected structure; the message names the file and row."""
+
+
+@dataclass(frozen=True)
+class FaceRecord:
+    path: str
+    label: int        # FERPlus class index
+    box: tuple        # (x, y, width, height) from the dataset, or None: find the face
+    origin: str       # where the record was read, for messages: "file, row n"
+
+
+@dataclass
+class FaceSet:
+    name: str
+    images: np.ndarray   # N x 48 x 48 uint8, cropped as in training
+    labels: np.ndarray   # N FERPlus class indices
+    paths: list
+    dropped: dict        # {why: count} of labelled items left out by the label rules
+    crops: dict = field(default_factory=dict)     # {how: count}, HOW of ngd_ext.face_crop
+    unreadable: list = field(default_factory=list)  # image files skipped with skip_unreadable
+
+    def summary(self):
+        return {"images": int(len(self.labels)),
+                "per_class": {name: int((self.labels == c).sum()) for c, name in enumerate(FER_CLASSES)},
+                "dropped": dict(self.dropped), "crops": dict(self.crops),
+                "unreadable": {"count": len(self.unreadable), "files": self.unreadable[:20]}}
+
+
+def class_index(value):
+    """The FERPlus class of a label written as a class name (any alias, any case) or a FERPlus index 0-7;
+    None when it is neither."""
+    text = str(value).strip()
+    if text.isdigit():
+        return int(text) if int(text) < len(FER_CLASSES) else None
+    name = CLASS_ALIASES.get(text.lower())
+    return FER_CLASSES.index(name) if name else None
+
+
+def _integer(text, path, row, column):
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not np.isfinite(value) or value != int(value):
+        raise DatasetError(f"{path}, row {row}: {column} must be an integer, got {text!r}")
+    return int(value)
+
+
+# AffectNet ---------------------------------------------------------------------------------------------------
+
+def affectnet_records(folder, split="validation"):
+    """(records, dropped) of an AffectNet folder: its `<split>.csv` when there is one, else class folders."""
+    for candidate in (os.path.join(folder, f"{split}.csv"),
+                      os.path.join(folder, "Manually_Annotated_file_lists", f"{split}.csv")):
+        if os.path.isfile(candidate):
+            image_root = next((root for root in (os.path.join(folder, "Manually_Annotated_Images"),
+                                                 os.path.join(folder, "Manually_Annotated", "Manually_Annotated_Images"))
+                               if os.path.isdir(root)), folder)
+            return affectnet_csv_records(candidate, image_root)
+    return class_folder_records(folder, codes=AFFECTNET_CODES, what=f"AffectNet folder (no {split}.csv found)")
+
+
+def affectnet_csv_records(path, image_root):
+    records, dropped = [], Counter()
+    with open(path, newline="") as handle:
+        rows = csv.reader(handle)
+        first = next(rows, None)
+        if first is None:
+            raise DatasetError(f"{path}: empty file")
+        if first[0] == AFFECTNET_COLUMNS[0]:
+            missing = [name for name in AFFECTNET_COLUMNS[:5] + ("expression",) if name not in first]
+            if missing:
+                raise DatasetError(f"{path}: the header lacks the column(s) {', '.join(missing)}")
+            columns = {name: first.index(name) for name in AFFECTNET_COLUMNS if name in first}
+            body = rows
+        else:  # AffectNet's CSVs are also passed around without their header row: the official column order
+            columns = {name: i for i, name in enumerate(AFFECTNET_COLUMNS)}
+            body = [first, *rows]
+        width = max(columns.values()) + 1
+        for number, fields in enumerate(body, 2 if body is rows else 1):
+            if len(fields) < width:
+                raise DatasetError(f"{path}, row {number}: {len(fields)} fields, expected AffectNet's "
+                                   f"{len(AFFECTNET_COLUMNS)} ({', '.join(AFFECTNET_COLUMNS)})")
+            code = _integer(fields[columns["expression"]], path, number, "expression")
+            if code not in AFFECTNET_CODES:
+                dropped[f"expression {code} ({AFFECTNET_UNUSABLE.get(code, 'unknown code')})"] += 1
+                continue
+            box_fields = [fields[columns[name]] for name in AFFECTNET_COLUMNS[1:5]]
+            box = None
+            if any(value.strip() for value in box_fields):
+                box = tuple(_integer(value, path, number, name) for value, name in zip(box_fields, AFFECTNET_COLUMNS[1:5]))
+                if box[2] <= 0 or box[3] <= 0:
+                    raise DatasetError(f"{path}, row {number}: face box {box} has no area")
+            label = FER_CLASSES.index(AFFECTNET_CODES[code])
+            records.append(FaceRecord(os.path.join(image_root, fields[columns["subDirectory_filePath"]]), label, box,
+                                      f"{path}, row {number}"))
+    return records, dict(dropped)
+
+
+def class_folder_records(folder, codes=None, what="folder of class-named image folders"):
+    """Images in class-named subfolders (any alias of a FERPlus class; with `codes`, also the dataset's
+    numeric codes). Images under other subfolders are dropped and counted."""
+    if not os.path.isdir(folder):
+        raise DatasetError(f"{folder}: not a folder")
+    records, dropped = [], Counter()
+    subfolders = sorted(entry.name for entry in os.scandir(folder) if entry.is_dir())
+    for name in subfolders:
+        files = sorted(path for path in glob.glob(os.path.join(folder, name, "*"))
+                       if path.lower().endswith(IMAGE_EXTENSIONS))
+        if codes is not None and name.isdigit():
+            class_name = codes.get(int(name))
+        else:
+            class_name = CLASS_ALIASES.get(name.lower())
+        if class_name is None:
+            if files:
+                dropped[f"folder {name}/"] += len(files)
+            continue
+        label = FER_CLASSES.index(class_name)
+        records += [FaceRecord(path, label, None, f"{folder}, class folder {name}/") for path in files]
+    if not records:
+        raise DatasetError(f"{folder}: expected a {what}: subfolders named by class ({', '.join(FER_CLASSES)}, "
+                           f"or aliases such as happy, sad, angry) holding images; found {subfolders or 'none'}")
+    return records, dict(dropped)
+
+
+# CK+ ---------------------------------------------------------------------------------------------------------
+
+def _first_folder(folder, candidates, what):
+    for candidate in candidates:
+        path = os.path.join(folder, *candidate)
+        if os.path.isdir(path):
+            return path
+    raise DatasetError(f"{folder}: no {what} folder (looked for {', '.join('/'.join(c) for c in candidates)})")
+
+
+def ckplus_records(folder):
+    images = _first_folder(folder, [("cohn-kanade-images",), ("extended-cohn-kanade-images", "cohn-kanade-images")],
+                           "CK+ image")
+    emotions = _first_folder(folder, [("Emotion",), ("Emotion_labels", "Emotion")], "CK+ Emotion")
+    records, dropped = [], Counter()
+    neutral = FER_CLASSES.index("neutral")
+    for emotion_dir in sorted(glob.glob(os.path.join(emotions, "*", "*"))):
+        relative = os.path.relpath(emotion_dir, emotions)
+        if glob.glob(os.path.join(emotion_dir, "*_emotion.txt")) and not os.path.isdir(os.path.join(images, relative)):
+            raise DatasetError(f"{emotion_dir} holds a label but {os.path.join(images, relative)} does not exist")
+    for sequence_dir in sorted(glob.glob(os.path.join(images, "*", "*"))):
+        frames = sorted(glob.glob(os.path.join(sequence_dir, "*.png")))
+        if not frames:
+            continue
+        relative = os.path.relpath(sequence_dir, images)
+        label_files = sorted(glob.glob(os.path.join(emotions, relative, "*_emotion.txt")))
+        if not label_files:
+            dropped["sequence without an emotion label"] += 1
+            continue
+        if len(label_files) > 1:
+            raise DatasetError(f"{os.path.join(emotions, relative)}: {len(label_files)} emotion files, expected one")
+        with open(label_files[0]) as handle:
+            code = _integer(handle.read().strip(), label_files[0], 1, "the emotion code")
+        if code not in CKPLUS_CODES:
+            dropped[f"emotion code {code} (unknown code)"] += 1
+            continue
+        label = FER_CLASSES.index(CKPLUS_CODES[code])
+        if len(frames) > 3:
+            records.append(FaceRecord(frames[0], neutral, None, f"{sequence_dir}, first frame"))
+        records += [FaceRecord(frame, label, None, f"{label_files[0]}, one of the last 3 frames")
+                    for frame in frames[-3:]]
+    if not records:
+        raise DatasetError(f"{folder}: no labelled CK+ sequence found under {images} and {emotions}")
+    return records, dict(dropped)
+
+
+# A manifest --------------------------------------------------------------------------------------------------
+
+def manifest_records(path):
+    base = os.path.dirname(os.path.abspath(path))
+    records, dropped = [], Counter()
+    with open(path, newline="") as handle:
+        rows = csv.reader(handle)
+        header = [name.strip().lower() for name in next(rows, [])]
+        if "path" not in header or "label" not in header:
+            raise DatasetError(f"{path}: the header {header} must name a 'path' and a 'label' column")
+        box_columns = [header.index(name) for name in ("x", "y", "width", "height") if name in header]
+        if box_columns and len(box_columns) != 4:
+            raise DatasetError(f"{path}: a face box needs all four columns x, y, width, height")
+        path_column, label_column = header.index("path"), header.index("label")
+        for number, fields in enumerate(rows, 2):
+            if not any(field.strip() for field in fields):
+                continue
+            if len(fields) != len(header):
+                raise DatasetError(f"{path}, row {number}: {len(fields)} fields, expected {len(header)} ({', '.join(header)})")
+            label = class_index(fields[label_column])
+            if label is None:
+                dropped[f"label {fields[label_column].strip()!r} (not a FERPlus class)"] += 1
+                continue
+            box = None
+            if box_columns and any(fields[i].strip() for i in box_columns):
+                box = tuple(_integer(fields[i], path, number, header[i]) for i in box_columns)
+                if box[2] <= 0 or box[3] <= 0:
+                    raise DatasetError(f"{path}, row {number}: face box {box} has no area")
+            records.append(FaceRecord(os.path.join(base, fields[path_column].strip()), label, box, f"{path}, row {number}"))
+    if not records:
+        raise DatasetError(f"{path}: no row with a FERPlus label")
+    return records, dict(dropped)
+
+
+# Decoding and cropping ---------------------------------------------------------------------------------------
+
+def read_grey(path):
+    """A grey uint8 image; OSError (missing, undecodable) names the file."""
+    try:
+        with Image.open(path) as image:
+            return np.asarray(image.convert("L"))
+    except UnidentifiedImageError as error:
+        raise OSError(f"{path}: not an image file PIL can decode") from error
+    except (ValueError, SyntaxError) as error:  # PIL reports some truncated or corrupt files this way
+        raise OSError(f"{path}: corrupt image ({error})") from error
+
+
+def read_faces(name, records, dropped, cropper, skip_unreadable=False):
+    """Decode and crop every record into a FaceSet."""
+    images, labels, paths, unreadable, crops = [], [], [], [], Counter()
+    for record in tqdm(records, desc=f"reading {name}", unit="image", leave=False):
+        try:
+            grey = read_grey(record.path)
+            if grey.size == 0:
+                raise OSError(f"{record.path}: an empty image")
+        except OSError as error:
+            if not skip_unreadable:
+                missing = isinstance(error, FileNotFoundError)
+                raise DatasetError(f"{record.path} (listed in {record.origin}): "
+                                   f"{'missing' if missing else 'unreadable'} ({error}); use --skip-unreadable to "
+                                   "count and leave out such files") from error
+            unreadable.append(record.path)
+            continue
+        if record.box is not None:
+            x, y, width, height = record.box
+            if x >= grey.shape[1] or y >= grey.shape[0] or x + width <= 0 or y + height <= 0:
+                raise DatasetError(f"{record.origin}: face box {record.box} lies outside the "
+                                   f"{grey.shape[1]} x {grey.shape[0]} image {record.path}")
+        crop = cropper.crop(grey, record.box)
+        crops[crop.how] += 1
+        images.append(crop.face)
+        labels.append(record.label)
+        paths.append(record.path)
+    if not images:
+        raise DatasetError(f"{name}: no readable image among {len(records)} records")
+    return FaceSet(name, np.stack(images), np.array(labels, np.int64), paths, dict(dropped),
+                   {how: crops[how] for how in HOW}, unreadable)

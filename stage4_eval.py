@@ -1,0 +1,438 @@
+"""Stage 4: cross-dataset evaluation of the stage-3 students (SPEC section 5), and prediction on any images.
+
+Evaluates every finished student under RUN_DIR/stage3/ (or those named by --variants) on FERPlus valid and
+test, always (by default the FERPlus copy the students were trained on, with the official majority rule), and
+on the target sets given: --affectnet DIR, --ckplus DIR, --manifest CSV (repeatable). With no dataset flag,
+the targets are the embedded synthetic CK+ tree and AffectNet set, drawn in other styles than the training
+faces. Faces in full frames are cropped by the dataset's box, else OpenCV's Haar cascade, else the centre
+(counted); see ngd_ext/face_datasets.py and ngd_ext/face_crop.py. Writes RUN_DIR/stage4/:
+
+  <variant>/<dataset>/metrics.json        8-way and present-only Acc, macro-F1, bACC, per-class P/R/F1,
+                                          confusion matrices, and what was read, dropped and how it was cropped
+  <variant>/<dataset>/confusion_*.png     counts and row-normalised, 8-way and present-only
+  <variant>/<dataset>/tsne.png            t-SNE of the student's embeddings with the prototype bank
+  <variant>/<dataset>/prototypes.png      where each class's embeddings land on the V/A prototype grid
+  <variant>/<dataset>/predictions.csv     per image: label, prediction, class probabilities
+  summary.md, summary.tex, summary.json   the ablation table (variants x datasets) and the cross-dataset tables
+  summary.png, config.json, SHA256SUMS
+
+The folder is written whole or not at all: a killed run leaves the previous stage4/ in place; rerun it.
+
+Prediction: --predict FOLDER runs one student (--variants NAME; default B3) on every image under FOLDER and
+writes a CSV with one row per face found (its box and the class probabilities), or one centre-crop row for an
+image where none is found.
+"""
+
+import argparse
+import csv
+import json
+import os
+import sys
+
+import matplotlib
+import numpy as np
+import torch
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from sklearn.manifold import TSNE  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from ngd_ext import artifacts  # noqa: E402
+from ngd_ext.emotions import DEFAULT_ANCHORS, FER_CLASSES  # noqa: E402
+from ngd_ext.face_crop import FaceCropper  # noqa: E402
+from ngd_ext.face_datasets import (IMAGE_EXTENSIONS, DatasetError, FaceSet, affectnet_records,  # noqa: E402
+                                   ckplus_records, manifest_records, read_faces, read_grey)
+from ngd_ext.ferplus import FerPlusError, load_ferplus_cached  # noqa: E402
+from ngd_ext.metrics import eight_way, present_only  # noqa: E402
+from ngd_ext.prototypes import bin_centres, unit_rows  # noqa: E402
+from ngd_ext.student_model import load_student, predict  # noqa: E402
+from ngd_ext.synthetic_faces import (write_synthetic_affectnet, write_synthetic_ckplus,  # noqa: E402
+                                     write_synthetic_ferplus)
+
+# Defaults ---------------------------------------------------------------------------------------------------
+RUN_DIR = "runs/demo"
+SYNTHETIC_SIZES = {"demo": dict(sequences=80, per_class=50), "tiny": dict(sequences=16, per_class=8)}
+FERPLUS_SYNTHETIC_SIZES = {"demo": dict(train=2400, valid=400, test=400), "tiny": dict(train=640, valid=160, test=160)}
+TSNE_POINTS = 500
+SYNTHETIC_NOTE = "synthetic data: not the paper's numbers"
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run-dir", default=RUN_DIR, help=f"run folder holding stage2/ and stage3/ (default {RUN_DIR})")
+    parser.add_argument("--ferplus", help="FERPlus folder (default: the one the students were trained on)")
+    parser.add_argument("--affectnet", help="AffectNet folder: validation.csv + Manually_Annotated_Images/, or class folders")
+    parser.add_argument("--affectnet-split", choices=("validation", "training"), default="validation",
+                        help="which AffectNet CSV to read (default validation)")
+    parser.add_argument("--ckplus", help="CK+ folder: cohn-kanade-images/ and Emotion/")
+    parser.add_argument("--manifest", action="append", default=[],
+                        help="CSV with path and label columns (repeatable); its file name names the dataset")
+    parser.add_argument("--variants", nargs="+", help="stage-3 run names under stage3/ (default: every finished one)")
+    parser.add_argument("--synthetic-size", choices=sorted(SYNTHETIC_SIZES), default="demo",
+                        help="size of the embedded synthetic CK+ and AffectNet sets, used with no dataset flag")
+    parser.add_argument("--skip-unreadable", action="store_true",
+                        help="count and leave out missing or undecodable images instead of stopping")
+    parser.add_argument("--tsne-points", type=int, default=TSNE_POINTS, help=f"images per t-SNE (default {TSNE_POINTS})")
+    parser.add_argument("--batch-size", type=int, default=512, help="images per forward pass (default 512)")
+    parser.add_argument("--predict", metavar="FOLDER", help="prediction mode: classify the faces in every image under FOLDER")
+    parser.add_argument("--output", help="prediction mode: the CSV to write (default RUN_DIR/predictions/<variant>.csv)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="where the students run (default cuda when present)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic targets and the t-SNE (default 0)")
+    args = parser.parse_args(argv)
+    if args.tsne_points < 10 or args.batch_size < 1:
+        parser.error("--tsne-points must be at least 10 and --batch-size at least 1")
+    return args
+
+
+# Students ---------------------------------------------------------------------------------------------------
+
+def finished_variants(stage3_dir, names):
+    """The stage-3 runs to evaluate: `names`, or every folder of stage3/ whose manifest lists best.pt."""
+    if names:
+        return names
+    found = []
+    for name in sorted(os.listdir(stage3_dir)) if os.path.isdir(stage3_dir) else []:
+        try:
+            if "best.pt" in artifacts.read_manifest(os.path.join(stage3_dir, name)):
+                found.append(name)
+        except artifacts.ArtifactError:
+            if os.path.isdir(os.path.join(stage3_dir, name)):
+                print(f"skipping {os.path.join(stage3_dir, name)}: not a finished stage-3 run (no {artifacts.MANIFEST})")
+    if not found:
+        raise artifacts.ArtifactError(f"{stage3_dir}: no finished stage-3 run; run stage3_student.py first")
+    return found
+
+
+def load_checked_student(stage3_dir, name, bank_hash, bank_dim):
+    """A stage-3 best.pt after its manifest check; refused if it was trained against another bank."""
+    folder = os.path.join(stage3_dir, name)
+    checkpoint_hash = artifacts.verify_manifest(folder, ["best.pt"])["best.pt"]
+    path = os.path.join(folder, "best.pt")
+    model, config = load_student(path, len(FER_CLASSES))
+    if config.get("prototypes_sha256") != bank_hash or config["embedding_size"] != bank_dim:
+        raise artifacts.ArtifactError(f"{path} was trained against another prototype bank than "
+                                      "stage2/prototypes.npz of this run; evaluate it in its own run folder")
+    return model, config, checkpoint_hash
+
+
+def preset_of(config):
+    """'B0'..'B3' when the loss terms in use are a preset's, else 'custom'."""
+    used = (config["kd_weight"] > 0, config["proto_weight"] > 0, config["dgeo_weight"] > 0)
+    presets = {(False, False, False): "B0", (True, False, False): "B1", (True, True, False): "B2", (True, True, True): "B3"}
+    return presets.get(used, "custom")
+
+
+def label_of(name, config):
+    """A student's name in tables and titles: its run name, and its preset when the name does not say it."""
+    preset = preset_of(config)
+    return name if name == preset else f"{name} ({preset})"
+
+
+# Datasets ---------------------------------------------------------------------------------------------------
+
+def training_ferplus(configs, run_dir):
+    """The FERPlus folder the students were trained on (the synthetic one is rewritten if it is missing)."""
+    sources = {(c["source"], c["ferplus"], c["synthetic_size"], c["seed"]) for c in configs}
+    if len(sources) > 1:
+        raise ValueError(f"the students were trained on different FERPlus data {sorted(map(str, sources))}; "
+                         "give --ferplus")
+    source, folder, size, seed = sources.pop()
+    if source == "real":
+        return folder
+    folder = os.path.join(run_dir, "data", f"synthetic_ferplus_{size}_seed{seed}")
+    if not os.path.isfile(os.path.join(folder, "fer2013new.csv")):
+        write_synthetic_ferplus(folder, seed, **FERPLUS_SYNTHETIC_SIZES[size])
+    return folder
+
+
+def load_datasets(args, configs):
+    """[(key, display name, FaceSet)]: FERPlus valid and test first, then the target sets."""
+    ferplus_dir = args.ferplus or training_ferplus(configs, args.run_dir)
+    splits, _ = load_ferplus_cached(ferplus_dir, os.path.join(args.run_dir, "cache"), "majority")
+    datasets = [(f"ferplus_{split}", f"FERPlus {split}", FaceSet(f"FERPlus {split}", splits[split].images,
+                                                                 splits[split].labels, splits[split].names, {}))
+                for split in ("valid", "test")]
+    targets = []
+    if not (args.ferplus or args.affectnet or args.ckplus or args.manifest):
+        size = SYNTHETIC_SIZES[args.synthetic_size]
+        data_dir = os.path.join(args.run_dir, "data")
+        args.ckplus = os.path.join(data_dir, f"synthetic_ckplus_{args.synthetic_size}_seed{args.seed}")
+        args.affectnet = os.path.join(data_dir, f"synthetic_affectnet_{args.synthetic_size}_seed{args.seed}")
+        if not os.path.isdir(args.ckplus):
+            write_synthetic_ckplus(args.ckplus, args.seed, sequences=size["sequences"])
+        if not os.path.isdir(args.affectnet):
+            write_synthetic_affectnet(args.affectnet, args.seed, per_class=size["per_class"])
+    if args.ckplus:
+        targets.append(("ckplus", "CK+", ckplus_records(args.ckplus)))
+    if args.affectnet:
+        targets.append(("affectnet", "AffectNet", affectnet_records(args.affectnet, args.affectnet_split)))
+    for path in args.manifest:
+        stem = os.path.splitext(os.path.basename(path))[0]
+        targets.append((f"manifest_{stem}", stem, manifest_records(path)))
+    if len({key for key, _, _ in targets}) != len(targets):
+        raise ValueError("two --manifest files share a file name; rename one so their results do not collide")
+    cropper = FaceCropper()
+    for key, name, (records, dropped) in targets:
+        datasets.append((key, name, read_faces(name, records, dropped, cropper, args.skip_unreadable)))
+    for _, name, data in datasets:
+        summary = data.summary()
+        counts = ", ".join(f"{c} {n}" for c, n in summary["per_class"].items())
+        extra = "".join(f"; {what}: {count}" for what, count in {**data.dropped, **{
+            f"crop by {how}": n for how, n in data.crops.items() if n}}.items())
+        print(f"{name}: {summary['images']} images ({counts}){extra}"
+              + (f"; {len(data.unreadable)} unreadable, left out" if data.unreadable else ""))
+    return datasets
+
+
+# Pictures and tables ----------------------------------------------------------------------------------------
+
+def plot_confusions(view, title, path):
+    """Counts and row-normalised confusion matrices, over the view's classes."""
+    classes = view.get("classes", list(range(len(FER_CLASSES))))
+    counts = np.array(view["confusion"])[np.ix_(classes, classes)]
+    rows = counts.sum(axis=1, keepdims=True)
+    normalised = np.divide(counts, rows, out=np.zeros(counts.shape), where=rows > 0)
+    names = [FER_CLASSES[c] for c in classes]
+    figure, axes = plt.subplots(1, 2, figsize=(4 + 1.1 * len(classes), 0.6 * len(classes) + 2))
+    for ax, matrix, label in ((axes[0], counts, "counts"), (axes[1], normalised, "row-normalised")):
+        ax.imshow(matrix, cmap="Blues", vmin=0)
+        for (i, j), value in np.ndenumerate(matrix):
+            text = f"{value:d}" if label == "counts" else f"{value:.2f}"
+            ax.text(j, i, text, ha="center", va="center", fontsize=7,
+                    color="white" if value > matrix.max() / 2 else "black")
+        ax.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=8)
+        ax.set_yticks(range(len(names)), names, fontsize=8)
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("ground truth")
+        ax.set_title(label, fontsize=9)
+    figure.suptitle(title, fontsize=10)
+    figure.tight_layout()
+    artifacts.save_figure(figure, path)
+    plt.close(figure)
+
+
+def plot_tsne(embeddings, labels, bank, title, path, points, seed):
+    """t-SNE of (a seeded sample of) the unit embeddings, with the 25 unit prototypes as black crosses."""
+    chosen = np.random.default_rng(seed).permutation(len(labels))[:points]
+    joint = np.concatenate([unit_rows(embeddings[chosen]), unit_rows(bank)])
+    perplexity = min(30.0, (len(joint) - 1) / 3)
+    xy = TSNE(2, init="pca", perplexity=perplexity, random_state=seed).fit_transform(joint)
+    figure, ax = plt.subplots(figsize=(6.5, 5.5))
+    for c, name in enumerate(FER_CLASSES):
+        mine = labels[chosen] == c
+        if mine.any():
+            ax.scatter(*xy[:len(chosen)][mine].T, s=8, color=plt.cm.tab10(c), label=f"{name} ({mine.sum()})")
+    ax.scatter(*xy[len(chosen):].T, marker="x", s=40, color="black", label="prototypes")
+    ax.legend(fontsize=7, markerscale=2)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.set_title(title, fontsize=10)
+    figure.tight_layout()
+    artifacts.save_figure(figure, path)
+    plt.close(figure)
+
+
+def plot_prototype_occupancy(embeddings, labels, bank, grid, title, path):
+    """Per class, the share of its images whose nearest prototype (cosine) is each bin of the V/A grid, with
+    the class's anchor marked. A bin stage 2 filled from a neighbour holds the same prototype; ties between
+    equal prototypes go to the lower index."""
+    nearest = (unit_rows(embeddings) @ unit_rows(bank).T).argmax(axis=1)
+    centres = bin_centres(grid)
+    figure, axes = plt.subplots(2, 4, figsize=(12, 6.2))
+    for c, (name, ax) in enumerate(zip(FER_CLASSES, axes.flat)):
+        mine = nearest[labels == c]
+        share = np.bincount(mine, minlength=grid * grid) / max(len(mine), 1)
+        # k = i_valence * G + i_arousal: valence along x, arousal along y
+        ax.imshow(share.reshape(grid, grid).T, origin="lower", cmap="Purples", vmin=0, vmax=1,
+                  extent=(centres[0] * 1.25, centres[-1] * 1.25, centres[0] * 1.25, centres[-1] * 1.25))
+        ax.plot(*DEFAULT_ANCHORS[name], marker="*", color="orange", markersize=12)
+        ax.set_title(f"{name} ({len(mine)})", fontsize=9)
+        ax.set_xlabel("valence", fontsize=8)
+        ax.set_ylabel("arousal", fontsize=8)
+    figure.suptitle(f"{title}: nearest prototype per image (star: the class's V/A anchor)", fontsize=10)
+    figure.tight_layout()
+    artifacts.save_figure(figure, path)
+    plt.close(figure)
+
+
+def write_predictions(path, data, logits):
+    probabilities = torch.softmax(torch.from_numpy(logits), dim=1).numpy()
+    with artifacts.atomic_path(path) as temporary:
+        with open(temporary, "w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["path", "label", "predicted", *(f"p_{name}" for name in FER_CLASSES)])
+            for name, label, row in zip(data.paths, data.labels, probabilities):
+                writer.writerow([name, FER_CLASSES[label], FER_CLASSES[int(row.argmax())], *(f"{p:.5f}" for p in row)])
+
+
+def table(header, rows, caption):
+    """The same table as Markdown and as LaTeX (booktabs)."""
+    markdown = [f"**{caption}**", "", f"| {' | '.join(header)} |", f"|{'|'.join('---' for _ in header)}|"]
+    markdown += [f"| {' | '.join(row)} |" for row in rows]
+    escape = lambda text: text.replace("_", r"\_").replace("%", r"\%").replace("✓", r"\checkmark")  # noqa: E731
+    latex = [r"\begin{table}[t]", r"\centering", rf"\caption{{{escape(caption)}}}",
+             rf"\begin{{tabular}}{{l{'c' * (len(header) - 1)}}}", r"\toprule", " & ".join(map(escape, header)) + r" \\",
+             r"\midrule", *(" & ".join(map(escape, row)) + r" \\" for row in rows), r"\bottomrule", r"\end{tabular}",
+             r"\end{table}"]
+    return "\n".join(markdown), "\n".join(latex)
+
+
+def summary_tables(results, variants, datasets, note):
+    """The ablation table (variants x datasets, 8-way and present-only macro-F1) and, per variant, the
+    cross-dataset table (datasets x both protocols' Acc, macro-F1, bACC). Returns (markdown, latex)."""
+    percent = lambda value: f"{100 * value:.1f}"  # noqa: E731
+    tables = []
+    header = ["variant", "KD", "Proto-KD", "D-Geo", *(name for _, name, _ in datasets)]
+    rows = []
+    for name, config in variants:
+        marks = ["✓" if config[weight] > 0 else "" for weight in ("kd_weight", "proto_weight", "dgeo_weight")]
+        rows.append([label_of(name, config), *marks, *(
+            f"{percent(results[name][key]['eight_way']['macro_f1'])} / "
+            f"{percent(results[name][key]['present_only']['macro_f1'])}" for key, _, _ in datasets)])
+    tables.append(table(header, rows, f"Ablation: macro-F1 (%), 8-way / present-only, by variant and dataset ({note})"))
+    for name, config in variants:
+        header = ["dataset", "images", "Acc", "macro-F1", "bACC", "present classes", "Acc (present)",
+                  "macro-F1 (present)", "bACC (present)"]
+        rows = []
+        for key, dataset_name, data in datasets:
+            eight, present = results[name][key]["eight_way"], results[name][key]["present_only"]
+            rows.append([dataset_name, str(len(data.labels)), *(percent(eight[s]) for s in (
+                "accuracy", "macro_f1", "balanced_accuracy")), str(len(present["classes"])), *(
+                percent(present[s]) for s in ("accuracy", "macro_f1", "balanced_accuracy"))])
+        tables.append(table(header, rows, f"Cross-dataset evaluation of {label_of(name, config)}, in % ({note})"))
+    return ("\n\n".join(md for md, _ in tables) + "\n", "\n\n".join(tex for _, tex in tables) + "\n")
+
+
+def plot_summary(results, variants, datasets, note, path):
+    figure, ax = plt.subplots(figsize=(2 + 1.6 * len(datasets), 4))
+    width = 0.8 / len(variants)
+    for v, (name, config) in enumerate(variants):
+        scores = [results[name][key]["eight_way"]["macro_f1"] for key, _, _ in datasets]
+        bars = ax.bar(np.arange(len(datasets)) + (v - (len(variants) - 1) / 2) * width, scores, width,
+                      label=label_of(name, config))
+        ax.bar_label(bars, fmt="%.2f", fontsize=7)
+    ax.set_xticks(range(len(datasets)), [name for _, name, _ in datasets])
+    ax.set_ylabel("8-way macro-F1")
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=8)
+    ax.set_title(f"Students across datasets ({note})", fontsize=10)
+    figure.tight_layout()
+    artifacts.save_figure(figure, path)
+    plt.close(figure)
+
+
+# Prediction mode --------------------------------------------------------------------------------------------
+
+def predict_folder(args, model, config, name):
+    images = sorted(os.path.join(root, file) for root, _, files in os.walk(args.predict) for file in files
+                    if file.lower().endswith(IMAGE_EXTENSIONS))
+    if not images:
+        raise ValueError(f"--predict {args.predict}: no image files ({', '.join(IMAGE_EXTENSIONS)}) under it")
+    cropper, faces, rows, unreadable = FaceCropper(), [], [], []
+    for path in tqdm(images, desc="finding faces", unit="image"):
+        try:
+            grey = read_grey(path)
+        except OSError as error:
+            unreadable.append(f"{path} ({error})")
+            continue
+        for index, crop in enumerate(cropper.faces(grey)):
+            faces.append(crop.face)
+            rows.append([os.path.relpath(path, args.predict), index, crop.how, *crop.box])
+    model = model.to(args.device)
+    logits = predict(model, np.stack(faces), config["input_size"], args.device, args.batch_size)[0]
+    probabilities = torch.softmax(torch.from_numpy(logits), dim=1).numpy()
+    output = args.output or os.path.join(args.run_dir, "predictions", f"{name}.csv")
+    with artifacts.atomic_path(output) as temporary:
+        with open(temporary, "w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["path", "face", "found_by", "x", "y", "width", "height", "predicted",
+                             *(f"p_{c}" for c in FER_CLASSES)])
+            for row, p in zip(rows, probabilities):
+                writer.writerow([*row, FER_CLASSES[int(p.argmax())], *(f"{value:.5f}" for value in p)])
+    centre = sum(row[2] == "centre" for row in rows)
+    print(f"{len(rows)} faces in {len(images) - len(unreadable)} images ({centre} images with no face found: "
+          f"centre crop) -> {output}")
+    for line in unreadable:
+        print(f"skipped unreadable image {line}", file=sys.stderr)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    torch.manual_seed(args.seed)
+    stage2_dir, stage3_dir = os.path.join(args.run_dir, "stage2"), os.path.join(args.run_dir, "stage3")
+    bank_hash = artifacts.verify_manifest(stage2_dir, ["prototypes.npz"])["prototypes.npz"]
+    with np.load(os.path.join(stage2_dir, "prototypes.npz")) as saved:
+        bank, grid = saved["bank"].astype(np.float64), int(saved["G"])
+    names = finished_variants(stage3_dir, args.variants)
+
+    if args.predict:
+        if len(names) > 1:
+            if "B3" not in names or args.variants:
+                raise ValueError(f"--predict uses one student: name it with --variants (found {', '.join(names)})")
+            names = ["B3"]
+        model, config, _ = load_checked_student(stage3_dir, names[0], bank_hash, bank.shape[1])
+        predict_folder(args, model, config, names[0])
+        return
+
+    # Students and data ------------------------------------------------------------------------------------
+    students = {name: load_checked_student(stage3_dir, name, bank_hash, bank.shape[1]) for name in names}
+    students = dict(sorted(students.items(), key=lambda item: (preset_of(item[1][1]), item[0])))  # B0 first
+    configs = [config for _, config, _ in students.values()]
+    synthetic = any(config["source"] == "synthetic" for config in configs) or not (
+        args.ferplus or args.affectnet or args.ckplus or args.manifest)
+    note = SYNTHETIC_NOTE if synthetic else "real data"
+    datasets = load_datasets(args, configs)
+
+    # Evaluation -------------------------------------------------------------------------------------------
+    results = {}
+    with artifacts.atomic_dir(os.path.join(args.run_dir, "stage4")) as out_dir:
+        for name, (model, config, _) in students.items():
+            model = model.to(args.device)
+            results[name] = {}
+            for key, dataset_name, data in tqdm(datasets, desc=f"evaluating {name}", unit="dataset"):
+                logits, embeddings = predict(model, data.images, config["input_size"], args.device, args.batch_size)
+                scores = {"eight_way": eight_way(logits, data.labels), "present_only": present_only(logits, data.labels)}
+                results[name][key] = scores
+                folder = os.path.join(out_dir, name, key)
+                title = f"{label_of(name, config)} on {dataset_name}, {note}"
+                artifacts.write_json(os.path.join(folder, "metrics.json"), {
+                    "dataset": dataset_name, "variant": name, "preset": preset_of(config), "note": note,
+                    "classes": list(FER_CLASSES), "data": data.summary(), **scores})
+                plot_confusions(scores["eight_way"], f"8-way: {title}", os.path.join(folder, "confusion_8way.png"))
+                plot_confusions(scores["present_only"], f"present-only: {title}",
+                                os.path.join(folder, "confusion_present.png"))
+                plot_tsne(embeddings, data.labels, bank, title, os.path.join(folder, "tsne.png"), args.tsne_points,
+                          args.seed)
+                plot_prototype_occupancy(embeddings, data.labels, bank, grid, title,
+                                         os.path.join(folder, "prototypes.png"))
+                write_predictions(os.path.join(folder, "predictions.csv"), data, logits)
+
+        variants = [(name, config) for name, (_, config, _) in students.items()]
+        markdown, latex = summary_tables(results, variants, datasets, note)
+        with open(os.path.join(out_dir, "summary.md"), "w") as handle:
+            handle.write(f"# Stage 4 summary ({note})\n\n{markdown}")
+        with open(os.path.join(out_dir, "summary.tex"), "w") as handle:
+            handle.write(f"% Stage 4 summary ({note}); needs \\usepackage{{booktabs,amssymb}}\n{latex}")
+        artifacts.write_json(os.path.join(out_dir, "summary.json"), {
+            "note": note, "datasets": [name for _, name, _ in datasets],
+            "results": {name: {key: {protocol: {s: scores[s] for s in ("accuracy", "macro_f1", "balanced_accuracy")}
+                                     for protocol, scores in by_dataset.items()}
+                               for key, by_dataset in by_variant.items()} for name, by_variant in results.items()}})
+        plot_summary(results, variants, datasets, note, os.path.join(out_dir, "summary.png"))
+        artifacts.write_config(out_dir, args, {"stage2/prototypes.npz": bank_hash, **{
+            f"stage3/{name}/best.pt": checkpoint_hash for name, (_, _, checkpoint_hash) in students.items()}})
+        artifacts.write_manifest(out_dir)
+
+    stage4_dir = os.path.join(args.run_dir, "stage4")
+    print(f"\n{markdown}")
+    print(f"Tables: {stage4_dir}/summary.md and summary.tex; pictures: {stage4_dir}/summary.png and "
+          f"{stage4_dir}/<variant>/<dataset>/*.png ({note})")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (DatasetError, FerPlusError, artifacts.ArtifactError, ValueError) as error:
+        sys.exit(f"stage4_eval.py: {error}")

@@ -1,0 +1,246 @@
+"""The evaluation-set readers on small fixtures in their real layouts, the face crops, and bad input."""
+
+import csv
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from ngd_ext.emotions import FER_CLASSES
+from ngd_ext.face_crop import CROP_MARGIN, FaceCropper, cut
+from ngd_ext.face_datasets import (AFFECTNET_COLUMNS, DatasetError, affectnet_records, ckplus_records, class_index,
+                                   manifest_records, read_faces)
+from ngd_ext.synthetic_faces import EXPRESSIONS, draw_face, place_face
+
+
+@pytest.fixture(scope="module")
+def cropper():
+    return FaceCropper()
+
+
+def save(path, array):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    Image.fromarray(array).save(path)
+    return path
+
+
+def frame_with_face(seed, shape=(200, 260), side=110):
+    rng = np.random.default_rng(seed)
+    return place_face(rng, draw_face(rng, EXPRESSIONS["happiness"], "ckplus"), shape, side, "ckplus")
+
+
+def write_affectnet_csv(folder, rows, header=True):
+    path = os.path.join(folder, "Manually_Annotated_file_lists", "validation.csv")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        if header:
+            writer.writerow(AFFECTNET_COLUMNS)
+        writer.writerows(rows)
+    return path
+
+
+def affectnet_rows(folder, codes):
+    """One 40 x 60 colour image per code, white inside its face box (10, 5, 20, 20) and black outside."""
+    rows = []
+    for i, code in enumerate(codes):
+        image = np.zeros((40, 60, 3), np.uint8)
+        image[5:25, 10:30] = 255
+        save(os.path.join(folder, "Manually_Annotated_Images", "7", f"{i}.png"), image)
+        rows.append([f"7/{i}.png", 10, 5, 20, 20, "1.0;2.0", code, "0.5", "-0.2"])
+    return rows
+
+
+@pytest.mark.parametrize("header", [True, False])
+def test_affectnet_csv_remaps_every_code_and_counts_the_dropped(tmp_path, cropper, header):
+    folder = str(tmp_path)
+    write_affectnet_csv(folder, affectnet_rows(folder, [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 10]), header)
+    records, dropped = affectnet_records(folder)
+    # AffectNet 0 Neutral 1 Happy 2 Sad 3 Surprise 4 Fear 5 Disgust 6 Anger 7 Contempt, in FERPlus's order
+    assert [r.label for r in records] == [0, 1, 3, 2, 6, 5, 4, 7]
+    assert dropped == {"expression 8 (None)": 1, "expression 9 (Uncertain)": 1, "expression 10 (No-Face)": 2}
+    assert records[3].path == os.path.join(folder, "Manually_Annotated_Images", "7", "3.png")
+    assert records[0].box == (10, 5, 20, 20)
+    faces = read_faces("AffectNet", records, dropped, cropper)
+    assert faces.crops == {"box": 8, "detected": 0, "centre": 0}
+    # the crop is the box widened by CROP_MARGIN: white in the middle, black at the corners
+    assert faces.images.shape == (8, 48, 48)
+    assert faces.images[:, 24, 24].min() == 255 and faces.images[:, 0, 0].max() == 0
+    white = (faces.images[0] > 127).mean()
+    assert white == pytest.approx(1 / (1 + 2 * CROP_MARGIN) ** 2, abs=0.03)
+    assert faces.summary()["per_class"] == dict.fromkeys(FER_CLASSES, 1)
+
+
+def test_affectnet_csv_errors_name_the_row(tmp_path):
+    folder = str(tmp_path)
+    rows = affectnet_rows(folder, [1, 2])
+    rows[1][6] = "happy"
+    path = write_affectnet_csv(folder, rows)
+    with pytest.raises(DatasetError, match=rf"{path}, row 3: expression must be an integer, got 'happy'"):
+        affectnet_records(folder)
+    rows[1][6], rows[1][3] = "2", "0"
+    write_affectnet_csv(folder, rows)
+    with pytest.raises(DatasetError, match=r"row 3: face box \(10, 5, 0, 20\) has no area"):
+        affectnet_records(folder)
+
+
+def test_affectnet_class_folders(tmp_path, cropper):
+    folder = str(tmp_path)
+    frame, _ = frame_with_face(0)
+    for name, count in (("happy", 2), ("Sad", 1), ("3", 1), ("none", 2)):
+        for i in range(count):
+            save(os.path.join(folder, name, f"{i}.jpg"), frame)
+    with open(os.path.join(folder, "happy", "notes.txt"), "w") as handle:
+        handle.write("not an image")
+    records, dropped = affectnet_records(folder)
+    labels = sorted(FER_CLASSES[r.label] for r in records)
+    assert labels == ["happiness", "happiness", "sadness", "surprise"]  # folder 3 is AffectNet's Surprise
+    assert dropped == {"folder none/": 2}
+    faces = read_faces("AffectNet", records, dropped, cropper)
+    assert faces.crops == {"box": 0, "detected": 4, "centre": 0}
+
+
+def test_affectnet_folder_of_nothing_is_refused(tmp_path):
+    os.makedirs(tmp_path / "misc")
+    with pytest.raises(DatasetError, match=r"expected a AffectNet folder \(no validation.csv found\): subfolders "
+                                           r"named by class .*found \['misc'\]"):
+        affectnet_records(str(tmp_path))
+
+
+def write_sequence(root, subject, sequence, frames, code=None):
+    frame, _ = frame_with_face(hash((subject, sequence)) % 1000)
+    for f in range(1, frames + 1):
+        save(os.path.join(root, "cohn-kanade-images", subject, sequence, f"{subject}_{sequence}_{f:08d}.png"), frame)
+    if code is not None:
+        folder = os.path.join(root, "Emotion", subject, sequence)
+        os.makedirs(folder, exist_ok=True)
+        with open(os.path.join(folder, f"{subject}_{sequence}_{frames:08d}_emotion.txt"), "w") as handle:
+            handle.write(f"   {code}\n")
+
+
+def test_ckplus_frame_rule_and_codes(tmp_path, cropper):
+    root = str(tmp_path)
+    write_sequence(root, "S005", "001", 6, "5.0000000e+00")   # happy: frame 1 neutral, frames 4-6 happy
+    write_sequence(root, "S005", "002", 3, "2.0000000e+00")   # contempt, too short for a neutral frame
+    write_sequence(root, "S010", "001", 5)                     # unlabelled
+    write_sequence(root, "S011", "004", 5, "9.0000000e+00")   # not a CK+ code
+    records, dropped = ckplus_records(root)
+    names = [(os.path.basename(r.path), FER_CLASSES[r.label]) for r in records]
+    assert names == [("S005_001_00000001.png", "neutral"), ("S005_001_00000004.png", "happiness"),
+                     ("S005_001_00000005.png", "happiness"), ("S005_001_00000006.png", "happiness"),
+                     ("S005_002_00000001.png", "contempt"), ("S005_002_00000002.png", "contempt"),
+                     ("S005_002_00000003.png", "contempt")]
+    assert dropped == {"sequence without an emotion label": 1, "emotion code 9 (unknown code)": 1}
+    faces = read_faces("CK+", records, dropped, cropper)
+    assert faces.crops["detected"] == 7 and len(faces.labels) == 7
+
+
+def test_ckplus_bad_emotion_file_is_named(tmp_path):
+    root = str(tmp_path)
+    write_sequence(root, "S005", "001", 4, "happy")
+    with pytest.raises(DatasetError, match=r"S005_001_00000004_emotion.txt, row 1: the emotion code must be an "
+                                           r"integer, got 'happy'"):
+        ckplus_records(root)
+
+
+def test_ckplus_needs_both_folders(tmp_path):
+    os.makedirs(tmp_path / "cohn-kanade-images")
+    with pytest.raises(DatasetError, match=r"no CK\+ Emotion folder \(looked for Emotion, Emotion_labels/Emotion\)"):
+        ckplus_records(str(tmp_path))
+
+
+def test_manifest_labels_paths_and_boxes(tmp_path):
+    path = tmp_path / "faces.csv"
+    path.write_text("Path,Label,x,y,width,height\n"
+                    "a.png,happy,,,,\n"
+                    "/abs/b.png,3,1,2,30,40\n"
+                    "sub/c.png,Angry,,,,\n"
+                    "d.png,confused,,,,\n"
+                    "e.png,8,,,,\n"
+                    "\n")
+    records, dropped = manifest_records(str(path))
+    assert [(r.path, r.label, r.box) for r in records] == [
+        (str(tmp_path / "a.png"), 1, None), ("/abs/b.png", 3, (1, 2, 30, 40)), (str(tmp_path / "sub" / "c.png"), 4, None)]
+    assert dropped == {"label 'confused' (not a FERPlus class)": 1, "label '8' (not a FERPlus class)": 1}
+
+
+def test_manifest_header_is_checked(tmp_path):
+    path = tmp_path / "faces.csv"
+    path.write_text("file,emotion\na.png,happy\n")
+    with pytest.raises(DatasetError, match=r"faces.csv: the header \['file', 'emotion'\] must name a 'path' and a "
+                                           r"'label' column"):
+        manifest_records(str(path))
+
+
+def test_class_index():
+    assert [class_index(v) for v in ("neutral", "HAPPY", " sad ", "7", "fearful", "8", "-1", "joy")] == \
+        [0, 1, 3, 7, 6, None, None, None]
+
+
+def test_missing_and_corrupt_images_stop_the_run_or_are_counted(tmp_path, cropper):
+    frame, _ = frame_with_face(1)
+    save(str(tmp_path / "good.png"), frame)
+    (tmp_path / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not a PNG")
+    path = tmp_path / "faces.csv"
+    path.write_text("path,label\ngood.png,happy\ncorrupt.png,sad\nmissing.png,fear\n")
+    records, dropped = manifest_records(str(path))
+    with pytest.raises(DatasetError, match=rf"corrupt.png \(listed in {path}, row 3\): unreadable .*--skip-unreadable"):
+        read_faces("faces", records, dropped, cropper)
+    with pytest.raises(DatasetError, match=rf"missing.png \(listed in {path}, row 4\): missing"):
+        read_faces("faces", records[::2], dropped, cropper)
+    faces = read_faces("faces", records, dropped, cropper, skip_unreadable=True)
+    assert faces.labels.tolist() == [1]
+    assert faces.unreadable == [str(tmp_path / "corrupt.png"), str(tmp_path / "missing.png")]
+    assert faces.summary()["unreadable"]["count"] == 2
+
+
+def test_box_outside_the_image_is_refused(tmp_path, cropper):
+    save(str(tmp_path / "a.png"), np.zeros((30, 30), np.uint8))
+    path = tmp_path / "faces.csv"
+    path.write_text("path,label,x,y,width,height\na.png,happy,40,0,10,10\n")
+    records, dropped = manifest_records(str(path))
+    with pytest.raises(DatasetError, match=r"row 2: face box \(40, 0, 10, 10\) lies outside the 30 x 30 image"):
+        read_faces("faces", records, dropped, cropper)
+
+
+def test_detection_finds_the_placed_face(cropper):
+    hits = 0
+    for seed in range(10):
+        frame, (x, y, side, _) = frame_with_face(seed)
+        crop = cropper.crop(frame)
+        if crop.how != "detected":
+            continue
+        bx, by, bw, bh = crop.box
+        overlap = max(0, min(x + side, bx + bw) - max(x, bx)) * max(0, min(y + side, by + bh) - max(y, by))
+        assert overlap / (bw * bh) > 0.9  # the detection lies on the face
+        hits += 1
+    assert hits >= 9
+
+
+def test_no_face_falls_back_to_the_centre_square(cropper):
+    blank = np.full((60, 100), 128, np.uint8)
+    blank[:, 20:80] = 200
+    crop = cropper.crop(blank)
+    assert crop.how == "centre" and crop.box == (20, 0, 60, 60)
+    assert crop.face.shape == (48, 48)
+
+
+def test_cut_repeats_the_edge_beyond_the_image():
+    image = np.arange(100, dtype=np.uint8).reshape(10, 10)
+    face = cut(image, (0, 0, 10, 10), margin=0.5, side=20)  # twice the image, centred on it
+    assert face.shape == (20, 20)
+    assert face[0, 0] == image[0, 0] and face[-1, -1] == image[-1, -1]
+    np.testing.assert_array_equal(cut(image, (0, 0, 10, 10), margin=0, side=10), image)
+
+
+def test_the_largest_face_comes_first(cropper):
+    rng = np.random.default_rng(5)
+    small, _ = place_face(rng, draw_face(rng, EXPRESSIONS["neutral"], "ckplus"), (120, 120), 80, "ckplus")
+    large, _ = place_face(rng, draw_face(rng, EXPRESSIONS["neutral"], "ckplus"), (160, 160), 140, "ckplus")
+    frame = np.full((170, 300), 50, np.uint8)
+    frame[5:125, 0:120], frame[5:165, 135:295] = small, large
+    faces = cropper.faces(frame)
+    assert len(faces) == 2 and [crop.how for crop in faces] == ["detected", "detected"]
+    assert faces[0].box[0] >= 135 and faces[1].box[0] < 120  # the large face, on the right, first
+    assert cropper.crop(frame).box == faces[0].box

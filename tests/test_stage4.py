@@ -1,0 +1,165 @@
+"""Stage 4: the whole demo end to end at a tiny scale, its outputs checked against each other, prediction
+mode, refused checkpoints, and a failed run that leaves the previous results in place."""
+
+import csv
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import stage1_teacher
+import stage2_prototypes
+import stage3_student
+import stage4_eval
+from ngd_ext import artifacts
+from ngd_ext.emotions import FER_CLASSES
+from ngd_ext.metrics import eight_way
+from ngd_ext.student_model import Student
+from ngd_ext.synthetic_faces import EXPRESSIONS, draw_face, place_face
+
+TINY3 = ["--synthetic-size", "tiny", "--epochs", "1", "--batch-size", "64", "--device", "cpu"]
+DATASETS = ["ferplus_valid", "ferplus_test", "ckplus", "affectnet"]
+PER_DATASET = {"metrics.json", "confusion_8way.png", "confusion_present.png", "tsne.png", "prototypes.png",
+               "predictions.csv"}
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    """scripts/demo.sh's steps, in its order, at the tiny scale."""
+    run_dir = str(tmp_path_factory.mktemp("demo"))
+    stage1_teacher.main(["--run-dir", run_dir, "--synthetic-size", "tiny", "--epochs", "2", "--device", "cpu"])
+    stage2_prototypes.main(["--run-dir", run_dir, "--min-count", "1"])
+    stage3_student.main(["--run-dir", run_dir, "--variant", "B0", "--name", "kd_teacher", *TINY3])
+    stage3_student.main(["--run-dir", run_dir, "--variant", "B3", "--kd-teacher",
+                         os.path.join(run_dir, "stage3", "kd_teacher", "best.pt"), *TINY3])
+    stage4 = ["--run-dir", run_dir, "--synthetic-size", "tiny", "--tsne-points", "60", "--device", "cpu"]
+    stage4_eval.main(stage4)
+    return run_dir, stage4
+
+
+def test_outputs_and_manifest(demo, capsys):
+    run_dir, _ = demo
+    out = os.path.join(run_dir, "stage4")
+    expected = {"summary.md", "summary.tex", "summary.json", "summary.png", "config.json"}
+    expected |= {f"{variant}/{dataset}/{name}" for variant in ("B3", "kd_teacher") for dataset in DATASETS
+                 for name in PER_DATASET}
+    assert set(artifacts.read_manifest(out)) == expected
+    artifacts.verify_manifest(out, sorted(expected))
+    assert not [name for name in os.listdir(run_dir) if ".tmp-" in name or ".old-" in name]
+
+
+def test_metrics_agree_with_the_predictions_and_the_data(demo):
+    run_dir, _ = demo
+    folder = os.path.join(run_dir, "stage4", "B3", "ckplus")
+    with open(os.path.join(folder, "metrics.json")) as handle:
+        metrics = json.load(handle)
+    with open(os.path.join(folder, "predictions.csv")) as handle:
+        rows = list(csv.DictReader(handle))
+    labels = np.array([FER_CLASSES.index(row["label"]) for row in rows])
+    probabilities = np.array([[float(row[f"p_{name}"]) for name in FER_CLASSES] for row in rows])
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1, atol=1e-4)
+    recomputed = eight_way(probabilities, labels)
+    assert metrics["eight_way"]["accuracy"] == pytest.approx(recomputed["accuracy"], abs=1e-12)
+    assert metrics["eight_way"]["confusion"] == recomputed["confusion"]
+    # the tiny synthetic CK+ tree: 16 labelled sequences (3 apex frames and a neutral first frame each), and
+    # 12 unlabelled sequences dropped and counted; every face found by the detector
+    data = metrics["data"]
+    assert data["images"] == len(rows) == 64 and data["per_class"]["neutral"] == 16
+    assert data["dropped"] == {"sequence without an emotion label": 12}
+    assert data["crops"]["detected"] + data["crops"]["centre"] == 64 and data["crops"]["box"] == 0
+    assert metrics["note"] == "synthetic data: not the paper's numbers"
+    assert metrics["present_only"]["classes"] == sorted({int(c) for c in labels})
+
+
+def test_summary_tables_cover_every_variant_and_dataset(demo):
+    run_dir, _ = demo
+    out = os.path.join(run_dir, "stage4")
+    with open(os.path.join(out, "summary.md")) as handle:
+        markdown = handle.read()
+    with open(os.path.join(out, "summary.json")) as handle:
+        summary = json.load(handle)
+    assert markdown.startswith("# Stage 4 summary (synthetic data: not the paper's numbers)")
+    header = "| variant | KD | Proto-KD | D-Geo | FERPlus valid | FERPlus test | CK+ | AffectNet |"
+    assert header in markdown
+    b3 = summary["results"]["B3"]["affectnet"]
+    row = next(line for line in markdown.splitlines() if line.startswith("| B3 |"))
+    assert row.split(" | ")[1:4] == ["✓", "✓", "✓"]
+    assert f"{100 * b3['eight_way']['macro_f1']:.1f} / {100 * b3['present_only']['macro_f1']:.1f}" in row
+    assert next(line for line in markdown.splitlines() if line.startswith("| kd_teacher (B0) |")).split(" | ")[1:4] \
+        == ["", "", ""]
+    with open(os.path.join(out, "summary.tex")) as handle:
+        latex = handle.read()
+    assert latex.count(r"\begin{tabular}") == 3 and r"B3 & \checkmark & \checkmark & \checkmark" in latex
+
+
+def test_prediction_mode(demo, tmp_path):
+    run_dir, _ = demo
+    folder = tmp_path / "photos"
+    os.makedirs(folder / "nested")
+    rng = np.random.default_rng(3)
+    frame, _ = place_face(rng, draw_face(rng, EXPRESSIONS["surprise"], "ckplus"), (200, 260), 110, "ckplus")
+    from PIL import Image
+    Image.fromarray(frame).save(folder / "nested" / "face.png")
+    Image.fromarray(np.full((50, 80, 3), 90, np.uint8)).save(folder / "wall.jpg")
+    (folder / "broken.png").write_bytes(b"not a png")
+    output = str(tmp_path / "predictions.csv")
+    stage4_eval.main(["--run-dir", run_dir, "--predict", str(folder), "--output", output, "--device", "cpu"])
+    with open(output) as handle:
+        rows = list(csv.DictReader(handle))
+    assert [(row["path"], row["found_by"]) for row in rows] == [("nested/face.png", "detected"), ("wall.jpg", "centre")]
+    assert [rows[1][key] for key in ("x", "y", "width", "height")] == ["15", "0", "50", "50"]
+    for row in rows:
+        p = [float(row[f"p_{name}"]) for name in FER_CLASSES]
+        assert sum(p) == pytest.approx(1, abs=1e-4) and row["predicted"] == FER_CLASSES[int(np.argmax(p))]
+
+
+def test_prediction_mode_needs_one_student(demo, tmp_path):
+    run_dir, _ = demo
+    with pytest.raises(ValueError, match=r"--predict uses one student: name it with --variants \(found B3, kd_teacher\)"):
+        stage4_eval.main(["--run-dir", run_dir, "--predict", str(tmp_path), "--variants", "B3", "kd_teacher"])
+
+
+def add_variant(run_dir, name, state_dict, config):
+    folder = os.path.join(run_dir, "stage3", name)
+    os.makedirs(folder)
+    torch.save({"state_dict": state_dict, "config": config}, os.path.join(folder, "best.pt"))
+    artifacts.write_manifest(folder)
+
+
+def test_refused_checkpoints(demo):
+    run_dir, stage4 = demo
+    checkpoint = torch.load(os.path.join(run_dir, "stage3", "B3", "best.pt"), weights_only=True)
+    config = checkpoint["config"]
+    add_variant(run_dir, "seven", Student("resnet18", 7, config["embedding_size"]).state_dict(), config)
+    with pytest.raises(ValueError, match=r"seven/best.pt: not a stage-3 checkpoint of an 8-class student \(its "
+                                         r"classifier has 7 outputs\)"):
+        stage4_eval.main([*stage4, "--variants", "seven"])
+    add_variant(run_dir, "r50", Student("resnet50", 8, config["embedding_size"]).state_dict(), config)
+    with pytest.raises(ValueError, match=r"r50/best.pt: its weights are not those of the resnet18 student"):
+        stage4_eval.main([*stage4, "--variants", "r50"])
+    add_variant(run_dir, "other_bank", checkpoint["state_dict"], {**config, "prototypes_sha256": "0" * 64})
+    with pytest.raises(artifacts.ArtifactError, match=r"other_bank/best.pt was trained against another prototype bank"):
+        stage4_eval.main([*stage4, "--variants", "other_bank"])
+    add_variant(run_dir, "tampered", checkpoint["state_dict"], config)
+    with open(os.path.join(run_dir, "stage3", "tampered", "best.pt"), "ab") as handle:
+        handle.write(b"\0")
+    with pytest.raises(artifacts.ArtifactError, match=r"tampered/best.pt does not match SHA256SUMS"):
+        stage4_eval.main([*stage4, "--variants", "tampered"])
+
+
+def test_a_failed_run_leaves_the_previous_results(demo, monkeypatch):
+    run_dir, stage4 = demo
+    out = os.path.join(run_dir, "stage4")
+    before = artifacts.read_manifest(out)
+
+    def fail(*args, **kwargs):
+        raise KeyboardInterrupt  # as if killed half-way through the pictures
+
+    monkeypatch.setattr(stage4_eval, "plot_prototype_occupancy", fail)
+    with pytest.raises(KeyboardInterrupt):
+        stage4_eval.main([*stage4, "--variants", "B3"])
+    assert artifacts.read_manifest(out) == before
+    artifacts.verify_manifest(out, sorted(before))
+    assert not [name for name in os.listdir(run_dir) if ".tmp-" in name or ".old-" in name]
