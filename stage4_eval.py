@@ -105,13 +105,14 @@ def finished_variants(stage3_dir, names):
     return found
 
 
-def load_checked_student(stage3_dir, name, bank_hash, bank_dim):
-    """A stage-3 best.pt after its manifest check; refused if it was trained against another bank."""
+def load_checked_student(stage3_dir, name, bank=None):
+    """A stage-3 best.pt after its manifest check; with bank = (its SHA-256, its dimension), refused if it was
+    trained against another bank."""
     folder = os.path.join(stage3_dir, name)
     checkpoint_hash = artifacts.verify_manifest(folder, ["best.pt"])["best.pt"]
     path = os.path.join(folder, "best.pt")
     model, config = load_student(path, len(FER_CLASSES))
-    if config.get("prototypes_sha256") != bank_hash or config["embedding_size"] != bank_dim:
+    if bank is not None and (config.get("prototypes_sha256"), config["embedding_size"]) != bank:
         raise artifacts.ArtifactError(f"{path} was trained against another prototype bank than "
                                       "stage2/prototypes.npz of this run; evaluate it in its own run folder")
     return model, config, checkpoint_hash
@@ -362,22 +363,22 @@ def main(argv=None):
     args = parse_args(argv)
     torch.manual_seed(args.seed)
     stage2_dir, stage3_dir = os.path.join(args.run_dir, "stage2"), os.path.join(args.run_dir, "stage3")
-    bank_hash = artifacts.verify_manifest(stage2_dir, ["prototypes.npz"])["prototypes.npz"]
-    with np.load(os.path.join(stage2_dir, "prototypes.npz")) as saved:
-        bank, grid = saved["bank"].astype(np.float64), int(saved["G"])
     names = finished_variants(stage3_dir, args.variants)
 
-    if args.predict:
+    if args.predict:  # only the image model runs: no prototype bank needed
         if len(names) > 1:
             if "B3" not in names or args.variants:
                 raise ValueError(f"--predict uses one student: name it with --variants (found {', '.join(names)})")
             names = ["B3"]
-        model, config, _ = load_checked_student(stage3_dir, names[0], bank_hash, bank.shape[1])
+        model, config, _ = load_checked_student(stage3_dir, names[0])
         predict_folder(args, model, config, names[0])
         return
 
     # Students and data ------------------------------------------------------------------------------------
-    students = {name: load_checked_student(stage3_dir, name, bank_hash, bank.shape[1]) for name in names}
+    bank_hash = artifacts.verify_manifest(stage2_dir, ["prototypes.npz"])["prototypes.npz"]
+    with np.load(os.path.join(stage2_dir, "prototypes.npz")) as saved:
+        bank, grid = saved["bank"].astype(np.float64), int(saved["G"])
+    students = {name: load_checked_student(stage3_dir, name, (bank_hash, bank.shape[1])) for name in names}
     students = dict(sorted(students.items(), key=lambda item: (preset_of(item[1][1]), item[0])))  # B0 first
     configs = [config for _, config, _ in students.values()]
     synthetic = any(config["source"] == "synthetic" for config in configs) or not (

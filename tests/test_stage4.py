@@ -4,10 +4,12 @@ mode, refused checkpoints, and a failed run that leaves the previous results in 
 import csv
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import stage1_teacher
 import stage2_prototypes
@@ -100,7 +102,6 @@ def test_prediction_mode(demo, tmp_path):
     os.makedirs(folder / "nested")
     rng = np.random.default_rng(3)
     frame, _ = place_face(rng, draw_face(rng, EXPRESSIONS["surprise"], "ckplus"), (200, 260), 110, "ckplus")
-    from PIL import Image
     Image.fromarray(frame).save(folder / "nested" / "face.png")
     Image.fromarray(np.full((50, 80, 3), 90, np.uint8)).save(folder / "wall.jpg")
     (folder / "broken.png").write_bytes(b"not a png")
@@ -163,3 +164,17 @@ def test_a_failed_run_leaves_the_previous_results(demo, monkeypatch):
     assert artifacts.read_manifest(out) == before
     artifacts.verify_manifest(out, sorted(before))
     assert not [name for name in os.listdir(run_dir) if ".tmp-" in name or ".old-" in name]
+
+
+def test_prediction_needs_no_prototype_bank(demo, tmp_path):
+    run_dir, _ = demo
+    os.makedirs(tmp_path / "run")
+    shutil.copytree(os.path.join(run_dir, "stage3", "B3"), tmp_path / "run" / "stage3" / "B3")
+    rng = np.random.default_rng(4)
+    frame, _ = place_face(rng, draw_face(rng, EXPRESSIONS["anger"], "ckplus"), (200, 260), 110, "ckplus")
+    os.makedirs(tmp_path / "photos")
+    Image.fromarray(frame).save(tmp_path / "photos" / "a.png")
+    stage4_eval.main(["--run-dir", str(tmp_path / "run"), "--predict", str(tmp_path / "photos"), "--device", "cpu"])
+    with open(tmp_path / "run" / "predictions" / "B3.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [(row["path"], row["face"], row["found_by"]) for row in rows] == [("a.png", "0", "detected")]
