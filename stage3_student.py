@@ -45,7 +45,7 @@ from ngd_ext.ferplus import FerPlusError, data_summary, load_ferplus_cached  # n
 from ngd_ext.metrics import eight_way  # noqa: E402
 from ngd_ext.prototypes import proto_kd_targets  # noqa: E402
 from ngd_ext.student_model import ARCHITECTURES, Student, load_backbone_weights, load_student, predict  # noqa: E402
-from ngd_ext.synthetic_faces import write_synthetic_ferplus  # noqa: E402
+from ngd_ext.synthetic_faces import FERPLUS_SIZES, synthetic_ferplus  # noqa: E402
 
 # Defaults ---------------------------------------------------------------------------------------------------
 RUN_DIR = "runs/demo"
@@ -55,7 +55,6 @@ SCHEDULES = {  # epochs, D-Geo ramp start and end (epochs)
     "paper": dict(epochs=80, ramp_start=20, ramp_end=60),
     "synthetic": dict(epochs=6, ramp_start=1, ramp_end=4),
 }
-SYNTHETIC_SIZES = {"demo": dict(train=2400, valid=400, test=400), "tiny": dict(train=640, valid=160, test=160)}
 LABEL_SMOOTHING = 0.055
 KD_TEMPERATURE = 5.0
 
@@ -64,7 +63,7 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run-dir", default=RUN_DIR, help=f"run folder holding stage2/ (default {RUN_DIR})")
     parser.add_argument("--ferplus", help="FERPlus folder (default: the embedded synthetic faces)")
-    parser.add_argument("--synthetic-size", choices=sorted(SYNTHETIC_SIZES), default="demo",
+    parser.add_argument("--synthetic-size", choices=sorted(FERPLUS_SIZES), default="demo",
                         help="size of the embedded synthetic default, used without --ferplus (default demo)")
     parser.add_argument("--variant", choices=sorted(PRESETS), default="B3", help="loss preset (default B3)")
     parser.add_argument("--name", help="output folder under stage3/ (default: the variant)")
@@ -197,10 +196,8 @@ def main(argv=None):
     if args.ferplus:
         ferplus_dir, source = args.ferplus, "real"
     else:
-        ferplus_dir = os.path.join(args.run_dir, "data", f"synthetic_ferplus_{args.synthetic_size}_seed{args.seed}")
+        ferplus_dir = synthetic_ferplus(args.run_dir, args.synthetic_size, args.seed, write=rank == 0)
         source = "synthetic"
-        if rank == 0 and not os.path.isfile(os.path.join(ferplus_dir, "fer2013new.csv")):
-            write_synthetic_ferplus(ferplus_dir, args.seed, **SYNTHETIC_SIZES[args.synthetic_size])
         if distributed:
             dist.barrier()
     note = " (synthetic data: not the paper's numbers)" if source == "synthetic" else ""

@@ -47,13 +47,11 @@ from ngd_ext.ferplus import FerPlusError, load_ferplus_cached  # noqa: E402
 from ngd_ext.metrics import eight_way, present_only  # noqa: E402
 from ngd_ext.prototypes import bin_centres, unit_rows  # noqa: E402
 from ngd_ext.student_model import load_student, predict  # noqa: E402
-from ngd_ext.synthetic_faces import (write_synthetic_affectnet, write_synthetic_ckplus,  # noqa: E402
-                                     write_synthetic_ferplus)
+from ngd_ext.synthetic_faces import synthetic_ferplus, write_synthetic_affectnet, write_synthetic_ckplus  # noqa: E402
 
 # Defaults ---------------------------------------------------------------------------------------------------
 RUN_DIR = "runs/demo"
 SYNTHETIC_SIZES = {"demo": dict(sequences=80, per_class=50), "tiny": dict(sequences=16, per_class=8)}
-FERPLUS_SYNTHETIC_SIZES = {"demo": dict(train=2400, valid=400, test=400), "tiny": dict(train=640, valid=160, test=160)}
 TSNE_POINTS = 500
 SYNTHETIC_NOTE = "synthetic data: not the paper's numbers"
 
@@ -140,12 +138,7 @@ def training_ferplus(configs, run_dir):
         raise ValueError(f"the students were trained on different FERPlus data {sorted(map(str, sources))}; "
                          "give --ferplus")
     source, folder, size, seed = sources.pop()
-    if source == "real":
-        return folder
-    folder = os.path.join(run_dir, "data", f"synthetic_ferplus_{size}_seed{seed}")
-    if not os.path.isfile(os.path.join(folder, "fer2013new.csv")):
-        write_synthetic_ferplus(folder, seed, **FERPLUS_SYNTHETIC_SIZES[size])
-    return folder
+    return folder if source == "real" else synthetic_ferplus(run_dir, size, seed)
 
 
 def load_datasets(args, configs):

@@ -121,6 +121,18 @@ def make_faces(count, seed, style="ferplus", shares=CLASS_SHARES):
     return images, classes, votes
 
 
+FERPLUS_SIZES = {"demo": dict(train=2400, valid=400, test=400), "tiny": dict(train=640, valid=160, test=160)}
+
+
+def synthetic_ferplus(run_dir, size, seed, write=True):
+    """The folder of a run's embedded default FERPlus (`size` one of FERPLUS_SIZES), written on first use
+    unless write=False."""
+    folder = os.path.join(run_dir, "data", f"synthetic_ferplus_{size}_seed{seed}")
+    if write and not os.path.isfile(os.path.join(folder, "fer2013new.csv")):  # written last
+        write_synthetic_ferplus(folder, seed, **FERPLUS_SIZES[size])
+    return folder
+
+
 def write_synthetic_ferplus(folder, seed, train=2400, valid=400, test=400):
     """fer2013.csv + fer2013new.csv with the three FERPlus splits, in FERPlus's row order (train first)."""
     os.makedirs(folder, exist_ok=True)
