@@ -67,12 +67,15 @@ if _C is not None:
         ctx.save_for_backward(z, protos, target, labels, *saved)
         ctx.tau = tau
         ctx.mark_non_differentiable(*saved)
+        ctx.set_materialize_grads(False)  # no zero tensors for the six saved outputs, which take no gradient
 
     def _backward(ctx, grad_proto_kd, grad_var_cap, grad_margin, *_saved_grads):
         grad_z = None
         if ctx.needs_input_grad[0]:
-            grad_z = torch.ops.ngd_ext.proto_dgeo_bwd(grad_proto_kd, grad_var_cap, grad_margin, *ctx.saved_tensors,
-                                                      ctx.tau)
+            z = ctx.saved_tensors[0]
+            grads = [z.new_zeros((), dtype=_accumulate_dtype(z)) if grad is None else grad
+                     for grad in (grad_proto_kd, grad_var_cap, grad_margin)]
+            grad_z = torch.ops.ngd_ext.proto_dgeo_bwd(*grads, *ctx.saved_tensors, ctx.tau)
         return grad_z, None, None, None, None, None, None, None
 
     torch.library.register_autograd("ngd_ext::proto_dgeo_fwd", _backward, setup_context=_setup_context)

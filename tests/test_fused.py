@@ -176,6 +176,23 @@ def test_torch_compile_fullgraph_matches_eager():
                                rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("weights", [(1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (0.0, 0.0, 1.0), (0.0, 0.7, 1.3)])
+@pytest.mark.parametrize("compile_it", [False, True], ids=["eager", "compiled"])
+def test_gradient_of_some_terms_only(weights, compile_it):
+    """Terms left out of the loss get no gradient (None, not zeros, reaches the backward)."""
+    case = make_case(150, 40, 25, 8, dtype=torch.float64, seed=13)
+
+    def partial_loss(z):
+        losses = ngd_ext.proto_dgeo_loss(z, case["protos"], case["target"], case["labels"], case["positive"])
+        return sum(w * loss for w, loss in zip(weights, losses) if w)
+
+    fused = torch.compile(partial_loss, fullgraph=True) if compile_it else partial_loss
+    z = case["z"].clone().requires_grad_(True)
+    (got,) = torch.autograd.grad(fused(z), z)
+    _, want = weighted_grad(reference.proto_dgeo_loss, case, weights=weights)
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_bitwise_deterministic(device, dtype):

@@ -59,6 +59,15 @@ NGD_INLINE Simd<T> load(const T* p) {
   return v;
 }
 
+// Lanes [0, count) read from p and the rest zero, built in registers: a vector load right after scalar
+// stores to the same bytes would stall on store forwarding.
+template <typename T>
+NGD_INLINE Simd<T> load_partial(const T* p, int64_t count) {
+  Simd<T> v = Simd<T>{} * T(0);
+  for (int64_t i = 0; i < count; ++i) v[i] = p[i];
+  return v;
+}
+
 template <typename T>
 NGD_INLINE void store(T* p, Simd<T> v) {
   std::memcpy(p, &v, sizeof(v));
@@ -75,6 +84,41 @@ NGD_INLINE T lane_total(Simd<T> v) {
   T total = v[0];
   for (int64_t i = 1; i < kLanes<T>; ++i) total += v[i];
   return total;
+}
+
+// Lane j of the result is the total of v[j]'s lanes, for kLanes vectors at once: a transposed butterfly of
+// shuffles and adds, much cheaper than kLanes separate horizontal sums.
+template <typename T>
+NGD_INLINE Simd<T> transposed_totals(const Simd<T>* v);
+
+template <>
+NGD_INLINE Simd<float> transposed_totals<float>(const Simd<float>* v) {
+  Simd<float> pairs[4];
+  for (int64_t i = 0; i < 4; ++i) {
+    pairs[i] = __builtin_shufflevector(v[2 * i], v[2 * i + 1], 0, 8, 2, 10, 4, 12, 6, 14) +
+               __builtin_shufflevector(v[2 * i], v[2 * i + 1], 1, 9, 3, 11, 5, 13, 7, 15);
+  }
+  Simd<float> quads[2];
+  for (int64_t i = 0; i < 2; ++i) {
+    quads[i] = __builtin_shufflevector(pairs[2 * i], pairs[2 * i + 1], 0, 1, 8, 9, 4, 5, 12, 13) +
+               __builtin_shufflevector(pairs[2 * i], pairs[2 * i + 1], 2, 3, 10, 11, 6, 7, 14, 15);
+  }
+  return __builtin_shufflevector(quads[0], quads[1], 0, 1, 2, 3, 8, 9, 10, 11) +
+         __builtin_shufflevector(quads[0], quads[1], 4, 5, 6, 7, 12, 13, 14, 15);
+}
+
+template <>
+NGD_INLINE Simd<double> transposed_totals<double>(const Simd<double>* v) {
+  const Simd<double> a = __builtin_shufflevector(v[0], v[1], 0, 4, 2, 6) + __builtin_shufflevector(v[0], v[1], 1, 5, 3, 7);
+  const Simd<double> b = __builtin_shufflevector(v[2], v[3], 0, 4, 2, 6) + __builtin_shufflevector(v[2], v[3], 1, 5, 3, 7);
+  return __builtin_shufflevector(a, b, 0, 1, 4, 5) + __builtin_shufflevector(a, b, 2, 3, 6, 7);
+}
+
+template <typename T>
+NGD_INLINE T lane_max(Simd<T> v) {
+  T top = v[0];
+  for (int64_t i = 1; i < kLanes<T>; ++i) top = std::max(top, v[i]);
+  return top;
 }
 
 template <typename T>
@@ -110,6 +154,44 @@ NGD_INLINE float softmax_exp(float x) {
   return p * scale;
 }
 
+template <typename T>
+NGD_INLINE Simd<T> splat(T value) {
+  return Simd<T>{} * T(0) + value;
+}
+
+// The same e^x on every lane: the float polynomial above as vector arithmetic, std::exp lane by lane for double.
+NGD_INLINE Simd<double> softmax_exp(Simd<double> x) {
+  for (int64_t i = 0; i < kLanes<double>; ++i) x[i] = std::exp(x[i]);
+  return x;
+}
+
+NGD_INLINE Simd<float> softmax_exp(Simd<float> x) {
+  typedef int32_t Int32 __attribute__((vector_size(32)));
+  x = x > -87.0f ? x : splat(-87.0f);
+  const Simd<float> shifter = splat(12582912.0f);
+  const Simd<float> n = (x * 1.44269504f + shifter) - shifter;
+  const Simd<float> r = (x - n * 0.693145751953125f) - n * 1.428606765330187e-06f;
+  const Simd<float> p =
+      1.0f + r * (1.0f + r * (0.5f + r * (1.6666667e-1f + r * (4.1666668e-2f + r * (8.333334e-3f + r * 1.3888889e-3f)))));
+  const Int32 bits = (__builtin_convertvector(n, Int32) + 127) << 23;
+  Simd<float> scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return p * scale;
+}
+
+// A row of K values as whole vectors: `padded` is K rounded up to whole vectors, and `in_row` is 1 on the
+// lanes of the last vector that hold values and 0 on its padding.
+template <typename T>
+struct KLanes {
+  explicit KLanes(int64_t width) : padded((width + kLanes<T> - 1) / kLanes<T> * kLanes<T>) {
+    for (int64_t i = 0; i < kLanes<T>; ++i) in_row[i] = padded - kLanes<T> + i < width ? T(1) : T(0);
+  }
+  // The last vector of a row `v`, its padding lanes set to `fill`.
+  NGD_INLINE Simd<T> last(Simd<T> v, T fill) const { return in_row > T(0) ? v : splat(fill); }
+  int64_t padded;
+  Simd<T> in_row;
+};
+
 // ---------------------------------------------------------------------------------------------------------
 // Forward chunk math.
 
@@ -120,7 +202,7 @@ struct ForwardChunk {
   int64_t rows, dim, num_protos, num_classes;
   const int64_t* label;
   const T* unit_protos;
-  const T* target;
+  const T* target;              // C x padded K, zeros past K
   const T* target_mass;         // sum_k T_ck
   const T* target_neg_entropy;  // sum_k T_ck log T_ck
   T inv_tau;
@@ -134,8 +216,9 @@ struct ForwardChunk {
   double* unit_sq;  // sum of ||u||^2 per class
   T* unit_sum;      // sum of u per class (C x D)
   int64_t* first_nonfinite_row;
-  // scratch of `rows` values
+  // scratch: `rows` values, and one row of K
   T* inv_length;
+  T* scaled;
 };
 
 // Rows of a block: a short block repeats its last row. `next` is the following block's first row (or null),
@@ -179,22 +262,24 @@ NGD_INLINE void block_dots(const RowBlock<T>& block, int64_t dim, const T* proto
       sum_sq[i] = total;
     }
   }
+  // Two prototypes at a time: 2 x kBlock accumulators, reduced together.
   for (int64_t k = 0; k < num_protos; k += 2) {
     const T* p0 = protos + k * dim;
     const T* p1 = protos + std::min(k + 1, num_protos - 1) * dim;
-    Simd<T> acc0[kBlock], acc1[kBlock];
-    clear<T>(acc0);
-    clear<T>(acc1);
+    Simd<T> acc[2 * kBlock];
+    clear<T>(acc);
     for (int64_t d = 0; d < full; d += L) {
       const Simd<T> q0 = load(p0 + d), q1 = load(p1 + d);
       for (int64_t i = 0; i < kBlock; ++i) {
         const Simd<T> v = load(row[i] + d);
-        acc0[i] += v * q0;
-        acc1[i] += v * q1;
+        acc[i] += v * q0;
+        acc[kBlock + i] += v * q1;
       }
     }
+    T totals[2 * kBlock];
+    for (int64_t j = 0; j < 2 * kBlock; j += L) store(totals + j, transposed_totals<T>(acc + j));
     for (int64_t i = 0; i < valid; ++i) {
-      T total0 = lane_total<T>(acc0[i]), total1 = lane_total<T>(acc1[i]);
+      T total0 = totals[i], total1 = totals[kBlock + i];
       for (int64_t d = full; d < dim; ++d) {
         total0 += row[i][d] * p0[d];
         total1 += row[i][d] * p1[d];
@@ -226,29 +311,43 @@ NGD_INLINE void forward_chunk_math(const ForwardChunk<T>& a) {
     }
   }
 
-  // Proto-KD of row i = sum_k T log T - (1/tau) sum_k T s_k + lse_i sum_k T.
+  // Proto-KD of row i = sum_k T log T - (1/tau) sum_k T s_k + lse_i sum_k T, over whole vectors of k.
+  constexpr int64_t L = kLanes<T>;
+  const KLanes<T> lanes(width);
+  const int64_t last = lanes.padded - L;
   T proto_kd = 0;
   for (int64_t r = 0; r < a.rows; ++r) {
+    // s_k = cosine_k / ||z||, in place; whole vectors also into `scaled`, the last one kept in registers.
     T* s = a.cosines + r * width;
-    T top = -std::numeric_limits<T>::infinity();
-    for (int64_t k = 0; k < width; ++k) {
-      s[k] *= a.inv_length[r];
-      top = std::max(top, s[k] * a.inv_tau);
+    for (int64_t k = 0; k < last; k += L) {
+      const Simd<T> v = load(s + k) * a.inv_length[r];
+      store(s + k, v);
+      store(a.scaled + k, v);
     }
-    T total = 0;
-    for (int64_t k = 0; k < width; ++k) total += softmax_exp(s[k] * a.inv_tau - top);
-    const T row_lse = top + std::log(total);
+    const Simd<T> end = load_partial(s + last, width - last) * a.inv_length[r];
+    for (int64_t k = last; k < width; ++k) s[k] = end[k - last];
+    Simd<T> top = lanes.last(end * a.inv_tau, -std::numeric_limits<T>::infinity());
+    for (int64_t k = 0; k < last; k += L) {
+      const Simd<T> v = load(a.scaled + k) * a.inv_tau;
+      top = top > v ? top : v;
+    }
+    const T row_top = lane_max<T>(top);
     const int64_t c = a.label[r];
-    const T* t = a.target + c * width;
+    const T* t = a.target + c * lanes.padded;
+    Simd<T> total = lanes.last(softmax_exp(end * a.inv_tau - row_top), T(0));
+    Simd<T> t_dot_s = load(t + last) * end;
+    for (int64_t k = 0; k < last; k += L) {
+      const Simd<T> v = load(a.scaled + k);
+      total += softmax_exp(v * a.inv_tau - row_top);
+      t_dot_s += load(t + k) * v;
+    }
+    const T row_lse = row_top + std::log(lane_total<T>(total));
     a.lse[r] = row_lse;
-    T t_dot_s = 0;
-    for (int64_t k = 0; k < width; ++k) t_dot_s += t[k] * s[k];
-    proto_kd += a.target_neg_entropy[c] - a.inv_tau * t_dot_s + row_lse * a.target_mass[c];
+    proto_kd += a.target_neg_entropy[c] - a.inv_tau * lane_total<T>(t_dot_s) + row_lse * a.target_mass[c];
   }
   *a.proto_kd = proto_kd;
 
   std::fill(a.unit_sum, a.unit_sum + a.num_classes * dim, T(0));
-  constexpr int64_t L = kLanes<T>;
   for (int64_t r = 0; r < a.rows; ++r) {
     const int64_t c = a.label[r];
     const T* x = a.x + r * dim;
@@ -282,12 +381,17 @@ struct BackwardChunk {
   int64_t rows, dim, num_protos;
   const int64_t* label;
   const T* unit_protos;   // K x D
-  const T* cosine_grad;   // rows x K: d loss / d s_ik
+  const T* cosines;       // rows x K, as the forward saved them
+  const T* lse;           // per row
+  const T* target;        // C x padded K, zeros past K
+  const T* target_mass;   // sum_k T_ck
+  T inv_tau, kd_scale;    // 1 / tau; grad_proto_kd / (tau B)
   const T* norm;          // ||z_i||
   const T* spread;        // per class: grad_var_cap * var_coef[c]
   const T* class_mean;    // C x D
   const T* margin_coef;   // C x D
   T margin_scale;         // grad_margin
+  T* cosine_grad;         // scratch, rows x padded K: d loss / d s_ik
   T* unit_grad;           // scratch, kBlock x D
   T* grad;                // rows x D output
 };
@@ -297,6 +401,19 @@ NGD_INLINE void backward_chunk_math(const BackwardChunk<T>& a) {
   constexpr int64_t L = kLanes<T>;
   const int64_t dim = a.dim, width = a.num_protos;
   const int64_t full = dim - dim % L;
+  // d ProtoKD / d s_ik = kd_scale (q_ik sum_j T_yj - T_yk), q_ik = exp(s_ik / tau - lse_i), over whole vectors
+  // of k (the padding lanes of cosine_grad are never read).
+  const KLanes<T> lanes(width);
+  for (int64_t r = 0; r < a.rows; ++r) {
+    const T* s = a.cosines + r * width;
+    const int64_t c = a.label[r];
+    const T* t = a.target + c * lanes.padded;
+    for (int64_t k = 0; k < lanes.padded; k += L) {
+      const Simd<T> cosine = k + L <= width ? load(s + k) : load_partial(s + k, width - k);
+      const Simd<T> q = softmax_exp(cosine * a.inv_tau - a.lse[r]);
+      store(a.cosine_grad + r * lanes.padded + k, (q * a.target_mass[c] - load(t + k)) * a.kd_scale);
+    }
+  }
   for (int64_t r0 = 0; r0 < a.rows; r0 += kBlock) {
     const RowBlock<T> block(a.x + r0 * dim, a.rows - r0, dim, a.x + a.rows * dim);
     const T* const* row = block.row;
@@ -307,7 +424,7 @@ NGD_INLINE void backward_chunk_math(const BackwardChunk<T>& a) {
     T inv_length[kBlock], spread[kBlock];
     for (int64_t i = 0; i < kBlock; ++i) {
       const int64_t r = r0 + std::min(i, valid - 1);
-      g[i] = a.cosine_grad + r * width;
+      g[i] = a.cosine_grad + r * lanes.padded;
       mu[i] = a.class_mean + a.label[r] * dim;
       margin_row[i] = a.margin_coef + a.label[r] * dim;
       inv_length[i] = T(1) / floor_norm(a.norm[r]);
@@ -415,25 +532,29 @@ at::Tensor unit_prototypes(const at::Tensor& protos) {
   return unit;
 }
 
-// The target table in acc_t, with the per-class constants Proto-KD needs: sum_k T_ck and sum_k T_ck log T_ck.
+// The target table in acc_t, its rows padded with zeros to whole vectors, with the per-class constants
+// Proto-KD needs: sum_k T_ck and sum_k T_ck log T_ck.
 template <typename acc_t>
 struct TargetTable {
   explicit TargetTable(const at::Tensor& target)
-      : values(target.to(c10::CppTypeToScalarType<acc_t>::value).contiguous()),
+      : lanes(target.size(1)),
+        values(target.size(0) * lanes.padded, acc_t(0)),
         mass(target.size(0), 0),
         neg_entropy(target.size(0), 0) {
-    const acc_t* t = values.data_ptr<acc_t>();
+    const at::Tensor table = target.to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
+    const acc_t* t = table.data_ptr<acc_t>();
     for (int64_t c = 0; c < target.size(0); ++c) {
       for (int64_t k = 0; k < target.size(1); ++k) {
         const acc_t entry = t[c * target.size(1) + k];
+        values[c * lanes.padded + k] = entry;
         mass[c] += entry;
         if (entry > 0) neg_entropy[c] += entry * std::log(entry);
       }
     }
   }
-  const acc_t* row(int64_t c) const { return values.data_ptr<acc_t>() + c * values.size(1); }
-  at::Tensor values;
-  std::vector<acc_t> mass, neg_entropy;
+  const acc_t* row(int64_t c) const { return values.data() + c * lanes.padded; }
+  KLanes<acc_t> lanes;
+  std::vector<acc_t> values, mass, neg_entropy;
 };
 
 // Rows [row0, row0 + rows) of z in acc_t: z itself where it is acc_t already, else converted into buffer.
@@ -472,7 +593,7 @@ std::vector<at::Tensor> forward_cpu_typed(const at::Tensor& z_in, const at::Tens
 
   at::parallel_for(0, chunks, grain(kChunk * dim), [&](int64_t begin, int64_t end) {
     at::Tensor buffer = std::is_same<scalar_t, acc_t>::value ? at::Tensor() : at::empty({kChunk, dim}, acc_options);
-    std::vector<acc_t> inv_length(kChunk);
+    std::vector<acc_t> inv_length(kChunk), scaled(target.lanes.padded, acc_t(0));
     for (int64_t chunk = begin; chunk < end; ++chunk) {
       const int64_t row0 = chunk * kChunk;
       ForwardChunk<acc_t> args;
@@ -496,6 +617,7 @@ std::vector<at::Tensor> forward_cpu_typed(const at::Tensor& z_in, const at::Tens
       args.unit_sum = chunk_unit_sum.get() + chunk * num_classes * dim;
       args.first_nonfinite_row = &first_nonfinite_row[chunk];
       args.inv_length = inv_length.data();
+      args.scaled = scaled.data();
       run_chunk(args);
     }
   });
@@ -621,7 +743,6 @@ at::Tensor backward_cpu_typed(const at::Tensor& grad_proto_kd, const at::Tensor&
   at::Tensor grad_z = at::empty({batch, dim}, z.options());
 
   const acc_t inv_tau = static_cast<acc_t>(1.0 / tau);
-  // d ProtoKD / d s_ik = (q_ik sum_j T_yj - T_yk) / (tau B), scaled by the incoming gradient.
   const acc_t kd_scale = static_cast<acc_t>(grad_proto_kd.item<double>() / (tau * static_cast<double>(batch)));
   const at::Tensor spread = as_acc(var_coefs_in) * grad_var_cap.item<double>();
   const acc_t margin_scale = static_cast<acc_t>(grad_margin.item<double>());
@@ -635,19 +756,10 @@ at::Tensor backward_cpu_typed(const at::Tensor& grad_proto_kd, const at::Tensor&
     const bool convert = !std::is_same<scalar_t, acc_t>::value;
     at::Tensor buffer = convert ? at::empty({kChunk, dim}, acc_options) : at::Tensor();
     at::Tensor grad_buffer = convert ? at::empty({kChunk, dim}, acc_options) : at::Tensor();
-    std::vector<acc_t> cosine_grad(kChunk * num_protos), unit_grad(kBlock * dim);
+    std::vector<acc_t> cosine_grad(kChunk * target.lanes.padded), unit_grad(kBlock * dim);
     for (int64_t chunk = begin; chunk < end; ++chunk) {
       const int64_t row0 = chunk * kChunk;
       const int64_t rows = std::min(kChunk, batch - row0);
-      for (int64_t r = 0; r < rows; ++r) {
-        const int64_t row = row0 + r;
-        const acc_t* s = cosine + row * num_protos;
-        const acc_t* t = target.row(label[row]);
-        const acc_t mass = target.mass[label[row]];
-        for (int64_t k = 0; k < num_protos; ++k) {
-          cosine_grad[r * num_protos + k] = kd_scale * (softmax_exp(s[k] * inv_tau - lse[row]) * mass - t[k]);
-        }
-      }
       BackwardChunk<acc_t> args;
       args.x = rows_as_acc<scalar_t, acc_t>(z, row0, rows, buffer);
       args.rows = rows;
@@ -655,12 +767,18 @@ at::Tensor backward_cpu_typed(const at::Tensor& grad_proto_kd, const at::Tensor&
       args.num_protos = num_protos;
       args.label = label + row0;
       args.unit_protos = unit_protos.data_ptr<acc_t>();
-      args.cosine_grad = cosine_grad.data();
+      args.cosines = cosine + row0 * num_protos;
+      args.lse = lse + row0;
+      args.target = target.row(0);
+      args.target_mass = target.mass.data();
+      args.inv_tau = inv_tau;
+      args.kd_scale = kd_scale;
       args.norm = norms.data_ptr<acc_t>() + row0;
       args.spread = spread.data_ptr<acc_t>();
       args.class_mean = class_means.data_ptr<acc_t>();
       args.margin_coef = margin_coefs.data_ptr<acc_t>();
       args.margin_scale = margin_scale;
+      args.cosine_grad = cosine_grad.data();
       args.unit_grad = unit_grad.data();
       args.grad = convert ? grad_buffer.data_ptr<acc_t>() : grad_z.data_ptr<acc_t>() + row0 * dim;
       run_chunk(args);
