@@ -22,6 +22,7 @@ that lists it; with `skip_unreadable` they are counted, listed in the report and
 
 import csv
 import glob
+import itertools
 import os
 from collections import Counter
 from dataclasses import dataclass, field
@@ -108,17 +109,17 @@ def affectnet_csv_records(path, image_root):
         first = next(rows, None)
         if first is None:
             raise DatasetError(f"{path}: empty file")
-        if first[0] == AFFECTNET_COLUMNS[0]:
+        has_header = first[0] == AFFECTNET_COLUMNS[0]
+        if has_header:
             missing = [name for name in AFFECTNET_COLUMNS[:5] + ("expression",) if name not in first]
             if missing:
                 raise DatasetError(f"{path}: the header lacks the column(s) {', '.join(missing)}")
             columns = {name: first.index(name) for name in AFFECTNET_COLUMNS if name in first}
-            body = rows
         else:  # AffectNet's CSVs are also passed around without their header row: the official column order
             columns = {name: i for i, name in enumerate(AFFECTNET_COLUMNS)}
-            body = [first, *rows]
+        body = rows if has_header else itertools.chain([first], rows)
         width = max(columns.values()) + 1
-        for number, fields in enumerate(body, 2 if body is rows else 1):
+        for number, fields in enumerate(body, 2 if has_header else 1):
             if len(fields) < width:
                 raise DatasetError(f"{path}, row {number}: {len(fields)} fields, expected AffectNet's "
                                    f"{len(AFFECTNET_COLUMNS)} ({', '.join(AFFECTNET_COLUMNS)})")
