@@ -40,9 +40,9 @@ from tqdm import tqdm  # noqa: E402
 
 from ngd_ext import artifacts  # noqa: E402
 from ngd_ext.emotions import DEFAULT_ANCHORS, FER_CLASSES  # noqa: E402
-from ngd_ext.face_crop import FaceCropper  # noqa: E402
+from ngd_ext.face_crop import thread_cropper  # noqa: E402
 from ngd_ext.face_datasets import (IMAGE_EXTENSIONS, DatasetError, FaceSet, affectnet_records,  # noqa: E402
-                                   ckplus_records, manifest_records, read_faces, read_grey)
+                                   ckplus_records, manifest_records, parallel_map, read_faces, read_grey)
 from ngd_ext.ferplus import FerPlusError, load_ferplus_cached  # noqa: E402
 from ngd_ext.metrics import eight_way, present_only  # noqa: E402
 from ngd_ext.prototypes import bin_centres, unit_rows  # noqa: E402
@@ -167,9 +167,8 @@ def load_datasets(args, configs):
         targets.append((f"manifest_{stem}", stem, manifest_records(path)))
     if len({key for key, _, _ in targets}) != len(targets):
         raise ValueError("two --manifest files share a file name; rename one so their results do not collide")
-    cropper = FaceCropper()
     for key, name, (records, dropped) in targets:
-        datasets.append((key, name, read_faces(name, records, dropped, cropper, args.skip_unreadable)))
+        datasets.append((key, name, read_faces(name, records, dropped, args.skip_unreadable)))
     for _, name, data in datasets:
         summary = data.summary()
         counts = ", ".join(f"{c} {n}" for c, n in summary["per_class"].items())
@@ -319,21 +318,29 @@ def plot_summary(results, variants, datasets, note, path):
 
 # Prediction mode --------------------------------------------------------------------------------------------
 
+def faces_in(path):
+    """(path, every face crop in the image), or (path, OSError) for a file that cannot be read."""
+    try:
+        return path, thread_cropper().faces(read_grey(path))
+    except OSError as error:
+        return path, error
+
+
 def predict_folder(args, model, config, name):
     images = sorted(os.path.join(root, file) for root, _, files in os.walk(args.predict) for file in files
                     if file.lower().endswith(IMAGE_EXTENSIONS))
     if not images:
         raise ValueError(f"--predict {args.predict}: no image files ({', '.join(IMAGE_EXTENSIONS)}) under it")
-    cropper, faces, rows, unreadable = FaceCropper(), [], [], []
-    for path in tqdm(images, desc="finding faces", unit="image"):
-        try:
-            grey = read_grey(path)
-        except OSError as error:
-            unreadable.append(f"{path} ({error})")
+    faces, rows, unreadable = [], [], []
+    for path, found in parallel_map(faces_in, images, "finding faces"):
+        if isinstance(found, OSError):
+            unreadable.append(f"{path} ({found})")
             continue
-        for index, crop in enumerate(cropper.faces(grey)):
+        for index, crop in enumerate(found):
             faces.append(crop.face)
             rows.append([os.path.relpath(path, args.predict), index, crop.how, *crop.box])
+    if not faces:
+        raise ValueError(f"--predict {args.predict}: none of its {len(images)} image files could be read")
     model = model.to(args.device)
     logits = predict(model, np.stack(faces), config["input_size"], args.device, args.batch_size)[0]
     probabilities = torch.softmax(torch.from_numpy(logits), dim=1).numpy()

@@ -7,6 +7,7 @@ box runs from the brows to the chin while FERPlus faces include the forehead; pa
 repeat its edge pixels.
 """
 
+import threading
 from dataclasses import dataclass
 
 import cv2
@@ -53,6 +54,18 @@ class FaceCropper:
         if box is not None:
             return Crop(cut(grey, box), tuple(int(v) for v in box), "box")
         return self.faces(grey)[0]
+
+
+_per_thread = threading.local()
+
+
+def thread_cropper():
+    """This thread's FaceCropper: a cascade classifier must not be shared between threads. The threads that
+    call this give the parallelism, so OpenCV's own thread pool is turned off."""
+    if not hasattr(_per_thread, "cropper"):
+        cv2.setNumThreads(1)
+        _per_thread.cropper = FaceCropper()
+    return _per_thread.cropper
 
 
 def centre_square(shape):

@@ -25,6 +25,7 @@ import glob
 import itertools
 import os
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -32,7 +33,7 @@ from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from ngd_ext.emotions import AFFECTNET_CODES, AFFECTNET_UNUSABLE, CKPLUS_CODES, CLASS_ALIASES, FER_CLASSES
-from ngd_ext.face_crop import HOW
+from ngd_ext.face_crop import HOW, thread_cropper
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 AFFECTNET_COLUMNS = ("subDirectory_filePath", "face_x", "face_y", "face_width", "face_height", "facial_landmarks",
@@ -258,28 +259,44 @@ def read_grey(path):
         raise OSError(f"{path}: corrupt image ({error})") from error
 
 
-def read_faces(name, records, dropped, cropper, skip_unreadable=False):
+def parallel_map(function, items, desc, workers=None):
+    """[function(item) for item in items] on a pool of threads (image decoding and face detection release the
+    GIL), in order, with a progress bar; the first exception stops the rest."""
+    pool = ThreadPoolExecutor(workers or min(8, os.cpu_count() or 1))
+    try:
+        return list(tqdm(pool.map(function, items), total=len(items), desc=desc, unit="image", leave=False))
+    finally:
+        pool.shutdown(cancel_futures=True)
+
+
+def _crop_record(record):
+    """(record, Crop), or (record, OSError) for an image that cannot be read."""
+    try:
+        grey = read_grey(record.path)
+        if grey.size == 0:
+            raise OSError(f"{record.path}: an empty image")
+    except OSError as error:
+        return record, error
+    if record.box is not None:
+        x, y, width, height = record.box
+        if x >= grey.shape[1] or y >= grey.shape[0] or x + width <= 0 or y + height <= 0:
+            raise DatasetError(f"{record.origin}: face box {record.box} lies outside the "
+                               f"{grey.shape[1]} x {grey.shape[0]} image {record.path}")
+    return record, thread_cropper().crop(grey, record.box)
+
+
+def read_faces(name, records, dropped, skip_unreadable=False, workers=None):
     """Decode and crop every record into a FaceSet."""
     images, labels, paths, unreadable, crops = [], [], [], [], Counter()
-    for record in tqdm(records, desc=f"reading {name}", unit="image", leave=False):
-        try:
-            grey = read_grey(record.path)
-            if grey.size == 0:
-                raise OSError(f"{record.path}: an empty image")
-        except OSError as error:
+    for record, crop in parallel_map(_crop_record, records, f"reading {name}", workers):
+        if isinstance(crop, OSError):
             if not skip_unreadable:
-                missing = isinstance(error, FileNotFoundError)
+                missing = isinstance(crop, FileNotFoundError)
                 raise DatasetError(f"{record.path} (listed in {record.origin}): "
-                                   f"{'missing' if missing else 'unreadable'} ({error}); use --skip-unreadable to "
-                                   "count and leave out such files") from error
+                                   f"{'missing' if missing else 'unreadable'} ({crop}); use --skip-unreadable to "
+                                   "count and leave out such files") from crop
             unreadable.append(record.path)
             continue
-        if record.box is not None:
-            x, y, width, height = record.box
-            if x >= grey.shape[1] or y >= grey.shape[0] or x + width <= 0 or y + height <= 0:
-                raise DatasetError(f"{record.origin}: face box {record.box} lies outside the "
-                                   f"{grey.shape[1]} x {grey.shape[0]} image {record.path}")
-        crop = cropper.crop(grey, record.box)
         crops[crop.how] += 1
         images.append(crop.face)
         labels.append(record.label)

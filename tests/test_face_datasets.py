@@ -53,7 +53,7 @@ def affectnet_rows(folder, codes):
 
 
 @pytest.mark.parametrize("header", [True, False])
-def test_affectnet_csv_remaps_every_code_and_counts_the_dropped(tmp_path, cropper, header):
+def test_affectnet_csv_remaps_every_code_and_counts_the_dropped(tmp_path, header):
     folder = str(tmp_path)
     write_affectnet_csv(folder, affectnet_rows(folder, [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 10]), header)
     records, dropped = affectnet_records(folder)
@@ -62,7 +62,7 @@ def test_affectnet_csv_remaps_every_code_and_counts_the_dropped(tmp_path, croppe
     assert dropped == {"expression 8 (None)": 1, "expression 9 (Uncertain)": 1, "expression 10 (No-Face)": 2}
     assert records[3].path == os.path.join(folder, "Manually_Annotated_Images", "7", "3.png")
     assert records[0].box == (10, 5, 20, 20)
-    faces = read_faces("AffectNet", records, dropped, cropper)
+    faces = read_faces("AffectNet", records, dropped)
     assert faces.crops == {"box": 8, "detected": 0, "centre": 0}
     # the crop is the box widened by CROP_MARGIN: white in the middle, black at the corners
     assert faces.images.shape == (8, 48, 48)
@@ -85,7 +85,7 @@ def test_affectnet_csv_errors_name_the_row(tmp_path):
         affectnet_records(folder)
 
 
-def test_affectnet_class_folders(tmp_path, cropper):
+def test_affectnet_class_folders(tmp_path):
     folder = str(tmp_path)
     frame, _ = frame_with_face(0)
     for name, count in (("happy", 2), ("Sad", 1), ("3", 1), ("none", 2)):
@@ -97,7 +97,7 @@ def test_affectnet_class_folders(tmp_path, cropper):
     labels = sorted(FER_CLASSES[r.label] for r in records)
     assert labels == ["happiness", "happiness", "sadness", "surprise"]  # folder 3 is AffectNet's Surprise
     assert dropped == {"folder none/": 2}
-    faces = read_faces("AffectNet", records, dropped, cropper)
+    faces = read_faces("AffectNet", records, dropped)
     assert faces.crops == {"box": 0, "detected": 4, "centre": 0}
 
 
@@ -119,7 +119,7 @@ def write_sequence(root, subject, sequence, frames, code=None):
             handle.write(f"   {code}\n")
 
 
-def test_ckplus_frame_rule_and_codes(tmp_path, cropper):
+def test_ckplus_frame_rule_and_codes(tmp_path):
     root = str(tmp_path)
     write_sequence(root, "S005", "001", 6, "5.0000000e+00")   # happy: frame 1 neutral, frames 4-6 happy
     write_sequence(root, "S005", "002", 3, "2.0000000e+00")   # contempt, too short for a neutral frame
@@ -132,8 +132,11 @@ def test_ckplus_frame_rule_and_codes(tmp_path, cropper):
                      ("S005_002_00000001.png", "contempt"), ("S005_002_00000002.png", "contempt"),
                      ("S005_002_00000003.png", "contempt")]
     assert dropped == {"sequence without an emotion label": 1, "emotion code 9 (unknown code)": 1}
-    faces = read_faces("CK+", records, dropped, cropper)
+    faces = read_faces("CK+", records, dropped, workers=3)
     assert faces.crops["detected"] == 7 and len(faces.labels) == 7
+    serial = read_faces("CK+", records, dropped, workers=1)  # threads change nothing, order included
+    np.testing.assert_array_equal(serial.images, faces.images)
+    assert serial.paths == faces.paths == [r.path for r in records]
 
 
 def test_ckplus_bad_emotion_file_is_named(tmp_path):
@@ -178,7 +181,7 @@ def test_class_index():
         [0, 1, 3, 7, 6, None, None, None]
 
 
-def test_missing_and_corrupt_images_stop_the_run_or_are_counted(tmp_path, cropper):
+def test_missing_and_corrupt_images_stop_the_run_or_are_counted(tmp_path):
     frame, _ = frame_with_face(1)
     save(str(tmp_path / "good.png"), frame)
     (tmp_path / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not a PNG")
@@ -186,22 +189,22 @@ def test_missing_and_corrupt_images_stop_the_run_or_are_counted(tmp_path, croppe
     path.write_text("path,label\ngood.png,happy\ncorrupt.png,sad\nmissing.png,fear\n")
     records, dropped = manifest_records(str(path))
     with pytest.raises(DatasetError, match=rf"corrupt.png \(listed in {path}, row 3\): unreadable .*--skip-unreadable"):
-        read_faces("faces", records, dropped, cropper)
+        read_faces("faces", records, dropped)
     with pytest.raises(DatasetError, match=rf"missing.png \(listed in {path}, row 4\): missing"):
-        read_faces("faces", records[::2], dropped, cropper)
-    faces = read_faces("faces", records, dropped, cropper, skip_unreadable=True)
+        read_faces("faces", records[::2], dropped)
+    faces = read_faces("faces", records, dropped, skip_unreadable=True)
     assert faces.labels.tolist() == [1]
     assert faces.unreadable == [str(tmp_path / "corrupt.png"), str(tmp_path / "missing.png")]
     assert faces.summary()["unreadable"]["count"] == 2
 
 
-def test_box_outside_the_image_is_refused(tmp_path, cropper):
+def test_box_outside_the_image_is_refused(tmp_path):
     save(str(tmp_path / "a.png"), np.zeros((30, 30), np.uint8))
     path = tmp_path / "faces.csv"
     path.write_text("path,label,x,y,width,height\na.png,happy,40,0,10,10\n")
     records, dropped = manifest_records(str(path))
     with pytest.raises(DatasetError, match=r"row 2: face box \(40, 0, 10, 10\) lies outside the 30 x 30 image"):
-        read_faces("faces", records, dropped, cropper)
+        read_faces("faces", records, dropped)
 
 
 def test_detection_finds_the_placed_face(cropper):
