@@ -361,7 +361,6 @@ def predict_folder(args, model, config, name):
 
 def main(argv=None):
     args = parse_args(argv)
-    torch.manual_seed(args.seed)
     stage2_dir, stage3_dir = os.path.join(args.run_dir, "stage2"), os.path.join(args.run_dir, "stage3")
     names = finished_variants(stage3_dir, args.variants)
 
@@ -417,7 +416,7 @@ def main(argv=None):
         with open(os.path.join(out_dir, "summary.tex"), "w") as handle:
             handle.write(f"% Stage 4 summary ({note}); needs \\usepackage{{booktabs,amssymb}}\n{latex}")
         artifacts.write_json(os.path.join(out_dir, "summary.json"), {
-            "note": note, "datasets": [name for _, name, _ in datasets],
+            "note": note, "datasets": {key: name for key, name, _ in datasets},
             "results": {name: {key: {protocol: {s: scores[s] for s in ("accuracy", "macro_f1", "balanced_accuracy")}
                                      for protocol, scores in by_dataset.items()}
                                for key, by_dataset in by_variant.items()} for name, by_variant in results.items()}})
