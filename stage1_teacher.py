@@ -186,9 +186,7 @@ def plot_curve(history, path, note):
     right.set_ylabel("held-out CCC")
     right.legend()
     figure.suptitle(f"EEG teacher{note}", fontsize=10)
-    figure.tight_layout()
     artifacts.save_figure(figure, path)
-    plt.close(figure)
 
 
 def main(argv=None):

@@ -71,9 +71,7 @@ def plot_occupancy(bank, path, title):
     axes.set_ylabel("arousal bin centre")
     axes.set_title(title, fontsize=9)
     figure.colorbar(image, ax=axes, label="embeddings")
-    figure.tight_layout()
     artifacts.save_figure(figure, path)
-    plt.close(figure)
 
 
 def plot_similarity(bank, path, title):
@@ -84,9 +82,7 @@ def plot_similarity(bank, path, title):
     axes.set_ylabel("prototype")
     axes.set_title(title, fontsize=9)
     figure.colorbar(image, ax=axes, label="cosine similarity")
-    figure.tight_layout()
     artifacts.save_figure(figure, path)
-    plt.close(figure)
 
 
 def main(argv=None):

@@ -171,9 +171,7 @@ def plot_curves(history, path, note):
     right.set_ylabel("FERPlus valid")
     right.legend(fontsize=8)
     figure.suptitle(f"student{note}", fontsize=10)
-    figure.tight_layout()
     artifacts.save_figure(figure, path)
-    plt.close(figure)
 
 
 def main(argv=None):

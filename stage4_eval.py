@@ -141,15 +141,16 @@ def training_ferplus(configs, run_dir):
     return folder if source == "real" else synthetic_ferplus(run_dir, size, seed)
 
 
-def load_datasets(args, configs):
-    """[(key, display name, FaceSet)]: FERPlus valid and test first, then the target sets."""
+def load_datasets(args, configs, embedded):
+    """[(key, display name, FaceSet)]: FERPlus valid and test first, then the target sets (the embedded
+    synthetic CK+ and AffectNet sets when `embedded`)."""
     ferplus_dir = args.ferplus or training_ferplus(configs, args.run_dir)
     splits, _ = load_ferplus_cached(ferplus_dir, os.path.join(args.run_dir, "cache"), "majority")
     datasets = [(f"ferplus_{split}", f"FERPlus {split}", FaceSet(f"FERPlus {split}", splits[split].images,
                                                                  splits[split].labels, splits[split].names, {}))
                 for split in ("valid", "test")]
     targets = []
-    if not (args.ferplus or args.affectnet or args.ckplus or args.manifest):
+    if embedded:
         size = SYNTHETIC_SIZES[args.synthetic_size]
         data_dir = os.path.join(args.run_dir, "data")
         args.ckplus = os.path.join(data_dir, f"synthetic_ckplus_{args.synthetic_size}_seed{args.seed}")
@@ -201,9 +202,7 @@ def plot_confusions(view, title, path):
         ax.set_ylabel("ground truth")
         ax.set_title(label, fontsize=9)
     figure.suptitle(title, fontsize=10)
-    figure.tight_layout()
     artifacts.save_figure(figure, path)
-    plt.close(figure)
 
 
 def plot_tsne(embeddings, labels, bank, title, path, points, seed):
@@ -222,9 +221,7 @@ def plot_tsne(embeddings, labels, bank, title, path, points, seed):
     ax.set_xticks([])
     ax.set_yticks([])
     ax.set_title(title, fontsize=10)
-    figure.tight_layout()
     artifacts.save_figure(figure, path)
-    plt.close(figure)
 
 
 def plot_prototype_occupancy(embeddings, labels, bank, grid, title, path):
@@ -245,13 +242,15 @@ def plot_prototype_occupancy(embeddings, labels, bank, grid, title, path):
         ax.set_xlabel("valence", fontsize=8)
         ax.set_ylabel("arousal", fontsize=8)
     figure.suptitle(f"{title}: nearest prototype per image (star: the class's V/A anchor)", fontsize=10)
-    figure.tight_layout()
     artifacts.save_figure(figure, path)
-    plt.close(figure)
+
+
+def class_probabilities(logits):
+    return torch.softmax(torch.from_numpy(logits), dim=1).numpy()
 
 
 def write_predictions(path, data, logits):
-    probabilities = torch.softmax(torch.from_numpy(logits), dim=1).numpy()
+    probabilities = class_probabilities(logits)
     with artifacts.atomic_path(path) as temporary:
         with open(temporary, "w", newline="") as handle:
             writer = csv.writer(handle)
@@ -311,9 +310,7 @@ def plot_summary(results, variants, datasets, note, path):
     ax.set_ylim(0, 1)
     ax.legend(fontsize=8)
     ax.set_title(f"Students across datasets ({note})", fontsize=10)
-    figure.tight_layout()
     artifacts.save_figure(figure, path)
-    plt.close(figure)
 
 
 # Prediction mode --------------------------------------------------------------------------------------------
@@ -343,7 +340,7 @@ def predict_folder(args, model, config, name):
         raise ValueError(f"--predict {args.predict}: none of its {len(images)} image files could be read")
     model = model.to(args.device)
     logits = predict(model, np.stack(faces), config["input_size"], args.device, args.batch_size)[0]
-    probabilities = torch.softmax(torch.from_numpy(logits), dim=1).numpy()
+    probabilities = class_probabilities(logits)
     output = args.output or os.path.join(args.run_dir, "predictions", f"{name}.csv")
     with artifacts.atomic_path(output) as temporary:
         with open(temporary, "w", newline="") as handle:
@@ -380,10 +377,10 @@ def main(argv=None):
     students = {name: load_checked_student(stage3_dir, name, (bank_hash, bank.shape[1])) for name in names}
     students = dict(sorted(students.items(), key=lambda item: (preset_of(item[1][1]), item[0])))  # B0 first
     configs = [config for _, config, _ in students.values()]
-    synthetic = any(config["source"] == "synthetic" for config in configs) or not (
-        args.ferplus or args.affectnet or args.ckplus or args.manifest)
+    embedded = not (args.ferplus or args.affectnet or args.ckplus or args.manifest)  # no dataset flag
+    synthetic = embedded or any(config["source"] == "synthetic" for config in configs)
     note = SYNTHETIC_NOTE if synthetic else "real data"
-    datasets = load_datasets(args, configs)
+    datasets = load_datasets(args, configs, embedded)
 
     # Evaluation -------------------------------------------------------------------------------------------
     results = {}

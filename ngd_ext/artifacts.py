@@ -72,9 +72,13 @@ def write_json(path, data):
 
 
 def save_figure(figure, path, dpi=120):
-    """A matplotlib figure as a PNG, written atomically."""
+    """A finished pyplot figure as a PNG: laid out, written atomically, then closed."""
+    from matplotlib import pyplot  # here, so that importing this module never picks a matplotlib backend
+
+    figure.tight_layout()
     with atomic_path(path) as temporary:
         figure.savefig(temporary, format="png", dpi=dpi)
+    pyplot.close(figure)
 
 
 def write_manifest(stage_dir):

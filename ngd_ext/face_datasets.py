@@ -100,7 +100,7 @@ def affectnet_records(folder, split="validation"):
                                                  os.path.join(folder, "Manually_Annotated", "Manually_Annotated_Images"))
                                if os.path.isdir(root)), folder)
             return affectnet_csv_records(candidate, image_root)
-    return class_folder_records(folder, codes=AFFECTNET_CODES, what=f"AffectNet folder (no {split}.csv found)")
+    return affectnet_folder_records(folder, split)
 
 
 def affectnet_csv_records(path, image_root):
@@ -140,9 +140,9 @@ def affectnet_csv_records(path, image_root):
     return records, dict(dropped)
 
 
-def class_folder_records(folder, codes=None, what="folder of class-named image folders"):
-    """Images in class-named subfolders (any alias of a FERPlus class; with `codes`, also the dataset's
-    numeric codes). Images under other subfolders are dropped and counted."""
+def affectnet_folder_records(folder, split):
+    """Images in class-named subfolders (any alias of a FERPlus class, or AffectNet's numeric codes). Images
+    under other subfolders are dropped and counted."""
     if not os.path.isdir(folder):
         raise DatasetError(f"{folder}: not a folder")
     records, dropped = [], Counter()
@@ -150,8 +150,8 @@ def class_folder_records(folder, codes=None, what="folder of class-named image f
     for name in subfolders:
         files = sorted(path for path in glob.glob(os.path.join(folder, name, "*"))
                        if path.lower().endswith(IMAGE_EXTENSIONS))
-        if codes is not None and name.isdigit():
-            class_name = codes.get(int(name))
+        if name.isdigit():
+            class_name = AFFECTNET_CODES.get(int(name))
         else:
             class_name = CLASS_ALIASES.get(name.lower())
         if class_name is None:
@@ -161,8 +161,9 @@ def class_folder_records(folder, codes=None, what="folder of class-named image f
         label = FER_CLASSES.index(class_name)
         records += [FaceRecord(path, label, None, f"{folder}, class folder {name}/") for path in files]
     if not records:
-        raise DatasetError(f"{folder}: expected a {what}: subfolders named by class ({', '.join(FER_CLASSES)}, "
-                           f"or aliases such as happy, sad, angry) holding images; found {subfolders or 'none'}")
+        raise DatasetError(f"{folder}: expected a AffectNet folder (no {split}.csv found): subfolders named by class "
+                           f"({', '.join(FER_CLASSES)}, or aliases such as happy, sad, angry) holding images; found "
+                           f"{subfolders or 'none'}")
     return records, dict(dropped)
 
 
