@@ -1,13 +1,7 @@
-// Op schemas and the argument checks shared by the CPU and CUDA kernels.
+// The op schemas, and the Python module whose import registers them.
 #include <Python.h>
 
-#include <ATen/ATen.h>
 #include <torch/library.h>
-
-#include <cmath>
-#include <cstdio>
-
-#include "proto_dgeo.h"
 
 extern "C" {
 // Importing ngd_ext._C registers the ops below; the module itself holds nothing.
@@ -18,108 +12,6 @@ PyObject* PyInit__C(void) {
 }
 
 namespace ngd_ext {
-
-std::string text(double value) {
-  char buffer[32];
-  std::snprintf(buffer, sizeof(buffer), "%.6g", value);
-  return buffer;
-}
-
-std::string text(at::IntArrayRef shape) {
-  std::string out = "[";
-  for (size_t i = 0; i < shape.size(); ++i) out += (i ? ", " : "") + std::to_string(shape[i]);
-  return out + "]";
-}
-
-namespace {
-
-bool is_supported_float(at::ScalarType type) {
-  return type == at::kFloat || type == at::kDouble || type == at::kHalf || type == at::kBFloat16;
-}
-
-void check_same_device(const at::Tensor& z, const at::Tensor& other, const char* name) {
-  TORCH_CHECK_VALUE(other.device() == z.device(), "proto_dgeo_loss: ", name, " is on ", other.device().str(),
-              " but z is on ", z.device().str(), "; all inputs must be on one device");
-}
-
-}  // namespace
-
-void check_forward_args(const at::Tensor& z, const at::Tensor& protos, const at::Tensor& target,
-                        const at::Tensor& labels, const at::Tensor& positive, double tau, double var_cap,
-                        double margin) {
-  TORCH_CHECK_VALUE(z.dim() == 2, "proto_dgeo_loss: z must be 2-D (B x D), got shape ", text(z.sizes()));
-  TORCH_CHECK_VALUE(is_supported_float(z.scalar_type()),
-              "proto_dgeo_loss: z must be float32, float64, bfloat16 or float16, got ", z.scalar_type());
-  TORCH_CHECK_VALUE(z.size(0) >= 1, "proto_dgeo_loss: z is empty (B = 0); the loss of an empty batch is undefined");
-  TORCH_CHECK_VALUE(z.size(1) >= 1, "proto_dgeo_loss: z has no features (D = 0)");
-
-  TORCH_CHECK_VALUE(protos.dim() == 2 && protos.size(1) == z.size(1) && protos.size(0) >= 1,
-              "proto_dgeo_loss: protos must be K x D with K >= 1 and D = ", text(z.size(1)),
-                    " (z's width), got shape ", text(protos.sizes()));
-  TORCH_CHECK_VALUE(is_supported_float(protos.scalar_type()), "proto_dgeo_loss: protos must be floating point, got ",
-              protos.scalar_type());
-
-  TORCH_CHECK_VALUE(target.dim() == 2 && target.size(1) == protos.size(0) && target.size(0) >= 1,
-              "proto_dgeo_loss: target must be C x K with C >= 1 and K = ", text(protos.size(0)),
-                    " (the number of prototypes), got shape ", text(target.sizes()));
-  TORCH_CHECK_VALUE(is_supported_float(target.scalar_type()), "proto_dgeo_loss: target must be floating point, got ",
-              target.scalar_type());
-
-  TORCH_CHECK_VALUE(labels.dim() == 1 && labels.size(0) == z.size(0),
-              "proto_dgeo_loss: labels must be 1-D of length B = ", text(z.size(0)), ", got shape ",
-                    text(labels.sizes()));
-  TORCH_CHECK_VALUE(labels.scalar_type() == at::kLong, "proto_dgeo_loss: labels must be int64, got ",
-              labels.scalar_type());
-
-  TORCH_CHECK_VALUE(positive.dim() == 1 && positive.size(0) == target.size(0),
-              "proto_dgeo_loss: positive must be 1-D of length C = ", text(target.size(0)), ", got shape ",
-                    text(positive.sizes()));
-  TORCH_CHECK_VALUE(positive.scalar_type() == at::kBool, "proto_dgeo_loss: positive must be bool, got ",
-              positive.scalar_type());
-
-  check_same_device(z, protos, "protos");
-  check_same_device(z, target, "target");
-  check_same_device(z, labels, "labels");
-  check_same_device(z, positive, "positive");
-
-  TORCH_CHECK_VALUE(std::isfinite(tau) && tau > 0, "proto_dgeo_loss: tau must be a positive finite number, got ",
-                    text(tau));
-  TORCH_CHECK_VALUE(std::isfinite(var_cap), "proto_dgeo_loss: var_cap must be finite, got ", text(var_cap));
-  TORCH_CHECK_VALUE(std::isfinite(margin), "proto_dgeo_loss: margin must be finite, got ", text(margin));
-}
-
-void check_values_cpu(const at::Tensor& target, const at::Tensor& labels) {
-  const int64_t num_classes = target.size(0);
-  const auto label_values = labels.contiguous();
-  const int64_t* label = label_values.data_ptr<int64_t>();
-  for (int64_t i = 0; i < labels.size(0); ++i) {
-    TORCH_CHECK_VALUE(label[i] >= 0 && label[i] < num_classes, "proto_dgeo_loss: labels[", text(i), "] = ",
-                      text(label[i]), " is out of range [0, ", text(num_classes), ")");
-  }
-  // A half-precision row of K entries sums to 1 only within its rounding.
-  const bool half = target.scalar_type() == at::kHalf || target.scalar_type() == at::kBFloat16;
-  const double tolerance = half ? 1e-2 : 1e-4;
-  const auto rows = target.to(at::kDouble).contiguous();
-  const double* value = rows.data_ptr<double>();
-  const int64_t width = target.size(1);
-  for (int64_t c = 0; c < num_classes; ++c) {
-    double sum = 0;
-    for (int64_t k = 0; k < width; ++k) {
-      const double entry = value[c * width + k];
-      TORCH_CHECK_VALUE(std::isfinite(entry) && entry >= 0, "proto_dgeo_loss: target[", text(c), ", ", text(k),
-                        "] = ", text(entry),
-                  "; target rows must be distributions (finite, non-negative, summing to 1)");
-      sum += entry;
-    }
-    TORCH_CHECK_VALUE(std::abs(sum - 1.0) <= tolerance, "proto_dgeo_loss: target row ", text(c), " sums to ",
-                      text(sum),
-                "; target rows must be distributions (non-negative, summing to 1)");
-  }
-}
-
-at::ScalarType accumulate_dtype(const at::Tensor& z) {
-  return z.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
 
 TORCH_LIBRARY(ngd_ext, m) {
   // The losses, then what backward needs: cosines u.p^ (B x K), log-sum-exp of s / tau (B), row norms ||z||

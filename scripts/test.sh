@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Sets up (scripts/setup.sh) and runs the test suite. CUDA tests skip where no GPU is present.
+# Sets up (scripts/setup.sh) and runs the test suite. Tests on a real GPU skip where none is present; the CUDA
+# kernels still run, on the CPU, through tests/cuda_emulation.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh

@@ -59,3 +59,65 @@ def kink_free_params(case, tau=0.9):
         return max(gaps)[1] if gaps else (values[0] + offset if values else 0.5)
 
     return dict(tau=tau, var_cap=between(variances, -0.05), margin=between(distances, 0.05))
+
+
+TOLERANCES = {  # (losses, gradient) as (rtol, atol)
+    torch.float64: ((1e-10, 1e-12), (1e-9, 1e-12)),
+    torch.float32: ((1e-5, 1e-6), (1e-4, 1e-6)),
+}
+
+
+def compare_exact_dtype(loss_fn, case, gpu=False, **params):
+    """float32 / float64: loss_fn (a fused implementation) against the reference run in the same dtype."""
+    dtype = case["z"].dtype
+    fused_losses, fused_grad = weighted_grad(loss_fn, case, **params)
+    ref_losses, ref_grad = weighted_grad(reference.proto_dgeo_loss, case, **params)
+    (loss_rtol, loss_atol), (grad_rtol, grad_atol) = TOLERANCES[dtype]
+    if gpu and dtype == torch.float32:
+        loss_atol = 1e-5  # the GPU forms class variances as E||u||^2 - ||mu||^2 (absolute error ~1e-6)
+    for name, got, want in zip(("proto_kd", "var_cap", "margin"), fused_losses, ref_losses):
+        assert got.dtype == want.dtype and got.shape == ()
+        torch.testing.assert_close(got, want, rtol=loss_rtol, atol=loss_atol, msg=lambda m: f"{name}: {m}")
+    assert fused_grad.dtype == dtype and fused_grad.shape == case["z"].shape
+    grad_scale = max(1.0, ref_grad.abs().max().item())
+    torch.testing.assert_close(fused_grad, ref_grad, rtol=grad_rtol, atol=grad_atol * grad_scale)
+    return fused_losses
+
+
+def compare_half_dtype(loss_fn, case, **params):
+    """bfloat16 / float16: loss_fn's error against a float64 reference on the same (upcast) inputs is at most
+    twice the error of the reference run on the half-precision inputs."""
+    exact = dict(case, z=case["z"].double())
+    want_losses, want_grad = weighted_grad(reference.proto_dgeo_loss, exact, **params)
+    fused_losses, fused_grad = weighted_grad(loss_fn, case, **params)
+    ref_losses, ref_grad = weighted_grad(reference.proto_dgeo_loss, case, **params)
+    assert fused_grad.dtype == case["z"].dtype
+    for got, ref, want in zip(fused_losses, ref_losses, want_losses):
+        assert got.dtype == torch.float32
+        assert abs(got.double() - want) <= 2 * abs(ref.double() - want) + 1e-6 * (1 + abs(want))
+    fused_error = (fused_grad.double() - want_grad).abs().max()
+    ref_error = (ref_grad.double() - want_grad).abs().max()
+    assert fused_error <= 2 * ref_error + 1e-6 * want_grad.abs().max()
+
+
+SHAPES = [  # batch, dim, prototypes, classes
+    (1, 1, 25, 8),
+    (7, 3, 25, 8),
+    (256, 127, 25, 8),
+    (256, 128, 25, 8),
+    (1000, 130, 7, 5),
+    (1000, 512, 33, 8),
+    (300, 64, 64, 64),
+    (129, 40, 1, 3),
+]
+
+EDGE_CASES = {
+    "absent_class": dict(labels=[0, 1, 1, 3, 3, 3, 0, 1, 4, 4, 0, 1] * 5),
+    "singletons": dict(labels=[0, 1, 2, 2, 4, 5, 6, 6, 7, 3]),
+    "one_class": dict(labels=[2] * 50),
+    "all_positive": dict(positive=tuple(range(8))),
+    "no_positive": dict(positive=()),
+    "zeros_in_target": dict(sparse_target=True),
+    "large_magnitude": dict(scale=1e4),
+    "tiny_magnitude": dict(scale=1e-20),
+}

@@ -8,62 +8,12 @@ import sys
 import pytest
 import torch
 
-from helpers import DEVICES, kink_free_params, make_case, weighted_grad
+from helpers import (DEVICES, EDGE_CASES, SHAPES, compare_exact_dtype, compare_half_dtype, kink_free_params,
+                     make_case, weighted_grad)
 import ngd_ext
 from ngd_ext import reference
 
 pytestmark = pytest.mark.skipif(not ngd_ext.fused_available("cpu"), reason="ngd_ext._C is not built")
-
-TOLERANCES = {  # (losses, gradient) as (rtol, atol)
-    torch.float64: ((1e-10, 1e-12), (1e-9, 1e-12)),
-    torch.float32: ((1e-5, 1e-6), (1e-4, 1e-6)),
-}
-
-
-def compare_exact_dtype(case, device, **params):
-    """float32 / float64: the fused op against the reference run in the same dtype."""
-    assert ngd_ext.fused_available(device)
-    dtype = case["z"].dtype
-    fused_losses, fused_grad = weighted_grad(ngd_ext.proto_dgeo_loss, case, **params)
-    ref_losses, ref_grad = weighted_grad(reference.proto_dgeo_loss, case, **params)
-    (loss_rtol, loss_atol), (grad_rtol, grad_atol) = TOLERANCES[dtype]
-    if device == "cuda" and dtype == torch.float32:
-        loss_atol = 1e-5  # the GPU forms class variances as E||u||^2 - ||mu||^2 (absolute error ~1e-6)
-    for name, got, want in zip(("proto_kd", "var_cap", "margin"), fused_losses, ref_losses):
-        assert got.dtype == want.dtype and got.shape == ()
-        torch.testing.assert_close(got, want, rtol=loss_rtol, atol=loss_atol, msg=lambda m: f"{name}: {m}")
-    assert fused_grad.dtype == dtype and fused_grad.shape == case["z"].shape
-    grad_scale = max(1.0, ref_grad.abs().max().item())
-    torch.testing.assert_close(fused_grad, ref_grad, rtol=grad_rtol, atol=grad_atol * grad_scale)
-    return fused_losses
-
-
-def compare_half_dtype(case, **params):
-    """bfloat16 / float16: the fused error against a float64 reference on the same (upcast) inputs is at most
-    twice the error of the reference run on the half-precision inputs."""
-    exact = dict(case, z=case["z"].double())
-    want_losses, want_grad = weighted_grad(reference.proto_dgeo_loss, exact, **params)
-    fused_losses, fused_grad = weighted_grad(ngd_ext.proto_dgeo_loss, case, **params)
-    ref_losses, ref_grad = weighted_grad(reference.proto_dgeo_loss, case, **params)
-    assert fused_grad.dtype == case["z"].dtype
-    for got, ref, want in zip(fused_losses, ref_losses, want_losses):
-        assert got.dtype == torch.float32
-        assert abs(got.double() - want) <= 2 * abs(ref.double() - want) + 1e-6 * (1 + abs(want))
-    fused_error = (fused_grad.double() - want_grad).abs().max()
-    ref_error = (ref_grad.double() - want_grad).abs().max()
-    assert fused_error <= 2 * ref_error + 1e-6 * want_grad.abs().max()
-
-
-SHAPES = [  # batch, dim, prototypes, classes
-    (1, 1, 25, 8),
-    (7, 3, 25, 8),
-    (256, 127, 25, 8),
-    (256, 128, 25, 8),
-    (1000, 130, 7, 5),
-    (1000, 512, 33, 8),
-    (300, 64, 64, 64),
-    (129, 40, 1, 3),
-]
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -72,7 +22,8 @@ SHAPES = [  # batch, dim, prototypes, classes
 def test_shapes(device, dtype, shape):
     batch, dim, num_protos, num_classes = shape
     case = make_case(batch, dim, num_protos, num_classes, dtype=dtype, device=device, seed=batch + dim)
-    compare_exact_dtype(case, device, tau=0.9, var_cap=0.2, margin=0.5 if dim > 3 else 1.5)
+    compare_exact_dtype(ngd_ext.proto_dgeo_loss, case, gpu=device == "cuda", tau=0.9, var_cap=0.2,
+                        margin=0.5 if dim > 3 else 1.5)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -81,20 +32,8 @@ def test_shapes(device, dtype, shape):
                          ids=lambda s: "x".join(map(str, s)))
 def test_half_precision(device, dtype, shape):
     batch, dim, num_protos, num_classes = shape
-    compare_half_dtype(make_case(batch, dim, num_protos, num_classes, dtype=dtype, device=device, seed=dim),
-                       tau=0.9, var_cap=0.05, margin=0.5)
-
-
-EDGE_CASES = {
-    "absent_class": dict(labels=[0, 1, 1, 3, 3, 3, 0, 1, 4, 4, 0, 1] * 5),
-    "singletons": dict(labels=[0, 1, 2, 2, 4, 5, 6, 6, 7, 3]),
-    "one_class": dict(labels=[2] * 50),
-    "all_positive": dict(positive=tuple(range(8))),
-    "no_positive": dict(positive=()),
-    "zeros_in_target": dict(sparse_target=True),
-    "large_magnitude": dict(scale=1e4),
-    "tiny_magnitude": dict(scale=1e-20),
-}
+    case = make_case(batch, dim, num_protos, num_classes, dtype=dtype, device=device, seed=dim)
+    compare_half_dtype(ngd_ext.proto_dgeo_loss, case, tau=0.9, var_cap=0.05, margin=0.5)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -105,7 +44,7 @@ def test_edge_cases(device, dtype, name):
     labels = options.get("labels")
     batch = len(labels) if labels else 200
     case = make_case(batch, 48, 25, 8, dtype=dtype, device=device, seed=11, **options)
-    losses = compare_exact_dtype(case, device, tau=0.9, var_cap=0.1, margin=1.2)
+    losses = compare_exact_dtype(ngd_ext.proto_dgeo_loss, case, gpu=device == "cuda", tau=0.9, var_cap=0.1, margin=1.2)
     if name == "one_class":
         assert losses[2].item() == 0.0  # no pair of present classes
     if name == "no_positive":
@@ -115,7 +54,8 @@ def test_edge_cases(device, dtype, name):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("tau", [0.05, 1.0])
 def test_extreme_tau(device, tau):
-    compare_exact_dtype(make_case(300, 64, 25, 8, device=device, seed=5), device, tau=tau, var_cap=0.1, margin=1.2)
+    compare_exact_dtype(ngd_ext.proto_dgeo_loss, make_case(300, 64, 25, 8, device=device, seed=5), gpu=device == "cuda",
+                        tau=tau, var_cap=0.1, margin=1.2)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -123,7 +63,7 @@ def test_extreme_tau(device, tau):
 def test_zero_row(device, dtype):
     case = make_case(40, 16, 25, 8, dtype=dtype, device=device, seed=2)
     case["z"][3] = 0
-    compare_exact_dtype(case, device, tau=0.9, var_cap=0.1, margin=1.2)
+    compare_exact_dtype(ngd_ext.proto_dgeo_loss, case, gpu=device == "cuda", tau=0.9, var_cap=0.1, margin=1.2)
     _, grad = weighted_grad(ngd_ext.proto_dgeo_loss, case)
     assert grad[3].abs().max() > 1e5  # F.normalize semantics: dU / eps below the norm floor
 
@@ -134,7 +74,7 @@ def test_non_contiguous_z(device):
     strided = torch.empty(40, 2 * 96, device=device).T[::2]  # 96 x 40, column-major with gaps
     case["z"] = strided.copy_(case["z"])
     assert not case["z"].is_contiguous()
-    compare_exact_dtype(case, device)
+    compare_exact_dtype(ngd_ext.proto_dgeo_loss, case, gpu=device == "cuda")
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -255,7 +195,7 @@ def poison_cuda_allocator():
 def test_cuda_outputs_fully_written(dtype, shape):
     case = make_case(*shape, dtype=dtype, device="cuda", seed=13)
     poison_cuda_allocator()
-    compare_exact_dtype(case, "cuda", tau=0.9, var_cap=0.1, margin=1.2)
+    compare_exact_dtype(ngd_ext.proto_dgeo_loss, case, gpu=True, tau=0.9, var_cap=0.1, margin=1.2)
     poison_cuda_allocator()
     outputs = torch.ops.ngd_ext.proto_dgeo_fwd(case["z"], case["protos"], case["target"], case["labels"],
                                                case["positive"], 0.9, 0.1, 1.2)

@@ -10,20 +10,38 @@
 //   margin_coef_kernel   d margin / d u_i for a member of each class
 // Backward is one streaming pass over z (backward_kernel). Every reduction has a fixed order, so results
 // are bitwise reproducible run to run.
+// tests/cuda_emulation compiles this file as host C++ too, with NGD_CUDA_EMULATION defined and an emulator of
+// threads, warps and blocks standing in for the CUDA runtime: CPU-only CI runs these kernels that way.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
-
-#include <cuda_runtime.h>
 
 #include <algorithm>
 #include <type_traits>
 
 #include "../proto_dgeo.h"
+
+#ifndef NGD_CUDA_EMULATION
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime.h>
+
+#define NGD_DYNAMIC_SHARED(name) extern __shared__ __align__(16) unsigned char name[]
+
+namespace ngd_ext {
+namespace {
+
+template <typename... Params, typename... Args>
+void launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t shared_bytes, cudaStream_t stream,
+            Args... args) {
+  kernel<<<grid, block, shared_bytes, stream>>>(args...);
+}
+
+}  // namespace
+}  // namespace ngd_ext
+#endif
 
 namespace ngd_ext {
 namespace {
@@ -121,7 +139,7 @@ __global__ void __launch_bounds__(kThreads)
                         acc_t inv_tau, bool class_sums_in_shared) {
   constexpr int kGroups = KMAX / kWarp;
   constexpr int kTileRows = kWarps * ROWS;
-  extern __shared__ __align__(16) unsigned char shared[];
+  NGD_DYNAMIC_SHARED(shared);
   const RowsShared layout(kTileRows, num_classes, dim, sizeof(acc_t), class_sums_in_shared);
   double* class_sq = reinterpret_cast<double*>(shared + layout.class_sq);
   double* kd_sum = reinterpret_cast<double*>(shared + layout.kd);
@@ -475,10 +493,9 @@ at::Tensor unit_prototypes(const at::Tensor& protos, at::ScalarType acc_dtype, c
   auto unit = at::empty_like(p);
   const int num_protos = static_cast<int>(p.size(0));
   AT_DISPATCH_FLOATING_TYPES(acc_dtype, "unit_protos_cuda", [&] {
-    unit_protos_kernel<scalar_t><<<ceil_div(num_protos, kWarps), kThreads, 0, stream>>>(
-        p.data_ptr<scalar_t>(), unit.data_ptr<scalar_t>(), num_protos, p.size(1));
+    launch(unit_protos_kernel<scalar_t>, ceil_div(num_protos, kWarps), kThreads, 0, stream, p.data_ptr<scalar_t>(),
+           unit.data_ptr<scalar_t>(), num_protos, p.size(1));
   });
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
   return unit;
 }
 
@@ -532,32 +549,28 @@ ForwardOutputs forward_cuda_typed(const at::Tensor& z, const at::Tensor& unit_pr
   auto rows_kernel = forward_rows_kernel<scalar_t, acc_t, KMAX, ROWS>;
   C10_CUDA_CHECK(cudaFuncSetAttribute(rows_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                       static_cast<int>(shared_bytes)));
-  rows_kernel<<<num_blocks, kThreads, shared_bytes, stream>>>(
+  launch(rows_kernel, num_blocks, kThreads, shared_bytes, stream,
       z.data_ptr<scalar_t>(), unit_protos.data_ptr<acc_t>(), target.data_ptr<acc_t>(), labels.data_ptr<int64_t>(),
       out.cosines.data_ptr<acc_t>(), out.lse.data_ptr<acc_t>(), out.norms.data_ptr<acc_t>(),
       block_class_sum.data_ptr<acc_t>(),
       block_count.data_ptr<int>(), block_sq.data_ptr<double>(), block_kd.data_ptr<double>(), batch, dim, num_protos,
       num_classes, rows_per_block, static_cast<acc_t>(1.0 / tau), class_sums_in_shared);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
 
   const dim3 class_grid(static_cast<unsigned>(ceil_div(dim, kThreads)), static_cast<unsigned>(num_classes));
-  class_mean_kernel<acc_t><<<class_grid, kThreads, 0, stream>>>(
+  launch(class_mean_kernel<acc_t>, class_grid, kThreads, 0, stream,
       block_class_sum.data_ptr<acc_t>(), block_count.data_ptr<int>(), num_blocks, num_classes, dim,
       out.class_mean.data_ptr<acc_t>(), class_mean_wide.data_ptr<double>(), class_count.data_ptr<int>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
 
-  losses_kernel<acc_t><<<1, kThreads, 0, stream>>>(
+  launch(losses_kernel<acc_t>, 1, kThreads, 0, stream,
       class_mean_wide.data_ptr<double>(), class_count.data_ptr<int>(), block_sq.data_ptr<double>(),
       block_kd.data_ptr<double>(), positive.data_ptr<bool>(), num_blocks, num_classes, dim, batch, var_cap, margin,
       variance.data_ptr<double>(), pair_coef.data_ptr<double>(), pair_loss.data_ptr<double>(),
       out.proto_kd.data_ptr<acc_t>(), out.var_cap_loss.data_ptr<acc_t>(), out.margin_loss.data_ptr<acc_t>(),
       out.var_coef.data_ptr<acc_t>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
 
-  margin_coef_kernel<acc_t><<<class_grid, kThreads, 0, stream>>>(
+  launch(margin_coef_kernel<acc_t>, class_grid, kThreads, 0, stream,
       class_mean_wide.data_ptr<double>(), pair_coef.data_ptr<double>(), class_count.data_ptr<int>(), num_classes, dim,
       out.margin_coef.data_ptr<acc_t>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
 }
 
@@ -571,14 +584,14 @@ void backward_cuda_typed(const at::Tensor& grad_proto_kd, const at::Tensor& grad
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t batch = z.size(0);
   const int64_t blocks = ceil_div(ceil_div(batch, ROWS), kWarps);
-  backward_kernel<scalar_t, acc_t, KMAX, ROWS><<<static_cast<unsigned>(std::min<int64_t>(blocks, 1 << 20)), kThreads, 0, stream>>>(
+  launch(backward_kernel<scalar_t, acc_t, KMAX, ROWS>, static_cast<unsigned>(std::min<int64_t>(blocks, 1 << 20)),
+      kThreads, 0, stream,
       grad_proto_kd.data_ptr<acc_t>(), grad_var_cap.data_ptr<acc_t>(), grad_margin.data_ptr<acc_t>(),
       z.data_ptr<scalar_t>(), unit_protos.data_ptr<acc_t>(), target.data_ptr<acc_t>(), labels.data_ptr<int64_t>(),
       cosines.data_ptr<acc_t>(), lses.data_ptr<acc_t>(), norms.data_ptr<acc_t>(), var_coef.data_ptr<acc_t>(),
       class_mean.data_ptr<acc_t>(),
       margin_coef.data_ptr<acc_t>(), grad_z.data_ptr<scalar_t>(), batch, z.size(1), static_cast<int>(unit_protos.size(0)),
       static_cast<int>(target.size(0)), static_cast<acc_t>(1.0 / tau));
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 template <int KMAX, int ROWS>
@@ -587,15 +600,15 @@ struct TileShape {
   static constexpr int kRows = ROWS;
 };
 
-// Calls launch(TileShape<KMAX, ROWS>{}): register tiles sized to the prototype count and the dtype.
-template <typename scalar_t, typename Launch>
-void with_tile_shape(int64_t num_protos, Launch&& launch) {
+// Calls run(TileShape<KMAX, ROWS>{}): register tiles sized to the prototype count and the dtype.
+template <typename scalar_t, typename Run>
+void with_tile_shape(int64_t num_protos, Run&& run) {
   if constexpr (std::is_same<scalar_t, double>::value) {
-    launch(TileShape<64, 1>{});
+    run(TileShape<64, 1>{});
   } else if (num_protos <= 32) {
-    launch(TileShape<32, 4>{});
+    run(TileShape<32, 4>{});
   } else {
-    launch(TileShape<64, 2>{});
+    run(TileShape<64, 2>{});
   }
 }
 
@@ -655,9 +668,11 @@ at::Tensor proto_dgeo_bwd_cuda(const at::Tensor& grad_proto_kd, const at::Tensor
 
 }  // namespace
 
+#ifndef NGD_CUDA_EMULATION
 TORCH_LIBRARY_IMPL(ngd_ext, CUDA, m) {
   m.impl("proto_dgeo_fwd", &proto_dgeo_fwd_cuda);
   m.impl("proto_dgeo_bwd", &proto_dgeo_bwd_cuda);
 }
+#endif
 
 }  // namespace ngd_ext

@@ -1,0 +1,265 @@
+// A CPU emulator of the CUDA execution model, just wide enough for csrc/cuda: every thread of a block is a
+// fiber (ucontext) on the calling OS thread, blocks run one after another in index order, and the fibers of a
+// block take turns between synchronisation points. That lets CPU-only CI run the CUDA kernels' device code
+// and host code unchanged and compare them with the reference; it says nothing about their speed.
+//
+// What is emulated: threadIdx/blockIdx/blockDim/gridDim, __syncthreads, __shfl_sync and __shfl_xor_sync
+// (full warps), static and dynamic __shared__ memory (dynamic memory starts as NaN bytes, so a read before a
+// write shows), CUDA_KERNEL_ASSERT (it becomes a C++ exception naming the condition), and the few runtime
+// calls the host code makes. A shuffle reached by only part of a warp, or a deadlock, stops the launch with an
+// error instead of hanging.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <c10/core/Device.h>
+#include <c10/util/Exception.h>
+
+#include <ucontext.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <exception>
+#include <functional>
+#include <memory>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#define NGD_CUDA_EMULATION 1
+
+// ---------------------------------------------------------------------------------------------------------
+// Keywords and runtime names the kernels and their host code use.
+
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __launch_bounds__(...)
+#define __align__(n) alignas(n)
+// All fibers of a block share one OS thread and blocks run one at a time, so a static is per-block memory.
+#define __shared__ static
+#define NGD_DYNAMIC_SHARED(name) unsigned char* name = ::ngd_emulation::dynamic_shared()
+
+#undef CUDA_KERNEL_ASSERT
+#define CUDA_KERNEL_ASSERT(condition) \
+  if (!(condition)) ::ngd_emulation::device_assert_failed(#condition)
+
+using std::max;
+using std::min;
+
+struct dim3 {
+  dim3(unsigned x_ = 1, unsigned y_ = 1, unsigned z_ = 1) : x(x_), y(y_), z(z_) {}
+  unsigned x, y, z;
+};
+
+using cudaStream_t = void*;
+using cudaError_t = int;
+constexpr cudaError_t cudaSuccess = 0;
+enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize };
+
+template <typename Kernel>
+cudaError_t cudaFuncSetAttribute(Kernel, cudaFuncAttribute, int) {
+  return cudaSuccess;
+}
+
+#define C10_CUDA_CHECK(expression) TORCH_CHECK((expression) == cudaSuccess, #expression " failed")
+
+namespace c10 {
+namespace cuda {
+struct CUDAGuard {
+  explicit CUDAGuard(c10::Device) {}
+};
+inline cudaStream_t getCurrentCUDAStream() { return nullptr; }
+}  // namespace cuda
+}  // namespace c10
+
+namespace ngd_emulation {
+
+constexpr int kWarpSize = 32;
+constexpr size_t kStackBytes = 256 * 1024;
+
+struct DeviceAssert : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+[[noreturn]] inline void device_assert_failed(const char* condition) {
+  throw DeviceAssert(std::string("device-side assertion failed: ") + condition);
+}
+
+enum class Wait { kNone, kWarp, kBlock, kDone };
+
+struct Fiber {
+  ucontext_t context;
+  std::unique_ptr<char[]> stack;
+  dim3 thread_index;
+  int linear_index = 0;
+  Wait wait = Wait::kNone;
+  long shuffles = 0;  // how many shuffles this thread has entered: every lane of a warp must agree
+};
+
+struct Block {
+  dim3 block_index, block_dim, grid_dim;
+  std::vector<Fiber> fibers;
+  std::vector<unsigned char> shared;
+  std::vector<uint64_t> exchange;  // one shuffle slot per thread
+  const std::function<void()>* body = nullptr;
+  Fiber* running = nullptr;
+  ucontext_t scheduler;
+  std::exception_ptr error;
+};
+
+inline Block*& current_block() {
+  static Block* block = nullptr;
+  return block;
+}
+
+inline Fiber& self() { return *current_block()->running; }
+
+inline unsigned char* dynamic_shared() { return current_block()->shared.data(); }
+
+// Hands control back to the scheduler until it resumes this thread.
+inline void yield(Wait wait) {
+  Block& block = *current_block();
+  Fiber& fiber = *block.running;
+  fiber.wait = wait;
+  swapcontext(&fiber.context, &block.scheduler);
+}
+
+inline void fiber_main() {
+  Block& block = *current_block();
+  try {
+    (*block.body)();
+  } catch (...) {
+    if (!block.error) block.error = std::current_exception();
+  }
+  block.running->wait = Wait::kDone;
+  setcontext(&block.scheduler);  // a fiber's function must never return (uc_link is unset)
+}
+
+// Runs every thread of one block to completion.
+inline void run_block(Block& block) {
+  const unsigned threads = block.block_dim.x * block.block_dim.y * block.block_dim.z;
+  for (unsigned t = 0; t < threads; ++t) {
+    Fiber& fiber = block.fibers[t];
+    fiber.thread_index = dim3(t % block.block_dim.x, t / block.block_dim.x % block.block_dim.y,
+                              t / (block.block_dim.x * block.block_dim.y));
+    fiber.linear_index = static_cast<int>(t);
+    fiber.wait = Wait::kNone;
+    fiber.shuffles = 0;
+    getcontext(&fiber.context);
+    fiber.context.uc_stack.ss_sp = fiber.stack.get();
+    fiber.context.uc_stack.ss_size = kStackBytes;
+    fiber.context.uc_link = nullptr;
+    makecontext(&fiber.context, fiber_main, 0);
+  }
+  std::fill(block.shared.begin(), block.shared.end(), 0xff);  // NaN in every float and double
+  for (;;) {
+    // One round resumes every thread that may run once, up to its next synchronisation point. The lanes of
+    // a warp therefore enter and leave each shuffle in the same round.
+    bool resumed = false;
+    for (Fiber& fiber : block.fibers) {
+      if (fiber.wait == Wait::kDone || fiber.wait == Wait::kBlock) continue;
+      block.running = &fiber;
+      swapcontext(&block.scheduler, &fiber.context);
+      resumed = true;
+      if (block.error) std::rethrow_exception(block.error);
+    }
+    const bool all_done = std::all_of(block.fibers.begin(), block.fibers.end(),
+                                      [](const Fiber& f) { return f.wait == Wait::kDone; });
+    if (all_done) return;
+    const bool all_at_barrier = std::all_of(block.fibers.begin(), block.fibers.end(), [](const Fiber& f) {
+      return f.wait == Wait::kBlock || f.wait == Wait::kDone;
+    });
+    if (all_at_barrier) {
+      TORCH_CHECK(std::none_of(block.fibers.begin(), block.fibers.end(),
+                               [](const Fiber& f) { return f.wait == Wait::kDone; }),
+                  "emulated CUDA: __syncthreads() reached by only part of the block");
+      for (Fiber& fiber : block.fibers) fiber.wait = Wait::kNone;
+    } else {
+      TORCH_CHECK(resumed, "emulated CUDA: deadlock");
+    }
+  }
+}
+
+// Launches kernel(args...) over the grid, block by block, as kernel<<<grid, block, shared_bytes>>> would.
+template <typename... Params, typename... Args>
+void launch(void (*kernel)(Params...), dim3 grid, dim3 block_dim, size_t shared_bytes, cudaStream_t,
+            Args... args) {
+  const unsigned threads = block_dim.x * block_dim.y * block_dim.z;
+  TORCH_CHECK(threads > 0 && threads <= 1024 && threads % kWarpSize == 0,
+              "emulated CUDA: blocks must be whole warps of at most 1024 threads, got ", threads);
+  const std::function<void()> body = [&] { kernel(args...); };
+  Block block;
+  block.block_dim = block_dim;
+  block.grid_dim = grid;
+  block.body = &body;
+  block.fibers.resize(threads);
+  for (Fiber& fiber : block.fibers) fiber.stack.reset(new char[kStackBytes]);
+  block.shared.resize(shared_bytes + 16);
+  block.exchange.resize(threads);
+  current_block() = &block;
+  try {
+    for (unsigned z = 0; z < grid.z; ++z) {
+      for (unsigned y = 0; y < grid.y; ++y) {
+        for (unsigned x = 0; x < grid.x; ++x) {
+          block.block_index = dim3(x, y, z);
+          run_block(block);
+        }
+      }
+    }
+  } catch (const DeviceAssert& error) {
+    current_block() = nullptr;
+    TORCH_CHECK(false, "emulated CUDA: ", error.what());
+  } catch (...) {
+    current_block() = nullptr;
+    throw;
+  }
+  current_block() = nullptr;
+}
+
+// The value `source_lane` of this warp passed in. Two synchronisation points: every lane writes its slot
+// before any lane reads, and every lane reads before any lane writes the next shuffle's value.
+template <typename T>
+T shuffle(T value, int source_lane) {
+  static_assert(sizeof(T) <= sizeof(uint64_t) && std::is_trivially_copyable<T>::value, "shuffle of a wide type");
+  Block& block = *current_block();
+  Fiber& fiber = self();
+  const int warp_base = fiber.linear_index - fiber.linear_index % kWarpSize;
+  std::memcpy(&block.exchange[fiber.linear_index], &value, sizeof(T));
+  fiber.shuffles += 1;
+  yield(Wait::kWarp);
+  const Fiber& source = block.fibers[warp_base + source_lane % kWarpSize];
+  TORCH_CHECK(source.shuffles == fiber.shuffles && source.wait == Wait::kWarp,
+              "emulated CUDA: a shuffle reached by only part of a warp (thread ", fiber.linear_index, ")");
+  T out;
+  std::memcpy(&out, &block.exchange[warp_base + source_lane % kWarpSize], sizeof(T));
+  yield(Wait::kWarp);
+  return out;
+}
+
+}  // namespace ngd_emulation
+
+#define threadIdx (::ngd_emulation::self().thread_index)
+#define blockIdx (::ngd_emulation::current_block()->block_index)
+#define blockDim (::ngd_emulation::current_block()->block_dim)
+#define gridDim (::ngd_emulation::current_block()->grid_dim)
+
+inline void __syncthreads() { ::ngd_emulation::yield(::ngd_emulation::Wait::kBlock); }
+
+template <typename T>
+T __shfl_sync(unsigned, T value, int source_lane) {
+  return ::ngd_emulation::shuffle(value, source_lane);
+}
+
+template <typename T>
+T __shfl_xor_sync(unsigned, T value, int lane_mask) {
+  const int lane = ::ngd_emulation::self().linear_index % ::ngd_emulation::kWarpSize;
+  return ::ngd_emulation::shuffle(value, lane ^ lane_mask);
+}
+
+namespace ngd_ext {
+namespace {
+using ::ngd_emulation::launch;
+}  // namespace
+}  // namespace ngd_ext

@@ -1,0 +1,127 @@
+"""csrc/cuda's kernels and host code, run on the CPU by the emulator in tests/cuda_emulation, against the
+reference.
+
+test_fused.py runs the real CUDA build where a GPU is present; these tests run everywhere and check the CUDA
+code's logic: indexing, warp shuffles, block barriers, the per-block partial sums, the tile shapes, the host
+code's grid arithmetic and its errors. They say nothing about speed, and cannot see races that only a GPU's
+truly parallel threads would show (compute-sanitizer's racecheck in scripts/gpu_check.sh covers those).
+"""
+
+import os
+import pathlib
+import sys
+
+import pytest
+import torch
+from torch.utils import cpp_extension
+
+from helpers import EDGE_CASES, compare_exact_dtype, compare_half_dtype, make_case
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module", autouse=True)
+def emulated_ops():
+    """Builds (once; ninja rebuilds when the .cu or the emulator changes) and loads the emulated ops."""
+    build = ROOT / "build" / "cuda_emulation"
+    build.mkdir(parents=True, exist_ok=True)
+    # cpp_extension finds ninja on PATH; the venv's bin folder is not on it when the venv is not activated.
+    os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
+    cpp_extension.load(
+        name="ngd_ext_cuda_emulated",
+        sources=[str(ROOT / "tests" / "cuda_emulation" / "proto_dgeo_emulated.cpp"), str(ROOT / "csrc" / "checks.cpp")],
+        extra_cflags=["-O2"],
+        build_directory=str(build),
+        is_python_module=False,
+    )
+
+
+class EmulatedLoss(torch.autograd.Function):
+    """The emulated forward and backward ops joined as autograd would join the real ones (ngd_ext/ops.py)."""
+
+    @staticmethod
+    def forward(ctx, z, protos, target, labels, positive, tau, var_cap, margin):
+        outputs = torch.ops.ngd_ext_emulated.proto_dgeo_fwd(z, protos, target, labels, positive, tau, var_cap, margin)
+        ctx.save_for_backward(z, protos, target, labels, *outputs[3:])
+        ctx.tau = tau
+        return outputs[:3]
+
+    @staticmethod
+    def backward(ctx, grad_proto_kd, grad_var_cap, grad_margin):
+        grad_z = torch.ops.ngd_ext_emulated.proto_dgeo_bwd(grad_proto_kd, grad_var_cap, grad_margin,
+                                                           *ctx.saved_tensors, ctx.tau)
+        return grad_z, None, None, None, None, None, None, None
+
+
+def emulated_loss(z, protos, target, labels, positive, tau, var_cap, margin):
+    return EmulatedLoss.apply(z, protos, target, labels, positive, tau, var_cap, margin)
+
+
+PARAMS = dict(tau=0.9, var_cap=0.1, margin=1.2)
+
+SHAPES = [  # batch, dim, prototypes, classes: each tile shape, shared and global class sums, odd sizes
+    (1, 1, 25, 8),
+    (7, 3, 25, 8),
+    (100, 130, 25, 8),  # 4 blocks of 4-row warps (K <= 32)
+    (70, 130, 33, 5),  # 2-row warps over 64 prototype slots
+    (90, 64, 64, 64),
+    (129, 40, 1, 3),
+    (40, 400, 25, 64),  # class sums too large for shared memory: the global workspace
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_shapes(dtype, shape):
+    batch, dim, num_protos, num_classes = shape
+    case = make_case(batch, dim, num_protos, num_classes, dtype=dtype, seed=batch + dim)
+    compare_exact_dtype(emulated_loss, case, gpu=True, **PARAMS)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_half_precision(dtype):
+    compare_half_dtype(emulated_loss, make_case(100, 130, 25, 8, dtype=dtype, seed=1), **PARAMS)
+
+
+@pytest.mark.parametrize("name", sorted(EDGE_CASES))
+def test_edge_cases(name):
+    options = dict(EDGE_CASES[name])
+    labels = options.get("labels")
+    case = make_case(len(labels) if labels else 120, 48, 25, 8, seed=11, **options)
+    losses = compare_exact_dtype(emulated_loss, case, gpu=True, **PARAMS)
+    if name == "one_class":
+        assert losses[2].item() == 0.0
+    if name == "no_positive":
+        assert losses[1].item() == 0.0
+
+
+def test_zero_row():
+    case = make_case(40, 16, 25, 8, dtype=torch.float64, seed=2)
+    case["z"][3] = 0
+    compare_exact_dtype(emulated_loss, case, gpu=True, **PARAMS)
+
+
+def test_non_contiguous_z():
+    case = make_case(96, 40, 25, 8, seed=4)
+    case["z"] = torch.empty(40, 2 * 96).T[::2].copy_(case["z"])
+    assert not case["z"].is_contiguous()
+    compare_exact_dtype(emulated_loss, case, gpu=True, **PARAMS)
+
+
+def test_several_tiles_per_block():
+    """Past 264 x 8 rows (float64 takes one row per warp) a block loops over more than one tile."""
+    case = make_case(2200, 4, 25, 8, dtype=torch.float64, seed=3)
+    compare_exact_dtype(emulated_loss, case, gpu=True, **PARAMS)
+
+
+def test_label_out_of_range_trips_the_device_assertion():
+    case = make_case(20, 8, 25, 8, seed=5)
+    case["labels"][7] = 8
+    with pytest.raises(RuntimeError, match="device-side assertion failed.*label is out of range"):
+        emulated_loss(*case.values(), **PARAMS)
+
+
+def test_too_many_prototypes():
+    case = make_case(10, 8, 65, 8, seed=6)
+    with pytest.raises(ValueError, match="at most 64 prototypes, got protos with K = 65"):
+        emulated_loss(*case.values(), **PARAMS)
