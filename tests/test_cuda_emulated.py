@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch.utils import cpp_extension
 
-from helpers import EDGE_CASES, compare_exact_dtype, compare_half_dtype, make_case
+from helpers import EDGE_CASES, compare_exact_dtype, compare_half_dtype, make_case, weighted_grad
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -79,8 +79,19 @@ def test_shapes(dtype, shape):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-def test_half_precision(dtype):
-    compare_half_dtype(emulated_loss, make_case(100, 130, 25, 8, dtype=dtype, seed=1), **PARAMS)
+@pytest.mark.parametrize("shape", [(100, 130, 25, 8), (64, 128, 33, 8)], ids=lambda s: "x".join(map(str, s)))
+def test_half_precision(dtype, shape):
+    compare_half_dtype(emulated_loss, make_case(*shape, dtype=dtype, seed=1), **PARAMS)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_vector_and_element_access_give_the_same_bits(dtype):
+    """Rows that start off a vector boundary are read element by element, in the same arithmetic order."""
+    case = make_case(70, 64, 25, 8, dtype=dtype, seed=7)
+    aligned = weighted_grad(emulated_loss, case, **PARAMS)
+    shifted = torch.empty(case["z"].numel() + 1, dtype=dtype)[1:].view_as(case["z"]).copy_(case["z"])
+    assert shifted.is_contiguous() and shifted.data_ptr() % 8 != 0
+    torch.testing.assert_close(weighted_grad(emulated_loss, dict(case, z=shifted), **PARAMS), aligned, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("name", sorted(EDGE_CASES))

@@ -1,15 +1,17 @@
 // CUDA kernels of the fused Proto-KD + D-Geo op.
 //
-// Forward, in five launches with no host synchronisation:
+// Forward, in six launches with no host synchronisation:
 //   unit_protos_kernel   p^ = p / max(||p||, eps)
-//   forward_rows_kernel  a warp takes ROWS rows at once (each prototype value it loads serves ROWS rows):
-//                        norms, cosines, log-softmax and the row's Proto-KD; then the block adds the tile's
-//                        unit rows into its per-class sums, each thread owning whole columns (no atomics)
+//   forward_rows_kernel  a warp takes ROWS rows at once and the block's warps share each chunk of prototype
+//                        columns staged in shared memory: norms, cosines, log-softmax and the row's Proto-KD;
+//                        per block, the class counts and sums of ||u||^2
+//   class_sums_kernel    per block of rows, the class sums of u, a thread per column (no atomics)
 //   class_mean_kernel    block partials summed in block order
 //   losses_kernel        variances, the variance cap, pair distances, the margin, the Proto-KD mean
 //   margin_coef_kernel   d margin / d u_i for a member of each class
-// Backward is one streaming pass over z (backward_kernel). Every reduction has a fixed order, so results
-// are bitwise reproducible run to run.
+// Backward is one kernel: a pass over each row for u . dU, then one for dU and dz with the prototypes staged
+// as in the forward. Rows are read kPack columns to a lane, as vectors where the rows are aligned. Every
+// reduction has a fixed order, so results are bitwise reproducible run to run.
 // tests/cuda_emulation compiles this file as host C++ too, with NGD_CUDA_EMULATION defined and an emulator of
 // threads, warps and blocks standing in for the CUDA runtime: CPU-only CI runs these kernels that way.
 #include <ATen/ATen.h>
@@ -18,6 +20,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdint>
+#include <initializer_list>
 #include <type_traits>
 
 #include "../proto_dgeo.h"
@@ -53,8 +57,8 @@ constexpr unsigned kFullMask = 0xffffffffu;
 constexpr int kMaxProtos = 64;
 // The row kernel's grid depends on B alone, so the order of every sum is the same on every GPU.
 constexpr int64_t kMaxRowBlocks = 264;
-// Per-block class sums live in shared memory up to this size, in a global workspace beyond it.
-constexpr size_t kMaxSharedClassSums = 96 * 1024;
+// class_sums_kernel keeps its per-class sums in shared memory up to this size, in its output beyond it.
+constexpr size_t kMaxSharedClassSums = 48 * 1024;
 
 template <typename T>
 __device__ __forceinline__ T larger(T a, T b) {
@@ -114,54 +118,120 @@ __global__ void unit_protos_kernel(const acc_t* __restrict__ protos, acc_t* __re
   }
 }
 
-// Offsets into the row kernel's dynamic shared memory, widest types first.
-struct RowsShared {
-  __host__ __device__ RowsShared(int tile_rows, int num_classes, int64_t dim, size_t acc_size, bool class_sums) {
-    class_sq = 0;
-    kd = class_sq + num_classes * sizeof(double);
-    tile_values = kd + sizeof(double);
-    class_sum = tile_values + 3 * tile_rows * acc_size;
-    tile_label = class_sum + (class_sums ? num_classes * dim * acc_size : 0);
-    class_count = tile_label + tile_rows * sizeof(int);
-    bytes = class_count + num_classes * sizeof(int);
-  }
-  size_t class_sq, kd, tile_values, class_sum, tile_label, class_count, bytes;
+// Columns go kPack to a lane: a warp covers kStepColumns consecutive columns of a row per step.
+constexpr int kPack = 4;
+constexpr int kStepColumns = kWarp * kPack;
+
+// kPack consecutive elements, read or written as one access (two for double).
+template <typename T>
+struct alignas(kPack * sizeof(T) < 16 ? kPack * sizeof(T) : 16) Pack {
+  T value[kPack];
 };
 
-template <typename scalar_t, typename acc_t, int KMAX, int ROWS>
+// Columns [d, d + kPack) of a row in acc_t, zero past dim. kAligned (dim % kPack == 0 and the rows start on
+// a Pack boundary): one vector access; otherwise element by element. The arithmetic that follows is the same
+// either way, so both give the same bits.
+template <bool kAligned, typename scalar_t, typename acc_t>
+__device__ __forceinline__ void load_columns(const scalar_t* __restrict__ row, int64_t d, int64_t dim,
+                                             acc_t (&out)[kPack]) {
+  if constexpr (kAligned) {
+    const Pack<scalar_t> pack = *reinterpret_cast<const Pack<scalar_t>*>(row + d);
+#pragma unroll
+    for (int v = 0; v < kPack; ++v) out[v] = static_cast<acc_t>(pack.value[v]);
+  } else {
+#pragma unroll
+    for (int v = 0; v < kPack; ++v) out[v] = d + v < dim ? static_cast<acc_t>(row[d + v]) : acc_t(0);
+  }
+}
+
+template <bool kAligned, typename scalar_t, typename acc_t>
+__device__ __forceinline__ void store_columns(scalar_t* __restrict__ row, int64_t d, int64_t dim,
+                                              const acc_t (&in)[kPack]) {
+  if constexpr (kAligned) {
+    Pack<scalar_t> pack;
+#pragma unroll
+    for (int v = 0; v < kPack; ++v) pack.value[v] = static_cast<scalar_t>(in[v]);
+    *reinterpret_cast<Pack<scalar_t>*>(row + d) = pack;
+  } else {
+#pragma unroll
+    for (int v = 0; v < kPack; ++v) {
+      if (d + v < dim) row[d + v] = static_cast<scalar_t>(in[v]);
+    }
+  }
+}
+
+// The prototypes go through shared memory in chunks of columns, so that each value read from L2 serves the
+// block's kWarps * ROWS rows, not one warp's ROWS: at D = 2048 the prototypes (K x D) do not fit in L1.
+template <typename acc_t, int KMAX>
+__host__ __device__ constexpr int chunk_columns() {
+  return KMAX * kStepColumns * sizeof(acc_t) <= 16 * 1024 ? 2 * kStepColumns : kStepColumns;
+}
+
+// Zero past dim and past num_protos.
+template <typename acc_t, int KMAX>
+__device__ __forceinline__ void stage_prototypes(const acc_t* __restrict__ unit_protos, acc_t* chunk_protos,
+                                                 int num_protos, int64_t dim, int64_t chunk) {
+  constexpr int kChunk = chunk_columns<acc_t, KMAX>();
+  __syncthreads();  // every warp is done with the previous chunk
+  for (int i = threadIdx.x; i < KMAX * kChunk; i += kThreads) {
+    const int k = i / kChunk;
+    const int64_t d = chunk + i % kChunk;
+    chunk_protos[i] = k < num_protos && d < dim ? unit_protos[k * dim + d] : acc_t(0);
+  }
+  __syncthreads();
+}
+
+// Prototype k's kPack values at a lane's columns of the staged chunk (`column` points at the first of them in
+// prototype 0's row).
+template <typename acc_t, int KMAX>
+__device__ __forceinline__ Pack<acc_t> staged_prototype(const acc_t* column, int k) {
+  return *reinterpret_cast<const Pack<acc_t>*>(column + k * chunk_columns<acc_t, KMAX>());
+}
+
+// Offsets into the row kernel's dynamic shared memory, widest types first.
+struct RowsShared {
+  __host__ __device__ RowsShared(int chunk_elements, int num_classes, size_t acc_size) {
+    chunk_protos = 0;
+    warp_sq = chunk_protos + chunk_elements * acc_size;
+    warp_kd = warp_sq + kWarps * num_classes * sizeof(double);
+    warp_count = warp_kd + kWarps * sizeof(double);
+    bytes = warp_count + kWarps * num_classes * sizeof(int);
+  }
+  size_t chunk_protos, warp_sq, warp_kd, warp_count, bytes;
+};
+
+// Block b owns rows [b * rows_per_block, (b + 1) * rows_per_block) and goes through them a tile of
+// kWarps * ROWS rows at a time, each warp taking ROWS rows at once. Per row: the norm, the cosines, the
+// log-sum-exp and the Proto-KD term; per block: the class counts, the class sums of ||u||^2 and the Proto-KD
+// sum, each warp adding its own rows in order and the block adding its warps in order.
+template <typename scalar_t, typename acc_t, int KMAX, int ROWS, bool kAligned>
 __global__ void __launch_bounds__(kThreads)
     forward_rows_kernel(const scalar_t* __restrict__ z, const acc_t* __restrict__ unit_protos,
                         const acc_t* __restrict__ target, const int64_t* __restrict__ labels,
                         acc_t* __restrict__ cosines, acc_t* __restrict__ lses, acc_t* __restrict__ norms,
-                        acc_t* __restrict__ block_class_sum,
                         int* __restrict__ block_count, double* __restrict__ block_sq, double* __restrict__ block_kd,
                         int64_t batch, int64_t dim, int num_protos, int num_classes, int64_t rows_per_block,
-                        acc_t inv_tau, bool class_sums_in_shared) {
+                        acc_t inv_tau) {
   constexpr int kGroups = KMAX / kWarp;
   constexpr int kTileRows = kWarps * ROWS;
+  constexpr int kChunk = chunk_columns<acc_t, KMAX>();
   NGD_DYNAMIC_SHARED(shared);
-  const RowsShared layout(kTileRows, num_classes, dim, sizeof(acc_t), class_sums_in_shared);
-  double* class_sq = reinterpret_cast<double*>(shared + layout.class_sq);
-  double* kd_sum = reinterpret_cast<double*>(shared + layout.kd);
-  acc_t* tile_inv_length = reinterpret_cast<acc_t*>(shared + layout.tile_values);
-  acc_t* tile_sq = tile_inv_length + kTileRows;
-  acc_t* tile_kd = tile_sq + kTileRows;
-  int* tile_label = reinterpret_cast<int*>(shared + layout.tile_label);
-  int* class_count = reinterpret_cast<int*>(shared + layout.class_count);
-  acc_t* class_sum = class_sums_in_shared ? reinterpret_cast<acc_t*>(shared + layout.class_sum)
-                                          : block_class_sum + blockIdx.x * num_classes * dim;
+  const RowsShared layout(KMAX * kChunk, num_classes, sizeof(acc_t));
+  acc_t* chunk_protos = reinterpret_cast<acc_t*>(shared + layout.chunk_protos);
+  double* warp_sq = reinterpret_cast<double*>(shared + layout.warp_sq);
+  double* warp_kd = reinterpret_cast<double*>(shared + layout.warp_kd);
+  int* warp_count = reinterpret_cast<int*>(shared + layout.warp_count);
 
   const int warp = threadIdx.x / kWarp;
   const int lane = threadIdx.x % kWarp;
   const int64_t row_begin = blockIdx.x * rows_per_block;
   const int64_t row_end = min(batch, row_begin + rows_per_block);
 
-  for (int64_t i = threadIdx.x; i < num_classes * dim; i += kThreads) class_sum[i] = 0;
-  for (int c = threadIdx.x; c < num_classes; c += kThreads) {
-    class_count[c] = 0;
-    class_sq[c] = 0;
+  for (int i = threadIdx.x; i < kWarps * num_classes; i += kThreads) {
+    warp_sq[i] = 0;
+    warp_count[i] = 0;
   }
-  if (threadIdx.x == 0) *kd_sum = 0;
+  if (threadIdx.x < kWarps) warp_kd[threadIdx.x] = 0;
   __syncthreads();
 
   for (int64_t tile = row_begin; tile < row_end; tile += kTileRows) {
@@ -174,36 +244,51 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
       for (int k = 0; k < KMAX; ++k) dot[j * kGroups + k / kWarp][k % kWarp] = 0;
     }
-    for (int64_t d = lane; d < dim; d += kWarp) {
-      acc_t x[ROWS];
+    for (int64_t chunk = 0; chunk < dim; chunk += kChunk) {
+      stage_prototypes<acc_t, KMAX>(unit_protos, chunk_protos, num_protos, dim, chunk);
+      const int64_t chunk_end = min(dim, chunk + kChunk);
+      for (int64_t d = chunk + lane * kPack; d < chunk_end; d += kStepColumns) {
+        acc_t x[ROWS][kPack];
 #pragma unroll
-      for (int j = 0; j < ROWS; ++j) {
-        x[j] = first + j < row_end ? static_cast<acc_t>(z[(first + j) * dim + d]) : acc_t(0);
-        sum_sq[j] += x[j] * x[j];
-      }
+        for (int j = 0; j < ROWS; ++j) {
+          if (first + j < row_end) {
+            load_columns<kAligned>(z + (first + j) * dim, d, dim, x[j]);
+          } else {
 #pragma unroll
-      for (int k = 0; k < KMAX; ++k) {
-        if (k < num_protos) {
-          const acc_t p = unit_protos[k * dim + d];
+            for (int v = 0; v < kPack; ++v) x[j][v] = 0;
+          }
 #pragma unroll
-          for (int j = 0; j < ROWS; ++j) dot[j * kGroups + k / kWarp][k % kWarp] += x[j] * p;
+          for (int v = 0; v < kPack; ++v) sum_sq[j] += x[j][v] * x[j][v];
+        }
+        const acc_t* column = chunk_protos + (d - chunk);
+#pragma unroll
+        for (int k = 0; k < KMAX; ++k) {
+          if (k < num_protos) {
+            const Pack<acc_t> p = staged_prototype<acc_t, KMAX>(column, k);
+#pragma unroll
+            for (int j = 0; j < ROWS; ++j) {
+#pragma unroll
+              for (int v = 0; v < kPack; ++v) dot[j * kGroups + k / kWarp][k % kWarp] += x[j][v] * p.value[v];
+            }
+          }
         }
       }
     }
 
+    // The lane-dependent halves the transposed sums exchange go through local memory (512 bytes per thread,
+    // once per tile); the loop over D above keeps dot in registers.
+    acc_t cosine[ROWS][kGroups];
 #pragma unroll
     for (int j = 0; j < ROWS; ++j) {
-      acc_t cosine[kGroups];
 #pragma unroll
-      for (int g = 0; g < kGroups; ++g) cosine[g] = warp_transpose_sum(dot[j * kGroups + g], lane);
+      for (int g = 0; g < kGroups; ++g) cosine[j][g] = warp_transpose_sum(dot[j * kGroups + g], lane);
       sum_sq[j] = warp_sum(sum_sq[j]);
-      const acc_t length = sqrt_of(sum_sq[j]);
+    }
+#pragma unroll
+    for (int j = 0; j < ROWS; ++j) {
       const int64_t row = first + j;
-      const int slot = warp * ROWS + j;
-      if (row >= row_end) {  // the same for the whole warp
-        if (lane == 0) tile_label[slot] = -1;
-        continue;
-      }
+      if (row >= row_end) break;  // the same for the whole warp, and for every later j
+      const acc_t length = sqrt_of(sum_sq[j]);
       const acc_t inv_length = acc_t(1) / larger(length, static_cast<acc_t>(kNormEps));
       const int64_t label = labels[row];
       CUDA_KERNEL_ASSERT(label >= 0 && label < num_classes && "proto_dgeo_loss: a label is out of range [0, C)");
@@ -211,14 +296,14 @@ __global__ void __launch_bounds__(kThreads)
       acc_t top = -INFINITY;
 #pragma unroll
       for (int g = 0; g < kGroups; ++g) {
-        cosine[g] *= inv_length;
-        if (g * kWarp + lane < num_protos) top = larger(top, cosine[g] * inv_tau);
+        cosine[j][g] *= inv_length;
+        if (g * kWarp + lane < num_protos) top = larger(top, cosine[j][g] * inv_tau);
       }
       top = warp_max(top);
       acc_t total = 0;
 #pragma unroll
       for (int g = 0; g < kGroups; ++g) {
-        if (g * kWarp + lane < num_protos) total += exp_of(cosine[g] * inv_tau - top);
+        if (g * kWarp + lane < num_protos) total += exp_of(cosine[j][g] * inv_tau - top);
       }
       const acc_t lse = top + log_of(warp_sum(total));
       acc_t kd = 0;
@@ -226,48 +311,79 @@ __global__ void __launch_bounds__(kThreads)
       for (int g = 0; g < kGroups; ++g) {
         const int k = g * kWarp + lane;
         if (k < num_protos) {
-          cosines[row * num_protos + k] = cosine[g];
+          cosines[row * num_protos + k] = cosine[j][g];
           const acc_t t = target[label * num_protos + k];
-          if (t > 0) kd += t * (log_of(t) - (cosine[g] * inv_tau - lse));
+          if (t > 0) kd += t * (log_of(t) - (cosine[j][g] * inv_tau - lse));
         }
       }
       kd = warp_sum(kd);
       if (lane == 0) {
         lses[row] = lse;
         norms[row] = length;
-        tile_inv_length[slot] = inv_length;
-        tile_sq[slot] = sum_sq[j] * inv_length * inv_length;
-        tile_kd[slot] = kd;
-        tile_label[slot] = static_cast<int>(label);
+        warp_sq[warp * num_classes + label] += sum_sq[j] * inv_length * inv_length;
+        warp_count[warp * num_classes + label] += 1;
+        warp_kd[warp] += kd;
       }
     }
-    __syncthreads();
-
-    const int tile_rows = static_cast<int>(min(static_cast<int64_t>(kTileRows), row_end - tile));
-    for (int64_t d = threadIdx.x; d < dim; d += kThreads) {
-      for (int r = 0; r < tile_rows; ++r) {
-        class_sum[tile_label[r] * dim + d] += static_cast<acc_t>(z[(tile + r) * dim + d]) * tile_inv_length[r];
-      }
-    }
-    if (threadIdx.x == 0) {
-      for (int r = 0; r < tile_rows; ++r) {
-        class_count[tile_label[r]] += 1;
-        class_sq[tile_label[r]] += tile_sq[r];
-        *kd_sum += tile_kd[r];
-      }
-    }
-    __syncthreads();
   }
+  __syncthreads();
 
-  if (class_sums_in_shared) {
-    acc_t* out = block_class_sum + blockIdx.x * num_classes * dim;
-    for (int64_t i = threadIdx.x; i < num_classes * dim; i += kThreads) out[i] = class_sum[i];
-  }
   for (int c = threadIdx.x; c < num_classes; c += kThreads) {
-    block_count[blockIdx.x * num_classes + c] = class_count[c];
-    block_sq[blockIdx.x * num_classes + c] = class_sq[c];
+    int count = 0;
+    double sq = 0;
+    for (int w = 0; w < kWarps; ++w) {
+      count += warp_count[w * num_classes + c];
+      sq += warp_sq[w * num_classes + c];
+    }
+    block_count[blockIdx.x * num_classes + c] = count;
+    block_sq[blockIdx.x * num_classes + c] = sq;
   }
-  if (threadIdx.x == 0) block_kd[blockIdx.x] = *kd_sum;
+  if (threadIdx.x == 0) {
+    double kd = 0;
+    for (int w = 0; w < kWarps; ++w) kd += warp_kd[w];
+    block_kd[blockIdx.x] = kd;
+  }
+}
+
+// Per row block (the row kernel's) and class, the sum of the block's unit rows u = z / max(||z||, eps):
+// thread x owns column blockIdx.x * blockDim.x + x and walks the block's rows in order, kUnroll loads in
+// flight. Its per-class sums live in shared memory when they fit there, else in place in the output.
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kThreads)
+    class_sums_kernel(const scalar_t* __restrict__ z, const int64_t* __restrict__ labels,
+                      const acc_t* __restrict__ norms, acc_t* __restrict__ block_class_sum, int64_t batch,
+                      int64_t dim, int num_classes, int64_t rows_per_block, bool sums_in_shared) {
+  constexpr int kUnroll = 8;
+  NGD_DYNAMIC_SHARED(shared);
+  const int64_t d = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (d >= dim) return;
+  acc_t* block_out = block_class_sum + blockIdx.y * num_classes * dim + d;
+  acc_t* sum = sums_in_shared ? reinterpret_cast<acc_t*>(shared) + threadIdx.x : block_out;
+  const int64_t stride = sums_in_shared ? static_cast<int64_t>(blockDim.x) : dim;
+  for (int c = 0; c < num_classes; ++c) sum[c * stride] = 0;
+
+  const int64_t row_begin = blockIdx.y * rows_per_block;
+  const int64_t row_end = min(batch, row_begin + rows_per_block);
+  for (int64_t row = row_begin; row < row_end; row += kUnroll) {
+    acc_t u[kUnroll];
+#pragma unroll
+    for (int i = 0; i < kUnroll; ++i) {
+      u[i] = row + i < row_end ? static_cast<acc_t>(z[(row + i) * dim + d]) *
+                                     (acc_t(1) / larger(norms[row + i], static_cast<acc_t>(kNormEps)))
+                               : acc_t(0);
+    }
+#pragma unroll
+    for (int i = 0; i < kUnroll; ++i) {
+      if (row + i < row_end) {
+        const int64_t label = labels[row + i];
+        CUDA_KERNEL_ASSERT(label >= 0 && label < num_classes && "proto_dgeo_loss: a label is out of range [0, C)");
+        sum[label * stride] += u[i];
+      }
+    }
+  }
+  if (sums_in_shared) {
+    for (int c = 0; c < num_classes; ++c) block_out[c * dim] = sum[c * stride];
+  }
 }
 
 // The loops over block partials are unrolled so that several loads are in flight; the additions keep block
@@ -385,7 +501,10 @@ __global__ void margin_coef_kernel(const double* __restrict__ mean, const double
   margin_coef[a * dim + d] = static_cast<acc_t>(count > 0 ? grad / count : 0.0);
 }
 
-template <typename scalar_t, typename acc_t, int KMAX, int ROWS>
+// The block takes kWarps * ROWS rows at a time (a grid-stride loop over tiles), each warp ROWS rows at once.
+// Per row: d loss / d s_ik for every k (in every lane), and u . dU in one pass over the row; then, chunk by
+// chunk of prototypes through shared memory, dU and dz = (dU - u (u . dU)) / ||z||.
+template <typename scalar_t, typename acc_t, int KMAX, int ROWS, bool kAligned>
 __global__ void __launch_bounds__(kThreads)
     backward_kernel(const acc_t* __restrict__ grad_proto_kd, const acc_t* __restrict__ grad_var_cap,
                     const acc_t* __restrict__ grad_margin, const scalar_t* __restrict__ z,
@@ -396,24 +515,30 @@ __global__ void __launch_bounds__(kThreads)
                     scalar_t* __restrict__ grad_z, int64_t batch, int64_t dim, int num_protos, int num_classes,
                     acc_t inv_tau) {
   constexpr int kGroups = KMAX / kWarp;
+  constexpr int kTileRows = kWarps * ROWS;
+  constexpr int kChunk = chunk_columns<acc_t, KMAX>();
+  NGD_DYNAMIC_SHARED(shared);
+  acc_t* chunk_protos = reinterpret_cast<acc_t*>(shared);
+  const int warp = threadIdx.x / kWarp;
   const int lane = threadIdx.x % kWarp;
-  const int64_t warps_in_grid = static_cast<int64_t>(gridDim.x) * kWarps;
   const acc_t kd_scale = *grad_proto_kd * inv_tau / static_cast<acc_t>(batch);
   const acc_t var_scale = *grad_var_cap;
   const acc_t margin_scale = *grad_margin;
 
-  for (int64_t first = (blockIdx.x * static_cast<int64_t>(kWarps) + threadIdx.x / kWarp) * ROWS; first < batch;
-       first += warps_in_grid * ROWS) {
+  for (int64_t tile = blockIdx.x * static_cast<int64_t>(kTileRows); tile < batch;
+       tile += static_cast<int64_t>(gridDim.x) * kTileRows) {
+    const int64_t first = tile + warp * ROWS;
     acc_t cosine_grad[ROWS][KMAX];  // d loss / d s_ik, every k in every lane
-    acc_t inv_length[ROWS], spread[ROWS], radial[ROWS];
-    int64_t label[ROWS];
-    bool live[ROWS];
+    acc_t inv_length[ROWS], spread[ROWS], proto_radial[ROWS];
+    const acc_t* mu[ROWS];
+    const acc_t* margin_row[ROWS];
+    bool live[ROWS], on_sphere[ROWS];
 #pragma unroll
     for (int j = 0; j < ROWS; ++j) {
       const int64_t row = first + j;
       live[j] = row < batch;
-      label[j] = live[j] ? labels[row] : 0;
-      CUDA_KERNEL_ASSERT(label[j] >= 0 && label[j] < num_classes && "proto_dgeo_loss: a label is out of range [0, C)");
+      const int64_t label = live[j] ? labels[row] : 0;
+      CUDA_KERNEL_ASSERT(label >= 0 && label < num_classes && "proto_dgeo_loss: a label is out of range [0, C)");
       acc_t s[kGroups], t[kGroups];
       acc_t mass = 0;
 #pragma unroll
@@ -421,66 +546,103 @@ __global__ void __launch_bounds__(kThreads)
         const int k = g * kWarp + lane;
         const bool used = live[j] && k < num_protos;
         s[g] = used ? cosines[row * num_protos + k] : acc_t(0);
-        t[g] = used ? target[label[j] * num_protos + k] : acc_t(0);
+        t[g] = used ? target[label * num_protos + k] : acc_t(0);
         mass += t[g];
       }
       mass = warp_sum(mass);
       const acc_t lse = live[j] ? lses[row] : acc_t(0);
-      acc_t proto_radial = 0;  // u . sum_k g_k p^_k = sum_k g_k s_k
+      acc_t radial = 0;  // u . sum_k g_k p^_k = sum_k g_k s_k
 #pragma unroll
       for (int g = 0; g < kGroups; ++g) {
         const bool used = live[j] && g * kWarp + lane < num_protos;
         const acc_t grad = used ? kd_scale * (exp_of(s[g] * inv_tau - lse) * mass - t[g]) : acc_t(0);
-        proto_radial += grad * s[g];
+        radial += grad * s[g];
 #pragma unroll
         for (int source = 0; source < kWarp; ++source) {
           cosine_grad[j][g * kWarp + source] = __shfl_sync(kFullMask, grad, source);
         }
       }
-      proto_radial = warp_sum(proto_radial);
-
+      proto_radial[j] = warp_sum(radial);
       const acc_t length = live[j] ? norms[row] : acc_t(1);
       inv_length[j] = acc_t(1) / larger(length, static_cast<acc_t>(kNormEps));
-      spread[j] = var_scale * var_coef[label[j]];
-      const acc_t* mu = class_mean + label[j] * dim;
-      const acc_t* margin_row = margin_coef + label[j] * dim;
-      acc_t unit_sq = 0, unit_mu = 0, unit_margin = 0;
-      if (live[j]) {
-        for (int64_t d = lane; d < dim; d += kWarp) {
-          const acc_t u = static_cast<acc_t>(z[row * dim + d]) * inv_length[j];
-          unit_sq += u * u;
-          unit_mu += u * mu[d];
-          unit_margin += u * margin_row[d];
-        }
-      }
-      unit_sq = warp_sum(unit_sq);
-      unit_mu = warp_sum(unit_mu);
-      unit_margin = warp_sum(unit_margin);
       // Below the norm floor u = z / eps is linear in z: no projection.
-      const bool on_sphere = length >= static_cast<acc_t>(kNormEps);
-      radial[j] = on_sphere ? proto_radial + spread[j] * (unit_sq - unit_mu) + margin_scale * unit_margin : acc_t(0);
+      on_sphere[j] = length >= static_cast<acc_t>(kNormEps);
+      spread[j] = var_scale * var_coef[label];
+      mu[j] = class_mean + label * dim;
+      margin_row[j] = margin_coef + label * dim;
     }
 
-    for (int64_t d = lane; d < dim; d += kWarp) {
-      acc_t du[ROWS], u[ROWS];
+    // u . dU less its prototype part (known from the cosines): every row of the warp in one pass over D.
+    acc_t unit_sq[ROWS], unit_mu[ROWS], unit_margin[ROWS];
+#pragma unroll
+    for (int j = 0; j < ROWS; ++j) unit_sq[j] = unit_mu[j] = unit_margin[j] = 0;
+    for (int64_t d = lane * kPack; d < dim; d += kStepColumns) {
 #pragma unroll
       for (int j = 0; j < ROWS; ++j) {
-        const int64_t row = first + j;
-        u[j] = live[j] ? static_cast<acc_t>(z[row * dim + d]) * inv_length[j] : acc_t(0);
-        du[j] = live[j] ? spread[j] * (u[j] - class_mean[label[j] * dim + d]) + margin_scale * margin_coef[label[j] * dim + d]
-                        : acc_t(0);
-      }
+        if (!live[j]) continue;
+        acc_t x[kPack], m[kPack], g[kPack];
+        load_columns<kAligned>(z + (first + j) * dim, d, dim, x);
+        load_columns<kAligned>(mu[j], d, dim, m);
+        load_columns<kAligned>(margin_row[j], d, dim, g);
 #pragma unroll
-      for (int k = 0; k < KMAX; ++k) {
-        if (k < num_protos) {
-          const acc_t p = unit_protos[k * dim + d];
-#pragma unroll
-          for (int j = 0; j < ROWS; ++j) du[j] += cosine_grad[j][k] * p;
+        for (int v = 0; v < kPack; ++v) {
+          const acc_t u = x[v] * inv_length[j];
+          unit_sq[j] += u * u;
+          unit_mu[j] += u * m[v];
+          unit_margin[j] += u * g[v];
         }
       }
+    }
+    acc_t radial[ROWS];
 #pragma unroll
-      for (int j = 0; j < ROWS; ++j) {
-        if (live[j]) grad_z[(first + j) * dim + d] = static_cast<scalar_t>((du[j] - u[j] * radial[j]) * inv_length[j]);
+    for (int j = 0; j < ROWS; ++j) {
+      const acc_t rest = spread[j] * (warp_sum(unit_sq[j]) - warp_sum(unit_mu[j])) +
+                         margin_scale * warp_sum(unit_margin[j]);
+      radial[j] = on_sphere[j] ? proto_radial[j] + rest : acc_t(0);
+    }
+
+    for (int64_t chunk = 0; chunk < dim; chunk += kChunk) {
+      stage_prototypes<acc_t, KMAX>(unit_protos, chunk_protos, num_protos, dim, chunk);
+      const int64_t chunk_end = min(dim, chunk + kChunk);
+      for (int64_t d = chunk + lane * kPack; d < chunk_end; d += kStepColumns) {
+        acc_t u[ROWS][kPack], du[ROWS][kPack];
+#pragma unroll
+        for (int j = 0; j < ROWS; ++j) {
+          acc_t x[kPack], m[kPack], g[kPack];
+          if (live[j]) {
+            load_columns<kAligned>(z + (first + j) * dim, d, dim, x);
+            load_columns<kAligned>(mu[j], d, dim, m);
+            load_columns<kAligned>(margin_row[j], d, dim, g);
+          } else {
+#pragma unroll
+            for (int v = 0; v < kPack; ++v) x[v] = m[v] = g[v] = 0;
+          }
+#pragma unroll
+          for (int v = 0; v < kPack; ++v) {
+            u[j][v] = x[v] * inv_length[j];
+            du[j][v] = spread[j] * (u[j][v] - m[v]) + margin_scale * g[v];
+          }
+        }
+        const acc_t* column = chunk_protos + (d - chunk);
+#pragma unroll
+        for (int k = 0; k < KMAX; ++k) {
+          if (k < num_protos) {
+            const Pack<acc_t> p = staged_prototype<acc_t, KMAX>(column, k);
+#pragma unroll
+            for (int j = 0; j < ROWS; ++j) {
+#pragma unroll
+              for (int v = 0; v < kPack; ++v) du[j][v] += cosine_grad[j][k] * p.value[v];
+            }
+          }
+        }
+#pragma unroll
+        for (int j = 0; j < ROWS; ++j) {
+          if (!live[j]) continue;
+          acc_t out[kPack];
+#pragma unroll
+          for (int v = 0; v < kPack; ++v) out[v] = (du[j][v] - u[j][v] * radial[j]) * inv_length[j];
+          store_columns<kAligned>(grad_z + (first + j) * dim, d, dim, out);
+        }
       }
     }
   }
@@ -508,7 +670,13 @@ struct ForwardOutputs {
   at::Tensor proto_kd, var_cap_loss, margin_loss, cosines, lse, norms, var_coef, class_mean, margin_coef;
 };
 
-template <typename scalar_t, int KMAX, int ROWS>
+// Kernels that need more than the default 48 KiB of dynamic shared memory must ask for it.
+template <typename Kernel>
+void allow_shared_bytes(Kernel kernel, size_t bytes) {
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
+}
+
+template <typename scalar_t, int KMAX, int ROWS, bool kAligned>
 ForwardOutputs forward_cuda_typed(const at::Tensor& z, const at::Tensor& unit_protos, const at::Tensor& target,
                                   const at::Tensor& labels, const at::Tensor& positive, double tau, double var_cap,
                                   double margin, cudaStream_t stream) {
@@ -544,17 +712,21 @@ ForwardOutputs forward_cuda_typed(const at::Tensor& z, const at::Tensor& unit_pr
   auto pair_coef = at::empty({num_classes, num_classes}, wide);
   auto pair_loss = at::empty({num_classes, num_classes}, wide);
 
-  const bool class_sums_in_shared = num_classes * dim * sizeof(acc_t) <= kMaxSharedClassSums;
-  const size_t shared_bytes = RowsShared(tile_rows, num_classes, dim, sizeof(acc_t), class_sums_in_shared).bytes;
-  auto rows_kernel = forward_rows_kernel<scalar_t, acc_t, KMAX, ROWS>;
-  C10_CUDA_CHECK(cudaFuncSetAttribute(rows_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                      static_cast<int>(shared_bytes)));
-  launch(rows_kernel, num_blocks, kThreads, shared_bytes, stream,
+  const size_t rows_shared = RowsShared(KMAX * chunk_columns<acc_t, KMAX>(), num_classes, sizeof(acc_t)).bytes;
+  const auto rows_kernel = forward_rows_kernel<scalar_t, acc_t, KMAX, ROWS, kAligned>;
+  allow_shared_bytes(rows_kernel, rows_shared);
+  launch(rows_kernel, num_blocks, kThreads, rows_shared, stream,
       z.data_ptr<scalar_t>(), unit_protos.data_ptr<acc_t>(), target.data_ptr<acc_t>(), labels.data_ptr<int64_t>(),
       out.cosines.data_ptr<acc_t>(), out.lse.data_ptr<acc_t>(), out.norms.data_ptr<acc_t>(),
-      block_class_sum.data_ptr<acc_t>(),
       block_count.data_ptr<int>(), block_sq.data_ptr<double>(), block_kd.data_ptr<double>(), batch, dim, num_protos,
-      num_classes, rows_per_block, static_cast<acc_t>(1.0 / tau), class_sums_in_shared);
+      num_classes, rows_per_block, static_cast<acc_t>(1.0 / tau));
+
+  const bool sums_in_shared = num_classes * kThreads * sizeof(acc_t) <= kMaxSharedClassSums;
+  const dim3 sums_grid(static_cast<unsigned>(ceil_div(dim, kThreads)), static_cast<unsigned>(num_blocks));
+  launch(class_sums_kernel<scalar_t, acc_t>, sums_grid, kThreads,
+      sums_in_shared ? num_classes * kThreads * sizeof(acc_t) : 0, stream,
+      z.data_ptr<scalar_t>(), labels.data_ptr<int64_t>(), out.norms.data_ptr<acc_t>(),
+      block_class_sum.data_ptr<acc_t>(), batch, dim, num_classes, rows_per_block, sums_in_shared);
 
   const dim3 class_grid(static_cast<unsigned>(ceil_div(dim, kThreads)), static_cast<unsigned>(num_classes));
   launch(class_mean_kernel<acc_t>, class_grid, kThreads, 0, stream,
@@ -574,7 +746,7 @@ ForwardOutputs forward_cuda_typed(const at::Tensor& z, const at::Tensor& unit_pr
   return out;
 }
 
-template <typename scalar_t, int KMAX, int ROWS>
+template <typename scalar_t, int KMAX, int ROWS, bool kAligned>
 void backward_cuda_typed(const at::Tensor& grad_proto_kd, const at::Tensor& grad_var_cap,
                          const at::Tensor& grad_margin, const at::Tensor& z, const at::Tensor& unit_protos,
                          const at::Tensor& target, const at::Tensor& labels, const at::Tensor& cosines,
@@ -583,15 +755,16 @@ void backward_cuda_typed(const at::Tensor& grad_proto_kd, const at::Tensor& grad
                          cudaStream_t stream) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t batch = z.size(0);
-  const int64_t blocks = ceil_div(ceil_div(batch, ROWS), kWarps);
-  launch(backward_kernel<scalar_t, acc_t, KMAX, ROWS>, static_cast<unsigned>(std::min<int64_t>(blocks, 1 << 20)),
-      kThreads, 0, stream,
+  const int64_t blocks = ceil_div(batch, kWarps * ROWS);
+  const size_t shared_bytes = KMAX * chunk_columns<acc_t, KMAX>() * sizeof(acc_t);
+  const auto kernel = backward_kernel<scalar_t, acc_t, KMAX, ROWS, kAligned>;
+  allow_shared_bytes(kernel, shared_bytes);
+  launch(kernel, static_cast<unsigned>(std::min<int64_t>(blocks, 1 << 20)), kThreads, shared_bytes, stream,
       grad_proto_kd.data_ptr<acc_t>(), grad_var_cap.data_ptr<acc_t>(), grad_margin.data_ptr<acc_t>(),
       z.data_ptr<scalar_t>(), unit_protos.data_ptr<acc_t>(), target.data_ptr<acc_t>(), labels.data_ptr<int64_t>(),
       cosines.data_ptr<acc_t>(), lses.data_ptr<acc_t>(), norms.data_ptr<acc_t>(), var_coef.data_ptr<acc_t>(),
-      class_mean.data_ptr<acc_t>(),
-      margin_coef.data_ptr<acc_t>(), grad_z.data_ptr<scalar_t>(), batch, z.size(1), static_cast<int>(unit_protos.size(0)),
-      static_cast<int>(target.size(0)), static_cast<acc_t>(1.0 / tau));
+      class_mean.data_ptr<acc_t>(), margin_coef.data_ptr<acc_t>(), grad_z.data_ptr<scalar_t>(), batch, z.size(1),
+      static_cast<int>(unit_protos.size(0)), static_cast<int>(target.size(0)), static_cast<acc_t>(1.0 / tau));
 }
 
 template <int KMAX, int ROWS>
@@ -600,16 +773,32 @@ struct TileShape {
   static constexpr int kRows = ROWS;
 };
 
-// Calls run(TileShape<KMAX, ROWS>{}): register tiles sized to the prototype count and the dtype.
+// Calls run(TileShape<KMAX, ROWS>{}, std::bool_constant<aligned>{}): register tiles sized to the prototype
+// count and the dtype, and vector accesses where the caller found every row of its operands aligned.
 template <typename scalar_t, typename Run>
-void with_tile_shape(int64_t num_protos, Run&& run) {
+void with_kernel_shape(int64_t num_protos, bool aligned, Run&& run) {
+  const auto with_alignment = [&](auto tile) {
+    if (aligned) {
+      run(tile, std::true_type{});
+    } else {
+      run(tile, std::false_type{});
+    }
+  };
   if constexpr (std::is_same<scalar_t, double>::value) {
-    run(TileShape<64, 1>{});
+    with_alignment(TileShape<64, 1>{});
   } else if (num_protos <= 32) {
-    run(TileShape<32, 4>{});
+    with_alignment(TileShape<32, 4>{});
   } else {
-    run(TileShape<64, 2>{});
+    with_alignment(TileShape<64, 2>{});
   }
+}
+
+// Whether the rows of these D-wide operands all start on a Pack boundary.
+template <typename scalar_t>
+bool rows_aligned(int64_t dim, std::initializer_list<const void*> bases) {
+  return dim % kPack == 0 && std::all_of(bases.begin(), bases.end(), [](const void* base) {
+           return reinterpret_cast<uintptr_t>(base) % alignof(Pack<scalar_t>) == 0;
+         });
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
@@ -629,10 +818,11 @@ proto_dgeo_fwd_cuda(const at::Tensor& z_in, const at::Tensor& protos, const at::
   const auto unit_protos = unit_prototypes(protos, acc_dtype, stream);
   ForwardOutputs out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "proto_dgeo_fwd_cuda", [&] {
-    with_tile_shape<scalar_t>(protos.size(0), [&](auto shape) {
+    const bool aligned = rows_aligned<scalar_t>(z.size(1), {z.data_ptr()});
+    with_kernel_shape<scalar_t>(protos.size(0), aligned, [&](auto shape, auto vectors) {
       using Shape = decltype(shape);
-      out = forward_cuda_typed<scalar_t, Shape::kMaxProtos, Shape::kRows>(z, unit_protos, target, labels, positive,
-                                                                          tau, var_cap, margin, stream);
+      out = forward_cuda_typed<scalar_t, Shape::kMaxProtos, Shape::kRows, decltype(vectors)::value>(
+          z, unit_protos, target, labels, positive, tau, var_cap, margin, stream);
     });
   });
   return {out.proto_kd, out.var_cap_loss, out.margin_loss, out.cosines, out.lse,
@@ -653,14 +843,18 @@ at::Tensor proto_dgeo_bwd_cuda(const at::Tensor& grad_proto_kd, const at::Tensor
   const auto target = target_in.to(acc_dtype).contiguous();
   const auto unit_protos = unit_prototypes(protos, acc_dtype, stream);
   const auto as_acc = [&](const at::Tensor& t) { return t.to(acc_dtype).contiguous(); };
+  const auto class_means = as_acc(class_mean), margin_coefs = as_acc(margin_coef);
   auto grad_z = at::empty({z.size(0), z.size(1)}, z.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "proto_dgeo_bwd_cuda", [&] {
-    with_tile_shape<scalar_t>(protos.size(0), [&](auto shape) {
+    const bool aligned = rows_aligned<scalar_t>(z.size(1), {z.data_ptr(), grad_z.data_ptr()}) &&
+                         rows_aligned<at::opmath_type<scalar_t>>(z.size(1),
+                                                                 {class_means.data_ptr(), margin_coefs.data_ptr()});
+    with_kernel_shape<scalar_t>(protos.size(0), aligned, [&](auto shape, auto vectors) {
       using Shape = decltype(shape);
-      backward_cuda_typed<scalar_t, Shape::kMaxProtos, Shape::kRows>(as_acc(grad_proto_kd), as_acc(grad_var_cap), as_acc(grad_margin), z,
-                                                unit_protos, target, labels, as_acc(cosines), as_acc(lses), as_acc(norms),
-                                                as_acc(var_coef), as_acc(class_mean), as_acc(margin_coef), grad_z, tau,
-                                                stream);
+      backward_cuda_typed<scalar_t, Shape::kMaxProtos, Shape::kRows, decltype(vectors)::value>(
+          as_acc(grad_proto_kd), as_acc(grad_var_cap), as_acc(grad_margin), z, unit_protos, target, labels,
+          as_acc(cosines), as_acc(lses), as_acc(norms), as_acc(var_coef), class_means, margin_coefs, grad_z, tau,
+          stream);
     });
   });
   return grad_z;
