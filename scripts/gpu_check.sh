@@ -48,6 +48,7 @@ step "benchmark"
 timeout 200 "$python" benchmarks/bench_proto_dgeo.py --device cuda --compile-dynamic --time-budget 130 \
   --out "$out/bench_cuda.json" > "$out/bench.log" 2>&1
 echo "benchmark exit $?" | tee -a "$out/summary.txt"
+sed -n '/^dtype /,$p' "$out/bench.log" | tee -a "$out/summary.txt"
 
 step "compute-sanitizer"
 for tool in memcheck racecheck; do

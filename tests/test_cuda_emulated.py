@@ -132,6 +132,19 @@ def test_label_out_of_range_trips_the_device_assertion():
         emulated_loss(*case.values(), **PARAMS)
 
 
+def test_many_classes():
+    """300 classes: the row kernel needs more than the default 48 KiB of shared memory, and the class sums go
+    to the output, not shared memory."""
+    case = make_case(40, 16, 25, 300, labels=[i % 20 for i in range(40)], seed=8)
+    compare_exact_dtype(emulated_loss, case, gpu=True, **PARAMS)
+
+
+def test_too_many_classes():
+    case = make_case(10, 8, 25, 1025, seed=9)
+    with pytest.raises(ValueError, match="at most 1024 classes, got target with C = 1025"):
+        emulated_loss(*case.values(), **PARAMS)
+
+
 def test_too_many_prototypes():
     case = make_case(10, 8, 65, 8, seed=6)
     with pytest.raises(ValueError, match="at most 64 prototypes, got protos with K = 65"):

@@ -55,6 +55,9 @@ constexpr int kWarps = 8;
 constexpr int kThreads = kWarp * kWarps;
 constexpr unsigned kFullMask = 0xffffffffu;
 constexpr int kMaxProtos = 64;
+// The row kernel keeps per-warp class counts and sums of ||u||^2 in shared memory, 12 bytes per class and
+// warp: 96 KiB at this many classes, beside 32 KiB (64 KiB in float64) of staged prototypes.
+constexpr int kMaxClasses = 1024;
 // The row kernel's grid depends on B alone, so the order of every sum is the same on every GPU.
 constexpr int64_t kMaxRowBlocks = 264;
 // class_sums_kernel keeps its per-class sums in shared memory up to this size, in its output beyond it.
@@ -661,9 +664,11 @@ at::Tensor unit_prototypes(const at::Tensor& protos, at::ScalarType acc_dtype, c
   return unit;
 }
 
-void check_proto_count(const at::Tensor& protos) {
+void check_kernel_limits(const at::Tensor& protos, const at::Tensor& target) {
   TORCH_CHECK_VALUE(protos.size(0) <= kMaxProtos, "proto_dgeo_loss: the CUDA kernel serves at most ",
                     text(kMaxProtos), " prototypes, got protos with K = ", text(protos.size(0)));
+  TORCH_CHECK_VALUE(target.size(0) <= kMaxClasses, "proto_dgeo_loss: the CUDA kernel serves at most ",
+                    text(kMaxClasses), " classes, got target with C = ", text(target.size(0)));
 }
 
 struct ForwardOutputs {
@@ -807,7 +812,7 @@ proto_dgeo_fwd_cuda(const at::Tensor& z_in, const at::Tensor& protos, const at::
                     const at::Tensor& labels_in, const at::Tensor& positive_in, double tau, double var_cap,
                     double margin) {
   check_forward_args(z_in, protos, target_in, labels_in, positive_in, tau, var_cap, margin);
-  check_proto_count(protos);
+  check_kernel_limits(protos, target_in);
   const c10::cuda::CUDAGuard guard(z_in.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const auto acc_dtype = accumulate_dtype(z_in);
@@ -834,7 +839,7 @@ at::Tensor proto_dgeo_bwd_cuda(const at::Tensor& grad_proto_kd, const at::Tensor
                                const at::Tensor& target_in, const at::Tensor& labels_in, const at::Tensor& cosines,
                                const at::Tensor& lses, const at::Tensor& norms, const at::Tensor& var_coef,
                                const at::Tensor& class_mean, const at::Tensor& margin_coef, double tau) {
-  check_proto_count(protos);
+  check_kernel_limits(protos, target_in);
   const c10::cuda::CUDAGuard guard(z_in.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const auto acc_dtype = accumulate_dtype(z_in);

@@ -6,8 +6,9 @@
 // What is emulated: threadIdx/blockIdx/blockDim/gridDim, __syncthreads, __shfl_sync and __shfl_xor_sync
 // (full warps), static and dynamic __shared__ memory (dynamic memory starts as NaN bytes, so a read before a
 // write shows), CUDA_KERNEL_ASSERT (it becomes a C++ exception naming the condition), and the few runtime
-// calls the host code makes. A shuffle reached by only part of a warp, or a deadlock, stops the launch with an
-// error instead of hanging.
+// calls the host code makes. A shuffle reached by only part of a warp, a deadlock, a grid or block out of
+// range, or more dynamic shared memory than the kernel was allowed (sm_90's limits) stops the launch with an
+// error instead of hanging or crashing.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -21,6 +22,7 @@
 #include <cstring>
 #include <exception>
 #include <functional>
+#include <map>
 #include <memory>
 #include <stdexcept>
 #include <string>
@@ -58,8 +60,24 @@ using cudaError_t = int;
 constexpr cudaError_t cudaSuccess = 0;
 enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize };
 
+namespace ngd_emulation {
+
+// sm_90's limits on a launch.
+constexpr size_t kDefaultSharedBytes = 48 * 1024;
+constexpr size_t kMaxSharedBytes = 227 * 1024;
+
+// Per kernel, the dynamic shared memory it may use beyond the default, as cudaFuncSetAttribute raised it.
+inline std::map<const void*, size_t>& shared_limits() {
+  static std::map<const void*, size_t> limits;
+  return limits;
+}
+
+}  // namespace ngd_emulation
+
 template <typename Kernel>
-cudaError_t cudaFuncSetAttribute(Kernel, cudaFuncAttribute, int) {
+cudaError_t cudaFuncSetAttribute(Kernel kernel, cudaFuncAttribute, int bytes) {
+  if (bytes < 0 || static_cast<size_t>(bytes) > ::ngd_emulation::kMaxSharedBytes) return 1;  // cudaErrorInvalidValue
+  ::ngd_emulation::shared_limits()[reinterpret_cast<const void*>(kernel)] = static_cast<size_t>(bytes);
   return cudaSuccess;
 }
 
@@ -189,6 +207,13 @@ void launch(void (*kernel)(Params...), dim3 grid, dim3 block_dim, size_t shared_
   const unsigned threads = block_dim.x * block_dim.y * block_dim.z;
   TORCH_CHECK(threads > 0 && threads <= 1024 && threads % kWarpSize == 0,
               "emulated CUDA: blocks must be whole warps of at most 1024 threads, got ", threads);
+  TORCH_CHECK(grid.x > 0 && grid.y > 0 && grid.y <= 65535 && grid.z > 0 && grid.z <= 65535,
+              "emulated CUDA: grid ", grid.x, " x ", grid.y, " x ", grid.z, " is out of range");
+  const auto raised = shared_limits().find(reinterpret_cast<const void*>(kernel));
+  const size_t shared_limit = raised == shared_limits().end() ? kDefaultSharedBytes : raised->second;
+  TORCH_CHECK(shared_bytes <= std::max(shared_limit, kDefaultSharedBytes), "emulated CUDA: a launch asks for ",
+              shared_bytes, " bytes of dynamic shared memory, more than ", shared_limit,
+              " (cudaFuncSetAttribute raises the 48 KiB default)");
   const std::function<void()> body = [&] { kernel(args...); };
   Block block;
   block.block_dim = block_dim;
