@@ -387,7 +387,8 @@ struct BackwardChunk {
   const T* target_mass;   // sum_k T_ck
   T inv_tau, kd_scale;    // 1 / tau; grad_proto_kd / (tau B)
   const T* norm;          // ||z_i||
-  const T* spread;        // per class: grad_var_cap * var_coef[c]
+  const T* var_coef;      // per class
+  T var_scale;            // grad_var_cap
   const T* class_mean;    // C x D
   const T* margin_coef;   // C x D
   T margin_scale;         // grad_margin
@@ -428,7 +429,7 @@ NGD_INLINE void backward_chunk_math(const BackwardChunk<T>& a) {
       mu[i] = a.class_mean + a.label[r] * dim;
       margin_row[i] = a.margin_coef + a.label[r] * dim;
       inv_length[i] = T(1) / floor_norm(a.norm[r]);
-      spread[i] = a.spread[a.label[r]];
+      spread[i] = a.var_scale * a.var_coef[a.label[r]];
     }
     // dU = sum_k g_k p^_k + spread (u - mean) + margin_scale * margin_coef, and u . dU alongside. Columns
     // go kTile vectors at a time: each broadcast g_ik then serves kTile vectors.
@@ -574,7 +575,7 @@ std::vector<at::Tensor> forward_cpu_typed(const at::Tensor& z_in, const at::Tens
   const int64_t num_classes = target_in.size(0);
   const at::TensorOptions acc_options = z_in.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
 
-  const at::Tensor z = z_in.detach().contiguous();
+  const at::Tensor z = z_in.contiguous();
   const at::Tensor labels = labels_in.contiguous();
   const at::Tensor positive = positive_in.contiguous();
   const TargetTable<acc_t> target(target_in);
@@ -732,9 +733,9 @@ at::Tensor backward_cpu_typed(const at::Tensor& grad_proto_kd, const at::Tensor&
   const int64_t batch = z_in.size(0), dim = z_in.size(1), num_protos = protos.size(0);
   const at::ScalarType acc_dtype = c10::CppTypeToScalarType<acc_t>::value;
   const at::TensorOptions acc_options = z_in.options().dtype(acc_dtype);
-  const auto as_acc = [&](const at::Tensor& t) { return t.detach().to(acc_dtype).contiguous(); };
+  const auto as_acc = [&](const at::Tensor& t) { return t.to(acc_dtype).contiguous(); };
 
-  const at::Tensor z = z_in.detach().contiguous();
+  const at::Tensor z = z_in.contiguous();
   const at::Tensor labels = labels_in.contiguous();
   const TargetTable<acc_t> target(target_in);
   const at::Tensor unit_protos = unit_prototypes<acc_t>(protos);
@@ -744,7 +745,8 @@ at::Tensor backward_cpu_typed(const at::Tensor& grad_proto_kd, const at::Tensor&
 
   const acc_t inv_tau = static_cast<acc_t>(1.0 / tau);
   const acc_t kd_scale = static_cast<acc_t>(grad_proto_kd.item<double>() / (tau * static_cast<double>(batch)));
-  const at::Tensor spread = as_acc(var_coefs_in) * grad_var_cap.item<double>();
+  const at::Tensor var_coefs = as_acc(var_coefs_in);
+  const acc_t var_scale = static_cast<acc_t>(grad_var_cap.item<double>());
   const acc_t margin_scale = static_cast<acc_t>(grad_margin.item<double>());
   const auto run_chunk = has_avx2_fma() ? backward_chunk_avx2<acc_t> : backward_chunk_baseline<acc_t>;
 
@@ -774,7 +776,8 @@ at::Tensor backward_cpu_typed(const at::Tensor& grad_proto_kd, const at::Tensor&
       args.inv_tau = inv_tau;
       args.kd_scale = kd_scale;
       args.norm = norms.data_ptr<acc_t>() + row0;
-      args.spread = spread.data_ptr<acc_t>();
+      args.var_coef = var_coefs.data_ptr<acc_t>();
+      args.var_scale = var_scale;
       args.class_mean = class_means.data_ptr<acc_t>();
       args.margin_coef = margin_coefs.data_ptr<acc_t>();
       args.margin_scale = margin_scale;
