@@ -22,18 +22,22 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 @pytest.fixture(scope="module", autouse=True)
 def emulated_ops():
-    """Builds (once; ninja rebuilds when the .cu or the emulator changes) and loads the emulated ops."""
+    """Builds (once; ninja rebuilds when the .cu or the emulator changes) and loads the emulated ops and the
+    emulator's own test kernels."""
     build = ROOT / "build" / "cuda_emulation"
     build.mkdir(parents=True, exist_ok=True)
-    # cpp_extension finds ninja on PATH; the venv's bin folder is not on it when the venv is not activated.
-    os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
-    cpp_extension.load(
-        name="ngd_ext_cuda_emulated",
-        sources=[str(ROOT / "tests" / "cuda_emulation" / "proto_dgeo_emulated.cpp"), str(ROOT / "csrc" / "checks.cpp")],
-        extra_cflags=["-O2"],
-        build_directory=str(build),
-        is_python_module=False,
-    )
+    with pytest.MonkeyPatch.context() as patch:
+        # cpp_extension finds ninja on PATH; the venv's bin folder is not on it when the venv is not activated.
+        patch.setenv("PATH", os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
+        cpp_extension.load(
+            name="ngd_ext_cuda_emulated",
+            sources=[str(ROOT / "tests" / "cuda_emulation" / "proto_dgeo_emulated.cpp"),
+                     str(ROOT / "tests" / "cuda_emulation" / "emulator_selftest.cpp"),
+                     str(ROOT / "csrc" / "checks.cpp")],
+            extra_cflags=["-O2"],
+            build_directory=str(build),
+            is_python_module=False,
+        )
 
 
 class EmulatedLoss(torch.autograd.Function):
@@ -149,3 +153,34 @@ def test_too_many_prototypes():
     case = make_case(10, 8, 65, 8, seed=6)
     with pytest.raises(ValueError, match="at most 64 prototypes, got protos with K = 65"):
         emulated_loss(*case.values(), **PARAMS)
+
+
+# The emulator itself: it must reproduce a GPU's results where the CUDA code is right, and refuse code a GPU
+# would run wrongly.
+
+def test_emulator_warp_shuffles_add_in_butterfly_order():
+    values = torch.randn(4 * 64, generator=torch.Generator().manual_seed(0))
+    want = values.view(-1, 32).clone()
+    for offset in (16, 8, 4, 2, 1):  # float32 additions in the kernel's order
+        want = want + want[:, torch.arange(32) ^ offset]
+    assert torch.equal(torch.ops.ngd_emulator_selftest.warp_sums(values), want[:, 0])
+
+
+def test_emulator_block_barrier_orders_shared_memory():
+    values = torch.arange(3 * 96, dtype=torch.float32)
+    got = torch.ops.ngd_emulator_selftest.block_reverse(values, 96)
+    assert torch.equal(got, values.view(3, 96).flip(1).reshape(-1))
+
+
+def test_emulator_shared_memory_starts_as_nan():
+    assert torch.isnan(torch.ops.ngd_emulator_selftest.read_unwritten_shared()).all()
+
+
+@pytest.mark.parametrize("kernel, message", [
+    ("divergent_shuffle", "a shuffle reached by only part of a warp"),
+    ("partial_barrier", r"__syncthreads\(\) reached by only part of the block"),
+    ("oversized_shared", "asks for 65536 bytes of dynamic shared memory, more than 49152"),
+])
+def test_emulator_refuses_what_a_gpu_would_run_wrongly(kernel, message):
+    with pytest.raises(RuntimeError, match=message):
+        getattr(torch.ops.ngd_emulator_selftest, kernel)()

@@ -254,9 +254,13 @@ T shuffle(T value, int source_lane) {
   std::memcpy(&block.exchange[fiber.linear_index], &value, sizeof(T));
   fiber.shuffles += 1;
   yield(Wait::kWarp);
-  const Fiber& source = block.fibers[warp_base + source_lane % kWarpSize];
-  TORCH_CHECK(source.shuffles == fiber.shuffles && source.wait == Wait::kWarp,
-              "emulated CUDA: a shuffle reached by only part of a warp (thread ", fiber.linear_index, ")");
+  // Every shuffle here names the full warp, so every lane must be in this same shuffle.
+  for (int lane = 0; lane < kWarpSize; ++lane) {
+    const Fiber& other = block.fibers[warp_base + lane];
+    TORCH_CHECK(other.shuffles == fiber.shuffles && other.wait == Wait::kWarp,
+                "emulated CUDA: a shuffle reached by only part of a warp (threads ", fiber.linear_index, " and ",
+                other.linear_index, ")");
+  }
   T out;
   std::memcpy(&out, &block.exchange[warp_base + source_lane % kWarpSize], sizeof(T));
   yield(Wait::kWarp);

@@ -1,0 +1,94 @@
+// Small kernels that show the emulator in emulation.h doing what the CUDA tests rely on: warp shuffles and
+// block barriers that give a GPU's results, and errors for code a GPU would run wrongly. Registered as
+// torch.ops.ngd_emulator_selftest.*; tests/test_cuda_emulated.py calls them.
+#include "emulation.h"
+
+#include <torch/library.h>
+
+namespace {
+
+// out[w] = the sum of in[32 w .. 32 w + 31], by a butterfly of shuffles.
+__global__ void warp_sums_kernel(const float* in, float* out) {
+  float value = in[blockIdx.x * blockDim.x + threadIdx.x];
+  for (int offset = 16; offset > 0; offset /= 2) value += __shfl_xor_sync(0xffffffffu, value, offset);
+  if (threadIdx.x % 32 == 0) out[(blockIdx.x * blockDim.x + threadIdx.x) / 32] = value;
+}
+
+// Each block reverses its slice of in through shared memory.
+__global__ void block_reverse_kernel(const float* in, float* out) {
+  NGD_DYNAMIC_SHARED(shared);
+  float* slice = reinterpret_cast<float*>(shared);
+  const unsigned first = blockIdx.x * blockDim.x;
+  slice[threadIdx.x] = in[first + threadIdx.x];
+  __syncthreads();
+  out[first + threadIdx.x] = slice[blockDim.x - 1 - threadIdx.x];
+}
+
+// Reads shared memory nobody wrote.
+__global__ void read_unwritten_shared_kernel(float* out) {
+  NGD_DYNAMIC_SHARED(shared);
+  out[threadIdx.x] = reinterpret_cast<const float*>(shared)[threadIdx.x];
+}
+
+// Only the low half of each warp shuffles.
+__global__ void divergent_shuffle_kernel(float* out) {
+  float value = static_cast<float>(threadIdx.x);
+  if (threadIdx.x % 32 < 16) value = __shfl_xor_sync(0xffffffffu, value, 1);
+  out[threadIdx.x] = value;
+}
+
+// The first warp leaves before the barrier.
+__global__ void partial_barrier_kernel(float* out) {
+  if (threadIdx.x < 32) return;
+  __syncthreads();
+  out[threadIdx.x] = 1;
+}
+
+at::Tensor warp_sums(const at::Tensor& in) {
+  auto out = at::empty({in.numel() / 64 * 2}, in.options());
+  ngd_emulation::launch(warp_sums_kernel, static_cast<unsigned>(in.numel() / 64), 64, 0, nullptr,
+                        in.data_ptr<float>(), out.data_ptr<float>());
+  return out;
+}
+
+at::Tensor block_reverse(const at::Tensor& in, int64_t block) {
+  auto out = at::empty_like(in);
+  ngd_emulation::launch(block_reverse_kernel, static_cast<unsigned>(in.numel() / block), static_cast<unsigned>(block),
+                        block * sizeof(float), nullptr, in.data_ptr<float>(), out.data_ptr<float>());
+  return out;
+}
+
+at::Tensor read_unwritten_shared() {
+  auto out = at::empty({32});
+  ngd_emulation::launch(read_unwritten_shared_kernel, 1, 32, 32 * sizeof(float), nullptr, out.data_ptr<float>());
+  return out;
+}
+
+at::Tensor divergent_shuffle() {
+  auto out = at::empty({32});
+  ngd_emulation::launch(divergent_shuffle_kernel, 1, 32, 0, nullptr, out.data_ptr<float>());
+  return out;
+}
+
+at::Tensor partial_barrier() {
+  auto out = at::zeros({64});
+  ngd_emulation::launch(partial_barrier_kernel, 1, 64, 0, nullptr, out.data_ptr<float>());
+  return out;
+}
+
+at::Tensor oversized_shared() {
+  auto out = at::empty({32});
+  ngd_emulation::launch(read_unwritten_shared_kernel, 1, 32, 64 * 1024, nullptr, out.data_ptr<float>());
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(ngd_emulator_selftest, m) {
+  m.def("warp_sums", &warp_sums);
+  m.def("block_reverse", &block_reverse);
+  m.def("read_unwritten_shared", &read_unwritten_shared);
+  m.def("divergent_shuffle", &divergent_shuffle);
+  m.def("partial_barrier", &partial_barrier);
+  m.def("oversized_shared", &oversized_shared);
+}
