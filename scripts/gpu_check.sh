@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole GPU verification of ngd_ext on a CUDA machine, with no network and whatever torch it has:
-# build the extension in place, run the test suite (CUDA cases included), the CUDA benchmark, and
-# compute-sanitizer memcheck and racecheck on a short run. Logs and JSON go to OUTDIR. About 8 minutes.
+# build the extension in place, run the test suite (CUDA cases included), the CUDA benchmark, a per-kernel
+# profile, and compute-sanitizer memcheck and racecheck on a short run. Logs and JSON go to OUTDIR, and the
+# figures to OUTDIR/summary.txt. About 8 minutes.
 #
 #   bash scripts/gpu_check.sh OUTDIR
 set -uo pipefail
@@ -49,6 +50,11 @@ timeout 200 "$python" benchmarks/bench_proto_dgeo.py --device cuda --compile-dyn
   --out "$out/bench_cuda.json" > "$out/bench.log" 2>&1
 echo "benchmark exit $?" | tee -a "$out/summary.txt"
 sed -n '/^dtype /,$p' "$out/bench.log" | tee -a "$out/summary.txt"
+
+step "kernel profile"
+timeout 90 "$python" scripts/kernel_profile.py --out "$out/kernel_profile.json" > "$out/kernel_profile.log" 2>&1
+echo "kernel profile exit $?" | tee -a "$out/summary.txt"
+grep -A 8 "^B=" "$out/kernel_profile.log" | tee -a "$out/summary.txt"
 
 step "compute-sanitizer"
 for tool in memcheck racecheck; do
