@@ -12,6 +12,7 @@
 // Backward is one kernel: a pass over each row for u . dU, then one for dU and dz with the prototypes staged
 // as in the forward. Rows are read kPack columns to a lane, as vectors where the rows are aligned. Every
 // reduction has a fixed order, so results are bitwise reproducible run to run.
+//
 // tests/cuda_emulation compiles this file as host C++ too, with NGD_CUDA_EMULATION defined and an emulator of
 // threads, warps and blocks standing in for the CUDA runtime: CPU-only CI runs these kernels that way.
 #include <ATen/ATen.h>
@@ -41,6 +42,7 @@ template <typename... Params, typename... Args>
 void launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t shared_bytes, cudaStream_t stream,
             Args... args) {
   kernel<<<grid, block, shared_bytes, stream>>>(args...);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 }  // namespace
