@@ -6,9 +6,9 @@
 // What is emulated: threadIdx/blockIdx/blockDim/gridDim, __syncthreads, __shfl_sync and __shfl_xor_sync
 // (full warps), static and dynamic __shared__ memory (dynamic memory starts as NaN bytes, so a read before a
 // write shows), CUDA_KERNEL_ASSERT (it becomes a C++ exception naming the condition), and the few runtime
-// calls the host code makes. A shuffle reached by only part of a warp, a deadlock, a grid or block out of
-// range, or more dynamic shared memory than the kernel was allowed (sm_90's limits) stops the launch with an
-// error instead of hanging or crashing.
+// calls the host code makes. A shuffle reached by only part of a warp, a barrier reached by only part of the
+// block, a grid or block out of range, or more dynamic shared memory than the kernel was allowed (sm_90's
+// limits) stops the launch with an error instead of hanging or crashing.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -175,12 +175,10 @@ inline void run_block(Block& block) {
   for (;;) {
     // One round resumes every thread that may run once, up to its next synchronisation point. The lanes of
     // a warp therefore enter and leave each shuffle in the same round.
-    bool resumed = false;
     for (Fiber& fiber : block.fibers) {
       if (fiber.wait == Wait::kDone || fiber.wait == Wait::kBlock) continue;
       block.running = &fiber;
       swapcontext(&block.scheduler, &fiber.context);
-      resumed = true;
       if (block.error) std::rethrow_exception(block.error);
     }
     const bool all_done = std::all_of(block.fibers.begin(), block.fibers.end(),
@@ -194,8 +192,6 @@ inline void run_block(Block& block) {
                                [](const Fiber& f) { return f.wait == Wait::kDone; }),
                   "emulated CUDA: __syncthreads() reached by only part of the block");
       for (Fiber& fiber : block.fibers) fiber.wait = Wait::kNone;
-    } else {
-      TORCH_CHECK(resumed, "emulated CUDA: deadlock");
     }
   }
 }
