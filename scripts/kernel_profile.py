@@ -17,7 +17,7 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import ngd_ext  # noqa: E402
-from benchmarks.bench_proto_dgeo import PARAMS, make_inputs  # noqa: E402
+from benchmarks.bench_proto_dgeo import make_callables, make_inputs  # noqa: E402
 
 
 def parse_args():
@@ -34,11 +34,7 @@ def parse_args():
 def profile_shape(batch, dim, dtype, device, steps):
     """[(name, total_ms, calls)] for every kernel (CUDA) or op (CPU) that steps of forward + backward ran."""
     z, *rest = make_inputs(batch, dim, 25, 8, getattr(torch, dtype), device)
-    leaf = z.detach().requires_grad_(True)
-
-    def step():
-        torch.autograd.grad(sum(ngd_ext.proto_dgeo_loss(leaf, *rest, **PARAMS)), leaf)
-
+    step = make_callables(ngd_ext.proto_dgeo_loss, z, rest)["fwdbwd"]
     for _ in range(3):  # warm-up: allocator, first launches
         step()
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
