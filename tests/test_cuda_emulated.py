@@ -63,14 +63,14 @@ def emulated_loss(z, protos, target, labels, positive, tau, var_cap, margin):
 
 PARAMS = dict(tau=0.9, var_cap=0.1, margin=1.2)
 
-SHAPES = [  # batch, dim, prototypes, classes: each tile shape, shared and global class sums, odd sizes
+SHAPES = [  # batch, dim, prototypes, classes: each tile shape, class sums in shared memory or not, odd sizes
     (1, 1, 25, 8),
     (7, 3, 25, 8),
-    (100, 130, 25, 8),  # 4 blocks of 4-row warps (K <= 32)
-    (70, 130, 33, 5),  # 2-row warps over 64 prototype slots
-    (90, 64, 64, 64),
+    (100, 130, 25, 8),  # 4 blocks of 4-row warps (K <= 32), rows read element by element (D % 4 != 0)
+    (70, 130, 33, 5),  # 2-row warps over 64 prototype slots, two prototype chunks
+    (90, 64, 64, 64),  # class sums too large for shared memory: summed in place in the output
     (129, 40, 1, 3),
-    (40, 400, 25, 64),  # class sums too large for shared memory: the global workspace
+    (40, 400, 25, 64),  # several prototype chunks
 ]
 
 
