@@ -19,7 +19,8 @@ from helpers import EDGE_CASES, compare_exact_dtype, compare_half_dtype, make_ca
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
-pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the emulator's fibers use glibc's ucontext")
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"),
+                                reason="the emulator's fibers use glibc's ucontext")
 
 
 @pytest.fixture(scope="module", autouse=True)
