@@ -214,7 +214,7 @@ __global__ void __launch_bounds__(kThreads)
     forward_rows_kernel(const scalar_t* __restrict__ z, const acc_t* __restrict__ unit_protos,
                         const acc_t* __restrict__ target, const int64_t* __restrict__ labels,
                         acc_t* __restrict__ cosines, acc_t* __restrict__ lses, acc_t* __restrict__ norms,
-                        int* __restrict__ block_count, double* __restrict__ block_sq, double* __restrict__ block_kd,
+                        acc_t* __restrict__ inv_lengths, int* __restrict__ block_count, double* __restrict__ block_sq, double* __restrict__ block_kd,
                         int64_t batch, int64_t dim, int num_protos, int num_classes, int64_t rows_per_block,
                         acc_t inv_tau) {
   constexpr int kGroups = KMAX / kWarp;
@@ -325,6 +325,7 @@ __global__ void __launch_bounds__(kThreads)
       if (lane == 0) {
         lses[row] = lse;
         norms[row] = length;
+        inv_lengths[row] = inv_length;
         warp_sq[warp * num_classes + label] += sum_sq[j] * inv_length * inv_length;
         warp_count[warp * num_classes + label] += 1;
         warp_kd[warp] += kd;
@@ -350,13 +351,13 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// Per row block (the row kernel's) and class, the sum of the block's unit rows u = z / max(||z||, eps):
-// thread x owns column blockIdx.x * blockDim.x + x and walks the block's rows in order, kUnroll loads in
-// flight. Its per-class sums live in shared memory when they fit there, else in place in the output.
+// Per row block (the row kernel's) and class, the sum of the block's unit rows u = z / max(||z||, eps), the
+// inverse lengths as the row kernel left them: thread x owns column blockIdx.x * blockDim.x + x and walks the
+// block's rows in order, kUnroll loads in flight. Its per-class sums live in shared memory when they fit there, else in place in the output.
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kThreads)
     class_sums_kernel(const scalar_t* __restrict__ z, const int64_t* __restrict__ labels,
-                      const acc_t* __restrict__ norms, acc_t* __restrict__ block_class_sum, int64_t batch,
+                      const acc_t* __restrict__ inv_lengths, acc_t* __restrict__ block_class_sum, int64_t batch,
                       int64_t dim, int num_classes, int64_t rows_per_block, bool sums_in_shared) {
   constexpr int kUnroll = 8;
   NGD_DYNAMIC_SHARED(shared);
@@ -373,9 +374,7 @@ __global__ void __launch_bounds__(kThreads)
     acc_t u[kUnroll];
 #pragma unroll
     for (int i = 0; i < kUnroll; ++i) {
-      u[i] = row + i < row_end ? static_cast<acc_t>(z[(row + i) * dim + d]) *
-                                     (acc_t(1) / larger(norms[row + i], static_cast<acc_t>(kNormEps)))
-                               : acc_t(0);
+      u[i] = row + i < row_end ? static_cast<acc_t>(z[(row + i) * dim + d]) * inv_lengths[row + i] : acc_t(0);
     }
 #pragma unroll
     for (int i = 0; i < kUnroll; ++i) {
@@ -709,6 +708,7 @@ ForwardOutputs forward_cuda_typed(const at::Tensor& z, const at::Tensor& unit_pr
   out.class_mean = at::empty({num_classes, dim}, acc);
   out.margin_coef = at::empty({num_classes, dim}, acc);
 
+  auto inv_lengths = at::empty({batch}, acc);
   auto block_class_sum = at::empty({num_blocks, num_classes, dim}, acc);
   auto block_count = at::empty({num_blocks, num_classes}, whole);
   auto block_sq = at::empty({num_blocks, num_classes}, wide);
@@ -725,14 +725,14 @@ ForwardOutputs forward_cuda_typed(const at::Tensor& z, const at::Tensor& unit_pr
   launch(rows_kernel, num_blocks, kThreads, rows_shared, stream,
       z.data_ptr<scalar_t>(), unit_protos.data_ptr<acc_t>(), target.data_ptr<acc_t>(), labels.data_ptr<int64_t>(),
       out.cosines.data_ptr<acc_t>(), out.lse.data_ptr<acc_t>(), out.norms.data_ptr<acc_t>(),
-      block_count.data_ptr<int>(), block_sq.data_ptr<double>(), block_kd.data_ptr<double>(), batch, dim, num_protos,
+      inv_lengths.data_ptr<acc_t>(), block_count.data_ptr<int>(), block_sq.data_ptr<double>(), block_kd.data_ptr<double>(), batch, dim, num_protos,
       num_classes, rows_per_block, static_cast<acc_t>(1.0 / tau));
 
   const bool sums_in_shared = num_classes * kThreads * sizeof(acc_t) <= kMaxSharedClassSums;
   const dim3 sums_grid(static_cast<unsigned>(ceil_div(dim, kThreads)), static_cast<unsigned>(num_blocks));
   launch(class_sums_kernel<scalar_t, acc_t>, sums_grid, kThreads,
       sums_in_shared ? num_classes * kThreads * sizeof(acc_t) : 0, stream,
-      z.data_ptr<scalar_t>(), labels.data_ptr<int64_t>(), out.norms.data_ptr<acc_t>(),
+      z.data_ptr<scalar_t>(), labels.data_ptr<int64_t>(), inv_lengths.data_ptr<acc_t>(),
       block_class_sum.data_ptr<acc_t>(), batch, dim, num_classes, rows_per_block, sums_in_shared);
 
   const dim3 class_grid(static_cast<unsigned>(ceil_div(dim, kThreads)), static_cast<unsigned>(num_classes));
