@@ -71,9 +71,11 @@ SHAPES = [  # batch, dim, prototypes, classes: each tile shape, class sums in sh
     (7, 3, 25, 8),
     (100, 130, 25, 8),  # 4 blocks of 4-row warps (K <= 32), rows read element by element (D % 4 != 0)
     (70, 130, 33, 5),  # 2-row warps over 64 prototype slots, two prototype chunks
-    (90, 64, 64, 64),  # class sums too large for shared memory: summed in place in the output
+    (90, 64, 64, 64),  # 64 prototype slots, 64 classes
     (129, 40, 1, 3),
-    (40, 400, 25, 64),  # several prototype chunks
+    (40, 400, 25, 64),  # class sums (100 KiB and more) past shared memory: in place in the output; float64:
+                        # prototypes in two chunks of at most 256 columns
+    (100, 1100, 25, 8),  # float32: two chunks of at most 1024 columns, the last step past D
 ]
 
 
@@ -127,8 +129,9 @@ def test_non_contiguous_z():
 
 
 def test_several_tiles_per_block():
-    """Past 264 x 8 rows (float64 takes one row per warp) a block loops over more than one tile."""
-    case = make_case(2200, 4, 25, 8, dtype=torch.float64, seed=3)
+    """Past 264 x 8 rows (float64 takes one row per warp) a block of the row kernel loops over more than one
+    tile, and stages each tile's two chunks of prototypes (at most 256 columns) anew."""
+    case = make_case(2200, 300, 25, 8, dtype=torch.float64, seed=3)
     compare_exact_dtype(emulated_loss, case, gpu=True, **PARAMS)
 
 
@@ -140,9 +143,9 @@ def test_label_out_of_range_trips_the_device_assertion():
 
 
 def test_many_classes():
-    """300 classes: the row kernel needs more than the default 48 KiB of shared memory, and the class sums go
-    to the output, not shared memory."""
-    case = make_case(40, 16, 25, 300, labels=[i % 20 for i in range(40)], seed=8)
+    """300 classes: 28 KiB of per-warp class statistics in shared memory, and class sums (117 KiB) added in place
+    in the output."""
+    case = make_case(40, 100, 25, 300, labels=[i % 20 for i in range(40)], seed=8)
     compare_exact_dtype(emulated_loss, case, gpu=True, **PARAMS)
 
 

@@ -1,17 +1,19 @@
 // CUDA kernels of the fused Proto-KD + D-Geo op.
 //
-// Forward, in six launches with no host synchronisation:
+// Forward, in five launches with no host synchronisation:
 //   unit_protos_kernel   p^ = p / max(||p||, eps)
 //   forward_rows_kernel  a warp takes ROWS rows at once and the block's warps share each chunk of prototype
 //                        columns staged in shared memory: norms, cosines, log-softmax and the row's Proto-KD;
-//                        per block, the class counts and sums of ||u||^2
-//   class_sums_kernel    per block of rows, the class sums of u, a thread per column (no atomics)
+//                        per block, the class counts, sums of ||u||^2 and, re-reading each tile from L2, the
+//                        class sums of u (no atomics)
 //   class_mean_kernel    block partials summed in block order
 //   losses_kernel        variances, the variance cap, pair distances, the margin, the Proto-KD mean
 //   margin_coef_kernel   d margin / d u_i for a member of each class
-// Backward is one kernel: a pass over each row for u . dU, then one for dU and dz with the prototypes staged
-// as in the forward. Rows are read kPack columns to a lane, as vectors where the rows are aligned. Every
-// reduction has a fixed order, so results are bitwise reproducible run to run.
+// Backward, in two: class_offsets_kernel folds the variance-cap and margin gradients into one vector per class;
+// backward_kernel makes a pass over each row for u . dU, then one for dU and dz with the prototypes staged as in
+// the forward. Rows are read kPack columns to a lane, as vectors where the rows are aligned, the next columns
+// on their way while the current ones are multiplied. Every reduction has a fixed order, so results are
+// bitwise reproducible run to run.
 //
 // tests/cuda_emulation compiles this file as host C++ too, with NGD_CUDA_EMULATION defined and an emulator of
 // threads, warps and blocks standing in for the CUDA runtime: CPU-only CI runs these kernels that way.
@@ -62,8 +64,12 @@ constexpr int kMaxProtos = 64;
 constexpr int kMaxClasses = 1024;
 // The row kernel's grid depends on B alone, so the order of every sum is the same on every GPU.
 constexpr int64_t kMaxRowBlocks = 264;
-// class_sums_kernel keeps its per-class sums in shared memory up to this size, in its output beyond it.
-constexpr size_t kMaxSharedClassSums = 48 * 1024;
+// The row kernel keeps the class sums of u in shared memory up to this size, in its output beyond it.
+constexpr size_t kMaxSharedClassSums = 96 * 1024;
+// Rows in the row kernel's largest tile (kWarps warps of 4 rows).
+constexpr int kMaxTileRows = 32;
+// The row and backward kernels stage at most this many bytes of prototypes at once.
+constexpr size_t kMaxStagedBytes = 128 * 1024;
 
 template <typename T>
 __device__ __forceinline__ T larger(T a, T b) {
@@ -89,25 +95,31 @@ __device__ __forceinline__ T warp_sum(T value) {
 template <typename T>
 __device__ __forceinline__ T warp_max(T value) {
 #pragma unroll
-  for (int offset = kWarp / 2; offset > 0; offset /= 2) value = larger(value, __shfl_xor_sync(kFullMask, value, offset));
+  for (int offset = kWarp / 2; offset > 0; offset /= 2) {
+    value = larger(value, __shfl_xor_sync(kFullMask, value, offset));
+  }
   return value;
 }
 
 // Reduces 32 values per lane across the warp in 31 shuffles; lane l returns the total of values[l].
-// At each step a lane keeps one half of its live values and sends its partner the other half.
-template <typename T>
+// At each step a lane keeps one half of its live values and sends its partner the other half. The step is a
+// template parameter so that each step's loop has a constant trip count: unrolled, every index is static and
+// values stays in registers (with the trip count a loop variable, the loops stayed rolled and values went to
+// local memory).
+template <int kHalf, typename T>
 __device__ __forceinline__ T warp_transpose_sum(T (&values)[kWarp], int lane) {
+  const bool upper = lane & kHalf;
 #pragma unroll
-  for (int half = kWarp / 2; half > 0; half /= 2) {
-    const bool upper = lane & half;
-#pragma unroll
-    for (int i = 0; i < half; ++i) {
-      const T send = upper ? values[i] : values[i + half];
-      const T keep = upper ? values[i + half] : values[i];
-      values[i] = keep + __shfl_xor_sync(kFullMask, send, half);
-    }
+  for (int i = 0; i < kHalf; ++i) {
+    const T send = upper ? values[i] : values[i + kHalf];
+    const T keep = upper ? values[i + kHalf] : values[i];
+    values[i] = keep + __shfl_xor_sync(kFullMask, send, kHalf);
   }
-  return values[0];
+  if constexpr (kHalf > 1) {
+    return warp_transpose_sum<kHalf / 2>(values, lane);
+  } else {
+    return values[0];
+  }
 }
 
 template <typename acc_t>
@@ -133,26 +145,40 @@ struct alignas(kPack * sizeof(T) < 16 ? kPack * sizeof(T) : 16) Pack {
   T value[kPack];
 };
 
-// Columns [d, d + kPack) of a row in acc_t, zero past dim. kAligned (dim % kPack == 0 and the rows start on
-// a Pack boundary): one vector access; otherwise element by element. The arithmetic that follows is the same
-// either way, so both give the same bits.
-template <bool kAligned, typename scalar_t, typename acc_t>
-__device__ __forceinline__ void load_columns(const scalar_t* __restrict__ row, int64_t d, int64_t dim,
-                                             acc_t (&out)[kPack]) {
+// Columns [d, d + kPack) of a row, zero past dim. kAligned (dim % kPack == 0 and the rows start on a Pack
+// boundary): one vector access; otherwise element by element. The arithmetic that follows is the same either
+// way, so both give the same bits.
+template <typename T>
+__device__ __forceinline__ Pack<T> zero_pack() {
+  Pack<T> pack;
+#pragma unroll
+  for (int v = 0; v < kPack; ++v) pack.value[v] = static_cast<T>(0);
+  return pack;
+}
+
+template <bool kAligned, typename T>
+__device__ __forceinline__ Pack<T> load_pack(const T* __restrict__ row, int64_t d, int64_t dim) {
   if constexpr (kAligned) {
-    const Pack<scalar_t> pack = *reinterpret_cast<const Pack<scalar_t>*>(row + d);
-#pragma unroll
-    for (int v = 0; v < kPack; ++v) out[v] = static_cast<acc_t>(pack.value[v]);
+    return d < dim ? *reinterpret_cast<const Pack<T>*>(row + d) : zero_pack<T>();
   } else {
+    Pack<T> pack;
 #pragma unroll
-    for (int v = 0; v < kPack; ++v) out[v] = d + v < dim ? static_cast<acc_t>(row[d + v]) : acc_t(0);
+    for (int v = 0; v < kPack; ++v) pack.value[v] = d + v < dim ? row[d + v] : static_cast<T>(0);
+    return pack;
   }
+}
+
+template <typename acc_t, typename T>
+__device__ __forceinline__ void widen(const Pack<T>& pack, acc_t (&out)[kPack]) {
+#pragma unroll
+  for (int v = 0; v < kPack; ++v) out[v] = static_cast<acc_t>(pack.value[v]);
 }
 
 template <bool kAligned, typename scalar_t, typename acc_t>
 __device__ __forceinline__ void store_columns(scalar_t* __restrict__ row, int64_t d, int64_t dim,
                                               const acc_t (&in)[kPack]) {
   if constexpr (kAligned) {
+    if (d >= dim) return;
     Pack<scalar_t> pack;
 #pragma unroll
     for (int v = 0; v < kPack; ++v) pack.value[v] = static_cast<scalar_t>(in[v]);
@@ -165,78 +191,111 @@ __device__ __forceinline__ void store_columns(scalar_t* __restrict__ row, int64_
   }
 }
 
-// The prototypes go through shared memory in chunks of columns, so that each value read from L2 serves the
-// block's kWarps * ROWS rows, not one warp's ROWS: at D = 2048 the prototypes (K x D) do not fit in L1.
-template <typename acc_t, int KMAX>
-__host__ __device__ constexpr int chunk_columns() {
-  return KMAX * kStepColumns * sizeof(acc_t) <= 16 * 1024 ? 2 * kStepColumns : kStepColumns;
+// Columns [d, d + kPack) of a warp's ROWS rows starting at `first`, zero for rows at or past row_end.
+template <bool kAligned, int ROWS, typename scalar_t>
+__device__ __forceinline__ void load_rows(const scalar_t* __restrict__ z, int64_t first, int64_t row_end,
+                                          int64_t d, int64_t dim, Pack<scalar_t> (&out)[ROWS]) {
+#pragma unroll
+  for (int j = 0; j < ROWS; ++j) {
+    out[j] = first + j < row_end ? load_pack<kAligned>(z + (first + j) * dim, d, dim) : zero_pack<scalar_t>();
+  }
 }
 
-// Zero past dim and past num_protos.
-template <typename acc_t, int KMAX>
-__device__ __forceinline__ void stage_prototypes(const acc_t* __restrict__ unit_protos, acc_t* chunk_protos,
-                                                 int num_protos, int64_t dim, int64_t chunk) {
-  constexpr int kChunk = chunk_columns<acc_t, KMAX>();
+// The prototypes go through shared memory in chunks of `chunk` columns (a multiple of kStepColumns), so that
+// each value read from L2 serves the block's kWarps * ROWS rows, not one warp's ROWS. Only the num_protos
+// real prototypes are staged: the readers skip the rest of the KMAX slots.
+template <bool kAligned, typename acc_t>
+__device__ __forceinline__ void stage_prototypes(const acc_t* __restrict__ unit_protos, acc_t* staged,
+                                                 int num_protos, int64_t dim, int64_t first_column, int chunk) {
+  constexpr int kInFlight = 4;  // loads a thread has on their way at once
   __syncthreads();  // every warp is done with the previous chunk
-  for (int i = threadIdx.x; i < KMAX * kChunk; i += kThreads) {
-    const int k = i / kChunk;
-    const int64_t d = chunk + i % kChunk;
-    chunk_protos[i] = k < num_protos && d < dim ? unit_protos[k * dim + d] : acc_t(0);
+  const int packs = chunk / kPack;
+  const int total = num_protos * packs;
+  for (int base = threadIdx.x; base < total; base += kInFlight * kThreads) {
+    Pack<acc_t> values[kInFlight];
+#pragma unroll
+    for (int b = 0; b < kInFlight; ++b) {
+      const int i = base + b * kThreads;
+      const int k = i / packs;
+      const int column = (i - k * packs) * kPack;
+      values[b] = i < total ? load_pack<kAligned>(unit_protos + k * dim, first_column + column, dim)
+                            : zero_pack<acc_t>();
+    }
+#pragma unroll
+    for (int b = 0; b < kInFlight; ++b) {
+      const int i = base + b * kThreads;
+      if (i < total) *reinterpret_cast<Pack<acc_t>*>(staged + i / packs * chunk + i % packs * kPack) = values[b];
+    }
   }
   __syncthreads();
 }
 
 // Prototype k's kPack values at a lane's columns of the staged chunk (`column` points at the first of them in
 // prototype 0's row).
-template <typename acc_t, int KMAX>
-__device__ __forceinline__ Pack<acc_t> staged_prototype(const acc_t* column, int k) {
-  return *reinterpret_cast<const Pack<acc_t>*>(column + k * chunk_columns<acc_t, KMAX>());
+template <typename acc_t>
+__device__ __forceinline__ Pack<acc_t> staged_prototype(const acc_t* column, int k, int chunk) {
+  return *reinterpret_cast<const Pack<acc_t>*>(column + k * chunk);
 }
 
 // Offsets into the row kernel's dynamic shared memory, widest types first.
+// Offsets into the row kernel's dynamic shared memory: the staged prototypes, the class sums of u when they are
+// kept there (class_sum_elements of them, else 0), per-warp class statistics, and the tile's inverse lengths.
 struct RowsShared {
-  __host__ __device__ RowsShared(int chunk_elements, int num_classes, size_t acc_size) {
+  __host__ __device__ RowsShared(int chunk_elements, int64_t class_sum_elements, int num_classes,
+                                 size_t acc_size) {
     chunk_protos = 0;
-    warp_sq = chunk_protos + chunk_elements * acc_size;
+    class_sums = chunk_protos + chunk_elements * acc_size;
+    warp_sq = (class_sums + class_sum_elements * acc_size + 15) / 16 * 16;
     warp_kd = warp_sq + kWarps * num_classes * sizeof(double);
-    warp_count = warp_kd + kWarps * sizeof(double);
+    tile_scale = warp_kd + kWarps * sizeof(double);
+    warp_count = tile_scale + kMaxTileRows * acc_size;
     bytes = warp_count + kWarps * num_classes * sizeof(int);
   }
-  size_t chunk_protos, warp_sq, warp_kd, warp_count, bytes;
+  size_t chunk_protos, class_sums, warp_sq, warp_kd, tile_scale, warp_count, bytes;
 };
 
 // Block b owns rows [b * rows_per_block, (b + 1) * rows_per_block) and goes through them a tile of
 // kWarps * ROWS rows at a time, each warp taking ROWS rows at once. Per row: the norm, the cosines, the
 // log-sum-exp and the Proto-KD term; per block: the class counts, the class sums of ||u||^2 and the Proto-KD
-// sum, each warp adding its own rows in order and the block adding its warps in order.
+// sum, each warp adding its own rows in order and the block adding its warps in order. Then, while the tile is
+// still in L2, the block's class sums of u: a thread owns kPack columns and adds the tile's rows in order, in
+// shared memory when the sums fit there (sums_in_shared), else in place in the block's slice of the output.
 template <typename scalar_t, typename acc_t, int KMAX, int ROWS, bool kAligned>
 __global__ void __launch_bounds__(kThreads)
     forward_rows_kernel(const scalar_t* __restrict__ z, const acc_t* __restrict__ unit_protos,
                         const acc_t* __restrict__ target, const int64_t* __restrict__ labels,
                         acc_t* __restrict__ cosines, acc_t* __restrict__ lses, acc_t* __restrict__ norms,
-                        acc_t* __restrict__ inv_lengths, int* __restrict__ block_count, double* __restrict__ block_sq, double* __restrict__ block_kd,
-                        int64_t batch, int64_t dim, int num_protos, int num_classes, int64_t rows_per_block,
+                        acc_t* __restrict__ block_class_sum, int* __restrict__ block_count,
+                        double* __restrict__ block_sq, double* __restrict__ block_kd, int64_t batch, int64_t dim,
+                        int num_protos, int num_classes, int64_t rows_per_block, int chunk, bool sums_in_shared,
                         acc_t inv_tau) {
   constexpr int kGroups = KMAX / kWarp;
   constexpr int kTileRows = kWarps * ROWS;
-  constexpr int kChunk = chunk_columns<acc_t, KMAX>();
+  static_assert(kTileRows <= kMaxTileRows, "RowsShared holds kMaxTileRows inverse lengths");
+  const int64_t class_sum_elements = num_classes * dim;
   NGD_DYNAMIC_SHARED(shared);
-  const RowsShared layout(KMAX * kChunk, num_classes, sizeof(acc_t));
+  const RowsShared layout(KMAX * chunk, sums_in_shared ? class_sum_elements : 0, num_classes, sizeof(acc_t));
   acc_t* chunk_protos = reinterpret_cast<acc_t*>(shared + layout.chunk_protos);
   double* warp_sq = reinterpret_cast<double*>(shared + layout.warp_sq);
   double* warp_kd = reinterpret_cast<double*>(shared + layout.warp_kd);
+  acc_t* tile_scale = reinterpret_cast<acc_t*>(shared + layout.tile_scale);
   int* warp_count = reinterpret_cast<int*>(shared + layout.warp_count);
+  acc_t* block_out = block_class_sum + blockIdx.x * class_sum_elements;
+  acc_t* class_sum = sums_in_shared ? reinterpret_cast<acc_t*>(shared + layout.class_sums) : block_out;
 
   const int warp = threadIdx.x / kWarp;
   const int lane = threadIdx.x % kWarp;
   const int64_t row_begin = blockIdx.x * rows_per_block;
   const int64_t row_end = min(batch, row_begin + rows_per_block);
+  const int64_t steps = (dim + kStepColumns - 1) / kStepColumns;
+  const bool restage = dim > chunk;  // else the one chunk serves every tile of the block
 
   for (int i = threadIdx.x; i < kWarps * num_classes; i += kThreads) {
     warp_sq[i] = 0;
     warp_count[i] = 0;
   }
   if (threadIdx.x < kWarps) warp_kd[threadIdx.x] = 0;
+  for (int64_t i = threadIdx.x; i < class_sum_elements; i += kThreads) class_sum[i] = 0;
   __syncthreads();
 
   for (int64_t tile = row_begin; tile < row_end; tile += kTileRows) {
@@ -249,44 +308,44 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
       for (int k = 0; k < KMAX; ++k) dot[j * kGroups + k / kWarp][k % kWarp] = 0;
     }
-    for (int64_t chunk = 0; chunk < dim; chunk += kChunk) {
-      stage_prototypes<acc_t, KMAX>(unit_protos, chunk_protos, num_protos, dim, chunk);
-      const int64_t chunk_end = min(dim, chunk + kChunk);
-      for (int64_t d = chunk + lane * kPack; d < chunk_end; d += kStepColumns) {
-        acc_t x[ROWS][kPack];
+    Pack<scalar_t> rows[ROWS];
+    load_rows<kAligned>(z, first, row_end, lane * kPack, dim, rows);
+    for (int64_t step = 0; step < steps; ++step) {
+      const int64_t column = step * kStepColumns;
+      if (column % chunk == 0 && (restage || tile == row_begin)) {
+        stage_prototypes<kAligned>(unit_protos, chunk_protos, num_protos, dim, column, chunk);
+      }
+      // The next step's columns are on their way while this step's are multiplied.
+      Pack<scalar_t> next[ROWS];
+      load_rows<kAligned>(z, first, row_end, column + kStepColumns + lane * kPack, dim, next);
+      acc_t x[ROWS][kPack];
 #pragma unroll
-        for (int j = 0; j < ROWS; ++j) {
-          if (first + j < row_end) {
-            load_columns<kAligned>(z + (first + j) * dim, d, dim, x[j]);
-          } else {
+      for (int j = 0; j < ROWS; ++j) {
+        widen(rows[j], x[j]);
 #pragma unroll
-            for (int v = 0; v < kPack; ++v) x[j][v] = 0;
-          }
+        for (int v = 0; v < kPack; ++v) sum_sq[j] += x[j][v] * x[j][v];
+      }
+      const acc_t* staged = chunk_protos + column % chunk + lane * kPack;
 #pragma unroll
-          for (int v = 0; v < kPack; ++v) sum_sq[j] += x[j][v] * x[j][v];
-        }
-        const acc_t* column = chunk_protos + (d - chunk);
+      for (int k = 0; k < KMAX; ++k) {
+        if (k < num_protos) {
+          const Pack<acc_t> p = staged_prototype(staged, k, chunk);
 #pragma unroll
-        for (int k = 0; k < KMAX; ++k) {
-          if (k < num_protos) {
-            const Pack<acc_t> p = staged_prototype<acc_t, KMAX>(column, k);
+          for (int j = 0; j < ROWS; ++j) {
 #pragma unroll
-            for (int j = 0; j < ROWS; ++j) {
-#pragma unroll
-              for (int v = 0; v < kPack; ++v) dot[j * kGroups + k / kWarp][k % kWarp] += x[j][v] * p.value[v];
-            }
+            for (int v = 0; v < kPack; ++v) dot[j * kGroups + k / kWarp][k % kWarp] += x[j][v] * p.value[v];
           }
         }
       }
+#pragma unroll
+      for (int j = 0; j < ROWS; ++j) rows[j] = next[j];
     }
 
-    // The lane-dependent halves the transposed sums exchange go through local memory (512 bytes per thread,
-    // once per tile); the loop over D above keeps dot in registers.
     acc_t cosine[ROWS][kGroups];
 #pragma unroll
     for (int j = 0; j < ROWS; ++j) {
 #pragma unroll
-      for (int g = 0; g < kGroups; ++g) cosine[j][g] = warp_transpose_sum(dot[j * kGroups + g], lane);
+      for (int g = 0; g < kGroups; ++g) cosine[j][g] = warp_transpose_sum<kWarp / 2>(dot[j * kGroups + g], lane);
       sum_sq[j] = warp_sum(sum_sq[j]);
     }
 #pragma unroll
@@ -325,14 +384,40 @@ __global__ void __launch_bounds__(kThreads)
       if (lane == 0) {
         lses[row] = lse;
         norms[row] = length;
-        inv_lengths[row] = inv_length;
+        tile_scale[warp * ROWS + j] = inv_length;
         warp_sq[warp * num_classes + label] += sum_sq[j] * inv_length * inv_length;
         warp_count[warp * num_classes + label] += 1;
         warp_kd[warp] += kd;
       }
     }
+    __syncthreads();  // the tile's inverse lengths are in tile_scale
+
+    constexpr int kInFlight = 8;  // rows a thread has on their way at once
+    const int tile_rows = static_cast<int>(min(static_cast<int64_t>(kTileRows), row_end - tile));
+    for (int64_t d = threadIdx.x * kPack; d < dim; d += kThreads * kPack) {
+      for (int r = 0; r < tile_rows; r += kInFlight) {
+        Pack<scalar_t> x[kInFlight];
+#pragma unroll
+        for (int i = 0; i < kInFlight; ++i) {
+          x[i] = r + i < tile_rows ? load_pack<kAligned>(z + (tile + r + i) * dim, d, dim) : zero_pack<scalar_t>();
+        }
+#pragma unroll
+        for (int i = 0; i < kInFlight; ++i) {
+          if (r + i >= tile_rows) break;
+          acc_t* sum = class_sum + labels[tile + r + i] * dim + d;
+#pragma unroll
+          for (int v = 0; v < kPack; ++v) {
+            if (d + v < dim) sum[v] += static_cast<acc_t>(x[i].value[v]) * tile_scale[r + i];
+          }
+        }
+      }
+    }
+    __syncthreads();  // tile_scale is free for the next tile
   }
-  __syncthreads();
+
+  if (sums_in_shared) {
+    for (int64_t i = threadIdx.x; i < class_sum_elements; i += kThreads) block_out[i] = class_sum[i];
+  }
 
   for (int c = threadIdx.x; c < num_classes; c += kThreads) {
     int count = 0;
@@ -348,45 +433,6 @@ __global__ void __launch_bounds__(kThreads)
     double kd = 0;
     for (int w = 0; w < kWarps; ++w) kd += warp_kd[w];
     block_kd[blockIdx.x] = kd;
-  }
-}
-
-// Per row block (the row kernel's) and class, the sum of the block's unit rows u = z / max(||z||, eps), the
-// inverse lengths as the row kernel left them: thread x owns column blockIdx.x * blockDim.x + x and walks the
-// block's rows in order, kUnroll loads in flight. Its per-class sums live in shared memory when they fit there, else in place in the output.
-template <typename scalar_t, typename acc_t>
-__global__ void __launch_bounds__(kThreads)
-    class_sums_kernel(const scalar_t* __restrict__ z, const int64_t* __restrict__ labels,
-                      const acc_t* __restrict__ inv_lengths, acc_t* __restrict__ block_class_sum, int64_t batch,
-                      int64_t dim, int num_classes, int64_t rows_per_block, bool sums_in_shared) {
-  constexpr int kUnroll = 8;
-  NGD_DYNAMIC_SHARED(shared);
-  const int64_t d = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-  if (d >= dim) return;
-  acc_t* block_out = block_class_sum + blockIdx.y * num_classes * dim + d;
-  acc_t* sum = sums_in_shared ? reinterpret_cast<acc_t*>(shared) + threadIdx.x : block_out;
-  const int64_t stride = sums_in_shared ? static_cast<int64_t>(blockDim.x) : dim;
-  for (int c = 0; c < num_classes; ++c) sum[c * stride] = 0;
-
-  const int64_t row_begin = blockIdx.y * rows_per_block;
-  const int64_t row_end = min(batch, row_begin + rows_per_block);
-  for (int64_t row = row_begin; row < row_end; row += kUnroll) {
-    acc_t u[kUnroll];
-#pragma unroll
-    for (int i = 0; i < kUnroll; ++i) {
-      u[i] = row + i < row_end ? static_cast<acc_t>(z[(row + i) * dim + d]) * inv_lengths[row + i] : acc_t(0);
-    }
-#pragma unroll
-    for (int i = 0; i < kUnroll; ++i) {
-      if (row + i < row_end) {
-        const int64_t label = labels[row + i];
-        CUDA_KERNEL_ASSERT(label >= 0 && label < num_classes && "proto_dgeo_loss: a label is out of range [0, C)");
-        sum[label * stride] += u[i];
-      }
-    }
-  }
-  if (sums_in_shared) {
-    for (int c = 0; c < num_classes; ++c) block_out[c * dim] = sum[c * stride];
   }
 }
 
@@ -500,9 +546,37 @@ __global__ void margin_coef_kernel(const double* __restrict__ mean, const double
   const int64_t d = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
   if (d >= dim) return;
   double grad = 0;
-  for (int b = 0; b < num_classes; ++b) grad += pair_coef[a * num_classes + b] * (mean[a * dim + d] - mean[b * dim + d]);
+  for (int b = 0; b < num_classes; ++b) {
+    grad += pair_coef[a * num_classes + b] * (mean[a * dim + d] - mean[b * dim + d]);
+  }
   const int count = class_count[a];
   margin_coef[a * dim + d] = static_cast<acc_t>(count > 0 ? grad / count : 0.0);
+}
+
+// Per class c, the part of dU that depends on the class alone: for a member i of c,
+// dU_i = spread_c u_i + offset_c + sum_k g_ik p^_k, with spread_c = (d loss / d var_cap_loss) var_coef_c and
+// offset_c = (d loss / d margin_loss) margin_coef_c - spread_c mean_c.
+template <typename acc_t>
+__global__ void class_offsets_kernel(const acc_t* __restrict__ grad_var_cap, const acc_t* __restrict__ grad_margin,
+                                     const acc_t* __restrict__ var_coef, const acc_t* __restrict__ class_mean,
+                                     const acc_t* __restrict__ margin_coef, int64_t dim,
+                                     acc_t* __restrict__ offsets) {
+  const int c = blockIdx.y;
+  const int64_t d = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (d >= dim) return;
+  const acc_t spread = *grad_var_cap * var_coef[c];
+  offsets[c * dim + d] = *grad_margin * margin_coef[c * dim + d] - spread * class_mean[c * dim + d];
+}
+
+// A row's unit values u = z / ||z|| at columns [d, d + kPack), and its class offset there.
+template <bool kAligned, typename scalar_t, typename acc_t>
+__device__ __forceinline__ void unit_and_offset(const Pack<scalar_t>& row, const acc_t* __restrict__ offset,
+                                                int64_t d, int64_t dim, acc_t inv_length, acc_t (&u)[kPack],
+                                                acc_t (&h)[kPack]) {
+  widen(row, u);
+#pragma unroll
+  for (int v = 0; v < kPack; ++v) u[v] *= inv_length;
+  widen(load_pack<kAligned>(offset, d, dim), h);
 }
 
 // The block takes kWarps * ROWS rows at a time (a grid-stride loop over tiles), each warp ROWS rows at once.
@@ -511,31 +585,29 @@ __global__ void margin_coef_kernel(const double* __restrict__ mean, const double
 template <typename scalar_t, typename acc_t, int KMAX, int ROWS, bool kAligned>
 __global__ void __launch_bounds__(kThreads)
     backward_kernel(const acc_t* __restrict__ grad_proto_kd, const acc_t* __restrict__ grad_var_cap,
-                    const acc_t* __restrict__ grad_margin, const scalar_t* __restrict__ z,
-                    const acc_t* __restrict__ unit_protos, const acc_t* __restrict__ target,
-                    const int64_t* __restrict__ labels, const acc_t* __restrict__ cosines,
-                    const acc_t* __restrict__ lses, const acc_t* __restrict__ norms, const acc_t* __restrict__ var_coef,
-                    const acc_t* __restrict__ class_mean, const acc_t* __restrict__ margin_coef,
-                    scalar_t* __restrict__ grad_z, int64_t batch, int64_t dim, int num_protos, int num_classes,
-                    acc_t inv_tau) {
+                    const scalar_t* __restrict__ z, const acc_t* __restrict__ unit_protos,
+                    const acc_t* __restrict__ target, const int64_t* __restrict__ labels,
+                    const acc_t* __restrict__ cosines, const acc_t* __restrict__ lses,
+                    const acc_t* __restrict__ norms, const acc_t* __restrict__ var_coef,
+                    const acc_t* __restrict__ class_offsets, scalar_t* __restrict__ grad_z, int64_t batch,
+                    int64_t dim, int num_protos, int num_classes, int chunk, acc_t inv_tau) {
   constexpr int kGroups = KMAX / kWarp;
   constexpr int kTileRows = kWarps * ROWS;
-  constexpr int kChunk = chunk_columns<acc_t, KMAX>();
   NGD_DYNAMIC_SHARED(shared);
   acc_t* chunk_protos = reinterpret_cast<acc_t*>(shared);
   const int warp = threadIdx.x / kWarp;
   const int lane = threadIdx.x % kWarp;
   const acc_t kd_scale = *grad_proto_kd * inv_tau / static_cast<acc_t>(batch);
   const acc_t var_scale = *grad_var_cap;
-  const acc_t margin_scale = *grad_margin;
+  const int64_t steps = (dim + kStepColumns - 1) / kStepColumns;
+  const bool restage = dim > chunk;  // else the one chunk serves every tile of the block
+  const int64_t first_tile = blockIdx.x * static_cast<int64_t>(kTileRows);
 
-  for (int64_t tile = blockIdx.x * static_cast<int64_t>(kTileRows); tile < batch;
-       tile += static_cast<int64_t>(gridDim.x) * kTileRows) {
+  for (int64_t tile = first_tile; tile < batch; tile += static_cast<int64_t>(gridDim.x) * kTileRows) {
     const int64_t first = tile + warp * ROWS;
     acc_t cosine_grad[ROWS][KMAX];  // d loss / d s_ik, every k in every lane
     acc_t inv_length[ROWS], spread[ROWS], proto_radial[ROWS];
-    const acc_t* mu[ROWS];
-    const acc_t* margin_row[ROWS];
+    const acc_t* offset[ROWS];
     bool live[ROWS], on_sphere[ROWS];
 #pragma unroll
     for (int j = 0; j < ROWS; ++j) {
@@ -572,81 +644,75 @@ __global__ void __launch_bounds__(kThreads)
       // Below the norm floor u = z / eps is linear in z: no projection.
       on_sphere[j] = length >= static_cast<acc_t>(kNormEps);
       spread[j] = var_scale * var_coef[label];
-      mu[j] = class_mean + label * dim;
-      margin_row[j] = margin_coef + label * dim;
+      offset[j] = class_offsets + label * dim;
     }
 
     // u . dU less its prototype part (known from the cosines): every row of the warp in one pass over D.
-    acc_t unit_sq[ROWS], unit_mu[ROWS], unit_margin[ROWS];
+    acc_t unit_sq[ROWS], unit_offset[ROWS];
 #pragma unroll
-    for (int j = 0; j < ROWS; ++j) unit_sq[j] = unit_mu[j] = unit_margin[j] = 0;
-    for (int64_t d = lane * kPack; d < dim; d += kStepColumns) {
+    for (int j = 0; j < ROWS; ++j) unit_sq[j] = unit_offset[j] = 0;
+    Pack<scalar_t> rows[ROWS];
+    load_rows<kAligned>(z, first, batch, lane * kPack, dim, rows);
+    for (int64_t step = 0; step < steps; ++step) {
+      const int64_t d = step * kStepColumns + lane * kPack;
+      Pack<scalar_t> next[ROWS];
+      load_rows<kAligned>(z, first, batch, d + kStepColumns, dim, next);
 #pragma unroll
       for (int j = 0; j < ROWS; ++j) {
-        if (!live[j]) continue;
-        acc_t x[kPack], m[kPack], g[kPack];
-        load_columns<kAligned>(z + (first + j) * dim, d, dim, x);
-        load_columns<kAligned>(mu[j], d, dim, m);
-        load_columns<kAligned>(margin_row[j], d, dim, g);
+        acc_t u[kPack], h[kPack];
+        unit_and_offset<kAligned>(rows[j], offset[j], d, dim, inv_length[j], u, h);
 #pragma unroll
         for (int v = 0; v < kPack; ++v) {
-          const acc_t u = x[v] * inv_length[j];
-          unit_sq[j] += u * u;
-          unit_mu[j] += u * m[v];
-          unit_margin[j] += u * g[v];
+          unit_sq[j] += u[v] * u[v];
+          unit_offset[j] += u[v] * h[v];
         }
+        rows[j] = next[j];
       }
     }
     acc_t radial[ROWS];
 #pragma unroll
     for (int j = 0; j < ROWS; ++j) {
-      const acc_t rest = spread[j] * (warp_sum(unit_sq[j]) - warp_sum(unit_mu[j])) +
-                         margin_scale * warp_sum(unit_margin[j]);
+      const acc_t rest = spread[j] * warp_sum(unit_sq[j]) + warp_sum(unit_offset[j]);
       radial[j] = on_sphere[j] ? proto_radial[j] + rest : acc_t(0);
     }
 
-    for (int64_t chunk = 0; chunk < dim; chunk += kChunk) {
-      stage_prototypes<acc_t, KMAX>(unit_protos, chunk_protos, num_protos, dim, chunk);
-      const int64_t chunk_end = min(dim, chunk + kChunk);
-      for (int64_t d = chunk + lane * kPack; d < chunk_end; d += kStepColumns) {
-        acc_t u[ROWS][kPack], du[ROWS][kPack];
+    load_rows<kAligned>(z, first, batch, lane * kPack, dim, rows);
+    for (int64_t step = 0; step < steps; ++step) {
+      const int64_t column = step * kStepColumns;
+      if (column % chunk == 0 && (restage || tile == first_tile)) {
+        stage_prototypes<kAligned>(unit_protos, chunk_protos, num_protos, dim, column, chunk);
+      }
+      const int64_t d = column + lane * kPack;
+      Pack<scalar_t> next[ROWS];
+      load_rows<kAligned>(z, first, batch, d + kStepColumns, dim, next);
+      acc_t u[ROWS][kPack], du[ROWS][kPack];
 #pragma unroll
-        for (int j = 0; j < ROWS; ++j) {
-          acc_t x[kPack], m[kPack], g[kPack];
-          if (live[j]) {
-            load_columns<kAligned>(z + (first + j) * dim, d, dim, x);
-            load_columns<kAligned>(mu[j], d, dim, m);
-            load_columns<kAligned>(margin_row[j], d, dim, g);
-          } else {
+      for (int j = 0; j < ROWS; ++j) {
+        acc_t h[kPack];
+        unit_and_offset<kAligned>(rows[j], offset[j], d, dim, inv_length[j], u[j], h);
 #pragma unroll
-            for (int v = 0; v < kPack; ++v) x[v] = m[v] = g[v] = 0;
-          }
+        for (int v = 0; v < kPack; ++v) du[j][v] = spread[j] * u[j][v] + h[v];
+        rows[j] = next[j];
+      }
+      const acc_t* staged = chunk_protos + column % chunk + lane * kPack;
 #pragma unroll
-          for (int v = 0; v < kPack; ++v) {
-            u[j][v] = x[v] * inv_length[j];
-            du[j][v] = spread[j] * (u[j][v] - m[v]) + margin_scale * g[v];
-          }
-        }
-        const acc_t* column = chunk_protos + (d - chunk);
+      for (int k = 0; k < KMAX; ++k) {
+        if (k < num_protos) {
+          const Pack<acc_t> p = staged_prototype(staged, k, chunk);
 #pragma unroll
-        for (int k = 0; k < KMAX; ++k) {
-          if (k < num_protos) {
-            const Pack<acc_t> p = staged_prototype<acc_t, KMAX>(column, k);
+          for (int j = 0; j < ROWS; ++j) {
 #pragma unroll
-            for (int j = 0; j < ROWS; ++j) {
-#pragma unroll
-              for (int v = 0; v < kPack; ++v) du[j][v] += cosine_grad[j][k] * p.value[v];
-            }
+            for (int v = 0; v < kPack; ++v) du[j][v] += cosine_grad[j][k] * p.value[v];
           }
         }
+      }
 #pragma unroll
-        for (int j = 0; j < ROWS; ++j) {
-          if (!live[j]) continue;
-          acc_t out[kPack];
+      for (int j = 0; j < ROWS; ++j) {
+        if (!live[j]) continue;
+        acc_t out[kPack];
 #pragma unroll
-          for (int v = 0; v < kPack; ++v) out[v] = (du[j][v] - u[j][v] * radial[j]) * inv_length[j];
-          store_columns<kAligned>(grad_z + (first + j) * dim, d, dim, out);
-        }
+        for (int v = 0; v < kPack; ++v) out[v] = (du[j][v] - u[j][v] * radial[j]) * inv_length[j];
+        store_columns<kAligned>(grad_z + (first + j) * dim, d, dim, out);
       }
     }
   }
@@ -682,6 +748,29 @@ void allow_shared_bytes(Kernel kernel, size_t bytes) {
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
 }
 
+// A limit of the current device.
+int device_attribute(cudaDeviceAttr attribute) {
+  int device = 0, value = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&value, attribute, device));
+  return value;
+}
+
+// Prototype columns a block stages at once: whole warp steps, as many as fit beside the kernel's other
+// `other_bytes` of shared memory (at most kMaxStagedBytes, so that L1 keeps the rest), no more than D needs.
+// Fewer chunks mean fewer barriers, and where one chunk holds all of D a block stages it once.
+template <typename acc_t, int KMAX>
+int staged_columns(int64_t dim, size_t other_bytes, int64_t num_classes) {
+  const size_t limit = device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin);
+  const size_t budget = std::min(kMaxStagedBytes, limit - std::min(limit, other_bytes));
+  const int64_t step_bytes = KMAX * kStepColumns * sizeof(acc_t);
+  TORCH_CHECK_VALUE(budget >= static_cast<size_t>(step_bytes), "proto_dgeo_loss: with C = ", text(num_classes),
+                    " classes the CUDA kernel needs ", text(static_cast<double>(other_bytes + step_bytes)),
+                    " bytes of shared memory per block; this GPU allows ", text(static_cast<double>(limit)));
+  const int64_t fit = static_cast<int64_t>(budget) / step_bytes * kStepColumns;
+  return static_cast<int>(std::min(fit, ceil_div(dim, kStepColumns) * kStepColumns));
+}
+
 template <typename scalar_t, int KMAX, int ROWS, bool kAligned>
 ForwardOutputs forward_cuda_typed(const at::Tensor& z, const at::Tensor& unit_protos, const at::Tensor& target,
                                   const at::Tensor& labels, const at::Tensor& positive, double tau, double var_cap,
@@ -708,7 +797,6 @@ ForwardOutputs forward_cuda_typed(const at::Tensor& z, const at::Tensor& unit_pr
   out.class_mean = at::empty({num_classes, dim}, acc);
   out.margin_coef = at::empty({num_classes, dim}, acc);
 
-  auto inv_lengths = at::empty({batch}, acc);
   auto block_class_sum = at::empty({num_blocks, num_classes, dim}, acc);
   auto block_count = at::empty({num_blocks, num_classes}, whole);
   auto block_sq = at::empty({num_blocks, num_classes}, wide);
@@ -719,21 +807,25 @@ ForwardOutputs forward_cuda_typed(const at::Tensor& z, const at::Tensor& unit_pr
   auto pair_coef = at::empty({num_classes, num_classes}, wide);
   auto pair_loss = at::empty({num_classes, num_classes}, wide);
 
-  const size_t rows_shared = RowsShared(KMAX * chunk_columns<acc_t, KMAX>(), num_classes, sizeof(acc_t)).bytes;
+  // The class sums of u stay in shared memory where they fit beside the statistics and one step of prototypes;
+  // the staged chunk takes what is left.
+  const size_t class_sum_bytes = num_classes * dim * sizeof(acc_t);
+  const size_t statistics_bytes = RowsShared(0, 0, num_classes, sizeof(acc_t)).bytes;
+  const bool sums_in_shared = class_sum_bytes <= kMaxSharedClassSums &&
+                              statistics_bytes + class_sum_bytes + KMAX * kStepColumns * sizeof(acc_t) <=
+                                  static_cast<size_t>(device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin));
+  const int64_t shared_sums = sums_in_shared ? num_classes * dim : 0;
+  const int chunk = staged_columns<acc_t, KMAX>(
+      dim, RowsShared(0, shared_sums, num_classes, sizeof(acc_t)).bytes, num_classes);
+  const size_t rows_shared = RowsShared(KMAX * chunk, shared_sums, num_classes, sizeof(acc_t)).bytes;
   const auto rows_kernel = forward_rows_kernel<scalar_t, acc_t, KMAX, ROWS, kAligned>;
   allow_shared_bytes(rows_kernel, rows_shared);
   launch(rows_kernel, num_blocks, kThreads, rows_shared, stream,
       z.data_ptr<scalar_t>(), unit_protos.data_ptr<acc_t>(), target.data_ptr<acc_t>(), labels.data_ptr<int64_t>(),
       out.cosines.data_ptr<acc_t>(), out.lse.data_ptr<acc_t>(), out.norms.data_ptr<acc_t>(),
-      inv_lengths.data_ptr<acc_t>(), block_count.data_ptr<int>(), block_sq.data_ptr<double>(), block_kd.data_ptr<double>(), batch, dim, num_protos,
-      num_classes, rows_per_block, static_cast<acc_t>(1.0 / tau));
-
-  const bool sums_in_shared = num_classes * kThreads * sizeof(acc_t) <= kMaxSharedClassSums;
-  const dim3 sums_grid(static_cast<unsigned>(ceil_div(dim, kThreads)), static_cast<unsigned>(num_blocks));
-  launch(class_sums_kernel<scalar_t, acc_t>, sums_grid, kThreads,
-      sums_in_shared ? num_classes * kThreads * sizeof(acc_t) : 0, stream,
-      z.data_ptr<scalar_t>(), labels.data_ptr<int64_t>(), inv_lengths.data_ptr<acc_t>(),
-      block_class_sum.data_ptr<acc_t>(), batch, dim, num_classes, rows_per_block, sums_in_shared);
+      block_class_sum.data_ptr<acc_t>(), block_count.data_ptr<int>(), block_sq.data_ptr<double>(),
+      block_kd.data_ptr<double>(), batch, dim, num_protos, num_classes, rows_per_block, chunk, sums_in_shared,
+      static_cast<acc_t>(1.0 / tau));
 
   const dim3 class_grid(static_cast<unsigned>(ceil_div(dim, kThreads)), static_cast<unsigned>(num_classes));
   launch(class_mean_kernel<acc_t>, class_grid, kThreads, 0, stream,
@@ -761,17 +853,32 @@ void backward_cuda_typed(const at::Tensor& grad_proto_kd, const at::Tensor& grad
                          const at::Tensor& class_mean, const at::Tensor& margin_coef, at::Tensor& grad_z, double tau,
                          cudaStream_t stream) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t batch = z.size(0);
-  const int64_t blocks = ceil_div(batch, kWarps * ROWS);
-  const size_t shared_bytes = KMAX * chunk_columns<acc_t, KMAX>() * sizeof(acc_t);
+  const int64_t batch = z.size(0), dim = z.size(1);
+  const int num_classes = static_cast<int>(target.size(0));
+
+  auto class_offsets = at::empty({num_classes, dim}, class_mean.options());
+  const dim3 class_grid(static_cast<unsigned>(ceil_div(dim, kThreads)), static_cast<unsigned>(num_classes));
+  launch(class_offsets_kernel<acc_t>, class_grid, kThreads, 0, stream,
+      grad_var_cap.data_ptr<acc_t>(), grad_margin.data_ptr<acc_t>(), var_coef.data_ptr<acc_t>(),
+      class_mean.data_ptr<acc_t>(), margin_coef.data_ptr<acc_t>(), dim, class_offsets.data_ptr<acc_t>());
+
+  const int chunk = staged_columns<acc_t, KMAX>(dim, 0, num_classes);
+  const size_t shared_bytes = KMAX * chunk * sizeof(acc_t);
   const auto kernel = backward_kernel<scalar_t, acc_t, KMAX, ROWS, kAligned>;
   allow_shared_bytes(kernel, shared_bytes);
-  launch(kernel, static_cast<unsigned>(std::min<int64_t>(blocks, 1 << 20)), kThreads, shared_bytes, stream,
-      grad_proto_kd.data_ptr<acc_t>(), grad_var_cap.data_ptr<acc_t>(), grad_margin.data_ptr<acc_t>(),
-      z.data_ptr<scalar_t>(), unit_protos.data_ptr<acc_t>(), target.data_ptr<acc_t>(), labels.data_ptr<int64_t>(),
-      cosines.data_ptr<acc_t>(), lses.data_ptr<acc_t>(), norms.data_ptr<acc_t>(), var_coef.data_ptr<acc_t>(),
-      class_mean.data_ptr<acc_t>(), margin_coef.data_ptr<acc_t>(), grad_z.data_ptr<scalar_t>(), batch, z.size(1),
-      static_cast<int>(unit_protos.size(0)), static_cast<int>(target.size(0)), static_cast<acc_t>(1.0 / tau));
+  // As many blocks as the GPU holds at once, each looping over tiles: a block stages prototypes that fit one
+  // chunk only once.
+  int blocks_per_sm = 0;
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks_per_sm, kernel, kThreads, shared_bytes));
+  const int64_t resident = static_cast<int64_t>(std::max(blocks_per_sm, 1)) *
+                           device_attribute(cudaDevAttrMultiProcessorCount);
+  const int64_t blocks = std::min(ceil_div(batch, kWarps * ROWS), resident);
+  launch(kernel, static_cast<unsigned>(blocks), kThreads, shared_bytes, stream,
+      grad_proto_kd.data_ptr<acc_t>(), grad_var_cap.data_ptr<acc_t>(), z.data_ptr<scalar_t>(),
+      unit_protos.data_ptr<acc_t>(), target.data_ptr<acc_t>(), labels.data_ptr<int64_t>(), cosines.data_ptr<acc_t>(),
+      lses.data_ptr<acc_t>(), norms.data_ptr<acc_t>(), var_coef.data_ptr<acc_t>(), class_offsets.data_ptr<acc_t>(),
+      grad_z.data_ptr<scalar_t>(), batch, dim, static_cast<int>(unit_protos.size(0)), num_classes, chunk,
+      static_cast<acc_t>(1.0 / tau));
 }
 
 template <int KMAX, int ROWS>
@@ -850,17 +957,15 @@ at::Tensor proto_dgeo_bwd_cuda(const at::Tensor& grad_proto_kd, const at::Tensor
   const auto target = target_in.to(acc_dtype).contiguous();
   const auto unit_protos = unit_prototypes(protos, acc_dtype, stream);
   const auto as_acc = [&](const at::Tensor& t) { return t.to(acc_dtype).contiguous(); };
-  const auto class_means = as_acc(class_mean), margin_coefs = as_acc(margin_coef);
   auto grad_z = at::empty({z.size(0), z.size(1)}, z.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "proto_dgeo_bwd_cuda", [&] {
-    const bool aligned = rows_aligned<scalar_t>(z.size(1), {z.data_ptr(), grad_z.data_ptr()}) &&
-                         rows_aligned<at::opmath_type<scalar_t>>(z.size(1),
-                                                                 {class_means.data_ptr(), margin_coefs.data_ptr()});
+    const bool aligned = rows_aligned<scalar_t>(z.size(1), {z.data_ptr(), grad_z.data_ptr()});
     with_kernel_shape<scalar_t>(protos.size(0), aligned, [&](auto shape, auto vectors) {
       using Shape = decltype(shape);
       backward_cuda_typed<scalar_t, Shape::kMaxProtos, Shape::kRows, decltype(vectors)::value>(
           as_acc(grad_proto_kd), as_acc(grad_var_cap), as_acc(grad_margin), z, unit_protos, target, labels,
-          as_acc(cosines), as_acc(lses), as_acc(norms), as_acc(var_coef), class_means, margin_coefs, grad_z, tau,
+          as_acc(cosines), as_acc(lses), as_acc(norms), as_acc(var_coef), as_acc(class_mean),
+          as_acc(margin_coef), grad_z, tau,
           stream);
     });
   });

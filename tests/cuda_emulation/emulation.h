@@ -81,6 +81,26 @@ cudaError_t cudaFuncSetAttribute(Kernel kernel, cudaFuncAttribute, int bytes) {
   return cudaSuccess;
 }
 
+// The device the host code sizes its launches to: sm_90's shared memory, and two multiprocessors holding one
+// block each, so that grids sized to the device loop over several tiles per block even at test sizes.
+enum cudaDeviceAttr { cudaDevAttrMaxSharedMemoryPerBlockOptin, cudaDevAttrMultiProcessorCount };
+
+inline cudaError_t cudaGetDevice(int* device) {
+  *device = 0;
+  return cudaSuccess;
+}
+
+inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attribute, int) {
+  *value = attribute == cudaDevAttrMultiProcessorCount ? 2 : static_cast<int>(::ngd_emulation::kMaxSharedBytes);
+  return cudaSuccess;
+}
+
+template <typename Kernel>
+cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessor(int* blocks, Kernel, int, size_t) {
+  *blocks = 1;
+  return cudaSuccess;
+}
+
 #define C10_CUDA_CHECK(expression) TORCH_CHECK((expression) == cudaSuccess, #expression " failed")
 
 namespace c10 {
