@@ -809,11 +809,11 @@ ForwardOutputs forward_cuda_typed(const at::Tensor& z, const at::Tensor& unit_pr
 
   // The class sums of u stay in shared memory where they fit beside the statistics and one step of prototypes;
   // the staged chunk takes what is left.
-  const size_t class_sum_bytes = num_classes * dim * sizeof(acc_t);
-  const size_t statistics_bytes = RowsShared(0, 0, num_classes, sizeof(acc_t)).bytes;
-  const bool sums_in_shared = class_sum_bytes <= kMaxSharedClassSums &&
-                              statistics_bytes + class_sum_bytes + KMAX * kStepColumns * sizeof(acc_t) <=
-                                  static_cast<size_t>(device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin));
+  const size_t smallest_with_sums =
+      RowsShared(KMAX * kStepColumns, num_classes * dim, num_classes, sizeof(acc_t)).bytes;
+  const bool sums_in_shared =
+      num_classes * dim * sizeof(acc_t) <= kMaxSharedClassSums &&
+      smallest_with_sums <= static_cast<size_t>(device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin));
   const int64_t shared_sums = sums_in_shared ? num_classes * dim : 0;
   const int chunk = staged_columns<acc_t, KMAX>(
       dim, RowsShared(0, shared_sums, num_classes, sizeof(acc_t)).bytes, num_classes);
