@@ -161,7 +161,7 @@ def affectnet_folder_records(folder, split):
         label = FER_CLASSES.index(class_name)
         records += [FaceRecord(path, label, None, f"{folder}, class folder {name}/") for path in files]
     if not records:
-        raise DatasetError(f"{folder}: expected a AffectNet folder (no {split}.csv found): subfolders named by class "
+        raise DatasetError(f"{folder}: expected an AffectNet folder (no {split}.csv found): subfolders named by class "
                            f"({', '.join(FER_CLASSES)}, or aliases such as happy, sad, angry) holding images; found "
                            f"{subfolders or 'none'}")
     return records, dict(dropped)

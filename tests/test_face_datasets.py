@@ -103,7 +103,7 @@ def test_affectnet_class_folders(tmp_path):
 
 def test_affectnet_folder_of_nothing_is_refused(tmp_path):
     os.makedirs(tmp_path / "misc")
-    with pytest.raises(DatasetError, match=r"expected a AffectNet folder \(no validation.csv found\): subfolders "
+    with pytest.raises(DatasetError, match=r"expected an AffectNet folder \(no validation.csv found\): subfolders "
                                            r"named by class .*found \['misc'\]"):
         affectnet_records(str(tmp_path))
 

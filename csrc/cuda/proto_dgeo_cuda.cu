@@ -756,12 +756,14 @@ int device_attribute(cudaDeviceAttr attribute) {
   return value;
 }
 
-// Prototype columns a block stages at once: whole warp steps, as many as fit beside the kernel's other
-// `other_bytes` of shared memory (at most kMaxStagedBytes, so that L1 keeps the rest), no more than D needs.
-// Fewer chunks mean fewer barriers, and where one chunk holds all of D a block stages it once.
+// The most dynamic shared memory a block may ask for on the current device.
+size_t shared_bytes_limit() { return static_cast<size_t>(device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin)); }
+
+// Prototype columns a block stages at once: whole warp steps, as many as fit in `limit` beside the kernel's
+// other `other_bytes` of shared memory (at most kMaxStagedBytes, so that L1 keeps the rest), no more than D
+// needs. Fewer chunks mean fewer barriers, and where one chunk holds all of D a block stages it once.
 template <typename acc_t, int KMAX>
-int staged_columns(int64_t dim, size_t other_bytes, int64_t num_classes) {
-  const size_t limit = device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin);
+int staged_columns(int64_t dim, size_t other_bytes, size_t limit, int64_t num_classes) {
   const size_t budget = std::min(kMaxStagedBytes, limit - std::min(limit, other_bytes));
   const int64_t step_bytes = KMAX * kStepColumns * sizeof(acc_t);
   TORCH_CHECK_VALUE(budget >= static_cast<size_t>(step_bytes), "proto_dgeo_loss: with C = ", text(num_classes),
@@ -809,14 +811,13 @@ ForwardOutputs forward_cuda_typed(const at::Tensor& z, const at::Tensor& unit_pr
 
   // The class sums of u stay in shared memory where they fit beside the statistics and one step of prototypes;
   // the staged chunk takes what is left.
+  const size_t limit = shared_bytes_limit();
   const size_t smallest_with_sums =
       RowsShared(KMAX * kStepColumns, num_classes * dim, num_classes, sizeof(acc_t)).bytes;
-  const bool sums_in_shared =
-      num_classes * dim * sizeof(acc_t) <= kMaxSharedClassSums &&
-      smallest_with_sums <= static_cast<size_t>(device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin));
+  const bool sums_in_shared = num_classes * dim * sizeof(acc_t) <= kMaxSharedClassSums && smallest_with_sums <= limit;
   const int64_t shared_sums = sums_in_shared ? num_classes * dim : 0;
   const int chunk = staged_columns<acc_t, KMAX>(
-      dim, RowsShared(0, shared_sums, num_classes, sizeof(acc_t)).bytes, num_classes);
+      dim, RowsShared(0, shared_sums, num_classes, sizeof(acc_t)).bytes, limit, num_classes);
   const size_t rows_shared = RowsShared(KMAX * chunk, shared_sums, num_classes, sizeof(acc_t)).bytes;
   const auto rows_kernel = forward_rows_kernel<scalar_t, acc_t, KMAX, ROWS, kAligned>;
   allow_shared_bytes(rows_kernel, rows_shared);
@@ -862,7 +863,7 @@ void backward_cuda_typed(const at::Tensor& grad_proto_kd, const at::Tensor& grad
       grad_var_cap.data_ptr<acc_t>(), grad_margin.data_ptr<acc_t>(), var_coef.data_ptr<acc_t>(),
       class_mean.data_ptr<acc_t>(), margin_coef.data_ptr<acc_t>(), dim, class_offsets.data_ptr<acc_t>());
 
-  const int chunk = staged_columns<acc_t, KMAX>(dim, 0, num_classes);
+  const int chunk = staged_columns<acc_t, KMAX>(dim, 0, shared_bytes_limit(), num_classes);
   const size_t shared_bytes = KMAX * chunk * sizeof(acc_t);
   const auto kernel = backward_kernel<scalar_t, acc_t, KMAX, ROWS, kAligned>;
   allow_shared_bytes(kernel, shared_bytes);
