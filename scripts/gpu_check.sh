@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The whole GPU verification of ngd_ext on a CUDA machine, with no network and whatever torch it has:
 # build the extension in place, run the test suite (CUDA cases included), the CUDA benchmark, a per-kernel
-# profile, and compute-sanitizer memcheck and racecheck on a short run. Logs and JSON go to OUTDIR, and the
-# figures to OUTDIR/summary.txt. About 8 minutes.
+# profile, Nsight Compute on the row kernels, and compute-sanitizer memcheck and racecheck on a short run.
+# Logs and JSON go to OUTDIR, and the figures to OUTDIR/summary.txt. About 6 minutes on an H200.
 #
 #   bash scripts/gpu_check.sh OUTDIR
 set -uo pipefail
@@ -55,6 +55,20 @@ step "kernel profile"
 timeout 90 "$python" scripts/kernel_profile.py --out "$out/kernel_profile.json" > "$out/kernel_profile.log" 2>&1
 echo "kernel profile exit $?" | tee -a "$out/summary.txt"
 grep -A 8 "^B=" "$out/kernel_profile.log" | tee -a "$out/summary.txt"
+
+# Nsight Compute on the two row kernels at the largest shape: how close to the memory and compute roofs they
+# run, their occupancy, and what their warps wait on.
+step "ncu"
+if command -v ncu > /dev/null; then
+  timeout 150 ncu --section SpeedOfLight --section Occupancy --section WarpStateStats --section LaunchStats \
+    -k regex:"forward_rows_kernel|backward_kernel" -c 2 \
+    "$python" scripts/kernel_profile.py --batch 65536 --dim 2048 --steps 1 --plain > "$out/ncu.log" 2>&1
+  echo "ncu exit $?" | tee -a "$out/summary.txt"
+  grep -E "^  [a-z_]+_kernel|Duration|Throughput|Achieved Occupancy|Registers Per|Warp Cycles Per Issued|Shared Memory Config|stall|Stall" \
+    "$out/ncu.log" | cut -c1-150 | tee -a "$out/summary.txt"
+else
+  echo "no ncu on PATH" | tee -a "$out/summary.txt"
+fi
 
 step "compute-sanitizer"
 for tool in memcheck racecheck; do

@@ -2,6 +2,7 @@
 
     python scripts/kernel_profile.py                      # CUDA when a GPU is present, else CPU
     python scripts/kernel_profile.py --batch 65536 --dim 2048 --out profile.json
+    ncu -k regex:forward_rows python scripts/kernel_profile.py --batch 65536 --dim 2048 --steps 1 --plain
 
 Prints, per shape, each kernel's (CUDA) or op's (CPU) total and mean time and its share, and writes them as
 JSON. The benchmark says how fast the op is; this says which of its kernels to work on.
@@ -28,6 +29,8 @@ def parse_args():
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "float64"])
     parser.add_argument("--steps", type=int, default=10, help="profiled forward + backward steps per shape")
     parser.add_argument("--out", default=None, help="JSON path (default: print only)")
+    parser.add_argument("--plain", action="store_true",
+                        help="run the steps without torch.profiler, for an outside profiler such as ncu")
     return parser.parse_args()
 
 
@@ -61,6 +64,14 @@ def main():
     args = parse_args()
     if not ngd_ext.fused_available(args.device):
         sys.exit(f"the fused op is not built for {args.device}: pip install --no-build-isolation -e .")
+    if args.plain:
+        for batch in args.batch:
+            for dim in args.dim:
+                z, *rest = make_inputs(batch, dim, 25, 8, getattr(torch, args.dtype), args.device)
+                step = make_callables(ngd_ext.proto_dgeo_loss, z, rest)["fwdbwd"]
+                for _ in range(args.steps):
+                    step()
+        return
     report = {"device": args.device, "dtype": args.dtype, "steps": args.steps, "torch": torch.__version__,
               "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None, "shapes": []}
     for batch in args.batch:

@@ -182,6 +182,13 @@ def test_emulator_shared_memory_starts_as_nan():
     assert torch.isnan(torch.ops.ngd_emulator_selftest.read_unwritten_shared()).all()
 
 
+def test_emulator_async_copies_land_at_the_wait():
+    values = torch.arange(1, 33, dtype=torch.float32)
+    before, after = torch.ops.ngd_emulator_selftest.async_copy(values)
+    assert torch.isnan(before).all()
+    assert torch.equal(after, torch.where(torch.arange(32) % 2 == 1, 0.0, values))
+
+
 @pytest.mark.parametrize("kernel, message", [
     ("divergent_shuffle", "a shuffle reached by only part of a warp"),
     ("partial_barrier", r"__syncthreads\(\) reached by only part of the block"),

@@ -12,7 +12,8 @@
 // Backward, in two: class_offsets_kernel folds the variance-cap and margin gradients into one vector per class;
 // backward_kernel makes a pass over each row for u . dU, then one for dU and dz with the prototypes staged as in
 // the forward. Rows are read kPack columns to a lane, as vectors where the rows are aligned, the next columns
-// on their way while the current ones are multiplied. Every reduction has a fixed order, so results are
+// on their way while the current ones are multiplied, and L2 is asked for each warp's rows several steps ahead
+// of its loads. Prototypes are staged by asynchronous copies. Every reduction has a fixed order, so results are
 // bitwise reproducible run to run.
 //
 // tests/cuda_emulation compiles this file as host C++ too, with NGD_CUDA_EMULATION defined and an emulator of
@@ -33,12 +34,18 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+#include <cuda_pipeline_primitives.h>
 #include <cuda_runtime.h>
 
 #define NGD_DYNAMIC_SHARED(name) extern __shared__ __align__(16) unsigned char name[]
 
 namespace ngd_ext {
 namespace {
+
+// Asks L2 for the line holding `address`: a hint, with no register to wait on.
+__device__ __forceinline__ void prefetch_l2(const void* address) {
+  asm volatile("prefetch.global.L2 [%0];" : : "l"(address));
+}
 
 template <typename... Params, typename... Args>
 void launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t shared_bytes, cudaStream_t stream,
@@ -122,17 +129,21 @@ __device__ __forceinline__ T warp_transpose_sum(T (&values)[kWarp], int lane) {
   }
 }
 
+// Block k normalises prototype k: each warp adds every kWarps-th stretch of kWarp columns, and the warps'
+// totals are added in warp order.
 template <typename acc_t>
-__global__ void unit_protos_kernel(const acc_t* __restrict__ protos, acc_t* __restrict__ unit, int num_protos,
-                                   int64_t dim) {
-  const int lane = threadIdx.x % kWarp;
-  for (int k = blockIdx.x * kWarps + threadIdx.x / kWarp; k < num_protos; k += gridDim.x * kWarps) {
-    const acc_t* p = protos + k * dim;
-    acc_t sum_sq = 0;
-    for (int64_t d = lane; d < dim; d += kWarp) sum_sq += p[d] * p[d];
-    const acc_t length = larger(sqrt_of(warp_sum(sum_sq)), static_cast<acc_t>(kNormEps));
-    for (int64_t d = lane; d < dim; d += kWarp) unit[k * dim + d] = p[d] / length;
-  }
+__global__ void unit_protos_kernel(const acc_t* __restrict__ protos, acc_t* __restrict__ unit, int64_t dim) {
+  __shared__ acc_t warp_total[kWarps];
+  const acc_t* p = protos + blockIdx.x * dim;
+  acc_t sum_sq = 0;
+  for (int64_t d = threadIdx.x; d < dim; d += kThreads) sum_sq += p[d] * p[d];
+  sum_sq = warp_sum(sum_sq);
+  if (threadIdx.x % kWarp == 0) warp_total[threadIdx.x / kWarp] = sum_sq;
+  __syncthreads();
+  acc_t total = 0;
+  for (int w = 0; w < kWarps; ++w) total += warp_total[w];
+  const acc_t length = larger(sqrt_of(total), static_cast<acc_t>(kNormEps));
+  for (int64_t d = threadIdx.x; d < dim; d += kThreads) unit[blockIdx.x * dim + d] = p[d] / length;
 }
 
 // Columns go kPack to a lane: a warp covers kStepColumns consecutive columns of a row per step.
@@ -203,32 +214,61 @@ __device__ __forceinline__ void load_rows(const scalar_t* __restrict__ z, int64_
 
 // The prototypes go through shared memory in chunks of `chunk` columns (a multiple of kStepColumns), so that
 // each value read from L2 serves the block's kWarps * ROWS rows, not one warp's ROWS. Only the num_protos
-// real prototypes are staged: the readers skip the rest of the KMAX slots.
+// real prototypes are staged: the readers skip the rest of the KMAX slots. The copies are asynchronous: every
+// one a thread makes is on its way at once, and none holds a register.
 template <bool kAligned, typename acc_t>
 __device__ __forceinline__ void stage_prototypes(const acc_t* __restrict__ unit_protos, acc_t* staged,
                                                  int num_protos, int64_t dim, int64_t first_column, int chunk) {
-  constexpr int kInFlight = 4;  // loads a thread has on their way at once
+  // 16-byte copies where the rows allow them (a Pack of doubles takes two), else one element per copy.
+  constexpr int kCopyBytes = kAligned ? 16 : sizeof(acc_t);
+  constexpr int kCopyElements = kCopyBytes / sizeof(acc_t);
   __syncthreads();  // every warp is done with the previous chunk
-  const int packs = chunk / kPack;
-  const int total = num_protos * packs;
-  for (int base = threadIdx.x; base < total; base += kInFlight * kThreads) {
-    Pack<acc_t> values[kInFlight];
-#pragma unroll
-    for (int b = 0; b < kInFlight; ++b) {
-      const int i = base + b * kThreads;
-      const int k = i / packs;
-      const int column = (i - k * packs) * kPack;
-      values[b] = i < total ? load_pack<kAligned>(unit_protos + k * dim, first_column + column, dim)
-                            : zero_pack<acc_t>();
-    }
-#pragma unroll
-    for (int b = 0; b < kInFlight; ++b) {
-      const int i = base + b * kThreads;
-      if (i < total) *reinterpret_cast<Pack<acc_t>*>(staged + i / packs * chunk + i % packs * kPack) = values[b];
-    }
+  const int copies_per_proto = chunk / kCopyElements;
+  const int total = num_protos * copies_per_proto;
+  for (int i = threadIdx.x; i < total; i += kThreads) {
+    const int k = i / copies_per_proto;
+    const int column = (i - k * copies_per_proto) * kCopyElements;
+    // Columns past D are zero-filled from the row's start (dim % kCopyElements == 0 where copies are wide).
+    const bool present = first_column + column < dim;
+    __pipeline_memcpy_async(staged + k * chunk + column, unit_protos + k * dim + (present ? first_column + column : 0),
+                            kCopyBytes, present ? 0 : kCopyBytes);
   }
+  __pipeline_commit();
+  __pipeline_wait_prior(0);
   __syncthreads();
 }
+
+// Walks ahead of a warp's loads through its rows, one step of kStepColumns columns at a time and on into the
+// warp's rows of later tiles (tile_stride rows apart), asking L2 for each: the loads that follow find their
+// rows there instead of waiting on HBM.
+template <int ROWS, typename scalar_t>
+struct L2Prefetcher {
+  static constexpr int kStepsAhead = 8;
+
+  __device__ L2Prefetcher(const scalar_t* z, int64_t first, int64_t row_end, int64_t dim, int64_t tile_stride)
+      : z_(z), first_(first), row_end_(row_end), dim_(dim), tile_stride_(tile_stride) {
+    for (int i = 0; i < kStepsAhead; ++i) advance();
+  }
+
+  // Asks for the next step of columns.
+  __device__ void advance() {
+    const int64_t d = column_ + threadIdx.x % kWarp * kPack;
+#pragma unroll
+    for (int j = 0; j < ROWS; ++j) {
+      if (first_ + j < row_end_ && d < dim_) prefetch_l2(z_ + (first_ + j) * dim_ + d);
+    }
+    column_ += kStepColumns;
+    if (column_ >= dim_) {
+      column_ = 0;
+      first_ += tile_stride_;
+    }
+  }
+
+ private:
+  const scalar_t* z_;
+  int64_t first_, row_end_, dim_, tile_stride_;
+  int64_t column_ = 0;
+};
 
 // Prototype k's kPack values at a lane's columns of the staged chunk (`column` points at the first of them in
 // prototype 0's row).
@@ -237,9 +277,9 @@ __device__ __forceinline__ Pack<acc_t> staged_prototype(const acc_t* column, int
   return *reinterpret_cast<const Pack<acc_t>*>(column + k * chunk);
 }
 
-// Offsets into the row kernel's dynamic shared memory, widest types first.
-// Offsets into the row kernel's dynamic shared memory: the staged prototypes, the class sums of u when they are
-// kept there (class_sum_elements of them, else 0), per-warp class statistics, and the tile's inverse lengths.
+// Offsets into the row kernel's dynamic shared memory, widest types first: the staged prototypes, the class sums
+// of u when they are kept there (class_sum_elements of them, else 0), per-warp class statistics, and the tile's
+// inverse lengths and labels.
 struct RowsShared {
   __host__ __device__ RowsShared(int chunk_elements, int64_t class_sum_elements, int num_classes,
                                  size_t acc_size) {
@@ -248,10 +288,11 @@ struct RowsShared {
     warp_sq = (class_sums + class_sum_elements * acc_size + 15) / 16 * 16;
     warp_kd = warp_sq + kWarps * num_classes * sizeof(double);
     tile_scale = warp_kd + kWarps * sizeof(double);
-    warp_count = tile_scale + kMaxTileRows * acc_size;
+    tile_label = tile_scale + kMaxTileRows * acc_size;
+    warp_count = tile_label + kMaxTileRows * sizeof(int);
     bytes = warp_count + kWarps * num_classes * sizeof(int);
   }
-  size_t chunk_protos, class_sums, warp_sq, warp_kd, tile_scale, warp_count, bytes;
+  size_t chunk_protos, class_sums, warp_sq, warp_kd, tile_scale, tile_label, warp_count, bytes;
 };
 
 // Block b owns rows [b * rows_per_block, (b + 1) * rows_per_block) and goes through them a tile of
@@ -279,6 +320,7 @@ __global__ void __launch_bounds__(kThreads)
   double* warp_sq = reinterpret_cast<double*>(shared + layout.warp_sq);
   double* warp_kd = reinterpret_cast<double*>(shared + layout.warp_kd);
   acc_t* tile_scale = reinterpret_cast<acc_t*>(shared + layout.tile_scale);
+  int* tile_label = reinterpret_cast<int*>(shared + layout.tile_label);
   int* warp_count = reinterpret_cast<int*>(shared + layout.warp_count);
   acc_t* block_out = block_class_sum + blockIdx.x * class_sum_elements;
   acc_t* class_sum = sums_in_shared ? reinterpret_cast<acc_t*>(shared + layout.class_sums) : block_out;
@@ -298,8 +340,12 @@ __global__ void __launch_bounds__(kThreads)
   for (int64_t i = threadIdx.x; i < class_sum_elements; i += kThreads) class_sum[i] = 0;
   __syncthreads();
 
+  L2Prefetcher<ROWS, scalar_t> prefetcher(z, row_begin + warp * ROWS, row_end, dim, kTileRows);
   for (int64_t tile = row_begin; tile < row_end; tile += kTileRows) {
     const int64_t first = tile + warp * ROWS;
+    int64_t label[ROWS];  // loaded now, needed after the pass over D
+#pragma unroll
+    for (int j = 0; j < ROWS; ++j) label[j] = first + j < row_end ? labels[first + j] : 0;
     acc_t dot[ROWS * kGroups][kWarp];
     acc_t sum_sq[ROWS];
 #pragma unroll
@@ -318,6 +364,7 @@ __global__ void __launch_bounds__(kThreads)
       // The next step's columns are on their way while this step's are multiplied.
       Pack<scalar_t> next[ROWS];
       load_rows<kAligned>(z, first, row_end, column + kStepColumns + lane * kPack, dim, next);
+      prefetcher.advance();
       acc_t x[ROWS][kPack];
 #pragma unroll
       for (int j = 0; j < ROWS; ++j) {
@@ -354,8 +401,8 @@ __global__ void __launch_bounds__(kThreads)
       if (row >= row_end) break;  // the same for the whole warp, and for every later j
       const acc_t length = sqrt_of(sum_sq[j]);
       const acc_t inv_length = acc_t(1) / larger(length, static_cast<acc_t>(kNormEps));
-      const int64_t label = labels[row];
-      CUDA_KERNEL_ASSERT(label >= 0 && label < num_classes && "proto_dgeo_loss: a label is out of range [0, C)");
+      CUDA_KERNEL_ASSERT(label[j] >= 0 && label[j] < num_classes &&
+                         "proto_dgeo_loss: a label is out of range [0, C)");
 
       acc_t top = -INFINITY;
 #pragma unroll
@@ -376,7 +423,7 @@ __global__ void __launch_bounds__(kThreads)
         const int k = g * kWarp + lane;
         if (k < num_protos) {
           cosines[row * num_protos + k] = cosine[j][g];
-          const acc_t t = target[label * num_protos + k];
+          const acc_t t = target[label[j] * num_protos + k];
           if (t > 0) kd += t * (log_of(t) - (cosine[j][g] * inv_tau - lse));
         }
       }
@@ -385,14 +432,15 @@ __global__ void __launch_bounds__(kThreads)
         lses[row] = lse;
         norms[row] = length;
         tile_scale[warp * ROWS + j] = inv_length;
-        warp_sq[warp * num_classes + label] += sum_sq[j] * inv_length * inv_length;
-        warp_count[warp * num_classes + label] += 1;
+        tile_label[warp * ROWS + j] = static_cast<int>(label[j]);
+        warp_sq[warp * num_classes + label[j]] += sum_sq[j] * inv_length * inv_length;
+        warp_count[warp * num_classes + label[j]] += 1;
         warp_kd[warp] += kd;
       }
     }
-    __syncthreads();  // the tile's inverse lengths are in tile_scale
+    __syncthreads();  // the tile's inverse lengths and labels are in tile_scale and tile_label
 
-    constexpr int kInFlight = 8;  // rows a thread has on their way at once
+    constexpr int kInFlight = 16;  // rows a thread has on their way at once
     const int tile_rows = static_cast<int>(min(static_cast<int64_t>(kTileRows), row_end - tile));
     for (int64_t d = threadIdx.x * kPack; d < dim; d += kThreads * kPack) {
       for (int r = 0; r < tile_rows; r += kInFlight) {
@@ -404,7 +452,7 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
         for (int i = 0; i < kInFlight; ++i) {
           if (r + i >= tile_rows) break;
-          acc_t* sum = class_sum + labels[tile + r + i] * dim + d;
+          acc_t* sum = class_sum + tile_label[r + i] * dim + d;
 #pragma unroll
           for (int v = 0; v < kPack; ++v) {
             if (d + v < dim) sum[v] += static_cast<acc_t>(x[i].value[v]) * tile_scale[r + i];
@@ -412,7 +460,7 @@ __global__ void __launch_bounds__(kThreads)
         }
       }
     }
-    __syncthreads();  // tile_scale is free for the next tile
+    __syncthreads();  // tile_scale and tile_label are free for the next tile
   }
 
   if (sums_in_shared) {
@@ -436,23 +484,38 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// The loops over block partials are unrolled so that several loads are in flight; the additions keep block
+// Block (x, c) sums columns [kWarp x, kWarp (x + 1)) of class c's block partials: warp w adds every kWarps-th
+// block's from the w-th on, so that many loads are in flight at once, and the warps' totals are added in warp
 // order.
 template <typename acc_t>
 __global__ void class_mean_kernel(const acc_t* __restrict__ block_class_sum, const int* __restrict__ block_count,
                                   int num_blocks, int num_classes, int64_t dim, acc_t* __restrict__ class_mean,
                                   double* __restrict__ class_mean_wide, int* __restrict__ class_count) {
+  __shared__ double warp_total[kWarps][kWarp];
+  __shared__ int count;
   const int c = blockIdx.y;
-  const int64_t d = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-  int count = 0;
-  #pragma unroll 8
-  for (int b = 0; b < num_blocks; ++b) count += block_count[b * num_classes + c];
-  if (blockIdx.x == 0 && threadIdx.x == 0) class_count[c] = count;
-  if (d >= dim) return;
+  const int warp = threadIdx.x / kWarp;
+  const int lane = threadIdx.x % kWarp;
+  const int64_t d = blockIdx.x * static_cast<int64_t>(kWarp) + lane;
+  if (warp == 0) {
+    int members = 0;
+    for (int b = lane; b < num_blocks; b += kWarp) members += block_count[b * num_classes + c];
+    members = warp_sum(members);
+    if (lane == 0) count = members;
+  }
   double sum = 0;
-  #pragma unroll 8
-  for (int b = 0; b < num_blocks; ++b) sum += block_class_sum[(b * num_classes + c) * dim + d];
-  const double mean = count > 0 ? sum / count : 0.0;
+  if (d < dim) {
+    #pragma unroll 8
+    for (int b = warp; b < num_blocks; b += kWarps) sum += block_class_sum[(b * num_classes + c) * dim + d];
+  }
+  warp_total[warp][lane] = sum;
+  __syncthreads();
+  if (warp != 0) return;
+  if (blockIdx.x == 0 && lane == 0) class_count[c] = count;
+  if (d >= dim) return;
+  double total = 0;
+  for (int w = 0; w < kWarps; ++w) total += warp_total[w][lane];
+  const double mean = count > 0 ? total / count : 0.0;
   class_mean_wide[c * dim + d] = mean;
   class_mean[c * dim + d] = static_cast<acc_t>(mean);
 }
@@ -465,21 +528,25 @@ __global__ void losses_kernel(const double* __restrict__ mean, const int* __rest
                               double* __restrict__ pair_coef, double* __restrict__ pair_loss,
                               acc_t* __restrict__ proto_kd, acc_t* __restrict__ var_cap_loss,
                               acc_t* __restrict__ margin_loss, acc_t* __restrict__ var_coef) {
-  __shared__ double num_pairs;
+  __shared__ double num_pairs, kd_total;
   const int warp = threadIdx.x / kWarp;
   const int lane = threadIdx.x % kWarp;
 
+  // Sums over block partials: lane l adds every kWarp-th from the l-th on, then the warp adds its lanes.
   for (int c = warp; c < num_classes; c += kWarps) {
-    double mean_sq = 0;
+    double mean_sq = 0, sq = 0;
     for (int64_t d = lane; d < dim; d += kWarp) mean_sq += mean[c * dim + d] * mean[c * dim + d];
+    for (int b = lane; b < num_blocks; b += kWarp) sq += block_sq[b * num_classes + c];
     mean_sq = warp_sum(mean_sq);
-    if (lane == 0) {
-      double sq = 0;
-      #pragma unroll 8
-      for (int b = 0; b < num_blocks; ++b) sq += block_sq[b * num_classes + c];
-      const int count = class_count[c];
-      variance[c] = count > 0 ? larger(sq / count - mean_sq, 0.0) : 0.0;
-    }
+    sq = warp_sum(sq);
+    const int count = class_count[c];
+    if (lane == 0) variance[c] = count > 0 ? larger(sq / count - mean_sq, 0.0) : 0.0;
+  }
+  if (warp == kWarps - 1) {
+    double kd = 0;
+    for (int b = lane; b < num_blocks; b += kWarp) kd += block_kd[b];
+    kd = warp_sum(kd);
+    if (lane == 0) kd_total = kd;
   }
   __syncthreads();
 
@@ -497,10 +564,7 @@ __global__ void losses_kernel(const double* __restrict__ mean, const int* __rest
       var_coef[c] = static_cast<acc_t>(in_cap ? 4.0 * excess / (static_cast<double>(capped) * class_count[c]) : 0.0);
     }
     *var_cap_loss = static_cast<acc_t>(loss);
-    double kd = 0;
-    #pragma unroll 8
-    for (int b = 0; b < num_blocks; ++b) kd += block_kd[b];
-    *proto_kd = static_cast<acc_t>(kd / batch);
+    *proto_kd = static_cast<acc_t>(kd_total / batch);
     num_pairs = 0.5 * present * (present - 1);
   }
   __syncthreads();
@@ -568,19 +632,18 @@ __global__ void class_offsets_kernel(const acc_t* __restrict__ grad_var_cap, con
   offsets[c * dim + d] = *grad_margin * margin_coef[c * dim + d] - spread * class_mean[c * dim + d];
 }
 
-// A row's unit values u = z / ||z|| at columns [d, d + kPack), and its class offset there.
-template <bool kAligned, typename scalar_t, typename acc_t>
-__device__ __forceinline__ void unit_and_offset(const Pack<scalar_t>& row, const acc_t* __restrict__ offset,
-                                                int64_t d, int64_t dim, acc_t inv_length, acc_t (&u)[kPack],
-                                                acc_t (&h)[kPack]) {
+// A row's unit values u = z / ||z|| at a lane's kPack columns, and its class offset there, widened.
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ void unit_and_offset(const Pack<scalar_t>& row, const Pack<acc_t>& offset,
+                                                acc_t inv_length, acc_t (&u)[kPack], acc_t (&h)[kPack]) {
   widen(row, u);
 #pragma unroll
   for (int v = 0; v < kPack; ++v) u[v] *= inv_length;
-  widen(load_pack<kAligned>(offset, d, dim), h);
+  widen(offset, h);
 }
 
 // The block takes kWarps * ROWS rows at a time (a grid-stride loop over tiles), each warp ROWS rows at once.
-// Per row: d loss / d s_ik for every k (in every lane), and u . dU in one pass over the row; then, chunk by
+// Per row: u . dU in one pass over the row, then d loss / d s_ik for every k (in every lane), then, chunk by
 // chunk of prototypes through shared memory, dU and dz = (dU - u (u . dU)) / ||z||.
 template <typename scalar_t, typename acc_t, int KMAX, int ROWS, bool kAligned>
 __global__ void __launch_bounds__(kThreads)
@@ -593,6 +656,7 @@ __global__ void __launch_bounds__(kThreads)
                     int64_t dim, int num_protos, int num_classes, int chunk, acc_t inv_tau) {
   constexpr int kGroups = KMAX / kWarp;
   constexpr int kTileRows = kWarps * ROWS;
+  constexpr int kBatch = 4;  // steps of columns whose loads the first pass has on their way at once
   NGD_DYNAMIC_SHARED(shared);
   acc_t* chunk_protos = reinterpret_cast<acc_t*>(shared);
   const int warp = threadIdx.x / kWarp;
@@ -602,19 +666,65 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t steps = (dim + kStepColumns - 1) / kStepColumns;
   const bool restage = dim > chunk;  // else the one chunk serves every tile of the block
   const int64_t first_tile = blockIdx.x * static_cast<int64_t>(kTileRows);
+  const int64_t tile_stride = static_cast<int64_t>(gridDim.x) * kTileRows;
 
-  for (int64_t tile = first_tile; tile < batch; tile += static_cast<int64_t>(gridDim.x) * kTileRows) {
+  L2Prefetcher<ROWS, scalar_t> prefetcher(z, first_tile + warp * ROWS, batch, dim, tile_stride);
+  for (int64_t tile = first_tile; tile < batch; tile += tile_stride) {
     const int64_t first = tile + warp * ROWS;
-    acc_t cosine_grad[ROWS][KMAX];  // d loss / d s_ik, every k in every lane
-    acc_t inv_length[ROWS], spread[ROWS], proto_radial[ROWS];
+    int64_t label[ROWS];
+    acc_t inv_length[ROWS], spread[ROWS];
     const acc_t* offset[ROWS];
     bool live[ROWS], on_sphere[ROWS];
 #pragma unroll
     for (int j = 0; j < ROWS; ++j) {
       const int64_t row = first + j;
       live[j] = row < batch;
-      const int64_t label = live[j] ? labels[row] : 0;
-      CUDA_KERNEL_ASSERT(label >= 0 && label < num_classes && "proto_dgeo_loss: a label is out of range [0, C)");
+      label[j] = live[j] ? labels[row] : 0;
+      CUDA_KERNEL_ASSERT(label[j] >= 0 && label[j] < num_classes &&
+                         "proto_dgeo_loss: a label is out of range [0, C)");
+      const acc_t length = live[j] ? norms[row] : acc_t(1);
+      inv_length[j] = acc_t(1) / larger(length, static_cast<acc_t>(kNormEps));
+      // Below the norm floor u = z / eps is linear in z: no projection.
+      on_sphere[j] = length >= static_cast<acc_t>(kNormEps);
+      spread[j] = var_scale * var_coef[label[j]];
+      offset[j] = class_offsets + label[j] * dim;
+    }
+
+    // u . dU less its prototype part (known from the cosines): every row of the warp in one pass over D.
+    acc_t unit_sq[ROWS], unit_offset[ROWS];
+#pragma unroll
+    for (int j = 0; j < ROWS; ++j) unit_sq[j] = unit_offset[j] = 0;
+    for (int64_t step = 0; step < steps; step += kBatch) {
+      Pack<scalar_t> rows[kBatch][ROWS];
+      Pack<acc_t> offsets[kBatch][ROWS];
+#pragma unroll
+      for (int b = 0; b < kBatch; ++b) {
+        const int64_t d = (step + b) * kStepColumns + lane * kPack;
+        load_rows<kAligned>(z, first, batch, d, dim, rows[b]);
+#pragma unroll
+        for (int j = 0; j < ROWS; ++j) offsets[b][j] = load_pack<kAligned>(offset[j], d, dim);
+        if (step + b < steps) prefetcher.advance();
+      }
+#pragma unroll
+      for (int b = 0; b < kBatch; ++b) {
+#pragma unroll
+        for (int j = 0; j < ROWS; ++j) {
+          acc_t u[kPack], h[kPack];
+          unit_and_offset(rows[b][j], offsets[b][j], inv_length[j], u, h);
+#pragma unroll
+          for (int v = 0; v < kPack; ++v) {
+            unit_sq[j] += u[v] * u[v];
+            unit_offset[j] += u[v] * h[v];
+          }
+        }
+      }
+    }
+
+    acc_t cosine_grad[ROWS][KMAX];  // d loss / d s_ik, every k in every lane
+    acc_t radial[ROWS];
+#pragma unroll
+    for (int j = 0; j < ROWS; ++j) {
+      const int64_t row = first + j;
       acc_t s[kGroups], t[kGroups];
       acc_t mass = 0;
 #pragma unroll
@@ -622,60 +732,27 @@ __global__ void __launch_bounds__(kThreads)
         const int k = g * kWarp + lane;
         const bool used = live[j] && k < num_protos;
         s[g] = used ? cosines[row * num_protos + k] : acc_t(0);
-        t[g] = used ? target[label * num_protos + k] : acc_t(0);
+        t[g] = used ? target[label[j] * num_protos + k] : acc_t(0);
         mass += t[g];
       }
       mass = warp_sum(mass);
       const acc_t lse = live[j] ? lses[row] : acc_t(0);
-      acc_t radial = 0;  // u . sum_k g_k p^_k = sum_k g_k s_k
+      acc_t proto_radial = 0;  // u . sum_k g_k p^_k = sum_k g_k s_k
 #pragma unroll
       for (int g = 0; g < kGroups; ++g) {
         const bool used = live[j] && g * kWarp + lane < num_protos;
         const acc_t grad = used ? kd_scale * (exp_of(s[g] * inv_tau - lse) * mass - t[g]) : acc_t(0);
-        radial += grad * s[g];
+        proto_radial += grad * s[g];
 #pragma unroll
         for (int source = 0; source < kWarp; ++source) {
           cosine_grad[j][g * kWarp + source] = __shfl_sync(kFullMask, grad, source);
         }
       }
-      proto_radial[j] = warp_sum(radial);
-      const acc_t length = live[j] ? norms[row] : acc_t(1);
-      inv_length[j] = acc_t(1) / larger(length, static_cast<acc_t>(kNormEps));
-      // Below the norm floor u = z / eps is linear in z: no projection.
-      on_sphere[j] = length >= static_cast<acc_t>(kNormEps);
-      spread[j] = var_scale * var_coef[label];
-      offset[j] = class_offsets + label * dim;
-    }
-
-    // u . dU less its prototype part (known from the cosines): every row of the warp in one pass over D.
-    acc_t unit_sq[ROWS], unit_offset[ROWS];
-#pragma unroll
-    for (int j = 0; j < ROWS; ++j) unit_sq[j] = unit_offset[j] = 0;
-    Pack<scalar_t> rows[ROWS];
-    load_rows<kAligned>(z, first, batch, lane * kPack, dim, rows);
-    for (int64_t step = 0; step < steps; ++step) {
-      const int64_t d = step * kStepColumns + lane * kPack;
-      Pack<scalar_t> next[ROWS];
-      load_rows<kAligned>(z, first, batch, d + kStepColumns, dim, next);
-#pragma unroll
-      for (int j = 0; j < ROWS; ++j) {
-        acc_t u[kPack], h[kPack];
-        unit_and_offset<kAligned>(rows[j], offset[j], d, dim, inv_length[j], u, h);
-#pragma unroll
-        for (int v = 0; v < kPack; ++v) {
-          unit_sq[j] += u[v] * u[v];
-          unit_offset[j] += u[v] * h[v];
-        }
-        rows[j] = next[j];
-      }
-    }
-    acc_t radial[ROWS];
-#pragma unroll
-    for (int j = 0; j < ROWS; ++j) {
       const acc_t rest = spread[j] * warp_sum(unit_sq[j]) + warp_sum(unit_offset[j]);
-      radial[j] = on_sphere[j] ? proto_radial[j] + rest : acc_t(0);
+      radial[j] = on_sphere[j] ? warp_sum(proto_radial) + rest : acc_t(0);
     }
 
+    Pack<scalar_t> rows[ROWS];
     load_rows<kAligned>(z, first, batch, lane * kPack, dim, rows);
     for (int64_t step = 0; step < steps; ++step) {
       const int64_t column = step * kStepColumns;
@@ -689,7 +766,7 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
       for (int j = 0; j < ROWS; ++j) {
         acc_t h[kPack];
-        unit_and_offset<kAligned>(rows[j], offset[j], d, dim, inv_length[j], u[j], h);
+        unit_and_offset(rows[j], load_pack<kAligned>(offset[j], d, dim), inv_length[j], u[j], h);
 #pragma unroll
         for (int v = 0; v < kPack; ++v) du[j][v] = spread[j] * u[j][v] + h[v];
         rows[j] = next[j];
@@ -725,8 +802,8 @@ at::Tensor unit_prototypes(const at::Tensor& protos, at::ScalarType acc_dtype, c
   auto unit = at::empty_like(p);
   const int num_protos = static_cast<int>(p.size(0));
   AT_DISPATCH_FLOATING_TYPES(acc_dtype, "unit_protos_cuda", [&] {
-    launch(unit_protos_kernel<scalar_t>, ceil_div(num_protos, kWarps), kThreads, 0, stream, p.data_ptr<scalar_t>(),
-           unit.data_ptr<scalar_t>(), num_protos, p.size(1));
+    launch(unit_protos_kernel<scalar_t>, num_protos, kThreads, 0, stream, p.data_ptr<scalar_t>(),
+           unit.data_ptr<scalar_t>(), p.size(1));
   });
   return unit;
 }
@@ -829,7 +906,8 @@ ForwardOutputs forward_cuda_typed(const at::Tensor& z, const at::Tensor& unit_pr
       static_cast<acc_t>(1.0 / tau));
 
   const dim3 class_grid(static_cast<unsigned>(ceil_div(dim, kThreads)), static_cast<unsigned>(num_classes));
-  launch(class_mean_kernel<acc_t>, class_grid, kThreads, 0, stream,
+  const dim3 class_sum_grid(static_cast<unsigned>(ceil_div(dim, kWarp)), static_cast<unsigned>(num_classes));
+  launch(class_mean_kernel<acc_t>, class_sum_grid, kThreads, 0, stream,
       block_class_sum.data_ptr<acc_t>(), block_count.data_ptr<int>(), num_blocks, num_classes, dim,
       out.class_mean.data_ptr<acc_t>(), class_mean_wide.data_ptr<double>(), class_count.data_ptr<int>());
 

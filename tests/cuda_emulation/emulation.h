@@ -5,8 +5,10 @@
 //
 // What is emulated: threadIdx/blockIdx/blockDim/gridDim, __syncthreads, __shfl_sync and __shfl_xor_sync
 // (full warps), static and dynamic __shared__ memory (dynamic memory starts as NaN bytes, so a read before a
-// write shows), CUDA_KERNEL_ASSERT (it becomes a C++ exception naming the condition), and the few runtime
-// calls the host code makes. A shuffle reached by only part of a warp, a barrier reached by only part of the
+// write shows), asynchronous copies to shared memory (__pipeline_memcpy_async and its commit and wait: a copy
+// lands as late as a GPU may land it, at the wait that covers it, so a read before that wait shows),
+// CUDA_KERNEL_ASSERT (it becomes a C++ exception naming the condition), and the few runtime calls the host
+// code makes. L2 prefetches are hints without effect on results: here they do nothing. A shuffle reached by only part of a warp, a barrier reached by only part of the
 // block, a grid or block out of range, or more dynamic shared memory than the kernel was allowed (sm_90's
 // limits) stops the launch with an error instead of hanging or crashing.
 #pragma once
@@ -20,6 +22,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <deque>
 #include <exception>
 #include <functional>
 #include <map>
@@ -127,6 +130,12 @@ struct DeviceAssert : std::runtime_error {
 
 enum class Wait { kNone, kWarp, kBlock, kDone };
 
+struct AsyncCopy {
+  unsigned char* destination;
+  const unsigned char* source;
+  size_t bytes, zero_fill;
+};
+
 struct Fiber {
   ucontext_t context;
   std::unique_ptr<char[]> stack;
@@ -134,6 +143,9 @@ struct Fiber {
   int linear_index = 0;
   Wait wait = Wait::kNone;
   long shuffles = 0;  // how many shuffles this thread has entered: every lane of a warp must agree
+  // This thread's asynchronous copies not yet waited for: committed groups, oldest first, then the open one.
+  std::deque<std::vector<AsyncCopy>> copy_groups;
+  std::vector<AsyncCopy> open_copies;
 };
 
 struct Block {
@@ -185,6 +197,8 @@ inline void run_block(Block& block) {
     fiber.linear_index = static_cast<int>(t);
     fiber.wait = Wait::kNone;
     fiber.shuffles = 0;
+    fiber.copy_groups.clear();
+    fiber.open_copies.clear();
     getcontext(&fiber.context);
     fiber.context.uc_stack.ss_sp = fiber.stack.get();
     fiber.context.uc_stack.ss_size = kStackBytes;
@@ -303,8 +317,41 @@ T __shfl_xor_sync(unsigned, T value, int lane_mask) {
   return ::ngd_emulation::shuffle(value, lane ^ lane_mask);
 }
 
+// The CUDA pipeline primitives (cuda_pipeline_primitives.h), with their preconditions checked.
+inline void __pipeline_memcpy_async(void* destination, const void* source, size_t bytes, size_t zero_fill = 0) {
+  auto& block = *::ngd_emulation::current_block();
+  auto* to = static_cast<unsigned char*>(destination);
+  TORCH_CHECK(bytes == 4 || bytes == 8 || bytes == 16, "emulated CUDA: an asynchronous copy of ", bytes,
+              " bytes (4, 8 or 16 only)");
+  TORCH_CHECK(zero_fill <= bytes, "emulated CUDA: an asynchronous copy zero-fills more than it copies");
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(to) % bytes == 0 && reinterpret_cast<uintptr_t>(source) % bytes == 0,
+              "emulated CUDA: an asynchronous copy of ", bytes, " bytes between addresses not aligned to it");
+  TORCH_CHECK(to >= block.shared.data() && to + bytes <= block.shared.data() + block.shared.size(),
+              "emulated CUDA: an asynchronous copy to outside the block's dynamic shared memory");
+  ::ngd_emulation::self().open_copies.push_back({to, static_cast<const unsigned char*>(source), bytes, zero_fill});
+}
+
+inline void __pipeline_commit() {
+  auto& fiber = ::ngd_emulation::self();
+  fiber.copy_groups.push_back(std::move(fiber.open_copies));
+  fiber.open_copies.clear();
+}
+
+// Lands every committed group of this thread but the newest `prior`.
+inline void __pipeline_wait_prior(size_t prior) {
+  auto& groups = ::ngd_emulation::self().copy_groups;
+  while (groups.size() > prior) {
+    for (const auto& copy : groups.front()) {
+      std::memcpy(copy.destination, copy.source, copy.bytes - copy.zero_fill);
+      std::memset(copy.destination + copy.bytes - copy.zero_fill, 0, copy.zero_fill);
+    }
+    groups.pop_front();
+  }
+}
+
 namespace ngd_ext {
 namespace {
 using ::ngd_emulation::launch;
+inline void prefetch_l2(const void*) {}
 }  // namespace
 }  // namespace ngd_ext

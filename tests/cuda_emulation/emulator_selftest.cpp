@@ -30,6 +30,18 @@ __global__ void read_unwritten_shared_kernel(float* out) {
   out[threadIdx.x] = reinterpret_cast<const float*>(shared)[threadIdx.x];
 }
 
+// Each thread copies its value into shared memory asynchronously and reads its slot before and after the wait;
+// odd threads have the copy's 4 bytes zero-filled instead.
+__global__ void async_copy_kernel(const float* in, float* before, float* after) {
+  NGD_DYNAMIC_SHARED(shared);
+  float* slot = reinterpret_cast<float*>(shared) + threadIdx.x;
+  __pipeline_memcpy_async(slot, in + threadIdx.x, sizeof(float), threadIdx.x % 2 ? sizeof(float) : 0);
+  __pipeline_commit();
+  before[threadIdx.x] = *slot;
+  __pipeline_wait_prior(0);
+  after[threadIdx.x] = *slot;
+}
+
 // Only the low half of each warp shuffles.
 __global__ void divergent_shuffle_kernel(float* out) {
   float value = static_cast<float>(threadIdx.x);
@@ -64,6 +76,14 @@ at::Tensor read_unwritten_shared() {
   return out;
 }
 
+// [what each slot held before the wait, after it] for async_copy_kernel over the 32 values of in.
+at::Tensor async_copy(const at::Tensor& in) {
+  auto out = at::empty({2, 32});
+  ngd_emulation::launch(async_copy_kernel, 1, 32, 32 * sizeof(float), nullptr, in.data_ptr<float>(),
+                        out[0].data_ptr<float>(), out[1].data_ptr<float>());
+  return out;
+}
+
 at::Tensor divergent_shuffle() {
   auto out = at::empty({32});
   ngd_emulation::launch(divergent_shuffle_kernel, 1, 32, 0, nullptr, out.data_ptr<float>());
@@ -88,6 +108,7 @@ TORCH_LIBRARY(ngd_emulator_selftest, m) {
   m.def("warp_sums", &warp_sums);
   m.def("block_reverse", &block_reverse);
   m.def("read_unwritten_shared", &read_unwritten_shared);
+  m.def("async_copy", &async_copy);
   m.def("divergent_shuffle", &divergent_shuffle);
   m.def("partial_barrier", &partial_barrier);
   m.def("oversized_shared", &oversized_shared);
