@@ -61,13 +61,19 @@ grep -A 8 "^B=" "$out/kernel_profile.log" | tee -a "$out/summary.txt"
 step "ncu"
 if command -v ncu > /dev/null; then
   # The first row-kernel launch is the benchmark helper's untimed forward: skip it, take a forward and a backward.
+  profile_rows=(-k regex:"forward_rows_kernel|backward_kernel" --launch-skip 1 -c 2
+                "$python" scripts/kernel_profile.py --batch 65536 --dim 2048 --steps 1 --plain)
   timeout 150 ncu --section SpeedOfLight --section Occupancy --section WarpStateStats --section LaunchStats \
-    --section ComputeWorkloadAnalysis --section SchedulerStats \
-    -k regex:"forward_rows_kernel|backward_kernel" --launch-skip 1 -c 2 \
-    "$python" scripts/kernel_profile.py --batch 65536 --dim 2048 --steps 1 --plain > "$out/ncu.log" 2>&1
+    --section ComputeWorkloadAnalysis --section SchedulerStats "${profile_rows[@]}" > "$out/ncu.log" 2>&1
   echo "ncu exit $?" | tee -a "$out/summary.txt"
-  grep -E "^  [a-z_]+_kernel|Duration|Throughput|Achieved Occupancy|Registers Per|Warp Cycles Per Issued|Issue Slots Busy|Issued Warp|No Eligible|Eligible Warps|Executed Ipc A|stall|Stall" \
+  grep -E "^  void |Duration|Throughput|Achieved Occupancy|Registers Per|Warp Cycles Per Issued|Issue Slots Busy|Issued Warp|No Eligible|Eligible Warps|Executed Ipc A|stall|Stall" \
     "$out/ncu.log" | cut -c1-150 | tee -a "$out/summary.txt"
+  # What the warps wait on, reason by reason (warps stalled per issued instruction, 0.05 and over).
+  timeout 90 ncu --metrics "regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio" "${profile_rows[@]}" \
+    > "$out/ncu_stalls.log" 2>&1
+  echo "ncu stall reasons exit $?" | tee -a "$out/summary.txt"
+  grep -E "^  void |issue_stalled" "$out/ncu_stalls.log" | awk '/^  void/ || $NF + 0 >= 0.05' | cut -c1-150 \
+    | tee -a "$out/summary.txt"
 else
   echo "no ncu on PATH" | tee -a "$out/summary.txt"
 fi

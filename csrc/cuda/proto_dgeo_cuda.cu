@@ -156,25 +156,24 @@ struct alignas(kPack * sizeof(T) < 16 ? kPack * sizeof(T) : 16) Pack {
   T value[kPack];
 };
 
+template <typename T>
+__device__ __forceinline__ Pack<T> zero_pack() {
+  return Pack<T>{};  // all bits zero, +0 in every type; for half types converting 0.0f would cost instructions
+}
+
 // Columns [d, d + kPack) of a row, zero past dim. kAligned (dim % kPack == 0 and the rows start on a Pack
 // boundary): one vector access; otherwise element by element. The arithmetic that follows is the same either
 // way, so both give the same bits.
-template <typename T>
-__device__ __forceinline__ Pack<T> zero_pack() {
-  Pack<T> pack;
-#pragma unroll
-  for (int v = 0; v < kPack; ++v) pack.value[v] = static_cast<T>(0);
-  return pack;
-}
-
 template <bool kAligned, typename T>
 __device__ __forceinline__ Pack<T> load_pack(const T* __restrict__ row, int64_t d, int64_t dim) {
   if constexpr (kAligned) {
     return d < dim ? *reinterpret_cast<const Pack<T>*>(row + d) : zero_pack<T>();
   } else {
-    Pack<T> pack;
+    Pack<T> pack = zero_pack<T>();
 #pragma unroll
-    for (int v = 0; v < kPack; ++v) pack.value[v] = d + v < dim ? row[d + v] : static_cast<T>(0);
+    for (int v = 0; v < kPack; ++v) {
+      if (d + v < dim) pack.value[v] = row[d + v];
+    }
     return pack;
   }
 }
