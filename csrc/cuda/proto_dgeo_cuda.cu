@@ -211,10 +211,15 @@ __device__ __forceinline__ void load_rows(const scalar_t* __restrict__ z, int64_
   }
 }
 
+// The multiply loops take prototypes kProtoGroup at a time, with one test of the count per group: within a
+// group the shared-memory loads and the multiplications are free of branches, so they overlap. The slots
+// past num_protos up to the group's end are staged as zeros.
+constexpr int kProtoGroup = 4;
+
 // The prototypes go through shared memory in chunks of `chunk` columns (a multiple of kStepColumns), so that
 // each value read from L2 serves the block's kWarps * ROWS rows, not one warp's ROWS. Only the num_protos
-// real prototypes are staged: the readers skip the rest of the KMAX slots. The copies are asynchronous: every
-// one a thread makes is on its way at once, and none holds a register.
+// real prototypes are staged, and zeros to the end of their last group: the readers skip the KMAX slots past
+// it. The copies are asynchronous: every one a thread makes is on its way at once, and none holds a register.
 template <bool kAligned, typename acc_t>
 __device__ __forceinline__ void stage_prototypes(const acc_t* __restrict__ unit_protos, acc_t* staged,
                                                  int num_protos, int64_t dim, int64_t first_column, int chunk) {
@@ -223,14 +228,19 @@ __device__ __forceinline__ void stage_prototypes(const acc_t* __restrict__ unit_
   constexpr int kCopyElements = kCopyBytes / sizeof(acc_t);
   __syncthreads();  // every warp is done with the previous chunk
   const int copies_per_proto = chunk / kCopyElements;
-  const int total = num_protos * copies_per_proto;
-  for (int i = threadIdx.x; i < total; i += kThreads) {
-    const int k = i / copies_per_proto;
-    const int column = (i - k * copies_per_proto) * kCopyElements;
-    // Columns past D are zero-filled from the row's start (dim % kCopyElements == 0 where copies are wide).
-    const bool present = first_column + column < dim;
-    __pipeline_memcpy_async(staged + k * chunk + column, unit_protos + k * dim + (present ? first_column + column : 0),
-                            kCopyBytes, present ? 0 : kCopyBytes);
+  const int staged_protos = (num_protos + kProtoGroup - 1) / kProtoGroup * kProtoGroup;
+  // Copy i is prototype k = i / copies_per_proto, copy i % copies_per_proto of its row: one division per thread,
+  // then counted along.
+  int k = threadIdx.x / copies_per_proto;
+  int copy = threadIdx.x % copies_per_proto;
+  while (k < staged_protos) {
+    const int column = copy * kCopyElements;
+    // Padding prototypes, and columns past D, are zero-filled from a row's start (dim % kCopyElements == 0
+    // where copies are wide).
+    const bool present = k < num_protos && first_column + column < dim;
+    const acc_t* source = present ? unit_protos + k * dim + first_column + column : unit_protos;
+    __pipeline_memcpy_async(staged + k * chunk + column, source, kCopyBytes, present ? 0 : kCopyBytes);
+    for (copy += kThreads; copy >= copies_per_proto; copy -= copies_per_proto) ++k;
   }
   __pipeline_commit();
   __pipeline_wait_prior(0);
@@ -355,9 +365,10 @@ __global__ void __launch_bounds__(kThreads)
     }
     Pack<scalar_t> rows[ROWS];
     load_rows<kAligned>(z, first, row_end, lane * kPack, dim, rows);
+    int chunk_column = 0;  // where column falls in the staged chunk, counted: a 64-bit remainder per step is dear
     for (int64_t step = 0; step < steps; ++step) {
       const int64_t column = step * kStepColumns;
-      if (column % chunk == 0 && (restage || tile == row_begin)) {
+      if (chunk_column == 0 && (restage || tile == row_begin)) {
         stage_prototypes<kAligned>(unit_protos, chunk_protos, num_protos, dim, column, chunk);
       }
       // The next step's columns are on their way while this step's are multiplied.
@@ -371,20 +382,24 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
         for (int v = 0; v < kPack; ++v) sum_sq[j] += x[j][v] * x[j][v];
       }
-      const acc_t* staged = chunk_protos + column % chunk + lane * kPack;
+      const acc_t* staged = chunk_protos + chunk_column + lane * kPack;
 #pragma unroll
-      for (int k = 0; k < KMAX; ++k) {
-        if (k < num_protos) {
-          const Pack<acc_t> p = staged_prototype(staged, k, chunk);
+      for (int group = 0; group < KMAX; group += kProtoGroup) {
+        if (group < num_protos) {
 #pragma unroll
-          for (int j = 0; j < ROWS; ++j) {
+          for (int k = group; k < group + kProtoGroup; ++k) {
+            const Pack<acc_t> p = staged_prototype(staged, k, chunk);
 #pragma unroll
-            for (int v = 0; v < kPack; ++v) dot[j * kGroups + k / kWarp][k % kWarp] += x[j][v] * p.value[v];
+            for (int j = 0; j < ROWS; ++j) {
+#pragma unroll
+              for (int v = 0; v < kPack; ++v) dot[j * kGroups + k / kWarp][k % kWarp] += x[j][v] * p.value[v];
+            }
           }
         }
       }
 #pragma unroll
       for (int j = 0; j < ROWS; ++j) rows[j] = next[j];
+      chunk_column = chunk_column + kStepColumns == chunk ? 0 : chunk_column + kStepColumns;
     }
 
     acc_t cosine[ROWS][kGroups];
@@ -753,9 +768,10 @@ __global__ void __launch_bounds__(kThreads)
 
     Pack<scalar_t> rows[ROWS];
     load_rows<kAligned>(z, first, batch, lane * kPack, dim, rows);
+    int chunk_column = 0;  // where column falls in the staged chunk, counted as in the row kernel
     for (int64_t step = 0; step < steps; ++step) {
       const int64_t column = step * kStepColumns;
-      if (column % chunk == 0 && (restage || tile == first_tile)) {
+      if (chunk_column == 0 && (restage || tile == first_tile)) {
         stage_prototypes<kAligned>(unit_protos, chunk_protos, num_protos, dim, column, chunk);
       }
       const int64_t d = column + lane * kPack;
@@ -770,15 +786,18 @@ __global__ void __launch_bounds__(kThreads)
         for (int v = 0; v < kPack; ++v) du[j][v] = spread[j] * u[j][v] + h[v];
         rows[j] = next[j];
       }
-      const acc_t* staged = chunk_protos + column % chunk + lane * kPack;
+      const acc_t* staged = chunk_protos + chunk_column + lane * kPack;
 #pragma unroll
-      for (int k = 0; k < KMAX; ++k) {
-        if (k < num_protos) {
-          const Pack<acc_t> p = staged_prototype(staged, k, chunk);
+      for (int group = 0; group < KMAX; group += kProtoGroup) {
+        if (group < num_protos) {
 #pragma unroll
-          for (int j = 0; j < ROWS; ++j) {
+          for (int k = group; k < group + kProtoGroup; ++k) {
+            const Pack<acc_t> p = staged_prototype(staged, k, chunk);
 #pragma unroll
-            for (int v = 0; v < kPack; ++v) du[j][v] += cosine_grad[j][k] * p.value[v];
+            for (int j = 0; j < ROWS; ++j) {
+#pragma unroll
+              for (int v = 0; v < kPack; ++v) du[j][v] += cosine_grad[j][k] * p.value[v];
+            }
           }
         }
       }
@@ -790,6 +809,7 @@ __global__ void __launch_bounds__(kThreads)
         for (int v = 0; v < kPack; ++v) out[v] = (du[j][v] - u[j][v] * radial[j]) * inv_length[j];
         store_columns<kAligned>(grad_z + (first + j) * dim, d, dim, out);
       }
+      chunk_column = chunk_column + kStepColumns == chunk ? 0 : chunk_column + kStepColumns;
     }
   }
 }
