@@ -3,11 +3,15 @@
 # build the extension in place, run the test suite (CUDA cases included), the CUDA benchmark, a per-kernel
 # profile, Nsight Compute on the row kernels, and compute-sanitizer memcheck and racecheck on a short run.
 # Logs and JSON go to OUTDIR, and the figures to OUTDIR/summary.txt. 5 to 7 minutes on an H200.
+# With a second argument, another checkout of this project (an earlier commit, carried along) is built too,
+# and its fused op is timed back to back with this one's at the large sizes: about a minute more.
 #
-#   bash scripts/gpu_check.sh OUTDIR
+#   bash scripts/gpu_check.sh OUTDIR [BASELINE_CHECKOUT]
 set -uo pipefail
-out=${1:?usage: bash scripts/gpu_check.sh OUTDIR}
+out=${1:?usage: bash scripts/gpu_check.sh OUTDIR [BASELINE_CHECKOUT]}
 mkdir -p "$out"
+out=$(realpath "$out")
+baseline=${2:+$(realpath "$2")}
 cd "$(dirname "$0")/.."
 python=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1 FORCE_CUDA=1
@@ -50,6 +54,23 @@ timeout 200 "$python" benchmarks/bench_proto_dgeo.py --device cuda --compile-dyn
   --out "$out/bench_cuda.json" > "$out/bench.log" 2>&1
 echo "benchmark exit $?" | tee -a "$out/summary.txt"
 sed -n '/^dtype /,$p' "$out/bench.log" | tee -a "$out/summary.txt"
+
+if [ -n "$baseline" ]; then
+  step "fused op of $baseline, then of this checkout"
+  ab=(--device cuda --provider fused --batch 8192 65536 --dim 512 2048 --dtype float32 bfloat16)
+  if (cd "$baseline" && "$python" setup.py build_ext --inplace) > "$out/baseline_build.log" 2>&1; then
+    (cd "$baseline" && timeout 120 "$python" benchmarks/bench_proto_dgeo.py "${ab[@]}" --out "$out/ab_baseline.json") \
+      > "$out/ab_baseline.log" 2>&1
+    timeout 120 "$python" benchmarks/bench_proto_dgeo.py "${ab[@]}" --out "$out/ab_this.json" > "$out/ab_this.log" 2>&1
+    for log in ab_baseline ab_this; do
+      echo "-- $log" | tee -a "$out/summary.txt"
+      sed -n '/^dtype /,$p' "$out/$log.log" | tee -a "$out/summary.txt"
+    done
+  else
+    echo "baseline build failed:" | tee -a "$out/summary.txt"
+    tail -n 20 "$out/baseline_build.log" | tee -a "$out/summary.txt"
+  fi
+fi
 
 step "kernel profile"
 timeout 90 "$python" scripts/kernel_profile.py --out "$out/kernel_profile.json" > "$out/kernel_profile.log" 2>&1
