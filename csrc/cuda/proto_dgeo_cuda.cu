@@ -6,7 +6,7 @@
 //                        columns staged in shared memory: norms, cosines, log-softmax and the row's Proto-KD;
 //                        per block, the class counts, sums of ||u||^2 and, re-reading each tile from L2, the
 //                        class sums of u (no atomics)
-//   class_mean_kernel    block partials summed in block order
+//   class_mean_kernel    the class means: block partials summed in a fixed order (warp w takes every 8th)
 //   losses_kernel        variances, the variance cap, pair distances, the margin, the Proto-KD mean
 //   margin_coef_kernel   d margin / d u_i for a member of each class
 // Backward, in two: class_offsets_kernel folds the variance-cap and margin gradients into one vector per class;
@@ -321,7 +321,7 @@ __global__ void __launch_bounds__(kThreads)
                         acc_t inv_tau) {
   constexpr int kGroups = KMAX / kWarp;
   constexpr int kTileRows = kWarps * ROWS;
-  static_assert(kTileRows <= kMaxTileRows, "RowsShared holds kMaxTileRows inverse lengths");
+  static_assert(kTileRows <= kMaxTileRows, "RowsShared holds kMaxTileRows inverse lengths and labels");
   const int64_t class_sum_elements = num_classes * dim;
   NGD_DYNAMIC_SHARED(shared);
   const RowsShared layout(KMAX * chunk, sums_in_shared ? class_sum_elements : 0, num_classes, sizeof(acc_t));
