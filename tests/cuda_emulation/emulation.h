@@ -8,9 +8,10 @@
 // write shows), asynchronous copies to shared memory (__pipeline_memcpy_async and its commit and wait: a copy
 // lands as late as a GPU may land it, at the wait that covers it, so a read before that wait shows),
 // CUDA_KERNEL_ASSERT (it becomes a C++ exception naming the condition), and the few runtime calls the host
-// code makes. L2 prefetches are hints without effect on results: here they do nothing. A shuffle reached by only part of a warp, a barrier reached by only part of the
-// block, a grid or block out of range, or more dynamic shared memory than the kernel was allowed (sm_90's
-// limits) stops the launch with an error instead of hanging or crashing.
+// code makes. L2 prefetches are hints without effect on results: here they do nothing. A shuffle reached by
+// only part of a warp, a barrier reached by only part of the block, a grid or block out of range, or more
+// dynamic shared memory than the kernel was allowed (sm_90's limits) stops the launch with an error instead
+// of hanging or crashing.
 #pragma once
 
 #include <ATen/ATen.h>
