@@ -279,11 +279,22 @@ struct L2Prefetcher {
   int64_t column_ = 0;
 };
 
-// Prototype k's kPack values at a lane's columns of the staged chunk (`column` points at the first of them in
-// prototype 0's row).
-template <typename acc_t>
-__device__ __forceinline__ Pack<acc_t> staged_prototype(const acc_t* column, int k, int chunk) {
-  return *reinterpret_cast<const Pack<acc_t>*>(column + k * chunk);
+// Calls multiply(k, p) for the staged prototypes k, p holding prototype k's kPack values at a lane's columns of
+// the chunk (`column` points at the first of them in prototype 0's row), kProtoGroup at a time up to the group
+// that holds the last of the num_protos. Unrolled, so that k is a constant in multiply's register indexing.
+template <int KMAX, typename acc_t, typename Multiply>
+__device__ __forceinline__ void for_staged_prototypes(const acc_t* column, int num_protos, int chunk,
+                                                      Multiply&& multiply) {
+#pragma unroll
+  for (int group = 0; group < KMAX; group += kProtoGroup) {
+    if (group < num_protos) {
+#pragma unroll
+      for (int k = group; k < group + kProtoGroup; ++k) {
+        const Pack<acc_t> p = *reinterpret_cast<const Pack<acc_t>*>(column + k * chunk);  // one vector load
+        multiply(k, p);
+      }
+    }
+  }
 }
 
 // Offsets into the row kernel's dynamic shared memory, widest types first: the staged prototypes, the class sums
@@ -382,21 +393,14 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
         for (int v = 0; v < kPack; ++v) sum_sq[j] += x[j][v] * x[j][v];
       }
-      const acc_t* staged = chunk_protos + chunk_column + lane * kPack;
+      for_staged_prototypes<KMAX>(chunk_protos + chunk_column + lane * kPack, num_protos, chunk,
+                                  [&](int k, const Pack<acc_t> p) {
 #pragma unroll
-      for (int group = 0; group < KMAX; group += kProtoGroup) {
-        if (group < num_protos) {
+        for (int j = 0; j < ROWS; ++j) {
 #pragma unroll
-          for (int k = group; k < group + kProtoGroup; ++k) {
-            const Pack<acc_t> p = staged_prototype(staged, k, chunk);
-#pragma unroll
-            for (int j = 0; j < ROWS; ++j) {
-#pragma unroll
-              for (int v = 0; v < kPack; ++v) dot[j * kGroups + k / kWarp][k % kWarp] += x[j][v] * p.value[v];
-            }
-          }
+          for (int v = 0; v < kPack; ++v) dot[j * kGroups + k / kWarp][k % kWarp] += x[j][v] * p.value[v];
         }
-      }
+      });
 #pragma unroll
       for (int j = 0; j < ROWS; ++j) rows[j] = next[j];
       chunk_column = chunk_column + kStepColumns == chunk ? 0 : chunk_column + kStepColumns;
@@ -786,21 +790,14 @@ __global__ void __launch_bounds__(kThreads)
         for (int v = 0; v < kPack; ++v) du[j][v] = spread[j] * u[j][v] + h[v];
         rows[j] = next[j];
       }
-      const acc_t* staged = chunk_protos + chunk_column + lane * kPack;
+      for_staged_prototypes<KMAX>(chunk_protos + chunk_column + lane * kPack, num_protos, chunk,
+                                  [&](int k, const Pack<acc_t> p) {
 #pragma unroll
-      for (int group = 0; group < KMAX; group += kProtoGroup) {
-        if (group < num_protos) {
+        for (int j = 0; j < ROWS; ++j) {
 #pragma unroll
-          for (int k = group; k < group + kProtoGroup; ++k) {
-            const Pack<acc_t> p = staged_prototype(staged, k, chunk);
-#pragma unroll
-            for (int j = 0; j < ROWS; ++j) {
-#pragma unroll
-              for (int v = 0; v < kPack; ++v) du[j][v] += cosine_grad[j][k] * p.value[v];
-            }
-          }
+          for (int v = 0; v < kPack; ++v) du[j][v] += cosine_grad[j][k] * p.value[v];
         }
-      }
+      });
 #pragma unroll
       for (int j = 0; j < ROWS; ++j) {
         if (!live[j]) continue;
