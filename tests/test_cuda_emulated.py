@@ -16,6 +16,7 @@ import torch
 from torch.utils import cpp_extension
 
 from helpers import EDGE_CASES, compare_exact_dtype, compare_half_dtype, make_case, weighted_grad
+from ngd_ext import reference
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -69,13 +70,13 @@ PARAMS = dict(tau=0.9, var_cap=0.1, margin=1.2)
 SHAPES = [  # batch, dim, prototypes, classes: each tile shape, class sums in shared memory or not, odd sizes
     (1, 1, 25, 8),
     (7, 3, 25, 8),
-    (100, 130, 25, 8),  # 4 blocks of 4-row warps (K <= 32), rows read element by element (D % 4 != 0)
-    (70, 130, 33, 5),  # 2-row warps over 64 prototype slots, two prototype chunks
+    (100, 130, 25, 8),  # 4 tiles of 32 rows (K <= 32; 7 of 16 in float64), rows read element by element (D % 4 != 0)
+    (70, 130, 33, 5),  # 16-row tiles over 64 prototype slots
     (90, 64, 64, 64),  # 64 prototype slots, 64 classes
     (129, 40, 1, 3),
-    (40, 400, 25, 64),  # class sums (100 KiB and more) past shared memory: in place in the output; float64:
-                        # prototypes in two chunks of at most 256 columns
-    (100, 1100, 25, 8),  # float32: two chunks of at most 1024 columns, the last step past D
+    (40, 400, 25, 64),  # class sums (100 KiB and more) past shared memory: in place in the output
+    (100, 1100, 25, 8),  # prototypes in two chunks of 1024 columns (float32; three of 384 in float64), the last step
+                         # past D
 ]
 
 
@@ -115,6 +116,20 @@ def test_edge_cases(name):
         assert losses[1].item() == 0.0
 
 
+@pytest.mark.parametrize("shape", [(64, 512, 25, 8), (48, 200, 40, 8)], ids=lambda s: "x".join(map(str, s)))
+def test_float32_products_keep_float_accuracy(shape):
+    """The tensor cores multiply TF32 values (10 mantissa bits); three products per float product keep float
+    accuracy. Against a float64 reference, the gradient's error stays within 8x that of the float32 reference
+    (a single TF32 product would be hundreds of times worse), at tau = 0.05, where cosine errors weigh 20-fold."""
+    case = make_case(*shape, seed=12)
+    params = dict(PARAMS, tau=0.05)
+    exact = {name: value.double() if value.is_floating_point() else value for name, value in case.items()}
+    _, want = weighted_grad(reference.proto_dgeo_loss, exact, **params)
+    _, fused = weighted_grad(emulated_loss, case, **params)
+    _, single = weighted_grad(reference.proto_dgeo_loss, case, **params)
+    assert (fused.double() - want).abs().max() <= 8 * (single.double() - want).abs().max()
+
+
 def test_zero_row():
     case = make_case(40, 16, 25, 8, dtype=torch.float64, seed=2)
     case["z"][3] = 0
@@ -129,9 +144,9 @@ def test_non_contiguous_z():
 
 
 def test_several_tiles_per_block():
-    """Past 264 x 8 rows (float64 takes one row per warp) a block of the row kernel loops over more than one
-    tile, and stages each tile's two chunks of prototypes (at most 256 columns) anew."""
-    case = make_case(2200, 300, 25, 8, dtype=torch.float64, seed=3)
+    """Past 264 x 16 rows (tiles of 16 rows at K > 32) a block of the row kernel loops over more than one tile,
+    and in float64 at K > 32 stages each tile's two chunks of prototypes (at most 256 columns) anew."""
+    case = make_case(4300, 300, 33, 8, dtype=torch.float64, seed=3)
     compare_exact_dtype(emulated_loss, case, gpu=True, **PARAMS)
 
 
@@ -187,6 +202,27 @@ def test_emulator_async_copies_land_at_the_wait():
     before, after = torch.ops.ngd_emulator_selftest.async_copy(values)
     assert torch.isnan(before).all()
     assert torch.equal(after, torch.where(torch.arange(32) % 2 == 1, 0.0, values))
+
+
+@pytest.mark.parametrize("shuffles", [False, True], ids=["tensor_core_model", "shuffles"])
+def test_mma_tile_is_the_matrix_product(shuffles):
+    """Fragments loaded as PTX lays them out for mma m16n8k8 multiply to c + a b, both in the emulator's model of
+    the tensor cores and in the .cu's tile by shuffles (float64, and float32 before sm_80): in float64 as a sum in
+    k order, in float32 for TF32 values (whose products are exact) up to the order of the additions."""
+    generator = torch.Generator().manual_seed(1)
+    a, b, c = (torch.randn(shape, generator=generator, dtype=torch.float64) for shape in ((16, 8), (8, 8), (16, 8)))
+    tile = torch.ops.ngd_ext_emulated.mma_tile
+    torch.testing.assert_close(tile(a, b, c, shuffles), c + a @ b, rtol=1e-14, atol=1e-14)
+    a32, b32 = (torch.ops.ngd_emulator_selftest.to_tf32(x.float()) for x in (a, b))
+    torch.testing.assert_close(tile(a32, b32, c.float(), shuffles), (c + a32.double() @ b32.double()).float(),
+                               rtol=1e-6, atol=1e-6)
+
+
+def test_emulator_tf32_rounds_to_nearest_with_ties_away_from_zero():
+    ulp = 2.0 ** -10  # TF32 keeps 10 of float32's 23 mantissa bits
+    values = torch.tensor([1 + ulp / 2, 1 + ulp / 2 - 2.0 ** -23, -(1 + ulp / 2), 1 + 1.5 * ulp, 3.0, float("inf")])
+    want = torch.tensor([1 + ulp, 1.0, -(1 + ulp), 1 + 2 * ulp, 3.0, float("inf")])
+    assert torch.equal(torch.ops.ngd_emulator_selftest.to_tf32(values), want)
 
 
 @pytest.mark.parametrize("kernel, message", [

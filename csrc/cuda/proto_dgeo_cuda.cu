@@ -1,20 +1,22 @@
 // CUDA kernels of the fused Proto-KD + D-Geo op.
 //
 // Forward, in five launches with no host synchronisation:
-//   unit_protos_kernel   p^ = p / max(||p||, eps)
-//   forward_rows_kernel  a warp takes ROWS rows at once and the block's warps share each chunk of prototype
-//                        columns staged in shared memory: norms, cosines, log-softmax and the row's Proto-KD;
-//                        per block, the class counts, sums of ||u||^2 and, re-reading each tile from L2, the
-//                        class sums of u (no atomics)
+//   unit_protos_kernel   p^ = p / max(||p||, eps), as a D x KMAX table (a row per column of the prototypes)
+//   forward_rows_kernel  a block takes a tile of 16 or 32 rows, its warps 16 columns of each step of 128, and
+//                        multiplies them by the chunk of prototype columns staged in shared memory on the tensor
+//                        cores (three TF32 products per float product: float accuracy); then norms, cosines,
+//                        log-softmax and the row's Proto-KD; per block, the class counts, sums of ||u||^2 and,
+//                        re-reading each tile from L2, the class sums of u (no atomics)
 //   class_mean_kernel    the class means: block partials summed in a fixed order (warp w takes every 8th)
 //   losses_kernel        variances, the variance cap, pair distances, the margin, the Proto-KD mean
 //   margin_coef_kernel   d margin / d u_i for a member of each class
 // Backward, in two: class_offsets_kernel folds the variance-cap and margin gradients into one vector per class;
-// backward_kernel makes a pass over each row for u . dU, then one for dU and dz with the prototypes staged as in
-// the forward. Rows are read kPack columns to a lane, as vectors where the rows are aligned, the next columns
-// on their way while the current ones are multiplied, and L2 is asked for each warp's rows several steps ahead
-// of its loads. Prototypes are staged by asynchronous copies. Every reduction has a fixed order, so results are
-// bitwise reproducible run to run.
+// backward_kernel makes a pass over each row for u . dU, then one for dU = G P^ + ... on the tensor cores and dz,
+// with the prototypes staged as in the forward. Rows are read kPack columns to a lane, as vectors where the rows
+// are aligned, the next columns on their way while the current ones are multiplied, and L2 is asked for each
+// warp's rows several steps ahead of its loads. Prototypes are staged by asynchronous copies. Every reduction
+// has a fixed order, so results are bitwise reproducible run to run. Double precision takes the same path with
+// its products formed by shuffles, the tensor cores taking no fp64 tile of this shape.
 //
 // tests/cuda_emulation compiles this file as host C++ too, with NGD_CUDA_EMULATION defined and an emulator of
 // threads, warps and blocks standing in for the CUDA runtime: CPU-only CI runs these kernels that way.
@@ -29,6 +31,33 @@
 #include <type_traits>
 
 #include "../proto_dgeo.h"
+
+namespace ngd_ext {
+namespace {
+
+// c += a b for one 16 x 8 x 8 tile with the fragments laid out as the tensor cores' mma m16n8k8 (see the comment
+// at kTileM), in plain arithmetic: each lane gathers its rows of a and columns of b by shuffles and adds the
+// products in k order. For double, which the tensor cores take in no tile of this shape, and for float on GPUs
+// without TF32 tensor cores (before sm_80).
+template <typename T>
+__device__ __forceinline__ void mma_by_shuffles(T (&c)[4], const T (&a)[4], const T (&b)[2]) {
+  const int group = threadIdx.x % 32 / 4, member = threadIdx.x % 4;
+#pragma unroll
+  for (int k = 0; k < 8; ++k) {
+    const int high = k / 4;  // k = t + 4 sits in the second half of the fragments
+    const T top = __shfl_sync(0xffffffffu, a[2 * high], group * 4 + k % 4);
+    const T bottom = __shfl_sync(0xffffffffu, a[2 * high + 1], group * 4 + k % 4);
+    const T left = __shfl_sync(0xffffffffu, b[high], 2 * member * 4 + k % 4);
+    const T right = __shfl_sync(0xffffffffu, b[high], (2 * member + 1) * 4 + k % 4);
+    c[0] += top * left;
+    c[1] += top * right;
+    c[2] += bottom * left;
+    c[3] += bottom * right;
+  }
+}
+
+}  // namespace
+}  // namespace ngd_ext
 
 #ifndef NGD_CUDA_EMULATION
 #include <c10/cuda/CUDAException.h>
@@ -46,6 +75,37 @@ namespace {
 __device__ __forceinline__ void prefetch_l2(const void* address) {
   asm volatile("prefetch.global.L2 [%0];" : : "l"(address));
 }
+
+// Double precision tiles, by shuffles.
+__device__ __forceinline__ void mma_m16n8k8(double (&c)[4], const double (&a)[4], const double (&b)[2]) {
+  mma_by_shuffles(c, a, b);
+}
+
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+// x rounded to TF32 (10 mantissa bits, to nearest, ties away from zero), as a float.
+__device__ __forceinline__ float to_tf32(float x) {
+  uint32_t bits;
+  asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(bits) : "f"(x));
+  return __uint_as_float(bits);
+}
+
+// c += a b for one tile on the tensor cores, a and b holding TF32 values.
+__device__ __forceinline__ void mma_m16n8k8(float (&c)[4], const float (&a)[4], const float (&b)[2]) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(__float_as_uint(a[0])), "r"(__float_as_uint(a[1])), "r"(__float_as_uint(a[2])),
+        "r"(__float_as_uint(a[3])), "r"(__float_as_uint(b[0])), "r"(__float_as_uint(b[1])));
+}
+#else
+// Without TF32 tensor cores the products are formed in float by shuffles: x needs no split (its low part is 0).
+__device__ __forceinline__ float to_tf32(float x) { return x; }
+
+__device__ __forceinline__ void mma_m16n8k8(float (&c)[4], const float (&a)[4], const float (&b)[2]) {
+  mma_by_shuffles(c, a, b);
+}
+#endif
 
 template <typename... Params, typename... Args>
 void launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t shared_bytes, cudaStream_t stream,
@@ -108,33 +168,20 @@ __device__ __forceinline__ T warp_max(T value) {
   return value;
 }
 
-// Reduces 32 values per lane across the warp in 31 shuffles; lane l returns the total of values[l].
-// At each step a lane keeps one half of its live values and sends its partner the other half. The step is a
-// template parameter so that each step's loop has a constant trip count: unrolled, every index is static and
-// values stays in registers (with the trip count a loop variable, the loops stayed rolled and values went to
-// local memory).
-template <int kHalf, typename T>
-__device__ __forceinline__ T warp_transpose_sum(T (&values)[kWarp], int lane) {
-  const bool upper = lane & kHalf;
-#pragma unroll
-  for (int i = 0; i < kHalf; ++i) {
-    const T send = upper ? values[i] : values[i + kHalf];
-    const T keep = upper ? values[i + kHalf] : values[i];
-    values[i] = keep + __shfl_xor_sync(kFullMask, send, kHalf);
-  }
-  if constexpr (kHalf > 1) {
-    return warp_transpose_sum<kHalf / 2>(values, lane);
-  } else {
-    return values[0];
-  }
-}
-
-// Block k normalises prototype k: each warp adds every kWarps-th stretch of kWarp columns, and the warps'
-// totals are added in warp order.
+// Block k normalises prototype k into column k of the D x KMAX table the row and backward kernels stage, and the
+// blocks past num_protos fill their columns with zeros: each warp adds every kWarps-th stretch of kWarp columns,
+// and the warps' totals are added in warp order.
 template <typename acc_t>
-__global__ void unit_protos_kernel(const acc_t* __restrict__ protos, acc_t* __restrict__ unit, int64_t dim) {
+__global__ void unit_protos_kernel(const acc_t* __restrict__ protos, acc_t* __restrict__ table, int num_protos,
+                                   int64_t dim) {
   __shared__ acc_t warp_total[kWarps];
-  const acc_t* p = protos + blockIdx.x * dim;
+  const int k = blockIdx.x;
+  const int kmax = gridDim.x;
+  if (k >= num_protos) {
+    for (int64_t d = threadIdx.x; d < dim; d += kThreads) table[d * kmax + k] = 0;
+    return;
+  }
+  const acc_t* p = protos + k * dim;
   acc_t sum_sq = 0;
   for (int64_t d = threadIdx.x; d < dim; d += kThreads) sum_sq += p[d] * p[d];
   sum_sq = warp_sum(sum_sq);
@@ -143,7 +190,7 @@ __global__ void unit_protos_kernel(const acc_t* __restrict__ protos, acc_t* __re
   acc_t total = 0;
   for (int w = 0; w < kWarps; ++w) total += warp_total[w];
   const acc_t length = larger(sqrt_of(total), static_cast<acc_t>(kNormEps));
-  for (int64_t d = threadIdx.x; d < dim; d += kThreads) unit[blockIdx.x * dim + d] = p[d] / length;
+  for (int64_t d = threadIdx.x; d < dim; d += kThreads) table[d * kmax + k] = p[d] / length;
 }
 
 // Columns go kPack to a lane: a warp covers kStepColumns consecutive columns of a row per step.
@@ -211,40 +258,101 @@ __device__ __forceinline__ void load_rows(const scalar_t* __restrict__ z, int64_
   }
 }
 
-// The multiply loops take prototypes kProtoGroup at a time, with one test of the count per group: within a
-// group the shared-memory loads and the multiplications are free of branches, so they overlap. The slots
-// past num_protos up to the group's end are staged as zeros.
-constexpr int kProtoGroup = 4;
+// The products run on the tensor cores, in tiles of mma m16n8k8. With g = lane / 4 and t = lane % 4, a lane holds,
+// of the 16 x 8 tile A, rows g and g + 8 at k = t (a[0], a[1]) and at k = t + 4 (a[2], a[3]); of the 8 x 8 tile
+// B, k = t and t + 4 at n = g (b[0], b[1]); of the 16 x 8 tile C, n = 2t and 2t + 1 in row g (c[0], c[1]) and in
+// row g + 8 (c[2], c[3]). Which column of z or which prototype a k or an n stands for is the kernels' choice:
+// they choose so that a lane's values of a row of z are kPack consecutive columns, one vector access, and its
+// prototype values whole Packs of the staged chunk.
+constexpr int kTileM = 16;
+constexpr int kTileN = 8;
+constexpr int kTileK = 8;
+// A warp takes 16 columns of each step of kStepColumns: the Packs of the four lanes t of a row.
+constexpr int kWarpColumns = kStepColumns / kWarps;
+static_assert(kWarpColumns == 4 * kPack, "a step's columns are the warps' lanes t, kPack columns each");
+// Element k of row `row` of a tile's KMAX partial products or cosine gradients in shared memory. Each row's elements
+// are permuted by the row, so that the lanes g, which store or load one element each of 8 consecutive rows, hit 8
+// different banks.
+template <int KMAX>
+__device__ __forceinline__ int tile_row_offset(int row, int k) {
+  return row * KMAX + (k ^ (row & 7));
+}
 
-// The prototypes go through shared memory in chunks of `chunk` columns (a multiple of kStepColumns), so that
-// each value read from L2 serves the block's kWarps * ROWS rows, not one warp's ROWS. Only the num_protos
-// real prototypes are staged, and zeros to the end of their last group: the readers skip the KMAX slots past
-// it. The copies are asynchronous: every one a thread makes is on its way at once, and none holds a register.
-template <bool kAligned, typename acc_t>
-__device__ __forceinline__ void stage_prototypes(const acc_t* __restrict__ unit_protos, acc_t* staged,
-                                                 int num_protos, int64_t dim, int64_t first_column, int chunk) {
-  // 16-byte copies where the rows allow them (a Pack of doubles takes two), else one element per copy.
-  constexpr int kCopyBytes = kAligned ? 16 : sizeof(acc_t);
-  constexpr int kCopyElements = kCopyBytes / sizeof(acc_t);
+// x = hi + lo with both parts TF32 values, so that a b = a_hi b_hi + a_hi b_lo + a_lo b_hi to 2^-22 of a b (the
+// part left out is a_lo b_lo): products to float accuracy from TF32 multiplications. A double stays whole.
+template <typename acc_t, int N>
+struct Fragment {
+  acc_t hi[N], lo[N];
+
+  __device__ __forceinline__ void set(int i, acc_t x) {
+    if constexpr (std::is_same<acc_t, float>::value) {
+      hi[i] = to_tf32(x);
+      lo[i] = to_tf32(x - hi[i]);
+    } else {
+      hi[i] = x;
+    }
+  }
+};
+
+// c += a b for one tile, to the accuracy of acc_t: three TF32 products for float, the small ones first, one for
+// double. kWholeA: a's values are TF32 values already (z in bfloat16 or half), so a.lo is zero and skipped.
+template <bool kWholeA, typename acc_t>
+__device__ __forceinline__ void mma_accurate(acc_t (&c)[4], const Fragment<acc_t, 4>& a, const Fragment<acc_t, 2>& b) {
+  if constexpr (std::is_same<acc_t, double>::value) {
+    mma_m16n8k8(c, a.hi, b.hi);
+  } else {
+    if constexpr (!kWholeA) mma_m16n8k8(c, a.lo, b.hi);
+    mma_m16n8k8(c, a.hi, b.lo);
+    mma_m16n8k8(c, a.hi, b.hi);
+  }
+}
+
+// Where prototype k's value in column `column` of a staged chunk lies. A column holds the KMAX prototypes' values
+// there (a row of the D x KMAX table of unit prototypes) as Packs, permuted by the column: the forward's lanes
+// (g, t) read Pack g of columns 4t + e, the backward's Packs 2t and 2t + 1 of columns 4 (g / 2) + 2j + g % 2, and
+// with the permutation either way the eight lanes of a quarter warp, which share a shared-memory cycle, read
+// eight different 16-byte bank groups (at KMAX = 32 in float).
+template <int KMAX>
+__device__ __forceinline__ int staged_offset(int column, int k) {
+  const int swizzle = ((column >> 2 & 3) << 1) ^ (column & 1);
+  return column * KMAX + ((k / kPack) ^ swizzle) * kPack + k % kPack;
+}
+
+// The prototypes go through shared memory in chunks of `chunk` columns (a multiple of kStepColumns), so that each
+// value read from L2 serves all of the block's tile rows. The copies are asynchronous: every one a thread makes is
+// on its way at once, and none holds a register. Columns past D are zero-filled.
+template <int KMAX, typename acc_t>
+__device__ __forceinline__ void stage_prototypes(const acc_t* __restrict__ table, acc_t* staged, int64_t dim,
+                                                 int64_t first_column, int chunk) {
+  constexpr int kCopyElements = 16 / sizeof(acc_t);
+  constexpr int kCopiesPerColumn = KMAX / kCopyElements;  // a power of two: the divisions below are shifts
   __syncthreads();  // every warp is done with the previous chunk
-  const int copies_per_proto = chunk / kCopyElements;
-  const int staged_protos = (num_protos + kProtoGroup - 1) / kProtoGroup * kProtoGroup;
-  // Copy i is prototype k = i / copies_per_proto, copy i % copies_per_proto of its row: one division per thread,
-  // then counted along.
-  int k = threadIdx.x / copies_per_proto;
-  int copy = threadIdx.x % copies_per_proto;
-  while (k < staged_protos) {
-    const int column = copy * kCopyElements;
-    // Padding prototypes, and columns past D, are zero-filled from a row's start (dim % kCopyElements == 0
-    // where copies are wide).
-    const bool present = k < num_protos && first_column + column < dim;
-    const acc_t* source = present ? unit_protos + k * dim + first_column + column : unit_protos;
-    __pipeline_memcpy_async(staged + k * chunk + column, source, kCopyBytes, present ? 0 : kCopyBytes);
-    for (copy += kThreads; copy >= copies_per_proto; copy -= copies_per_proto) ++k;
+  for (int i = threadIdx.x; i < chunk * kCopiesPerColumn; i += kThreads) {
+    const int column = i / kCopiesPerColumn;
+    const int k = i % kCopiesPerColumn * kCopyElements;
+    const bool present = first_column + column < dim;
+    const acc_t* source = present ? table + (first_column + column) * KMAX + k : table;
+    __pipeline_memcpy_async(staged + staged_offset<KMAX>(column, k), source, 16, present ? 0 : 16);
   }
   __pipeline_commit();
   __pipeline_wait_prior(0);
   __syncthreads();
+}
+
+// Columns [d, d + kPack) of a lane's rows in the mma tiles of a tile starting at `tile`: rows 16 m + g + 8 h of it
+// for M_TILES tiles m and h = 0, 1; zero at or past row_end.
+template <bool kAligned, int M_TILES, typename scalar_t>
+__device__ __forceinline__ void load_fragment_rows(const scalar_t* __restrict__ z, int64_t tile, int64_t row_end,
+                                                   int64_t d, int64_t dim, Pack<scalar_t> (&out)[M_TILES][2]) {
+  const int64_t first = tile + threadIdx.x % kWarp / 4;
+#pragma unroll
+  for (int m = 0; m < M_TILES; ++m) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int64_t row = first + kTileM * m + 8 * h;
+      out[m][h] = row < row_end ? load_pack<kAligned>(z + row * dim, d, dim) : zero_pack<scalar_t>();
+    }
+  }
 }
 
 // Walks ahead of a warp's loads through its rows, one step of kStepColumns columns at a time and on into the
@@ -279,51 +387,38 @@ struct L2Prefetcher {
   int64_t column_ = 0;
 };
 
-// Calls multiply(k, p) for the staged prototypes k, p holding prototype k's kPack values at a lane's columns of
-// the chunk (`column` points at the first of them in prototype 0's row), kProtoGroup at a time up to the group
-// that holds the last of the num_protos. Unrolled, so that k is a constant in multiply's register indexing.
-template <int KMAX, typename acc_t, typename Multiply>
-__device__ __forceinline__ void for_staged_prototypes(const acc_t* column, int num_protos, int chunk,
-                                                      Multiply&& multiply) {
-#pragma unroll
-  for (int group = 0; group < KMAX; group += kProtoGroup) {
-    if (group < num_protos) {
-#pragma unroll
-      for (int k = group; k < group + kProtoGroup; ++k) {
-        const Pack<acc_t> p = *reinterpret_cast<const Pack<acc_t>*>(column + k * chunk);  // one vector load
-        multiply(k, p);
-      }
-    }
-  }
-}
-
 // Offsets into the row kernel's dynamic shared memory, widest types first: the staged prototypes, the class sums
-// of u when they are kept there (class_sum_elements of them, else 0), per-warp class statistics, and the tile's
-// inverse lengths and labels.
+// of u when they are kept there (class_sum_elements of them, else 0), the warps' partial dot products and sums of
+// squares of the tile's rows, per-warp class statistics, and the tile's inverse lengths and labels.
 struct RowsShared {
-  __host__ __device__ RowsShared(int chunk_elements, int64_t class_sum_elements, int num_classes,
-                                 size_t acc_size) {
+  __host__ __device__ RowsShared(int chunk_elements, int64_t class_sum_elements, int num_classes, int tile_rows,
+                                 int kmax, size_t acc_size) {
     chunk_protos = 0;
     class_sums = chunk_protos + chunk_elements * acc_size;
-    warp_sq = (class_sums + class_sum_elements * acc_size + 15) / 16 * 16;
+    warp_dots = class_sums + class_sum_elements * acc_size;
+    warp_sums = warp_dots + kWarps * tile_rows * kmax * acc_size;
+    warp_sq = (warp_sums + kWarps * tile_rows * acc_size + 15) / 16 * 16;
     warp_kd = warp_sq + kWarps * num_classes * sizeof(double);
     tile_scale = warp_kd + kWarps * sizeof(double);
     tile_label = tile_scale + kMaxTileRows * acc_size;
     warp_count = tile_label + kMaxTileRows * sizeof(int);
     bytes = warp_count + kWarps * num_classes * sizeof(int);
   }
-  size_t chunk_protos, class_sums, warp_sq, warp_kd, tile_scale, tile_label, warp_count, bytes;
+  size_t chunk_protos, class_sums, warp_dots, warp_sums, warp_sq, warp_kd, tile_scale, tile_label, warp_count, bytes;
 };
 
-// Block b owns rows [b * rows_per_block, (b + 1) * rows_per_block) and goes through them a tile of
-// kWarps * ROWS rows at a time, each warp taking ROWS rows at once. Per row: the norm, the cosines, the
-// log-sum-exp and the Proto-KD term; per block: the class counts, the class sums of ||u||^2 and the Proto-KD
-// sum, each warp adding its own rows in order and the block adding its warps in order. Then, while the tile is
-// still in L2, the block's class sums of u: a thread owns kPack columns and adds the tile's rows in order, in
-// shared memory when the sums fit there (sums_in_shared), else in place in the block's slice of the output.
-template <typename scalar_t, typename acc_t, int KMAX, int ROWS, bool kAligned>
-__global__ void __launch_bounds__(kThreads)
-    forward_rows_kernel(const scalar_t* __restrict__ z, const acc_t* __restrict__ unit_protos,
+// Block b owns rows [b * rows_per_block, (b + 1) * rows_per_block) and goes through them a tile of kTileRows =
+// 16 M_TILES rows at a time. Every warp multiplies all of the tile's rows, at its kWarpColumns columns of each
+// step, by the staged prototypes on the tensor cores, and adds their squares. The block then adds the warps'
+// partial products and sums in warp order, and warp w finishes the tile's rows [w ROWS, (w + 1) ROWS) with a lane
+// per prototype: the norm, the cosines, the log-sum-exp and the Proto-KD term; and per block, the class counts,
+// the class sums of ||u||^2 and the Proto-KD sum, each warp adding its own rows in order and the block adding its
+// warps in order. Then, while the tile is still in L2, the block's class sums of u: a thread owns kPack columns
+// and adds the tile's rows in order, in shared memory when the sums fit there (sums_in_shared), else in place in
+// the block's slice of the output.
+template <typename scalar_t, typename acc_t, int KMAX, int M_TILES, bool kAligned>
+__global__ void __launch_bounds__(kThreads, 1)
+    forward_rows_kernel(const scalar_t* __restrict__ z, const acc_t* __restrict__ proto_table,
                         const acc_t* __restrict__ target, const int64_t* __restrict__ labels,
                         acc_t* __restrict__ cosines, acc_t* __restrict__ lses, acc_t* __restrict__ norms,
                         acc_t* __restrict__ block_class_sum, int* __restrict__ block_count,
@@ -331,12 +426,21 @@ __global__ void __launch_bounds__(kThreads)
                         int num_protos, int num_classes, int64_t rows_per_block, int chunk, bool sums_in_shared,
                         acc_t inv_tau) {
   constexpr int kGroups = KMAX / kWarp;
-  constexpr int kTileRows = kWarps * ROWS;
+  constexpr int kTileRows = kTileM * M_TILES;
+  constexpr int ROWS = kTileRows / kWarps;  // the rows a warp finishes
+  constexpr int kNTiles = KMAX / kTileN;
+  // Tile j's n = g is prototype kNTiles g + j: a lane's prototypes of all kNTiles tiles are adjacent.
+  constexpr int kLanePacks = kNTiles / kPack;
+  constexpr bool kWholeRows = std::is_same<scalar_t, at::BFloat16>::value || std::is_same<scalar_t, at::Half>::value;
   static_assert(kTileRows <= kMaxTileRows, "RowsShared holds kMaxTileRows inverse lengths and labels");
+  static_assert(kNTiles % kPack == 0, "a lane reads its prototypes as whole Packs");
   const int64_t class_sum_elements = num_classes * dim;
   NGD_DYNAMIC_SHARED(shared);
-  const RowsShared layout(KMAX * chunk, sums_in_shared ? class_sum_elements : 0, num_classes, sizeof(acc_t));
+  const RowsShared layout(KMAX * chunk, sums_in_shared ? class_sum_elements : 0, num_classes, kTileRows, KMAX,
+                          sizeof(acc_t));
   acc_t* chunk_protos = reinterpret_cast<acc_t*>(shared + layout.chunk_protos);
+  acc_t* warp_dots = reinterpret_cast<acc_t*>(shared + layout.warp_dots);
+  acc_t* warp_sums = reinterpret_cast<acc_t*>(shared + layout.warp_sums);
   double* warp_sq = reinterpret_cast<double*>(shared + layout.warp_sq);
   double* warp_kd = reinterpret_cast<double*>(shared + layout.warp_kd);
   acc_t* tile_scale = reinterpret_cast<acc_t*>(shared + layout.tile_scale);
@@ -347,6 +451,8 @@ __global__ void __launch_bounds__(kThreads)
 
   const int warp = threadIdx.x / kWarp;
   const int lane = threadIdx.x % kWarp;
+  const int group = lane / 4, member = lane % 4;  // g and t of the mma layout
+  const int lane_column = warp * kWarpColumns + member * kPack;  // the lane's first column in each step
   const int64_t row_begin = blockIdx.x * rows_per_block;
   const int64_t row_end = min(batch, row_begin + rows_per_block);
   const int64_t steps = (dim + kStepColumns - 1) / kStepColumns;
@@ -366,58 +472,115 @@ __global__ void __launch_bounds__(kThreads)
     int64_t label[ROWS];  // loaded now, needed after the pass over D
 #pragma unroll
     for (int j = 0; j < ROWS; ++j) label[j] = first + j < row_end ? labels[first + j] : 0;
-    acc_t dot[ROWS * kGroups][kWarp];
-    acc_t sum_sq[ROWS];
+    acc_t dots[M_TILES][kNTiles][4];
+    acc_t sum_sq[M_TILES][2];
 #pragma unroll
-    for (int j = 0; j < ROWS; ++j) {
-      sum_sq[j] = 0;
+    for (int m = 0; m < M_TILES; ++m) {
 #pragma unroll
-      for (int k = 0; k < KMAX; ++k) dot[j * kGroups + k / kWarp][k % kWarp] = 0;
+      for (int j = 0; j < kNTiles; ++j) {
+#pragma unroll
+        for (int r = 0; r < 4; ++r) dots[m][j][r] = 0;
+      }
+      sum_sq[m][0] = sum_sq[m][1] = 0;
     }
-    Pack<scalar_t> rows[ROWS];
-    load_rows<kAligned>(z, first, row_end, lane * kPack, dim, rows);
+    Pack<scalar_t> rows[M_TILES][2];
+    load_fragment_rows<kAligned>(z, tile, row_end, lane_column, dim, rows);
     int chunk_column = 0;  // where column falls in the staged chunk, counted: a 64-bit remainder per step is dear
     for (int64_t step = 0; step < steps; ++step) {
       const int64_t column = step * kStepColumns;
       if (chunk_column == 0 && (restage || tile == row_begin)) {
-        stage_prototypes<kAligned>(unit_protos, chunk_protos, num_protos, dim, column, chunk);
+        stage_prototypes<KMAX>(proto_table, chunk_protos, dim, column, chunk);
       }
       // The next step's columns are on their way while this step's are multiplied.
-      Pack<scalar_t> next[ROWS];
-      load_rows<kAligned>(z, first, row_end, column + kStepColumns + lane * kPack, dim, next);
+      Pack<scalar_t> next[M_TILES][2];
+      load_fragment_rows<kAligned>(z, tile, row_end, column + kStepColumns + lane_column, dim, next);
       prefetcher.advance();
-      acc_t x[ROWS][kPack];
+      // Columns 2s and 2s + 1 of the lane's Pack are k = t and t + 4 of the step's k-step s.
+      Fragment<acc_t, 4> a[M_TILES][2];
 #pragma unroll
-      for (int j = 0; j < ROWS; ++j) {
-        widen(rows[j], x[j]);
+      for (int m = 0; m < M_TILES; ++m) {
 #pragma unroll
-        for (int v = 0; v < kPack; ++v) sum_sq[j] += x[j][v] * x[j][v];
-      }
-      for_staged_prototypes<KMAX>(chunk_protos + chunk_column + lane * kPack, num_protos, chunk,
-                                  [&](int k, const Pack<acc_t> p) {
+        for (int h = 0; h < 2; ++h) {
+          acc_t x[kPack];
+          widen(rows[m][h], x);
 #pragma unroll
-        for (int j = 0; j < ROWS; ++j) {
+          for (int v = 0; v < kPack; ++v) sum_sq[m][h] += x[v] * x[v];
 #pragma unroll
-          for (int v = 0; v < kPack; ++v) dot[j * kGroups + k / kWarp][k % kWarp] += x[j][v] * p.value[v];
+          for (int s = 0; s < 2; ++s) {
+            a[m][s].set(h, x[2 * s]);
+            a[m][s].set(2 + h, x[2 * s + 1]);
+          }
         }
-      });
+      }
 #pragma unroll
-      for (int j = 0; j < ROWS; ++j) rows[j] = next[j];
+      for (int s = 0; s < 2; ++s) {
+        Pack<acc_t> p[2][kLanePacks];  // the lane's prototypes at the k-step's two columns
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int staged_column = chunk_column + lane_column + 2 * s + e;
+#pragma unroll
+          for (int q = 0; q < kLanePacks; ++q) {
+            p[e][q] = *reinterpret_cast<const Pack<acc_t>*>(
+                chunk_protos + staged_offset<KMAX>(staged_column, group * kNTiles + q * kPack));
+          }
+        }
+#pragma unroll
+        for (int j = 0; j < kNTiles; ++j) {
+          Fragment<acc_t, 2> b;
+          b.set(0, p[0][j / kPack].value[j % kPack]);
+          b.set(1, p[1][j / kPack].value[j % kPack]);
+#pragma unroll
+          for (int m = 0; m < M_TILES; ++m) mma_accurate<kWholeRows>(dots[m][j], a[m][s], b);
+        }
+      }
+#pragma unroll
+      for (int m = 0; m < M_TILES; ++m) rows[m][0] = next[m][0], rows[m][1] = next[m][1];
       chunk_column = chunk_column + kStepColumns == chunk ? 0 : chunk_column + kStepColumns;
     }
 
+    // The warp's partial products and sums of squares into shared memory, the latter added over the lanes t first.
+    acc_t* partial_dots = warp_dots + warp * kTileRows * KMAX;
+#pragma unroll
+    for (int m = 0; m < M_TILES; ++m) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int row = kTileM * m + group + 8 * h;
+#pragma unroll
+        for (int j = 0; j < kNTiles; ++j) {
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            partial_dots[tile_row_offset<KMAX>(row, (2 * member + e) * kNTiles + j)] = dots[m][j][2 * h + e];
+          }
+        }
+        acc_t sq = sum_sq[m][h];
+        sq += __shfl_xor_sync(kFullMask, sq, 1);
+        sq += __shfl_xor_sync(kFullMask, sq, 2);
+        if (member == 0) warp_sums[warp * kTileRows + row] = sq;
+      }
+    }
+    __syncthreads();  // every warp's partials are in
+
     acc_t cosine[ROWS][kGroups];
+    acc_t row_sq[ROWS];
 #pragma unroll
     for (int j = 0; j < ROWS; ++j) {
+      const int row = warp * ROWS + j;
+      row_sq[j] = 0;
 #pragma unroll
-      for (int g = 0; g < kGroups; ++g) cosine[j][g] = warp_transpose_sum<kWarp / 2>(dot[j * kGroups + g], lane);
-      sum_sq[j] = warp_sum(sum_sq[j]);
+      for (int g = 0; g < kGroups; ++g) cosine[j][g] = 0;
+      for (int w = 0; w < kWarps; ++w) {
+        row_sq[j] += warp_sums[w * kTileRows + row];
+#pragma unroll
+        for (int g = 0; g < kGroups; ++g) {
+          cosine[j][g] += warp_dots[w * kTileRows * KMAX + tile_row_offset<KMAX>(row, g * kWarp + lane)];
+        }
+      }
     }
 #pragma unroll
     for (int j = 0; j < ROWS; ++j) {
       const int64_t row = first + j;
       if (row >= row_end) break;  // the same for the whole warp, and for every later j
-      const acc_t length = sqrt_of(sum_sq[j]);
+      const acc_t length = sqrt_of(row_sq[j]);
       const acc_t inv_length = acc_t(1) / larger(length, static_cast<acc_t>(kNormEps));
       CUDA_KERNEL_ASSERT(label[j] >= 0 && label[j] < num_classes &&
                          "proto_dgeo_loss: a label is out of range [0, C)");
@@ -451,7 +614,7 @@ __global__ void __launch_bounds__(kThreads)
         norms[row] = length;
         tile_scale[warp * ROWS + j] = inv_length;
         tile_label[warp * ROWS + j] = static_cast<int>(label[j]);
-        warp_sq[warp * num_classes + label[j]] += sum_sq[j] * inv_length * inv_length;
+        warp_sq[warp * num_classes + label[j]] += row_sq[j] * inv_length * inv_length;
         warp_count[warp * num_classes + label[j]] += 1;
         warp_kd[warp] += kd;
       }
@@ -660,25 +823,56 @@ __device__ __forceinline__ void unit_and_offset(const Pack<scalar_t>& row, const
   widen(offset, h);
 }
 
-// The block takes kWarps * ROWS rows at a time (a grid-stride loop over tiles), each warp ROWS rows at once.
-// Per row: u . dU in one pass over the row, then d loss / d s_ik for every k (in every lane), then, chunk by
-// chunk of prototypes through shared memory, dU and dz = (dU - u (u . dU)) / ||z||.
-template <typename scalar_t, typename acc_t, int KMAX, int ROWS, bool kAligned>
-__global__ void __launch_bounds__(kThreads)
+// Offsets into the backward kernel's dynamic shared memory: the staged prototypes, the tile's d loss / d s (a row
+// of KMAX per tile row), and per tile row u . dU, 1 / ||z||, the class's spread and the label.
+struct BackwardShared {
+  __host__ __device__ BackwardShared(int chunk_elements, int tile_rows, int kmax, size_t acc_size) {
+    chunk_protos = 0;
+    tile_grad = chunk_protos + chunk_elements * acc_size;
+    tile_radial = tile_grad + tile_rows * kmax * acc_size;
+    tile_scale = tile_radial + tile_rows * acc_size;
+    tile_spread = tile_scale + tile_rows * acc_size;
+    tile_label = tile_spread + tile_rows * acc_size;
+    bytes = tile_label + tile_rows * sizeof(int);
+  }
+  size_t chunk_protos, tile_grad, tile_radial, tile_scale, tile_spread, tile_label, bytes;
+};
+
+// The block takes kTileRows = 16 M_TILES rows at a time (a grid-stride loop over tiles). First warp w, for the
+// tile's rows [w ROWS, (w + 1) ROWS): u . dU less its prototype part (which the cosines give) in one pass over
+// the rows, then d loss / d s_ik with a lane per prototype, into the tile's matrix G in shared memory. Then every
+// warp, for all of the tile's rows at its kWarpColumns columns of each step: dU = spread u + offset + G P^ on
+// the tensor cores, chunk by chunk of prototypes through shared memory, and dz = (dU - u (u . dU)) / ||z||.
+template <typename scalar_t, typename acc_t, int KMAX, int M_TILES, bool kAligned>
+__global__ void __launch_bounds__(kThreads, 1)
     backward_kernel(const acc_t* __restrict__ grad_proto_kd, const acc_t* __restrict__ grad_var_cap,
-                    const scalar_t* __restrict__ z, const acc_t* __restrict__ unit_protos,
+                    const scalar_t* __restrict__ z, const acc_t* __restrict__ proto_table,
                     const acc_t* __restrict__ target, const int64_t* __restrict__ labels,
                     const acc_t* __restrict__ cosines, const acc_t* __restrict__ lses,
                     const acc_t* __restrict__ norms, const acc_t* __restrict__ var_coef,
                     const acc_t* __restrict__ class_offsets, scalar_t* __restrict__ grad_z, int64_t batch,
                     int64_t dim, int num_protos, int num_classes, int chunk, acc_t inv_tau) {
   constexpr int kGroups = KMAX / kWarp;
-  constexpr int kTileRows = kWarps * ROWS;
+  constexpr int kTileRows = kTileM * M_TILES;
+  constexpr int ROWS = kTileRows / kWarps;  // the rows a warp prepares
+  constexpr int kKSteps = KMAX / kTileK;
+  // k-step s's k = t is prototype t KMAX / 4 + 2s, its k = t + 4 the one after: a lane's prototypes of all k-steps
+  // are adjacent, kLanePacks Packs of a staged column.
+  constexpr int kLaneProtos = KMAX / 4;
+  constexpr int kLanePacks = kLaneProtos / kPack;
   constexpr int kBatch = 4;  // steps of columns whose loads the first pass has on their way at once
   NGD_DYNAMIC_SHARED(shared);
-  acc_t* chunk_protos = reinterpret_cast<acc_t*>(shared);
+  const BackwardShared layout(KMAX * chunk, kTileRows, KMAX, sizeof(acc_t));
+  acc_t* chunk_protos = reinterpret_cast<acc_t*>(shared + layout.chunk_protos);
+  acc_t* tile_grad = reinterpret_cast<acc_t*>(shared + layout.tile_grad);
+  acc_t* tile_radial = reinterpret_cast<acc_t*>(shared + layout.tile_radial);
+  acc_t* tile_scale = reinterpret_cast<acc_t*>(shared + layout.tile_scale);
+  acc_t* tile_spread = reinterpret_cast<acc_t*>(shared + layout.tile_spread);
+  int* tile_label = reinterpret_cast<int*>(shared + layout.tile_label);
   const int warp = threadIdx.x / kWarp;
   const int lane = threadIdx.x % kWarp;
+  const int group = lane / 4, member = lane % 4;  // g and t of the mma layout
+  const int lane_column = warp * kWarpColumns + member * kPack;  // the lane's first column in each step
   const acc_t kd_scale = *grad_proto_kd * inv_tau / static_cast<acc_t>(batch);
   const acc_t var_scale = *grad_var_cap;
   const int64_t steps = (dim + kStepColumns - 1) / kStepColumns;
@@ -738,11 +932,11 @@ __global__ void __launch_bounds__(kThreads)
       }
     }
 
-    acc_t cosine_grad[ROWS][KMAX];  // d loss / d s_ik, every k in every lane
-    acc_t radial[ROWS];
+    // d loss / d s_ik into G (zero past num_protos and for rows past the batch), and the row's constants.
 #pragma unroll
     for (int j = 0; j < ROWS; ++j) {
       const int64_t row = first + j;
+      const int tile_row = warp * ROWS + j;
       acc_t s[kGroups], t[kGroups];
       acc_t mass = 0;
 #pragma unroll
@@ -761,50 +955,102 @@ __global__ void __launch_bounds__(kThreads)
         const bool used = live[j] && g * kWarp + lane < num_protos;
         const acc_t grad = used ? kd_scale * (exp_of(s[g] * inv_tau - lse) * mass - t[g]) : acc_t(0);
         proto_radial += grad * s[g];
-#pragma unroll
-        for (int source = 0; source < kWarp; ++source) {
-          cosine_grad[j][g * kWarp + source] = __shfl_sync(kFullMask, grad, source);
-        }
+        tile_grad[tile_row_offset<KMAX>(tile_row, g * kWarp + lane)] = grad;
       }
       const acc_t rest = spread[j] * warp_sum(unit_sq[j]) + warp_sum(unit_offset[j]);
-      radial[j] = on_sphere[j] ? warp_sum(proto_radial) + rest : acc_t(0);
+      const acc_t radial = on_sphere[j] ? warp_sum(proto_radial) + rest : acc_t(0);
+      if (lane == 0) {
+        tile_radial[tile_row] = radial;
+        tile_scale[tile_row] = inv_length[j];
+        tile_spread[tile_row] = spread[j];
+        tile_label[tile_row] = static_cast<int>(label[j]);
+      }
     }
+    __syncthreads();  // G and the rows' constants are in
 
-    Pack<scalar_t> rows[ROWS];
-    load_rows<kAligned>(z, first, batch, lane * kPack, dim, rows);
+    // The lane's rows are 16 m + g + 8 h of the tile; its A fragments of G hold them for every k-step.
+    Fragment<acc_t, 4> a[M_TILES][kKSteps];
+    acc_t row_scale[M_TILES][2], row_spread[M_TILES][2], row_radial[M_TILES][2];
+    const acc_t* row_offset[M_TILES][2];
+    bool row_live[M_TILES][2];
+#pragma unroll
+    for (int m = 0; m < M_TILES; ++m) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int tile_row = kTileM * m + group + 8 * h;
+#pragma unroll
+        for (int s = 0; s < kKSteps; ++s) {
+          a[m][s].set(h, tile_grad[tile_row_offset<KMAX>(tile_row, member * kLaneProtos + 2 * s)]);
+          a[m][s].set(2 + h, tile_grad[tile_row_offset<KMAX>(tile_row, member * kLaneProtos + 2 * s + 1)]);
+        }
+        row_scale[m][h] = tile_scale[tile_row];
+        row_spread[m][h] = tile_spread[tile_row];
+        row_radial[m][h] = tile_radial[tile_row];
+        row_offset[m][h] = class_offsets + tile_label[tile_row] * dim;
+        row_live[m][h] = tile + tile_row < batch;
+      }
+    }
+    __syncthreads();  // G and the rows' constants are in registers: the next tile may write its own
+
+    Pack<scalar_t> rows[M_TILES][2];
+    load_fragment_rows<kAligned>(z, tile, batch, lane_column, dim, rows);
     int chunk_column = 0;  // where column falls in the staged chunk, counted as in the row kernel
     for (int64_t step = 0; step < steps; ++step) {
       const int64_t column = step * kStepColumns;
       if (chunk_column == 0 && (restage || tile == first_tile)) {
-        stage_prototypes<kAligned>(unit_protos, chunk_protos, num_protos, dim, column, chunk);
+        stage_prototypes<KMAX>(proto_table, chunk_protos, dim, column, chunk);
       }
-      const int64_t d = column + lane * kPack;
-      Pack<scalar_t> next[ROWS];
-      load_rows<kAligned>(z, first, batch, d + kStepColumns, dim, next);
-      acc_t u[ROWS][kPack], du[ROWS][kPack];
+      const int64_t d = column + lane_column;
+      Pack<scalar_t> next[M_TILES][2];
+      load_fragment_rows<kAligned>(z, tile, batch, d + kStepColumns, dim, next);
+      // C tile j holds the lane's columns 2j and 2j + 1: it starts as spread u + offset, and the products add G P^.
+      acc_t u[M_TILES][2][kPack];
+      acc_t du[M_TILES][2][4];
 #pragma unroll
-      for (int j = 0; j < ROWS; ++j) {
-        acc_t h[kPack];
-        unit_and_offset(rows[j], load_pack<kAligned>(offset[j], d, dim), inv_length[j], u[j], h);
+      for (int m = 0; m < M_TILES; ++m) {
 #pragma unroll
-        for (int v = 0; v < kPack; ++v) du[j][v] = spread[j] * u[j][v] + h[v];
-        rows[j] = next[j];
-      }
-      for_staged_prototypes<KMAX>(chunk_protos + chunk_column + lane * kPack, num_protos, chunk,
-                                  [&](int k, const Pack<acc_t> p) {
+        for (int h = 0; h < 2; ++h) {
+          acc_t offset_values[kPack];
+          unit_and_offset(rows[m][h], load_pack<kAligned>(row_offset[m][h], d, dim), row_scale[m][h], u[m][h],
+                          offset_values);
 #pragma unroll
-        for (int j = 0; j < ROWS; ++j) {
-#pragma unroll
-          for (int v = 0; v < kPack; ++v) du[j][v] += cosine_grad[j][k] * p.value[v];
+          for (int v = 0; v < kPack; ++v) {
+            du[m][v / 2][2 * h + v % 2] = row_spread[m][h] * u[m][h][v] + offset_values[v];
+          }
+          rows[m][h] = next[m][h];
         }
-      });
+      }
+      // B tile j's n = g is the column 4 (g / 2) + 2j + g % 2 of the warp's 16: lane (g / 2)'s column 2j + g % 2.
 #pragma unroll
-      for (int j = 0; j < ROWS; ++j) {
-        if (!live[j]) continue;
-        acc_t out[kPack];
+      for (int j = 0; j < 2; ++j) {
+        const int staged_column = chunk_column + warp * kWarpColumns + group / 2 * kPack + 2 * j + group % 2;
+        Pack<acc_t> p[kLanePacks];
 #pragma unroll
-        for (int v = 0; v < kPack; ++v) out[v] = (du[j][v] - u[j][v] * radial[j]) * inv_length[j];
-        store_columns<kAligned>(grad_z + (first + j) * dim, d, dim, out);
+        for (int q = 0; q < kLanePacks; ++q) {
+          p[q] = *reinterpret_cast<const Pack<acc_t>*>(
+              chunk_protos + staged_offset<KMAX>(staged_column, member * kLaneProtos + q * kPack));
+        }
+#pragma unroll
+        for (int s = 0; s < kKSteps; ++s) {
+          Fragment<acc_t, 2> b;
+          b.set(0, p[2 * s / kPack].value[2 * s % kPack]);
+          b.set(1, p[2 * s / kPack].value[2 * s % kPack + 1]);
+#pragma unroll
+          for (int m = 0; m < M_TILES; ++m) mma_accurate<false>(du[m][j], a[m][s], b);
+        }
+      }
+#pragma unroll
+      for (int m = 0; m < M_TILES; ++m) {
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          if (!row_live[m][h]) continue;
+          acc_t out[kPack];
+#pragma unroll
+          for (int v = 0; v < kPack; ++v) {
+            out[v] = (du[m][v / 2][2 * h + v % 2] - u[m][h][v] * row_radial[m][h]) * row_scale[m][h];
+          }
+          store_columns<kAligned>(grad_z + (tile + kTileM * m + group + 8 * h) * dim, d, dim, out);
+        }
       }
       chunk_column = chunk_column + kStepColumns == chunk ? 0 : chunk_column + kStepColumns;
     }
@@ -813,15 +1059,14 @@ __global__ void __launch_bounds__(kThreads)
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-at::Tensor unit_prototypes(const at::Tensor& protos, at::ScalarType acc_dtype, cudaStream_t stream) {
-  const auto p = protos.to(acc_dtype).contiguous();
-  auto unit = at::empty_like(p);
-  const int num_protos = static_cast<int>(p.size(0));
-  AT_DISPATCH_FLOATING_TYPES(acc_dtype, "unit_protos_cuda", [&] {
-    launch(unit_protos_kernel<scalar_t>, num_protos, kThreads, 0, stream, p.data_ptr<scalar_t>(),
-           unit.data_ptr<scalar_t>(), p.size(1));
-  });
-  return unit;
+// The unit prototypes as the kernels stage them: a D x kmax table, column k prototype k, zero past K.
+template <typename acc_t>
+at::Tensor prototype_table(const at::Tensor& protos, int kmax, cudaStream_t stream) {
+  const at::Tensor p = protos.to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
+  at::Tensor table = at::empty({p.size(1), kmax}, p.options());
+  launch(unit_protos_kernel<acc_t>, kmax, kThreads, 0, stream, p.data_ptr<acc_t>(), table.data_ptr<acc_t>(),
+         static_cast<int>(p.size(0)), p.size(1));
+  return table;
 }
 
 void check_kernel_limits(const at::Tensor& protos, const at::Tensor& target) {
@@ -866,18 +1111,18 @@ int staged_columns(int64_t dim, size_t other_bytes, size_t limit, int64_t num_cl
   return static_cast<int>(std::min(fit, ceil_div(dim, kStepColumns) * kStepColumns));
 }
 
-template <typename scalar_t, int KMAX, int ROWS, bool kAligned>
-ForwardOutputs forward_cuda_typed(const at::Tensor& z, const at::Tensor& unit_protos, const at::Tensor& target,
+template <typename scalar_t, int KMAX, int M_TILES, bool kAligned>
+ForwardOutputs forward_cuda_typed(const at::Tensor& z, const at::Tensor& protos, const at::Tensor& target,
                                   const at::Tensor& labels, const at::Tensor& positive, double tau, double var_cap,
                                   double margin, cudaStream_t stream) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t batch = z.size(0), dim = z.size(1);
-  const int num_protos = static_cast<int>(unit_protos.size(0)), num_classes = static_cast<int>(target.size(0));
+  const int num_protos = static_cast<int>(protos.size(0)), num_classes = static_cast<int>(target.size(0));
   const at::TensorOptions acc = z.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
   const auto wide = z.options().dtype(at::kDouble);
   const auto whole = z.options().dtype(at::kInt);
 
-  constexpr int64_t tile_rows = kWarps * ROWS;
+  constexpr int tile_rows = kTileM * M_TILES;
   const int64_t rows_per_block = ceil_div(ceil_div(batch, kMaxRowBlocks), tile_rows) * tile_rows;
   const int num_blocks = static_cast<int>(ceil_div(batch, rows_per_block));
 
@@ -906,16 +1151,18 @@ ForwardOutputs forward_cuda_typed(const at::Tensor& z, const at::Tensor& unit_pr
   // the staged chunk takes what is left.
   const size_t limit = shared_bytes_limit();
   const size_t smallest_with_sums =
-      RowsShared(KMAX * kStepColumns, num_classes * dim, num_classes, sizeof(acc_t)).bytes;
+      RowsShared(KMAX * kStepColumns, num_classes * dim, num_classes, tile_rows, KMAX, sizeof(acc_t)).bytes;
   const bool sums_in_shared = num_classes * dim * sizeof(acc_t) <= kMaxSharedClassSums && smallest_with_sums <= limit;
   const int64_t shared_sums = sums_in_shared ? num_classes * dim : 0;
   const int chunk = staged_columns<acc_t, KMAX>(
-      dim, RowsShared(0, shared_sums, num_classes, sizeof(acc_t)).bytes, limit, num_classes);
-  const size_t rows_shared = RowsShared(KMAX * chunk, shared_sums, num_classes, sizeof(acc_t)).bytes;
-  const auto rows_kernel = forward_rows_kernel<scalar_t, acc_t, KMAX, ROWS, kAligned>;
+      dim, RowsShared(0, shared_sums, num_classes, tile_rows, KMAX, sizeof(acc_t)).bytes, limit, num_classes);
+  const size_t rows_shared =
+      RowsShared(KMAX * chunk, shared_sums, num_classes, tile_rows, KMAX, sizeof(acc_t)).bytes;
+  const at::Tensor table = prototype_table<acc_t>(protos, KMAX, stream);
+  const auto rows_kernel = forward_rows_kernel<scalar_t, acc_t, KMAX, M_TILES, kAligned>;
   allow_shared_bytes(rows_kernel, rows_shared);
   launch(rows_kernel, num_blocks, kThreads, rows_shared, stream,
-      z.data_ptr<scalar_t>(), unit_protos.data_ptr<acc_t>(), target.data_ptr<acc_t>(), labels.data_ptr<int64_t>(),
+      z.data_ptr<scalar_t>(), table.data_ptr<acc_t>(), target.data_ptr<acc_t>(), labels.data_ptr<int64_t>(),
       out.cosines.data_ptr<acc_t>(), out.lse.data_ptr<acc_t>(), out.norms.data_ptr<acc_t>(),
       block_class_sum.data_ptr<acc_t>(), block_count.data_ptr<int>(), block_sq.data_ptr<double>(),
       block_kd.data_ptr<double>(), batch, dim, num_protos, num_classes, rows_per_block, chunk, sums_in_shared,
@@ -940,9 +1187,9 @@ ForwardOutputs forward_cuda_typed(const at::Tensor& z, const at::Tensor& unit_pr
   return out;
 }
 
-template <typename scalar_t, int KMAX, int ROWS, bool kAligned>
+template <typename scalar_t, int KMAX, int M_TILES, bool kAligned>
 void backward_cuda_typed(const at::Tensor& grad_proto_kd, const at::Tensor& grad_var_cap,
-                         const at::Tensor& grad_margin, const at::Tensor& z, const at::Tensor& unit_protos,
+                         const at::Tensor& grad_margin, const at::Tensor& z, const at::Tensor& protos,
                          const at::Tensor& target, const at::Tensor& labels, const at::Tensor& cosines,
                          const at::Tensor& lses, const at::Tensor& norms, const at::Tensor& var_coef,
                          const at::Tensor& class_mean, const at::Tensor& margin_coef, at::Tensor& grad_z, double tau,
@@ -957,9 +1204,12 @@ void backward_cuda_typed(const at::Tensor& grad_proto_kd, const at::Tensor& grad
       grad_var_cap.data_ptr<acc_t>(), grad_margin.data_ptr<acc_t>(), var_coef.data_ptr<acc_t>(),
       class_mean.data_ptr<acc_t>(), margin_coef.data_ptr<acc_t>(), dim, class_offsets.data_ptr<acc_t>());
 
-  const int chunk = staged_columns<acc_t, KMAX>(dim, 0, shared_bytes_limit(), num_classes);
-  const size_t shared_bytes = KMAX * chunk * sizeof(acc_t);
-  const auto kernel = backward_kernel<scalar_t, acc_t, KMAX, ROWS, kAligned>;
+  constexpr int tile_rows = kTileM * M_TILES;
+  const int chunk = staged_columns<acc_t, KMAX>(dim, BackwardShared(0, tile_rows, KMAX, sizeof(acc_t)).bytes,
+                                                shared_bytes_limit(), num_classes);
+  const size_t shared_bytes = BackwardShared(KMAX * chunk, tile_rows, KMAX, sizeof(acc_t)).bytes;
+  const at::Tensor table = prototype_table<acc_t>(protos, KMAX, stream);
+  const auto kernel = backward_kernel<scalar_t, acc_t, KMAX, M_TILES, kAligned>;
   allow_shared_bytes(kernel, shared_bytes);
   // As many blocks as the GPU holds at once, each looping over tiles: a block stages prototypes that fit one
   // chunk only once.
@@ -967,23 +1217,24 @@ void backward_cuda_typed(const at::Tensor& grad_proto_kd, const at::Tensor& grad
   C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks_per_sm, kernel, kThreads, shared_bytes));
   const int64_t resident = static_cast<int64_t>(std::max(blocks_per_sm, 1)) *
                            device_attribute(cudaDevAttrMultiProcessorCount);
-  const int64_t blocks = std::min(ceil_div(batch, kWarps * ROWS), resident);
+  const int64_t blocks = std::min(ceil_div(batch, tile_rows), resident);
   launch(kernel, static_cast<unsigned>(blocks), kThreads, shared_bytes, stream,
       grad_proto_kd.data_ptr<acc_t>(), grad_var_cap.data_ptr<acc_t>(), z.data_ptr<scalar_t>(),
-      unit_protos.data_ptr<acc_t>(), target.data_ptr<acc_t>(), labels.data_ptr<int64_t>(), cosines.data_ptr<acc_t>(),
+      table.data_ptr<acc_t>(), target.data_ptr<acc_t>(), labels.data_ptr<int64_t>(), cosines.data_ptr<acc_t>(),
       lses.data_ptr<acc_t>(), norms.data_ptr<acc_t>(), var_coef.data_ptr<acc_t>(), class_offsets.data_ptr<acc_t>(),
-      grad_z.data_ptr<scalar_t>(), batch, dim, static_cast<int>(unit_protos.size(0)), num_classes, chunk,
+      grad_z.data_ptr<scalar_t>(), batch, dim, static_cast<int>(protos.size(0)), num_classes, chunk,
       static_cast<acc_t>(1.0 / tau));
 }
 
-template <int KMAX, int ROWS>
+template <int KMAX, int M_TILES>
 struct TileShape {
   static constexpr int kMaxProtos = KMAX;
-  static constexpr int kRows = ROWS;
+  static constexpr int kRowTiles = M_TILES;
 };
 
-// Calls run(TileShape<KMAX, ROWS>{}, std::bool_constant<aligned>{}): register tiles sized to the prototype
-// count and the dtype, and vector accesses where the caller found every row of its operands aligned.
+// Calls run(TileShape<KMAX, M_TILES>{}, std::bool_constant<aligned>{}): prototype slots for the prototype count,
+// 16-row mma tiles per block tile to match (a lane's registers grow with both, and with the dtype), and vector
+// accesses where the caller found every row of its operands aligned.
 template <typename scalar_t, typename Run>
 void with_kernel_shape(int64_t num_protos, bool aligned, Run&& run) {
   const auto with_alignment = [&](auto tile) {
@@ -994,11 +1245,15 @@ void with_kernel_shape(int64_t num_protos, bool aligned, Run&& run) {
     }
   };
   if constexpr (std::is_same<scalar_t, double>::value) {
-    with_alignment(TileShape<64, 1>{});
+    if (num_protos <= 32) {
+      with_alignment(TileShape<32, 1>{});
+    } else {
+      with_alignment(TileShape<64, 1>{});
+    }
   } else if (num_protos <= 32) {
-    with_alignment(TileShape<32, 4>{});
+    with_alignment(TileShape<32, 2>{});
   } else {
-    with_alignment(TileShape<64, 2>{});
+    with_alignment(TileShape<64, 1>{});
   }
 }
 
@@ -1024,14 +1279,13 @@ proto_dgeo_fwd_cuda(const at::Tensor& z_in, const at::Tensor& protos, const at::
   const auto labels = labels_in.contiguous();
   const auto positive = positive_in.contiguous();
   const auto target = target_in.to(acc_dtype).contiguous();
-  const auto unit_protos = unit_prototypes(protos, acc_dtype, stream);
   ForwardOutputs out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "proto_dgeo_fwd_cuda", [&] {
     const bool aligned = rows_aligned<scalar_t>(z.size(1), {z.data_ptr()});
     with_kernel_shape<scalar_t>(protos.size(0), aligned, [&](auto shape, auto vectors) {
       using Shape = decltype(shape);
-      out = forward_cuda_typed<scalar_t, Shape::kMaxProtos, Shape::kRows, decltype(vectors)::value>(
-          z, unit_protos, target, labels, positive, tau, var_cap, margin, stream);
+      out = forward_cuda_typed<scalar_t, Shape::kMaxProtos, Shape::kRowTiles, decltype(vectors)::value>(
+          z, protos, target, labels, positive, tau, var_cap, margin, stream);
     });
   });
   return {out.proto_kd, out.var_cap_loss, out.margin_loss, out.cosines, out.lse,
@@ -1050,15 +1304,14 @@ at::Tensor proto_dgeo_bwd_cuda(const at::Tensor& grad_proto_kd, const at::Tensor
   const auto z = z_in.contiguous();
   const auto labels = labels_in.contiguous();
   const auto target = target_in.to(acc_dtype).contiguous();
-  const auto unit_protos = unit_prototypes(protos, acc_dtype, stream);
   const auto as_acc = [&](const at::Tensor& t) { return t.to(acc_dtype).contiguous(); };
   auto grad_z = at::empty({z.size(0), z.size(1)}, z.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "proto_dgeo_bwd_cuda", [&] {
     const bool aligned = rows_aligned<scalar_t>(z.size(1), {z.data_ptr(), grad_z.data_ptr()});
     with_kernel_shape<scalar_t>(protos.size(0), aligned, [&](auto shape, auto vectors) {
       using Shape = decltype(shape);
-      backward_cuda_typed<scalar_t, Shape::kMaxProtos, Shape::kRows, decltype(vectors)::value>(
-          as_acc(grad_proto_kd), as_acc(grad_var_cap), as_acc(grad_margin), z, unit_protos, target, labels,
+      backward_cuda_typed<scalar_t, Shape::kMaxProtos, Shape::kRowTiles, decltype(vectors)::value>(
+          as_acc(grad_proto_kd), as_acc(grad_var_cap), as_acc(grad_margin), z, protos, target, labels,
           as_acc(cosines), as_acc(lses), as_acc(norms), as_acc(var_coef), as_acc(class_mean),
           as_acc(margin_coef), grad_z, tau,
           stream);

@@ -6,12 +6,13 @@
 // What is emulated: threadIdx/blockIdx/blockDim/gridDim, __syncthreads, __shfl_sync and __shfl_xor_sync
 // (full warps), static and dynamic __shared__ memory (dynamic memory starts as NaN bytes, so a read before a
 // write shows), asynchronous copies to shared memory (__pipeline_memcpy_async and its commit and wait: a copy
-// lands as late as a GPU may land it, at the wait that covers it, so a read before that wait shows),
-// CUDA_KERNEL_ASSERT (it becomes a C++ exception naming the condition), and the few runtime calls the host
-// code makes. L2 prefetches are hints without effect on results: here they do nothing. A shuffle reached by
-// only part of a warp, a barrier reached by only part of the block, a grid or block out of range, or more
-// dynamic shared memory than the kernel was allowed (sm_90's limits) stops the launch with an error instead
-// of hanging or crashing.
+// lands as late as a GPU may land it, at the wait that covers it, so a read before that wait shows), the
+// tensor cores' mma m16n8k8 (a warp-wide exchange of fragments laid out as PTX lays them out, the products
+// added in k order) and the conversion to TF32, CUDA_KERNEL_ASSERT (it becomes a C++ exception naming the
+// condition), and the few runtime calls the host code makes. L2 prefetches are hints without effect on
+// results: here they do nothing. A shuffle reached by only part of a warp, a barrier reached by only part of
+// the block, a grid or block out of range, or more dynamic shared memory than the kernel was allowed (sm_90's
+// limits) stops the launch with an error instead of hanging or crashing.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -21,6 +22,7 @@
 #include <ucontext.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstring>
 #include <deque>
@@ -154,6 +156,7 @@ struct Block {
   std::vector<Fiber> fibers;
   std::vector<unsigned char> shared;
   std::vector<uint64_t> exchange;  // one shuffle slot per thread
+  std::vector<std::array<double, 6>> operands;  // one slot of mma operands per thread
   const std::function<void()>* body = nullptr;
   Fiber* running = nullptr;
   ucontext_t scheduler;
@@ -254,6 +257,7 @@ void launch(void (*kernel)(Params...), dim3 grid, dim3 block_dim, size_t shared_
   for (Fiber& fiber : block.fibers) fiber.stack.reset(new char[kStackBytes]);
   block.shared.resize(shared_bytes + 16);
   block.exchange.resize(threads);
+  block.operands.resize(threads);
   current_block() = &block;
   try {
     for (unsigned z = 0; z < grid.z; ++z) {
@@ -274,28 +278,60 @@ void launch(void (*kernel)(Params...), dim3 grid, dim3 block_dim, size_t shared_
   current_block() = nullptr;
 }
 
-// The value `source_lane` of this warp passed in. Two synchronisation points: every lane writes its slot
-// before any lane reads, and every lane reads before any lane writes the next shuffle's value.
-template <typename T>
-T shuffle(T value, int source_lane) {
-  static_assert(sizeof(T) <= sizeof(uint64_t) && std::is_trivially_copyable<T>::value, "shuffle of a wide type");
+// Enters a warp-wide exchange: returns once every lane of this warp has entered the same one (shuffles and mma
+// count alike), so that each lane's slots hold what it put there. Every exchange here names the full warp.
+inline void meet_warp() {
   Block& block = *current_block();
   Fiber& fiber = self();
   const int warp_base = fiber.linear_index - fiber.linear_index % kWarpSize;
-  std::memcpy(&block.exchange[fiber.linear_index], &value, sizeof(T));
   fiber.shuffles += 1;
   yield(Wait::kWarp);
-  // Every shuffle here names the full warp, so every lane must be in this same shuffle.
   for (int lane = 0; lane < kWarpSize; ++lane) {
     const Fiber& other = block.fibers[warp_base + lane];
     TORCH_CHECK(other.shuffles == fiber.shuffles && other.wait == Wait::kWarp,
                 "emulated CUDA: a shuffle reached by only part of a warp (threads ", fiber.linear_index, " and ",
                 other.linear_index, ")");
   }
+}
+
+// Leaves the exchange once every lane has read: no lane writes its slot for the next one before.
+inline void leave_warp() { yield(Wait::kWarp); }
+
+// The value `source_lane` of this warp passed in.
+template <typename T>
+T shuffle(T value, int source_lane) {
+  static_assert(sizeof(T) <= sizeof(uint64_t) && std::is_trivially_copyable<T>::value, "shuffle of a wide type");
+  Block& block = *current_block();
+  const int index = self().linear_index;
+  std::memcpy(&block.exchange[index], &value, sizeof(T));
+  meet_warp();
   T out;
-  std::memcpy(&out, &block.exchange[warp_base + source_lane % kWarpSize], sizeof(T));
-  yield(Wait::kWarp);
+  std::memcpy(&out, &block.exchange[index - index % kWarpSize + source_lane % kWarpSize], sizeof(T));
+  leave_warp();
   return out;
+}
+
+// mma.sync m16n8k8 with fp32 accumulation (TF32 operands in float, or double): c += a b over a 16 x 8 x 8 tile
+// whose fragments the warp's lanes hold as PTX lays them out. With g = lane / 4 and t = lane % 4: a[0..3] are
+// A(g, t), A(g + 8, t), A(g, t + 4), A(g + 8, t + 4); b[0..1] are B(t, g), B(t + 4, g); c[0..3] are C(g, 2t),
+// C(g, 2t + 1), C(g + 8, 2t), C(g + 8, 2t + 1). The products are added in k order, in T.
+template <typename T>
+void mma_m16n8k8(T (&c)[4], const T (&a)[4], const T (&b)[2]) {
+  Block& block = *current_block();
+  const int index = self().linear_index;
+  const int lane = index % kWarpSize, warp_base = index - lane;
+  block.operands[index] = {static_cast<double>(a[0]), static_cast<double>(a[1]), static_cast<double>(a[2]),
+                           static_cast<double>(a[3]), static_cast<double>(b[0]), static_cast<double>(b[1])};
+  meet_warp();
+  const auto a_at = [&](int row, int k) {
+    return static_cast<T>(block.operands[warp_base + row % 8 * 4 + k % 4][row / 8 + 2 * (k / 4)]);
+  };
+  const auto b_at = [&](int k, int n) { return static_cast<T>(block.operands[warp_base + n * 4 + k % 4][4 + k / 4]); };
+  for (int r = 0; r < 4; ++r) {
+    const int row = lane / 4 + 8 * (r / 2), n = 2 * (lane % 4) + r % 2;
+    for (int k = 0; k < 8; ++k) c[r] += a_at(row, k) * b_at(k, n);
+  }
+  leave_warp();
 }
 
 }  // namespace ngd_emulation
@@ -353,6 +389,18 @@ inline void __pipeline_wait_prior(size_t prior) {
 namespace ngd_ext {
 namespace {
 using ::ngd_emulation::launch;
+using ::ngd_emulation::mma_m16n8k8;
 inline void prefetch_l2(const void*) {}
+
+// cvt.rna.tf32.f32: to 10 mantissa bits, to nearest with ties away from zero (adding half of the dropped part to
+// the magnitude's bits carries into the exponent where it must); infinities and NaN pass unchanged.
+inline float to_tf32(float x) {
+  if (!std::isfinite(x)) return x;
+  uint32_t bits;
+  std::memcpy(&bits, &x, sizeof(bits));
+  bits = (bits + 0x1000u) & 0xffffe000u;
+  std::memcpy(&x, &bits, sizeof(bits));
+  return x;
+}
 }  // namespace
 }  // namespace ngd_ext

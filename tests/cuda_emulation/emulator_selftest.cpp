@@ -1,5 +1,6 @@
-// Small kernels that show the emulator in emulation.h doing what the CUDA tests rely on: warp shuffles and
-// block barriers that give a GPU's results, and errors for code a GPU would run wrongly. Registered as
+// Small kernels that show the emulator in emulation.h doing what the CUDA tests rely on: warp shuffles, block
+// barriers and TF32 rounding that give a GPU's results, and errors for code a GPU would run wrongly. (Its
+// tensor-core tiles are checked in proto_dgeo_emulated.cpp, beside the .cu's own tiles by shuffles.) Registered as
 // torch.ops.ngd_emulator_selftest.*; tests/test_cuda_emulated.py calls them.
 #include "emulation.h"
 
@@ -84,6 +85,14 @@ at::Tensor async_copy(const at::Tensor& in) {
   return out;
 }
 
+// The emulated cvt.rna.tf32.f32 of every element.
+at::Tensor to_tf32(const at::Tensor& in) {
+  auto out = in.clone();
+  float* values = out.data_ptr<float>();
+  for (int64_t i = 0; i < out.numel(); ++i) values[i] = ngd_ext::to_tf32(values[i]);
+  return out;
+}
+
 at::Tensor divergent_shuffle() {
   auto out = at::empty({32});
   ngd_emulation::launch(divergent_shuffle_kernel, 1, 32, 0, nullptr, out.data_ptr<float>());
@@ -109,6 +118,7 @@ TORCH_LIBRARY(ngd_emulator_selftest, m) {
   m.def("block_reverse", &block_reverse);
   m.def("read_unwritten_shared", &read_unwritten_shared);
   m.def("async_copy", &async_copy);
+  m.def("to_tf32", &to_tf32);
   m.def("divergent_shuffle", &divergent_shuffle);
   m.def("partial_barrier", &partial_barrier);
   m.def("oversized_shared", &oversized_shared);

@@ -1,10 +1,47 @@
 // csrc/cuda's kernels and host code, compiled for the CPU emulator in emulation.h and registered as
-// torch.ops.ngd_ext_emulated.proto_dgeo_fwd / proto_dgeo_bwd (CPU tensors in, CPU tensors out).
+// torch.ops.ngd_ext_emulated.proto_dgeo_fwd / proto_dgeo_bwd (CPU tensors in, CPU tensors out); and mma_tile, one
+// tensor-core tile through the emulator's model or through the .cu's shuffles.
 #include "emulation.h"
 
 #include "../../csrc/cuda/proto_dgeo_cuda.cu"
 
+namespace {
+
+// One warp: c += a b for a row-major 16 x 8 a, 8 x 8 b and 16 x 8 c, each lane loading and storing its fragments as
+// PTX lays them out for mma m16n8k8 (g = lane / 4, t = lane % 4), multiplied by the emulator's model of the tensor
+// cores or by the .cu's mma_by_shuffles (its float64 path, and float's before sm_80).
+template <typename T, bool kShuffles>
+__global__ void mma_tile_kernel(const T* a, const T* b, T* c) {
+  const int g = threadIdx.x / 4, t = threadIdx.x % 4;
+  const T a_fragment[4] = {a[g * 8 + t], a[(g + 8) * 8 + t], a[g * 8 + t + 4], a[(g + 8) * 8 + t + 4]};
+  const T b_fragment[2] = {b[t * 8 + g], b[(t + 4) * 8 + g]};
+  T c_fragment[4] = {c[g * 8 + 2 * t], c[g * 8 + 2 * t + 1], c[(g + 8) * 8 + 2 * t], c[(g + 8) * 8 + 2 * t + 1]};
+  if constexpr (kShuffles) {
+    ngd_ext::mma_by_shuffles(c_fragment, a_fragment, b_fragment);
+  } else {
+    ngd_ext::mma_m16n8k8(c_fragment, a_fragment, b_fragment);
+  }
+  c[g * 8 + 2 * t] = c_fragment[0];
+  c[g * 8 + 2 * t + 1] = c_fragment[1];
+  c[(g + 8) * 8 + 2 * t] = c_fragment[2];
+  c[(g + 8) * 8 + 2 * t + 1] = c_fragment[3];
+}
+
+// c + a b through mma_tile_kernel, in a's dtype (float64, or float32 holding TF32 values for the model).
+at::Tensor mma_tile(const at::Tensor& a, const at::Tensor& b, const at::Tensor& c, bool shuffles) {
+  auto out = c.clone();
+  AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "mma_tile", [&] {
+    const auto kernel = shuffles ? mma_tile_kernel<scalar_t, true> : mma_tile_kernel<scalar_t, false>;
+    ngd_emulation::launch(kernel, 1, 32, 0, nullptr, a.data_ptr<scalar_t>(), b.data_ptr<scalar_t>(),
+                          out.data_ptr<scalar_t>());
+  });
+  return out;
+}
+
+}  // namespace
+
 TORCH_LIBRARY(ngd_ext_emulated, m) {
   m.def("proto_dgeo_fwd", &ngd_ext::proto_dgeo_fwd_cuda);
   m.def("proto_dgeo_bwd", &ngd_ext::proto_dgeo_bwd_cuda);
+  m.def("mma_tile", &mma_tile);
 }
