@@ -131,8 +131,9 @@ constexpr int kMaxProtos = 64;
 constexpr int kMaxClasses = 1024;
 // The row kernel's grid depends on B alone, so the order of every sum is the same on every GPU.
 constexpr int64_t kMaxRowBlocks = 264;
-// The row kernel keeps the class sums of u in shared memory up to this size, in its output beyond it.
-constexpr size_t kMaxSharedClassSums = 96 * 1024;
+// The row kernel keeps the class sums of u, and the backward kernel the class offsets, in shared memory up to this
+// size, in global memory beyond it.
+constexpr size_t kMaxSharedClassVectors = 96 * 1024;
 // Rows in the row kernel's largest tile (kWarps warps of 4 rows).
 constexpr int kMaxTileRows = 32;
 // The row and backward kernels stage at most this many bytes of prototypes at once.
@@ -823,26 +824,31 @@ __device__ __forceinline__ void unit_and_offset(const Pack<scalar_t>& row, const
   widen(offset, h);
 }
 
-// Offsets into the backward kernel's dynamic shared memory: the staged prototypes, the tile's d loss / d s (a row
-// of KMAX per tile row), and per tile row u . dU, 1 / ||z||, the class's spread and the label.
+// Offsets into the backward kernel's dynamic shared memory: the staged prototypes, the class offsets when they are
+// kept there (offset_elements of them, else 0), the tile's d loss / d s (a row of KMAX per tile row), and per tile
+// row u . dU, 1 / ||z||, the class's spread and the label.
 struct BackwardShared {
-  __host__ __device__ BackwardShared(int chunk_elements, int tile_rows, int kmax, size_t acc_size) {
+  __host__ __device__ BackwardShared(int chunk_elements, int64_t offset_elements, int tile_rows, int kmax,
+                                     size_t acc_size) {
     chunk_protos = 0;
-    tile_grad = chunk_protos + chunk_elements * acc_size;
+    class_offsets = chunk_protos + chunk_elements * acc_size;
+    tile_grad = class_offsets + offset_elements * acc_size;
     tile_radial = tile_grad + tile_rows * kmax * acc_size;
     tile_scale = tile_radial + tile_rows * acc_size;
     tile_spread = tile_scale + tile_rows * acc_size;
     tile_label = tile_spread + tile_rows * acc_size;
     bytes = tile_label + tile_rows * sizeof(int);
   }
-  size_t chunk_protos, tile_grad, tile_radial, tile_scale, tile_spread, tile_label, bytes;
+  size_t chunk_protos, class_offsets, tile_grad, tile_radial, tile_scale, tile_spread, tile_label, bytes;
 };
 
 // The block takes kTileRows = 16 M_TILES rows at a time (a grid-stride loop over tiles). First warp w, for the
 // tile's rows [w ROWS, (w + 1) ROWS): u . dU less its prototype part (which the cosines give) in one pass over
 // the rows, then d loss / d s_ik with a lane per prototype, into the tile's matrix G in shared memory. Then every
 // warp, for all of the tile's rows at its kWarpColumns columns of each step: dU = spread u + offset + G P^ on
-// the tensor cores, chunk by chunk of prototypes through shared memory, and dz = (dU - u (u . dU)) / ||z||.
+// the tensor cores, chunk by chunk of prototypes through shared memory, and dz = (dU - u (u . dU)) / ||z||. Each
+// row reads its class's offsets twice: from a copy in shared memory where they fit (offsets_in_shared), else
+// from L2.
 template <typename scalar_t, typename acc_t, int KMAX, int M_TILES, bool kAligned>
 __global__ void __launch_bounds__(kThreads, 1)
     backward_kernel(const acc_t* __restrict__ grad_proto_kd, const acc_t* __restrict__ grad_var_cap,
@@ -851,7 +857,8 @@ __global__ void __launch_bounds__(kThreads, 1)
                     const acc_t* __restrict__ cosines, const acc_t* __restrict__ lses,
                     const acc_t* __restrict__ norms, const acc_t* __restrict__ var_coef,
                     const acc_t* __restrict__ class_offsets, scalar_t* __restrict__ grad_z, int64_t batch,
-                    int64_t dim, int num_protos, int num_classes, int chunk, acc_t inv_tau) {
+                    int64_t dim, int num_protos, int num_classes, int chunk, bool offsets_in_shared,
+                    acc_t inv_tau) {
   constexpr int kGroups = KMAX / kWarp;
   constexpr int kTileRows = kTileM * M_TILES;
   constexpr int ROWS = kTileRows / kWarps;  // the rows a warp prepares
@@ -862,7 +869,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   constexpr int kLanePacks = kLaneProtos / kPack;
   constexpr int kBatch = 4;  // steps of columns whose loads the first pass has on their way at once
   NGD_DYNAMIC_SHARED(shared);
-  const BackwardShared layout(KMAX * chunk, kTileRows, KMAX, sizeof(acc_t));
+  const int64_t offset_elements = num_classes * dim;
+  const BackwardShared layout(KMAX * chunk, offsets_in_shared ? offset_elements : 0, kTileRows, KMAX, sizeof(acc_t));
   acc_t* chunk_protos = reinterpret_cast<acc_t*>(shared + layout.chunk_protos);
   acc_t* tile_grad = reinterpret_cast<acc_t*>(shared + layout.tile_grad);
   acc_t* tile_radial = reinterpret_cast<acc_t*>(shared + layout.tile_radial);
@@ -879,6 +887,14 @@ __global__ void __launch_bounds__(kThreads, 1)
   const bool restage = dim > chunk;  // else the one chunk serves every tile of the block
   const int64_t first_tile = blockIdx.x * static_cast<int64_t>(kTileRows);
   const int64_t tile_stride = static_cast<int64_t>(gridDim.x) * kTileRows;
+
+  const acc_t* offsets_base = class_offsets;
+  if (offsets_in_shared) {
+    acc_t* copy = reinterpret_cast<acc_t*>(shared + layout.class_offsets);
+    for (int64_t i = threadIdx.x; i < offset_elements; i += kThreads) copy[i] = class_offsets[i];
+    __syncthreads();
+    offsets_base = copy;
+  }
 
   L2Prefetcher<ROWS, scalar_t> prefetcher(z, first_tile + warp * ROWS, batch, dim, tile_stride);
   for (int64_t tile = first_tile; tile < batch; tile += tile_stride) {
@@ -899,7 +915,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       // Below the norm floor u = z / eps is linear in z: no projection.
       on_sphere[j] = length >= static_cast<acc_t>(kNormEps);
       spread[j] = var_scale * var_coef[label[j]];
-      offset[j] = class_offsets + label[j] * dim;
+      offset[j] = offsets_base + label[j] * dim;
     }
 
     // u . dU less its prototype part (known from the cosines): every row of the warp in one pass over D.
@@ -986,7 +1002,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         row_scale[m][h] = tile_scale[tile_row];
         row_spread[m][h] = tile_spread[tile_row];
         row_radial[m][h] = tile_radial[tile_row];
-        row_offset[m][h] = class_offsets + tile_label[tile_row] * dim;
+        row_offset[m][h] = offsets_base + tile_label[tile_row] * dim;
         row_live[m][h] = tile + tile_row < batch;
       }
     }
@@ -1152,7 +1168,8 @@ ForwardOutputs forward_cuda_typed(const at::Tensor& z, const at::Tensor& protos,
   const size_t limit = shared_bytes_limit();
   const size_t smallest_with_sums =
       RowsShared(KMAX * kStepColumns, num_classes * dim, num_classes, tile_rows, KMAX, sizeof(acc_t)).bytes;
-  const bool sums_in_shared = num_classes * dim * sizeof(acc_t) <= kMaxSharedClassSums && smallest_with_sums <= limit;
+  const bool sums_in_shared =
+      num_classes * dim * sizeof(acc_t) <= kMaxSharedClassVectors && smallest_with_sums <= limit;
   const int64_t shared_sums = sums_in_shared ? num_classes * dim : 0;
   const int chunk = staged_columns<acc_t, KMAX>(
       dim, RowsShared(0, shared_sums, num_classes, tile_rows, KMAX, sizeof(acc_t)).bytes, limit, num_classes);
@@ -1204,10 +1221,18 @@ void backward_cuda_typed(const at::Tensor& grad_proto_kd, const at::Tensor& grad
       grad_var_cap.data_ptr<acc_t>(), grad_margin.data_ptr<acc_t>(), var_coef.data_ptr<acc_t>(),
       class_mean.data_ptr<acc_t>(), margin_coef.data_ptr<acc_t>(), dim, class_offsets.data_ptr<acc_t>());
 
+  // The class offsets stay in shared memory where they fit beside one step of prototypes, as the row kernel's
+  // class sums do; the staged chunk takes what is left.
   constexpr int tile_rows = kTileM * M_TILES;
-  const int chunk = staged_columns<acc_t, KMAX>(dim, BackwardShared(0, tile_rows, KMAX, sizeof(acc_t)).bytes,
-                                                shared_bytes_limit(), num_classes);
-  const size_t shared_bytes = BackwardShared(KMAX * chunk, tile_rows, KMAX, sizeof(acc_t)).bytes;
+  const size_t limit = shared_bytes_limit();
+  const int64_t offset_elements = num_classes * dim;
+  const bool offsets_in_shared =
+      offset_elements * sizeof(acc_t) <= kMaxSharedClassVectors &&
+      BackwardShared(KMAX * kStepColumns, offset_elements, tile_rows, KMAX, sizeof(acc_t)).bytes <= limit;
+  const int64_t shared_offsets = offsets_in_shared ? offset_elements : 0;
+  const int chunk = staged_columns<acc_t, KMAX>(
+      dim, BackwardShared(0, shared_offsets, tile_rows, KMAX, sizeof(acc_t)).bytes, limit, num_classes);
+  const size_t shared_bytes = BackwardShared(KMAX * chunk, shared_offsets, tile_rows, KMAX, sizeof(acc_t)).bytes;
   const at::Tensor table = prototype_table<acc_t>(protos, KMAX, stream);
   const auto kernel = backward_kernel<scalar_t, acc_t, KMAX, M_TILES, kAligned>;
   allow_shared_bytes(kernel, shared_bytes);
@@ -1223,7 +1248,7 @@ void backward_cuda_typed(const at::Tensor& grad_proto_kd, const at::Tensor& grad
       table.data_ptr<acc_t>(), target.data_ptr<acc_t>(), labels.data_ptr<int64_t>(), cosines.data_ptr<acc_t>(),
       lses.data_ptr<acc_t>(), norms.data_ptr<acc_t>(), var_coef.data_ptr<acc_t>(), class_offsets.data_ptr<acc_t>(),
       grad_z.data_ptr<scalar_t>(), batch, dim, static_cast<int>(protos.size(0)), num_classes, chunk,
-      static_cast<acc_t>(1.0 / tau));
+      offsets_in_shared, static_cast<acc_t>(1.0 / tau));
 }
 
 template <int KMAX, int M_TILES>
