@@ -14,8 +14,9 @@ from helpers import make_case, weighted_grad  # noqa: E402
 
 import ngd_ext  # noqa: E402
 
-CASES = [  # batch, dim, prototypes, classes, dtype: register tiles (K <= 32 and K <= 64), shared and global
-    (1000, 130, 25, 8, torch.float32),  # class sums, vector tails, a partial last tile
+CASES = [  # batch, dim, prototypes, classes, dtype: tile shapes (K <= 32 and K <= 64), shared and global
+    (1000, 130, 25, 8, torch.float32),  # class sums and offsets, vector tails, a partial last tile
+    (9000, 64, 25, 8, torch.float32),  # several tiles per block in both kernels, one prototype chunk for all
     (300, 2048, 64, 64, torch.float32),
     (257, 64, 25, 8, torch.bfloat16),
     (129, 96, 40, 5, torch.float64),
