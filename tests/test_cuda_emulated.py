@@ -164,6 +164,13 @@ def test_many_classes():
     compare_exact_dtype(emulated_loss, case, gpu=True, **PARAMS)
 
 
+def test_one_step_of_prototypes_restaged():
+    """Beside 400 classes' per-warp statistics and float64 partial products, shared memory holds one step of 64
+    prototype slots: the row kernel restages one buffer at each chunk instead of taking turns in two."""
+    case = make_case(40, 130, 33, 400, labels=[i % 20 for i in range(40)], dtype=torch.float64, seed=10)
+    compare_exact_dtype(emulated_loss, case, gpu=True, **PARAMS)
+
+
 def test_too_many_classes():
     case = make_case(10, 8, 25, 1025, seed=9)
     with pytest.raises(ValueError, match="at most 1024 classes, got target with C = 1025"):

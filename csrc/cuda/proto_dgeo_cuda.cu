@@ -319,15 +319,14 @@ __device__ __forceinline__ int staged_offset(int column, int k) {
   return column * KMAX + ((k / kPack) ^ swizzle) * kPack + k % kPack;
 }
 
-// The prototypes go through shared memory in chunks of `chunk` columns (a multiple of kStepColumns), so that each
-// value read from L2 serves all of the block's tile rows. The copies are asynchronous: every one a thread makes is
-// on its way at once, and none holds a register. Columns past D are zero-filled.
+// Starts the copies of columns [first_column, first_column + chunk) of the prototype table into `staged`, and
+// commits them as one group. The copies are asynchronous: every one a thread makes is on its way at once, and none
+// holds a register. Columns past D are zero-filled.
 template <int KMAX, typename acc_t>
-__device__ __forceinline__ void stage_prototypes(const acc_t* __restrict__ table, acc_t* staged, int64_t dim,
-                                                 int64_t first_column, int chunk) {
+__device__ __forceinline__ void copy_prototypes(const acc_t* __restrict__ table, acc_t* staged, int64_t dim,
+                                                int64_t first_column, int chunk) {
   constexpr int kCopyElements = 16 / sizeof(acc_t);
   constexpr int kCopiesPerColumn = KMAX / kCopyElements;  // a power of two: the divisions below are shifts
-  __syncthreads();  // every warp is done with the previous chunk
   for (int i = threadIdx.x; i < chunk * kCopiesPerColumn; i += kThreads) {
     const int column = i / kCopiesPerColumn;
     const int k = i % kCopiesPerColumn * kCopyElements;
@@ -336,9 +335,52 @@ __device__ __forceinline__ void stage_prototypes(const acc_t* __restrict__ table
     __pipeline_memcpy_async(staged + staged_offset<KMAX>(column, k), source, 16, present ? 0 : 16);
   }
   __pipeline_commit();
-  __pipeline_wait_prior(0);
-  __syncthreads();
 }
+
+// The prototypes go through shared memory in chunks of `chunk` columns (a multiple of kStepColumns), so that each
+// value read from L2 serves all of the block's tile rows. Where one chunk holds all of D, it is staged once for
+// all the block's tiles. Otherwise the chunks take turns in two buffers (double_buffered): while the warps
+// multiply one chunk, the copies of the next (in this tile, or the first of the block's next tile) are on their
+// way into the other; where shared memory holds only one step of prototypes per buffer, the one buffer is
+// restaged when each chunk starts.
+template <int KMAX, typename acc_t>
+struct PrototypeChunks {
+  const acc_t* table;
+  acc_t* staged;
+  int64_t dim;
+  int chunk;
+  bool double_buffered;
+  int current = 0;  // the buffer the next chunk is in
+
+  __device__ PrototypeChunks(const acc_t* table_, acc_t* staged_, int64_t dim_, int chunk_, bool double_buffered_)
+      : table(table_), staged(staged_), dim(dim_), chunk(chunk_), double_buffered(double_buffered_) {
+    if (double_buffered) copy_prototypes<KMAX>(table, staged, dim, 0, chunk);
+  }
+
+  // Buffer i, computed rather than looked up in an array: an array indexed at run time would live in local memory.
+  __device__ acc_t* buffer(int i) const { return staged + i * KMAX * chunk; }
+
+  // The staged chunk that starts at `column`, at the step that starts it: ready for every warp once this returns.
+  // more_tiles: whether the block has a tile after this one.
+  __device__ const acc_t* begin(int64_t column, bool first_tile, bool more_tiles) {
+    if (!double_buffered) {
+      if (dim > chunk || first_tile) {
+        __syncthreads();  // every warp is done with the previous chunk
+        copy_prototypes<KMAX>(table, staged, dim, column, chunk);
+        __pipeline_wait_prior(0);
+        __syncthreads();
+      }
+      return staged;
+    }
+    __pipeline_wait_prior(0);
+    __syncthreads();  // the chunk has landed from every thread's copies, and every warp is done with the other buffer
+    const acc_t* ready = buffer(current);
+    current ^= 1;
+    const int64_t next = column + chunk < dim ? column + chunk : 0;
+    if (next > 0 || more_tiles) copy_prototypes<KMAX>(table, buffer(current), dim, next, chunk);
+    return ready;
+  }
+};
 
 // Columns [d, d + kPack) of a lane's rows in the mma tiles of a tile starting at `tile`: rows 16 m + g + 8 h of it
 // for M_TILES tiles m and h = 0, 1; zero at or past row_end.
@@ -424,8 +466,8 @@ __global__ void __launch_bounds__(kThreads, 1)
                         acc_t* __restrict__ cosines, acc_t* __restrict__ lses, acc_t* __restrict__ norms,
                         acc_t* __restrict__ block_class_sum, int* __restrict__ block_count,
                         double* __restrict__ block_sq, double* __restrict__ block_kd, int64_t batch, int64_t dim,
-                        int num_protos, int num_classes, int64_t rows_per_block, int chunk, bool sums_in_shared,
-                        acc_t inv_tau) {
+                        int num_protos, int num_classes, int64_t rows_per_block, int chunk, bool double_buffered,
+                        bool sums_in_shared, acc_t inv_tau) {
   constexpr int kGroups = KMAX / kWarp;
   constexpr int kTileRows = kTileM * M_TILES;
   constexpr int ROWS = kTileRows / kWarps;  // the rows a warp finishes
@@ -437,8 +479,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   static_assert(kNTiles % kPack == 0, "a lane reads its prototypes as whole Packs");
   const int64_t class_sum_elements = num_classes * dim;
   NGD_DYNAMIC_SHARED(shared);
-  const RowsShared layout(KMAX * chunk, sums_in_shared ? class_sum_elements : 0, num_classes, kTileRows, KMAX,
-                          sizeof(acc_t));
+  const RowsShared layout(KMAX * chunk * (double_buffered ? 2 : 1), sums_in_shared ? class_sum_elements : 0,
+                          num_classes, kTileRows, KMAX, sizeof(acc_t));
   acc_t* chunk_protos = reinterpret_cast<acc_t*>(shared + layout.chunk_protos);
   acc_t* warp_dots = reinterpret_cast<acc_t*>(shared + layout.warp_dots);
   acc_t* warp_sums = reinterpret_cast<acc_t*>(shared + layout.warp_sums);
@@ -457,8 +499,6 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int64_t row_begin = blockIdx.x * rows_per_block;
   const int64_t row_end = min(batch, row_begin + rows_per_block);
   const int64_t steps = (dim + kStepColumns - 1) / kStepColumns;
-  const bool restage = dim > chunk;  // else the one chunk serves every tile of the block
-
   for (int i = threadIdx.x; i < kWarps * num_classes; i += kThreads) {
     warp_sq[i] = 0;
     warp_count[i] = 0;
@@ -467,12 +507,10 @@ __global__ void __launch_bounds__(kThreads, 1)
   for (int64_t i = threadIdx.x; i < class_sum_elements; i += kThreads) class_sum[i] = 0;
   __syncthreads();
 
+  PrototypeChunks<KMAX, acc_t> chunks(proto_table, chunk_protos, dim, chunk, double_buffered);
+  const acc_t* staged = chunk_protos;
   L2Prefetcher<ROWS, scalar_t> prefetcher(z, row_begin + warp * ROWS, row_end, dim, kTileRows);
   for (int64_t tile = row_begin; tile < row_end; tile += kTileRows) {
-    const int64_t first = tile + warp * ROWS;
-    int64_t label[ROWS];  // loaded now, needed after the pass over D
-#pragma unroll
-    for (int j = 0; j < ROWS; ++j) label[j] = first + j < row_end ? labels[first + j] : 0;
     acc_t dots[M_TILES][kNTiles][4];
     acc_t sum_sq[M_TILES][2];
 #pragma unroll
@@ -489,9 +527,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     int chunk_column = 0;  // where column falls in the staged chunk, counted: a 64-bit remainder per step is dear
     for (int64_t step = 0; step < steps; ++step) {
       const int64_t column = step * kStepColumns;
-      if (chunk_column == 0 && (restage || tile == row_begin)) {
-        stage_prototypes<KMAX>(proto_table, chunk_protos, dim, column, chunk);
-      }
+      if (chunk_column == 0) staged = chunks.begin(column, tile == row_begin, tile + kTileRows < row_end);
       // The next step's columns are on their way while this step's are multiplied.
       Pack<scalar_t> next[M_TILES][2];
       load_fragment_rows<kAligned>(z, tile, row_end, column + kStepColumns + lane_column, dim, next);
@@ -522,7 +558,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
           for (int q = 0; q < kLanePacks; ++q) {
             p[e][q] = *reinterpret_cast<const Pack<acc_t>*>(
-                chunk_protos + staged_offset<KMAX>(staged_column, group * kNTiles + q * kPack));
+                staged + staged_offset<KMAX>(staged_column, group * kNTiles + q * kPack));
           }
         }
 #pragma unroll
@@ -535,9 +571,18 @@ __global__ void __launch_bounds__(kThreads, 1)
         }
       }
 #pragma unroll
-      for (int m = 0; m < M_TILES; ++m) rows[m][0] = next[m][0], rows[m][1] = next[m][1];
+      for (int m = 0; m < M_TILES; ++m) {
+#pragma unroll
+        for (int h = 0; h < 2; ++h) rows[m][h] = next[m][h];
+      }
       chunk_column = chunk_column + kStepColumns == chunk ? 0 : chunk_column + kStepColumns;
     }
+
+    // The labels of the rows this warp finishes, on their way while the barrier below waits.
+    const int64_t first = tile + warp * ROWS;
+    int64_t label[ROWS];
+#pragma unroll
+    for (int j = 0; j < ROWS; ++j) label[j] = first + j < row_end ? labels[first + j] : 0;
 
     // The warp's partial products and sums of squares into shared memory, the latter added over the lanes t first.
     acc_t* partial_dots = warp_dots + warp * kTileRows * KMAX;
@@ -857,8 +902,8 @@ __global__ void __launch_bounds__(kThreads, 1)
                     const acc_t* __restrict__ cosines, const acc_t* __restrict__ lses,
                     const acc_t* __restrict__ norms, const acc_t* __restrict__ var_coef,
                     const acc_t* __restrict__ class_offsets, scalar_t* __restrict__ grad_z, int64_t batch,
-                    int64_t dim, int num_protos, int num_classes, int chunk, bool offsets_in_shared,
-                    acc_t inv_tau) {
+                    int64_t dim, int num_protos, int num_classes, int chunk, bool double_buffered,
+                    bool offsets_in_shared, acc_t inv_tau) {
   constexpr int kGroups = KMAX / kWarp;
   constexpr int kTileRows = kTileM * M_TILES;
   constexpr int ROWS = kTileRows / kWarps;  // the rows a warp prepares
@@ -870,7 +915,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   constexpr int kBatch = 4;  // steps of columns whose loads the first pass has on their way at once
   NGD_DYNAMIC_SHARED(shared);
   const int64_t offset_elements = num_classes * dim;
-  const BackwardShared layout(KMAX * chunk, offsets_in_shared ? offset_elements : 0, kTileRows, KMAX, sizeof(acc_t));
+  const BackwardShared layout(KMAX * chunk * (double_buffered ? 2 : 1), offsets_in_shared ? offset_elements : 0,
+                              kTileRows, KMAX, sizeof(acc_t));
   acc_t* chunk_protos = reinterpret_cast<acc_t*>(shared + layout.chunk_protos);
   acc_t* tile_grad = reinterpret_cast<acc_t*>(shared + layout.tile_grad);
   acc_t* tile_radial = reinterpret_cast<acc_t*>(shared + layout.tile_radial);
@@ -884,7 +930,6 @@ __global__ void __launch_bounds__(kThreads, 1)
   const acc_t kd_scale = *grad_proto_kd * inv_tau / static_cast<acc_t>(batch);
   const acc_t var_scale = *grad_var_cap;
   const int64_t steps = (dim + kStepColumns - 1) / kStepColumns;
-  const bool restage = dim > chunk;  // else the one chunk serves every tile of the block
   const int64_t first_tile = blockIdx.x * static_cast<int64_t>(kTileRows);
   const int64_t tile_stride = static_cast<int64_t>(gridDim.x) * kTileRows;
 
@@ -896,6 +941,8 @@ __global__ void __launch_bounds__(kThreads, 1)
     offsets_base = copy;
   }
 
+  PrototypeChunks<KMAX, acc_t> chunks(proto_table, chunk_protos, dim, chunk, double_buffered);
+  const acc_t* staged = chunk_protos;
   L2Prefetcher<ROWS, scalar_t> prefetcher(z, first_tile + warp * ROWS, batch, dim, tile_stride);
   for (int64_t tile = first_tile; tile < batch; tile += tile_stride) {
     const int64_t first = tile + warp * ROWS;
@@ -1013,9 +1060,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     int chunk_column = 0;  // where column falls in the staged chunk, counted as in the row kernel
     for (int64_t step = 0; step < steps; ++step) {
       const int64_t column = step * kStepColumns;
-      if (chunk_column == 0 && (restage || tile == first_tile)) {
-        stage_prototypes<KMAX>(proto_table, chunk_protos, dim, column, chunk);
-      }
+      if (chunk_column == 0) staged = chunks.begin(column, tile == first_tile, tile + tile_stride < batch);
       const int64_t d = column + lane_column;
       Pack<scalar_t> next[M_TILES][2];
       load_fragment_rows<kAligned>(z, tile, batch, d + kStepColumns, dim, next);
@@ -1044,7 +1089,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
         for (int q = 0; q < kLanePacks; ++q) {
           p[q] = *reinterpret_cast<const Pack<acc_t>*>(
-              chunk_protos + staged_offset<KMAX>(staged_column, member * kLaneProtos + q * kPack));
+              staged + staged_offset<KMAX>(staged_column, member * kLaneProtos + q * kPack));
         }
 #pragma unroll
         for (int s = 0; s < kKSteps; ++s) {
@@ -1113,18 +1158,29 @@ int device_attribute(cudaDeviceAttr attribute) {
 // The most dynamic shared memory a block may ask for on the current device.
 size_t shared_bytes_limit() { return static_cast<size_t>(device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin)); }
 
-// Prototype columns a block stages at once: whole warp steps, as many as fit in `limit` beside the kernel's
-// other `other_bytes` of shared memory (at most kMaxStagedBytes, so that L1 keeps the rest), no more than D
-// needs. Fewer chunks mean fewer barriers, and where one chunk holds all of D a block stages it once.
+// How a block stages the prototypes: `chunk` columns at once, whole warp steps, and whether in two buffers.
+struct Staging {
+  int chunk;
+  bool double_buffered;
+  int buffers() const { return double_buffered ? 2 : 1; }
+};
+
+// The prototype columns that fit in `limit` beside the kernel's other `other_bytes` of shared memory (at most
+// kMaxStagedBytes, so that L1 keeps the rest): all of D in one chunk where they fit, staged once per block; else
+// two buffers of half as many, so that one chunk's copies overlap the multiplication of the other (or, where
+// only one step fits, one buffer restaged at each chunk).
 template <typename acc_t, int KMAX>
-int staged_columns(int64_t dim, size_t other_bytes, size_t limit, int64_t num_classes) {
+Staging staging_for(int64_t dim, size_t other_bytes, size_t limit, int64_t num_classes) {
   const size_t budget = std::min(kMaxStagedBytes, limit - std::min(limit, other_bytes));
   const int64_t step_bytes = KMAX * kStepColumns * sizeof(acc_t);
   TORCH_CHECK_VALUE(budget >= static_cast<size_t>(step_bytes), "proto_dgeo_loss: with C = ", text(num_classes),
                     " classes the CUDA kernel needs ", text(static_cast<double>(other_bytes + step_bytes)),
                     " bytes of shared memory per block; this GPU allows ", text(static_cast<double>(limit)));
-  const int64_t fit = static_cast<int64_t>(budget) / step_bytes * kStepColumns;
-  return static_cast<int>(std::min(fit, ceil_div(dim, kStepColumns) * kStepColumns));
+  const int64_t steps = static_cast<int64_t>(budget) / step_bytes;
+  const int64_t needed = ceil_div(dim, kStepColumns);
+  if (needed <= steps) return {static_cast<int>(needed * kStepColumns), false};
+  if (steps < 2) return {kStepColumns, false};
+  return {static_cast<int>(steps / 2 * kStepColumns), true};
 }
 
 template <typename scalar_t, int KMAX, int M_TILES, bool kAligned>
@@ -1171,10 +1227,10 @@ ForwardOutputs forward_cuda_typed(const at::Tensor& z, const at::Tensor& protos,
   const bool sums_in_shared =
       num_classes * dim * sizeof(acc_t) <= kMaxSharedClassVectors && smallest_with_sums <= limit;
   const int64_t shared_sums = sums_in_shared ? num_classes * dim : 0;
-  const int chunk = staged_columns<acc_t, KMAX>(
+  const Staging staging = staging_for<acc_t, KMAX>(
       dim, RowsShared(0, shared_sums, num_classes, tile_rows, KMAX, sizeof(acc_t)).bytes, limit, num_classes);
-  const size_t rows_shared =
-      RowsShared(KMAX * chunk, shared_sums, num_classes, tile_rows, KMAX, sizeof(acc_t)).bytes;
+  const size_t rows_shared = RowsShared(KMAX * staging.chunk * staging.buffers(), shared_sums, num_classes,
+                                        tile_rows, KMAX, sizeof(acc_t)).bytes;
   const at::Tensor table = prototype_table<acc_t>(protos, KMAX, stream);
   const auto rows_kernel = forward_rows_kernel<scalar_t, acc_t, KMAX, M_TILES, kAligned>;
   allow_shared_bytes(rows_kernel, rows_shared);
@@ -1182,8 +1238,8 @@ ForwardOutputs forward_cuda_typed(const at::Tensor& z, const at::Tensor& protos,
       z.data_ptr<scalar_t>(), table.data_ptr<acc_t>(), target.data_ptr<acc_t>(), labels.data_ptr<int64_t>(),
       out.cosines.data_ptr<acc_t>(), out.lse.data_ptr<acc_t>(), out.norms.data_ptr<acc_t>(),
       block_class_sum.data_ptr<acc_t>(), block_count.data_ptr<int>(), block_sq.data_ptr<double>(),
-      block_kd.data_ptr<double>(), batch, dim, num_protos, num_classes, rows_per_block, chunk, sums_in_shared,
-      static_cast<acc_t>(1.0 / tau));
+      block_kd.data_ptr<double>(), batch, dim, num_protos, num_classes, rows_per_block, staging.chunk,
+      staging.double_buffered, sums_in_shared, static_cast<acc_t>(1.0 / tau));
 
   const dim3 class_grid(static_cast<unsigned>(ceil_div(dim, kThreads)), static_cast<unsigned>(num_classes));
   const dim3 class_sum_grid(static_cast<unsigned>(ceil_div(dim, kWarp)), static_cast<unsigned>(num_classes));
@@ -1230,9 +1286,10 @@ void backward_cuda_typed(const at::Tensor& grad_proto_kd, const at::Tensor& grad
       offset_elements * sizeof(acc_t) <= kMaxSharedClassVectors &&
       BackwardShared(KMAX * kStepColumns, offset_elements, tile_rows, KMAX, sizeof(acc_t)).bytes <= limit;
   const int64_t shared_offsets = offsets_in_shared ? offset_elements : 0;
-  const int chunk = staged_columns<acc_t, KMAX>(
+  const Staging staging = staging_for<acc_t, KMAX>(
       dim, BackwardShared(0, shared_offsets, tile_rows, KMAX, sizeof(acc_t)).bytes, limit, num_classes);
-  const size_t shared_bytes = BackwardShared(KMAX * chunk, shared_offsets, tile_rows, KMAX, sizeof(acc_t)).bytes;
+  const size_t shared_bytes =
+      BackwardShared(KMAX * staging.chunk * staging.buffers(), shared_offsets, tile_rows, KMAX, sizeof(acc_t)).bytes;
   const at::Tensor table = prototype_table<acc_t>(protos, KMAX, stream);
   const auto kernel = backward_kernel<scalar_t, acc_t, KMAX, M_TILES, kAligned>;
   allow_shared_bytes(kernel, shared_bytes);
@@ -1247,8 +1304,8 @@ void backward_cuda_typed(const at::Tensor& grad_proto_kd, const at::Tensor& grad
       grad_proto_kd.data_ptr<acc_t>(), grad_var_cap.data_ptr<acc_t>(), z.data_ptr<scalar_t>(),
       table.data_ptr<acc_t>(), target.data_ptr<acc_t>(), labels.data_ptr<int64_t>(), cosines.data_ptr<acc_t>(),
       lses.data_ptr<acc_t>(), norms.data_ptr<acc_t>(), var_coef.data_ptr<acc_t>(), class_offsets.data_ptr<acc_t>(),
-      grad_z.data_ptr<scalar_t>(), batch, dim, static_cast<int>(protos.size(0)), num_classes, chunk,
-      offsets_in_shared, static_cast<acc_t>(1.0 / tau));
+      grad_z.data_ptr<scalar_t>(), batch, dim, static_cast<int>(protos.size(0)), num_classes, staging.chunk,
+      staging.double_buffered, offsets_in_shared, static_cast<acc_t>(1.0 / tau));
 }
 
 template <int KMAX, int M_TILES>
