@@ -75,8 +75,8 @@ SHAPES = [  # batch, dim, prototypes, classes: each tile shape, class sums in sh
     (90, 64, 64, 64),  # 64 prototype slots, 64 classes
     (129, 40, 1, 3),
     (40, 400, 25, 64),  # class sums (100 KiB and more) past shared memory: in place in the output
-    (100, 1100, 25, 8),  # prototypes in two chunks of 1024 columns (float32; three of 384 in float64), the last step
-                         # past D
+    (100, 1100, 25, 8),  # prototypes in chunks of 512 columns (float32; 128 in float64) taking turns in two
+                         # buffers, the last step past D
 ]
 
 
@@ -144,8 +144,9 @@ def test_non_contiguous_z():
 
 
 def test_several_tiles_per_block():
-    """Past 264 x 16 rows (tiles of 16 rows at K > 32) a block of the row kernel loops over more than one tile,
-    and in float64 at K > 32 stages each tile's two chunks of prototypes (at most 256 columns) anew."""
+    """Past 264 x 16 rows (tiles of 16 rows at K > 32) a block of the row kernel loops over more than one tile; in
+    float64 its prototypes go in three chunks of 128 columns through two buffers, the next tile's first chunk
+    copied while this tile's last is multiplied."""
     case = make_case(4300, 300, 33, 8, dtype=torch.float64, seed=3)
     compare_exact_dtype(emulated_loss, case, gpu=True, **PARAMS)
 
