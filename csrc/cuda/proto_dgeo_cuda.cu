@@ -343,6 +343,17 @@ __device__ __forceinline__ void copy_prototypes(const acc_t* __restrict__ table,
 // multiply one chunk, the copies of the next (in this tile, or the first of the block's next tile) are on their
 // way into the other; where shared memory holds only one step of prototypes per buffer, the one buffer is
 // restaged when each chunk starts.
+// How a block stages the prototypes: `chunk` columns at once, whole warp steps, and whether in two buffers.
+struct Staging {
+  int chunk;
+  bool double_buffered;
+
+  // The staged values, in all buffers, at kmax prototype slots.
+  __host__ __device__ int64_t elements(int kmax) const {
+    return static_cast<int64_t>(kmax) * chunk * (double_buffered ? 2 : 1);
+  }
+};
+
 template <int KMAX, typename acc_t>
 struct PrototypeChunks {
   const acc_t* table;
@@ -352,8 +363,8 @@ struct PrototypeChunks {
   bool double_buffered;
   int current = 0;  // the buffer the next chunk is in
 
-  __device__ PrototypeChunks(const acc_t* table_, acc_t* staged_, int64_t dim_, int chunk_, bool double_buffered_)
-      : table(table_), staged(staged_), dim(dim_), chunk(chunk_), double_buffered(double_buffered_) {
+  __device__ PrototypeChunks(const acc_t* table_, acc_t* staged_, int64_t dim_, Staging staging)
+      : table(table_), staged(staged_), dim(dim_), chunk(staging.chunk), double_buffered(staging.double_buffered) {
     if (double_buffered) copy_prototypes<KMAX>(table, staged, dim, 0, chunk);
   }
 
@@ -434,7 +445,7 @@ struct L2Prefetcher {
 // of u when they are kept there (class_sum_elements of them, else 0), the warps' partial dot products and sums of
 // squares of the tile's rows, per-warp class statistics, and the tile's inverse lengths and labels.
 struct RowsShared {
-  __host__ __device__ RowsShared(int chunk_elements, int64_t class_sum_elements, int num_classes, int tile_rows,
+  __host__ __device__ RowsShared(int64_t chunk_elements, int64_t class_sum_elements, int num_classes, int tile_rows,
                                  int kmax, size_t acc_size) {
     chunk_protos = 0;
     class_sums = chunk_protos + chunk_elements * acc_size;
@@ -466,7 +477,7 @@ __global__ void __launch_bounds__(kThreads, 1)
                         acc_t* __restrict__ cosines, acc_t* __restrict__ lses, acc_t* __restrict__ norms,
                         acc_t* __restrict__ block_class_sum, int* __restrict__ block_count,
                         double* __restrict__ block_sq, double* __restrict__ block_kd, int64_t batch, int64_t dim,
-                        int num_protos, int num_classes, int64_t rows_per_block, int chunk, bool double_buffered,
+                        int num_protos, int num_classes, int64_t rows_per_block, Staging staging,
                         bool sums_in_shared, acc_t inv_tau) {
   constexpr int kGroups = KMAX / kWarp;
   constexpr int kTileRows = kTileM * M_TILES;
@@ -479,7 +490,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   static_assert(kNTiles % kPack == 0, "a lane reads its prototypes as whole Packs");
   const int64_t class_sum_elements = num_classes * dim;
   NGD_DYNAMIC_SHARED(shared);
-  const RowsShared layout(KMAX * chunk * (double_buffered ? 2 : 1), sums_in_shared ? class_sum_elements : 0,
+  const RowsShared layout(staging.elements(KMAX), sums_in_shared ? class_sum_elements : 0,
                           num_classes, kTileRows, KMAX, sizeof(acc_t));
   acc_t* chunk_protos = reinterpret_cast<acc_t*>(shared + layout.chunk_protos);
   acc_t* warp_dots = reinterpret_cast<acc_t*>(shared + layout.warp_dots);
@@ -499,6 +510,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int64_t row_begin = blockIdx.x * rows_per_block;
   const int64_t row_end = min(batch, row_begin + rows_per_block);
   const int64_t steps = (dim + kStepColumns - 1) / kStepColumns;
+  const int chunk = staging.chunk;
   for (int i = threadIdx.x; i < kWarps * num_classes; i += kThreads) {
     warp_sq[i] = 0;
     warp_count[i] = 0;
@@ -507,7 +519,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   for (int64_t i = threadIdx.x; i < class_sum_elements; i += kThreads) class_sum[i] = 0;
   __syncthreads();
 
-  PrototypeChunks<KMAX, acc_t> chunks(proto_table, chunk_protos, dim, chunk, double_buffered);
+  PrototypeChunks<KMAX, acc_t> chunks(proto_table, chunk_protos, dim, staging);
   const acc_t* staged = chunk_protos;
   L2Prefetcher<ROWS, scalar_t> prefetcher(z, row_begin + warp * ROWS, row_end, dim, kTileRows);
   for (int64_t tile = row_begin; tile < row_end; tile += kTileRows) {
@@ -873,7 +885,7 @@ __device__ __forceinline__ void unit_and_offset(const Pack<scalar_t>& row, const
 // kept there (offset_elements of them, else 0), the tile's d loss / d s (a row of KMAX per tile row), and per tile
 // row u . dU, 1 / ||z||, the class's spread and the label.
 struct BackwardShared {
-  __host__ __device__ BackwardShared(int chunk_elements, int64_t offset_elements, int tile_rows, int kmax,
+  __host__ __device__ BackwardShared(int64_t chunk_elements, int64_t offset_elements, int tile_rows, int kmax,
                                      size_t acc_size) {
     chunk_protos = 0;
     class_offsets = chunk_protos + chunk_elements * acc_size;
@@ -902,7 +914,7 @@ __global__ void __launch_bounds__(kThreads, 1)
                     const acc_t* __restrict__ cosines, const acc_t* __restrict__ lses,
                     const acc_t* __restrict__ norms, const acc_t* __restrict__ var_coef,
                     const acc_t* __restrict__ class_offsets, scalar_t* __restrict__ grad_z, int64_t batch,
-                    int64_t dim, int num_protos, int num_classes, int chunk, bool double_buffered,
+                    int64_t dim, int num_protos, int num_classes, Staging staging,
                     bool offsets_in_shared, acc_t inv_tau) {
   constexpr int kGroups = KMAX / kWarp;
   constexpr int kTileRows = kTileM * M_TILES;
@@ -915,7 +927,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   constexpr int kBatch = 4;  // steps of columns whose loads the first pass has on their way at once
   NGD_DYNAMIC_SHARED(shared);
   const int64_t offset_elements = num_classes * dim;
-  const BackwardShared layout(KMAX * chunk * (double_buffered ? 2 : 1), offsets_in_shared ? offset_elements : 0,
+  const BackwardShared layout(staging.elements(KMAX), offsets_in_shared ? offset_elements : 0,
                               kTileRows, KMAX, sizeof(acc_t));
   acc_t* chunk_protos = reinterpret_cast<acc_t*>(shared + layout.chunk_protos);
   acc_t* tile_grad = reinterpret_cast<acc_t*>(shared + layout.tile_grad);
@@ -930,6 +942,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   const acc_t kd_scale = *grad_proto_kd * inv_tau / static_cast<acc_t>(batch);
   const acc_t var_scale = *grad_var_cap;
   const int64_t steps = (dim + kStepColumns - 1) / kStepColumns;
+  const int chunk = staging.chunk;
   const int64_t first_tile = blockIdx.x * static_cast<int64_t>(kTileRows);
   const int64_t tile_stride = static_cast<int64_t>(gridDim.x) * kTileRows;
 
@@ -941,7 +954,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     offsets_base = copy;
   }
 
-  PrototypeChunks<KMAX, acc_t> chunks(proto_table, chunk_protos, dim, chunk, double_buffered);
+  PrototypeChunks<KMAX, acc_t> chunks(proto_table, chunk_protos, dim, staging);
   const acc_t* staged = chunk_protos;
   L2Prefetcher<ROWS, scalar_t> prefetcher(z, first_tile + warp * ROWS, batch, dim, tile_stride);
   for (int64_t tile = first_tile; tile < batch; tile += tile_stride) {
@@ -1158,13 +1171,6 @@ int device_attribute(cudaDeviceAttr attribute) {
 // The most dynamic shared memory a block may ask for on the current device.
 size_t shared_bytes_limit() { return static_cast<size_t>(device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin)); }
 
-// How a block stages the prototypes: `chunk` columns at once, whole warp steps, and whether in two buffers.
-struct Staging {
-  int chunk;
-  bool double_buffered;
-  int buffers() const { return double_buffered ? 2 : 1; }
-};
-
 // The prototype columns that fit in `limit` beside the kernel's other `other_bytes` of shared memory (at most
 // kMaxStagedBytes, so that L1 keeps the rest): all of D in one chunk where they fit, staged once per block; else
 // two buffers of half as many, so that one chunk's copies overlap the multiplication of the other (or, where
@@ -1229,7 +1235,7 @@ ForwardOutputs forward_cuda_typed(const at::Tensor& z, const at::Tensor& protos,
   const int64_t shared_sums = sums_in_shared ? num_classes * dim : 0;
   const Staging staging = staging_for<acc_t, KMAX>(
       dim, RowsShared(0, shared_sums, num_classes, tile_rows, KMAX, sizeof(acc_t)).bytes, limit, num_classes);
-  const size_t rows_shared = RowsShared(KMAX * staging.chunk * staging.buffers(), shared_sums, num_classes,
+  const size_t rows_shared = RowsShared(staging.elements(KMAX), shared_sums, num_classes,
                                         tile_rows, KMAX, sizeof(acc_t)).bytes;
   const at::Tensor table = prototype_table<acc_t>(protos, KMAX, stream);
   const auto rows_kernel = forward_rows_kernel<scalar_t, acc_t, KMAX, M_TILES, kAligned>;
@@ -1238,8 +1244,8 @@ ForwardOutputs forward_cuda_typed(const at::Tensor& z, const at::Tensor& protos,
       z.data_ptr<scalar_t>(), table.data_ptr<acc_t>(), target.data_ptr<acc_t>(), labels.data_ptr<int64_t>(),
       out.cosines.data_ptr<acc_t>(), out.lse.data_ptr<acc_t>(), out.norms.data_ptr<acc_t>(),
       block_class_sum.data_ptr<acc_t>(), block_count.data_ptr<int>(), block_sq.data_ptr<double>(),
-      block_kd.data_ptr<double>(), batch, dim, num_protos, num_classes, rows_per_block, staging.chunk,
-      staging.double_buffered, sums_in_shared, static_cast<acc_t>(1.0 / tau));
+      block_kd.data_ptr<double>(), batch, dim, num_protos, num_classes, rows_per_block, staging,
+      sums_in_shared, static_cast<acc_t>(1.0 / tau));
 
   const dim3 class_grid(static_cast<unsigned>(ceil_div(dim, kThreads)), static_cast<unsigned>(num_classes));
   const dim3 class_sum_grid(static_cast<unsigned>(ceil_div(dim, kWarp)), static_cast<unsigned>(num_classes));
@@ -1289,7 +1295,7 @@ void backward_cuda_typed(const at::Tensor& grad_proto_kd, const at::Tensor& grad
   const Staging staging = staging_for<acc_t, KMAX>(
       dim, BackwardShared(0, shared_offsets, tile_rows, KMAX, sizeof(acc_t)).bytes, limit, num_classes);
   const size_t shared_bytes =
-      BackwardShared(KMAX * staging.chunk * staging.buffers(), shared_offsets, tile_rows, KMAX, sizeof(acc_t)).bytes;
+      BackwardShared(staging.elements(KMAX), shared_offsets, tile_rows, KMAX, sizeof(acc_t)).bytes;
   const at::Tensor table = prototype_table<acc_t>(protos, KMAX, stream);
   const auto kernel = backward_kernel<scalar_t, acc_t, KMAX, M_TILES, kAligned>;
   allow_shared_bytes(kernel, shared_bytes);
@@ -1304,8 +1310,8 @@ void backward_cuda_typed(const at::Tensor& grad_proto_kd, const at::Tensor& grad
       grad_proto_kd.data_ptr<acc_t>(), grad_var_cap.data_ptr<acc_t>(), z.data_ptr<scalar_t>(),
       table.data_ptr<acc_t>(), target.data_ptr<acc_t>(), labels.data_ptr<int64_t>(), cosines.data_ptr<acc_t>(),
       lses.data_ptr<acc_t>(), norms.data_ptr<acc_t>(), var_coef.data_ptr<acc_t>(), class_offsets.data_ptr<acc_t>(),
-      grad_z.data_ptr<scalar_t>(), batch, dim, static_cast<int>(protos.size(0)), num_classes, staging.chunk,
-      staging.double_buffered, offsets_in_shared, static_cast<acc_t>(1.0 / tau));
+      grad_z.data_ptr<scalar_t>(), batch, dim, static_cast<int>(protos.size(0)), num_classes, staging,
+      offsets_in_shared, static_cast<acc_t>(1.0 / tau));
 }
 
 template <int KMAX, int M_TILES>
