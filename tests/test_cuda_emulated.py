@@ -65,6 +65,15 @@ def emulated_loss(z, protos, target, labels, positive, tau, var_cap, margin):
     return EmulatedLoss.apply(z, protos, target, labels, positive, tau, var_cap, margin)
 
 
+@pytest.fixture(params=["lockstep", "warps_in_order", "warps_reversed"])
+def schedule(request):
+    """Runs the test's kernels under each order the emulator's warps may take between barriers (emulation.h's
+    Schedule): a barrier missing between warps gives a wrong result under at least one of them."""
+    torch.ops.ngd_emulator_selftest.set_schedule(request.param)
+    yield request.param
+    torch.ops.ngd_emulator_selftest.set_schedule("lockstep")
+
+
 PARAMS = dict(tau=0.9, var_cap=0.1, margin=1.2)
 
 SHAPES = [  # batch, dim, prototypes, classes: each tile shape, class sums in shared memory or not, odd sizes
@@ -82,6 +91,7 @@ SHAPES = [  # batch, dim, prototypes, classes: each tile shape, class sums in sh
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.usefixtures("schedule")
 def test_shapes(dtype, shape):
     batch, dim, num_protos, num_classes = shape
     case = make_case(batch, dim, num_protos, num_classes, dtype=dtype, seed=batch + dim)
@@ -90,11 +100,13 @@ def test_shapes(dtype, shape):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("shape", [(100, 130, 25, 8), (64, 128, 33, 8)], ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.usefixtures("schedule")
 def test_half_precision(dtype, shape):
     compare_half_dtype(emulated_loss, make_case(*shape, dtype=dtype, seed=1), **PARAMS)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.usefixtures("schedule")
 def test_vector_and_element_access_give_the_same_bits(dtype):
     """Rows that start off a vector boundary are read element by element, in the same arithmetic order."""
     case = make_case(70, 64, 25, 8, dtype=dtype, seed=7)
@@ -105,6 +117,7 @@ def test_vector_and_element_access_give_the_same_bits(dtype):
 
 
 @pytest.mark.parametrize("name", sorted(EDGE_CASES))
+@pytest.mark.usefixtures("schedule")
 def test_edge_cases(name):
     options = dict(EDGE_CASES[name])
     labels = options.get("labels")
@@ -117,6 +130,7 @@ def test_edge_cases(name):
 
 
 @pytest.mark.parametrize("shape", [(64, 512, 25, 8), (48, 200, 40, 8)], ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.usefixtures("schedule")
 def test_float32_products_keep_float_accuracy(shape):
     """The tensor cores multiply TF32 values (10 mantissa bits); three products per float product keep float
     accuracy. Against a float64 reference, the gradient's error stays within 8x that of the float32 reference
@@ -130,12 +144,14 @@ def test_float32_products_keep_float_accuracy(shape):
     assert (fused.double() - want).abs().max() <= 8 * (single.double() - want).abs().max()
 
 
+@pytest.mark.usefixtures("schedule")
 def test_zero_row():
     case = make_case(40, 16, 25, 8, dtype=torch.float64, seed=2)
     case["z"][3] = 0
     compare_exact_dtype(emulated_loss, case, gpu=True, **PARAMS)
 
 
+@pytest.mark.usefixtures("schedule")
 def test_non_contiguous_z():
     case = make_case(96, 40, 25, 8, seed=4)
     case["z"] = torch.empty(40, 2 * 96).T[::2].copy_(case["z"])
@@ -143,6 +159,7 @@ def test_non_contiguous_z():
     compare_exact_dtype(emulated_loss, case, gpu=True, **PARAMS)
 
 
+@pytest.mark.usefixtures("schedule")
 def test_several_tiles_per_block():
     """Past 264 x 16 rows (tiles of 16 rows at K > 32) a block of the row kernel loops over more than one tile; in
     float64 its prototypes go in three chunks of 128 columns through two buffers, the next tile's first chunk
@@ -158,6 +175,7 @@ def test_label_out_of_range_trips_the_device_assertion():
         emulated_loss(*case.values(), **PARAMS)
 
 
+@pytest.mark.usefixtures("schedule")
 def test_many_classes():
     """300 classes: 28 KiB of per-warp class statistics in shared memory, and class sums (117 KiB) added in place
     in the output."""
@@ -165,6 +183,7 @@ def test_many_classes():
     compare_exact_dtype(emulated_loss, case, gpu=True, **PARAMS)
 
 
+@pytest.mark.usefixtures("schedule")
 def test_one_step_of_prototypes_restaged():
     """Beside 400 classes' per-warp statistics and float64 partial products, shared memory holds one step of 64
     prototype slots: the row kernel restages one buffer at each chunk instead of taking turns in two."""
@@ -199,6 +218,27 @@ def test_emulator_block_barrier_orders_shared_memory():
     values = torch.arange(3 * 96, dtype=torch.float32)
     got = torch.ops.ngd_emulator_selftest.block_reverse(values, 96)
     assert torch.equal(got, values.view(3, 96).flip(1).reshape(-1))
+
+
+@pytest.mark.parametrize("schedule, offset, stale", [
+    ("lockstep", 32, True), ("lockstep", -32, False),
+    ("warps_in_order", 32, True), ("warps_in_order", -32, False),
+    ("warps_reversed", 32, False), ("warps_reversed", -32, True)])
+def test_emulator_schedules_expose_a_missing_barrier(schedule, offset, stale):
+    """With no barrier between a write to shared memory and another warp's read of it, the read sees the write or
+    not by the order the warps ran in. Reading from the warp above is exposed (as NaN: not yet written) by the
+    lockstep and in-order schedules, reading from the warp below by the reversed one."""
+    values = torch.arange(1, 97, dtype=torch.float32)  # three warps
+    torch.ops.ngd_emulator_selftest.set_schedule(schedule)
+    try:
+        got = torch.ops.ngd_emulator_selftest.unsynchronised_read(values, offset)
+    finally:
+        torch.ops.ngd_emulator_selftest.set_schedule("lockstep")
+    readers = torch.arange(64) + (32 if offset < 0 else 0)  # the threads whose slot `offset` away exists
+    if stale:
+        assert torch.isnan(got[readers]).all()
+    else:
+        assert torch.equal(got[readers], values[readers + offset])
 
 
 def test_emulator_shared_memory_starts_as_nan():

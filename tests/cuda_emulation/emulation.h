@@ -1,7 +1,8 @@
 // A CPU emulator of the CUDA execution model, just wide enough for csrc/cuda: every thread of a block is a
 // fiber (ucontext) on the calling OS thread, blocks run one after another in index order, and the fibers of a
-// block take turns between synchronisation points. That lets CPU-only CI run the CUDA kernels' device code
-// and host code unchanged and compare them with the reference; it says nothing about their speed.
+// block take turns between synchronisation points, in one of the orders a GPU's warps may take (Schedule).
+// That lets CPU-only CI run the CUDA kernels' device code and host code unchanged and compare them with the
+// reference; it says nothing about their speed.
 //
 // What is emulated: threadIdx/blockIdx/blockDim/gridDim, __syncthreads, __shfl_sync and __shfl_xor_sync
 // (full warps), static and dynamic __shared__ memory (dynamic memory starts as NaN bytes, so a read before a
@@ -163,6 +164,18 @@ struct Block {
   std::exception_ptr error;
 };
 
+// The order in which a block's threads take turns. kLockstep: each round resumes every thread once, in index
+// order, up to its next synchronisation point, so that the warps advance together. kWarpsInOrder and
+// kWarpsReversed: one warp at a time runs on to its next block barrier (or its end) before the next starts,
+// first to last or last to first. A GPU orders its warps only at barriers, and each schedule is one order it may
+// take: a barrier missing between two warps' accesses to shared memory gives a wrong result under at least one.
+enum class Schedule { kLockstep, kWarpsInOrder, kWarpsReversed };
+
+inline Schedule& schedule() {
+  static Schedule current = Schedule::kLockstep;
+  return current;
+}
+
 inline Block*& current_block() {
   static Block* block = nullptr;
   return block;
@@ -210,14 +223,29 @@ inline void run_block(Block& block) {
     makecontext(&fiber.context, fiber_main, 0);
   }
   std::fill(block.shared.begin(), block.shared.end(), 0xff);  // NaN in every float and double
-  for (;;) {
-    // One round resumes every thread that may run once, up to its next synchronisation point. The lanes of
-    // a warp therefore enter and leave each shuffle in the same round.
-    for (Fiber& fiber : block.fibers) {
+  // One round over threads [first, last) resumes each that may run once, up to its next synchronisation point;
+  // the lanes of a warp therefore enter and leave each shuffle in the same round. Returns whether any ran.
+  const auto run_round = [&](unsigned first, unsigned last) {
+    bool resumed = false;
+    for (unsigned t = first; t < last; ++t) {
+      Fiber& fiber = block.fibers[t];
       if (fiber.wait == Wait::kDone || fiber.wait == Wait::kBlock) continue;
       block.running = &fiber;
       swapcontext(&block.scheduler, &fiber.context);
       if (block.error) std::rethrow_exception(block.error);
+      resumed = true;
+    }
+    return resumed;
+  };
+  const unsigned warps = threads / kWarpSize;
+  for (;;) {
+    if (schedule() == Schedule::kLockstep) {
+      run_round(0, threads);
+    } else {
+      for (unsigned i = 0; i < warps; ++i) {
+        const unsigned warp = schedule() == Schedule::kWarpsReversed ? warps - 1 - i : i;
+        while (run_round(warp * kWarpSize, (warp + 1) * kWarpSize)) {}
+      }
     }
     const bool all_done = std::all_of(block.fibers.begin(), block.fibers.end(),
                                       [](const Fiber& f) { return f.wait == Wait::kDone; });

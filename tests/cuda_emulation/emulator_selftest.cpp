@@ -1,10 +1,14 @@
 // Small kernels that show the emulator in emulation.h doing what the CUDA tests rely on: warp shuffles, block
-// barriers and TF32 rounding that give a GPU's results, and errors for code a GPU would run wrongly. (Its
-// tensor-core tiles are checked in proto_dgeo_emulated.cpp, beside the .cu's own tiles by shuffles.) Registered as
-// torch.ops.ngd_emulator_selftest.*; tests/test_cuda_emulated.py calls them.
+// barriers and TF32 rounding that give a GPU's results, schedules of the warps that expose a missing barrier, and
+// errors for code a GPU would run wrongly. (Its tensor-core tiles are checked in proto_dgeo_emulated.cpp, beside
+// the .cu's own tiles by shuffles.) Registered as torch.ops.ngd_emulator_selftest.*; tests/test_cuda_emulated.py
+// calls them.
 #include "emulation.h"
 
 #include <torch/library.h>
+
+#include <map>
+#include <string>
 
 namespace {
 
@@ -23,6 +27,16 @@ __global__ void block_reverse_kernel(const float* in, float* out) {
   slice[threadIdx.x] = in[first + threadIdx.x];
   __syncthreads();
   out[first + threadIdx.x] = slice[blockDim.x - 1 - threadIdx.x];
+}
+
+// Each thread puts its value in shared memory and, with no barrier between, reads the slot of the thread
+// `offset` places away (its own where that is outside the block).
+__global__ void unsynchronised_read_kernel(const float* in, float* out, int offset) {
+  NGD_DYNAMIC_SHARED(shared);
+  float* slots = reinterpret_cast<float*>(shared);
+  slots[threadIdx.x] = in[threadIdx.x];
+  const int other = static_cast<int>(threadIdx.x) + offset;
+  out[threadIdx.x] = slots[other >= 0 && other < static_cast<int>(blockDim.x) ? other : threadIdx.x];
 }
 
 // Reads shared memory nobody wrote.
@@ -71,6 +85,25 @@ at::Tensor block_reverse(const at::Tensor& in, int64_t block) {
   return out;
 }
 
+at::Tensor unsynchronised_read(const at::Tensor& in, int64_t offset) {
+  auto out = at::empty_like(in);
+  ngd_emulation::launch(unsynchronised_read_kernel, 1, static_cast<unsigned>(in.numel()), in.numel() * sizeof(float),
+                        nullptr, in.data_ptr<float>(), out.data_ptr<float>(), static_cast<int>(offset));
+  return out;
+}
+
+// Sets the order in which the threads of every block launched from now on take turns (emulation.h's Schedule).
+void set_schedule(const std::string& name) {
+  static const std::map<std::string, ngd_emulation::Schedule> schedules = {
+      {"lockstep", ngd_emulation::Schedule::kLockstep},
+      {"warps_in_order", ngd_emulation::Schedule::kWarpsInOrder},
+      {"warps_reversed", ngd_emulation::Schedule::kWarpsReversed}};
+  const auto found = schedules.find(name);
+  TORCH_CHECK(found != schedules.end(), "emulated CUDA: no schedule named '", name,
+              "' (lockstep, warps_in_order, warps_reversed)");
+  ngd_emulation::schedule() = found->second;
+}
+
 at::Tensor read_unwritten_shared() {
   auto out = at::empty({32});
   ngd_emulation::launch(read_unwritten_shared_kernel, 1, 32, 32 * sizeof(float), nullptr, out.data_ptr<float>());
@@ -116,6 +149,8 @@ at::Tensor oversized_shared() {
 TORCH_LIBRARY(ngd_emulator_selftest, m) {
   m.def("warp_sums", &warp_sums);
   m.def("block_reverse", &block_reverse);
+  m.def("unsynchronised_read", &unsynchronised_read);
+  m.def("set_schedule", &set_schedule);
   m.def("read_unwritten_shared", &read_unwritten_shared);
   m.def("async_copy", &async_copy);
   m.def("to_tf32", &to_tf32);
