@@ -65,10 +65,10 @@ def emulated_loss(z, protos, target, labels, positive, tau, var_cap, margin):
     return EmulatedLoss.apply(z, protos, target, labels, positive, tau, var_cap, margin)
 
 
-@pytest.fixture(params=["lockstep", "warps_in_order", "warps_reversed"])
+@pytest.fixture(params=["lockstep", "in_order", "reversed"])
 def schedule(request):
-    """Runs the test's kernels under each order the emulator's warps may take between barriers (emulation.h's
-    Schedule): a barrier missing between warps gives a wrong result under at least one of them."""
+    """Runs the test's kernels under each order the emulator's threads may take between barriers (emulation.h's
+    Schedule): a barrier missing between threads gives a wrong result under at least one of them."""
     torch.ops.ngd_emulator_selftest.set_schedule(request.param)
     yield request.param
     torch.ops.ngd_emulator_selftest.set_schedule("lockstep")
@@ -220,25 +220,38 @@ def test_emulator_block_barrier_orders_shared_memory():
     assert torch.equal(got, values.view(3, 96).flip(1).reshape(-1))
 
 
-@pytest.mark.parametrize("schedule, offset, stale", [
-    ("lockstep", 32, True), ("lockstep", -32, False),
-    ("warps_in_order", 32, True), ("warps_in_order", -32, False),
-    ("warps_reversed", 32, False), ("warps_reversed", -32, True)])
-def test_emulator_schedules_expose_a_missing_barrier(schedule, offset, stale):
-    """With no barrier between a write to shared memory and another warp's read of it, the read sees the write or
-    not by the order the warps ran in. Reading from the warp above is exposed (as NaN: not yet written) by the
-    lockstep and in-order schedules, reading from the warp below by the reversed one."""
+@pytest.mark.parametrize("offset", [32, -32, 1, -1], ids=["warp_above", "warp_below", "lane_above", "lane_below"])
+@pytest.mark.parametrize("schedule", ["lockstep", "in_order", "reversed"])
+def test_emulator_schedules_expose_a_missing_barrier(schedule, offset):
+    """With no barrier between a write to shared memory and another thread's read of it, the read sees the write
+    or not by the order the threads ran in. Reading from a later warp or lane is exposed (as NaN: not yet written)
+    by the lockstep and in-order schedules, reading from an earlier one by the reversed schedule."""
     values = torch.arange(1, 97, dtype=torch.float32)  # three warps
     torch.ops.ngd_emulator_selftest.set_schedule(schedule)
     try:
         got = torch.ops.ngd_emulator_selftest.unsynchronised_read(values, offset)
     finally:
         torch.ops.ngd_emulator_selftest.set_schedule("lockstep")
-    readers = torch.arange(64) + (32 if offset < 0 else 0)  # the threads whose slot `offset` away exists
-    if stale:
+    readers = torch.arange(max(0, -offset), 96 - max(0, offset))  # the threads whose slot `offset` away exists
+    if (offset > 0) == (schedule != "reversed"):
         assert torch.isnan(got[readers]).all()
     else:
         assert torch.equal(got[readers], values[readers + offset])
+
+
+@pytest.mark.parametrize("schedule", ["lockstep", "in_order", "reversed"])
+def test_emulator_reversed_schedule_runs_blocks_last_to_first(schedule):
+    """A block reading what the block before it wrote in the same launch sees it only where blocks run in order."""
+    values = torch.arange(1, 6, dtype=torch.float32)
+    torch.ops.ngd_emulator_selftest.set_schedule(schedule)
+    try:
+        seen = torch.ops.ngd_emulator_selftest.previous_block_read(values)
+    finally:
+        torch.ops.ngd_emulator_selftest.set_schedule("lockstep")
+    if schedule == "reversed":
+        assert torch.isnan(seen).all()
+    else:
+        assert torch.isnan(seen[0]) and torch.equal(seen[1:], values[:-1])
 
 
 def test_emulator_shared_memory_starts_as_nan():

@@ -1,8 +1,8 @@
 // A CPU emulator of the CUDA execution model, just wide enough for csrc/cuda: every thread of a block is a
-// fiber (ucontext) on the calling OS thread, blocks run one after another in index order, and the fibers of a
-// block take turns between synchronisation points, in one of the orders a GPU's warps may take (Schedule).
-// That lets CPU-only CI run the CUDA kernels' device code and host code unchanged and compare them with the
-// reference; it says nothing about their speed.
+// fiber (ucontext) on the calling OS thread, blocks run one after another, and the fibers of a block take turns
+// between synchronisation points, in one of the orders a GPU may take (Schedule). That lets CPU-only CI run the
+// CUDA kernels' device code and host code unchanged and compare them with the reference; it says nothing about
+// their speed.
 //
 // What is emulated: threadIdx/blockIdx/blockDim/gridDim, __syncthreads, __shfl_sync and __shfl_xor_sync
 // (full warps), static and dynamic __shared__ memory (dynamic memory starts as NaN bytes, so a read before a
@@ -25,6 +25,7 @@
 #include <algorithm>
 #include <array>
 #include <cmath>
+#include <cstdint>
 #include <cstring>
 #include <deque>
 #include <exception>
@@ -165,11 +166,14 @@ struct Block {
 };
 
 // The order in which a block's threads take turns. kLockstep: each round resumes every thread once, in index
-// order, up to its next synchronisation point, so that the warps advance together. kWarpsInOrder and
-// kWarpsReversed: one warp at a time runs on to its next block barrier (or its end) before the next starts,
-// first to last or last to first. A GPU orders its warps only at barriers, and each schedule is one order it may
-// take: a barrier missing between two warps' accesses to shared memory gives a wrong result under at least one.
-enum class Schedule { kLockstep, kWarpsInOrder, kWarpsReversed };
+// order, up to its next synchronisation point, so that the warps advance together. kInOrder: one warp at a time
+// runs on to its next block barrier (or its end) before the next starts, first to last. kReversed: the same, last
+// warp first, and within a warp the last lane first; the grid's blocks, too, run last to first. A GPU orders its
+// warps only at barriers (and, since Volta, the lanes of a warp only at warp-wide operations), and each schedule
+// is one order it may take: a barrier missing between two threads' accesses to shared memory gives a wrong
+// result under at least one, and one block reading what another wrote in the same launch, under one of the two
+// block orders.
+enum class Schedule { kLockstep, kInOrder, kReversed };
 
 inline Schedule& schedule() {
   static Schedule current = Schedule::kLockstep;
@@ -225,10 +229,11 @@ inline void run_block(Block& block) {
   std::fill(block.shared.begin(), block.shared.end(), 0xff);  // NaN in every float and double
   // One round over threads [first, last) resumes each that may run once, up to its next synchronisation point;
   // the lanes of a warp therefore enter and leave each shuffle in the same round. Returns whether any ran.
+  const bool reversed = schedule() == Schedule::kReversed;
   const auto run_round = [&](unsigned first, unsigned last) {
     bool resumed = false;
-    for (unsigned t = first; t < last; ++t) {
-      Fiber& fiber = block.fibers[t];
+    for (unsigned i = first; i < last; ++i) {
+      Fiber& fiber = block.fibers[reversed ? first + last - 1 - i : i];
       if (fiber.wait == Wait::kDone || fiber.wait == Wait::kBlock) continue;
       block.running = &fiber;
       swapcontext(&block.scheduler, &fiber.context);
@@ -243,7 +248,7 @@ inline void run_block(Block& block) {
       run_round(0, threads);
     } else {
       for (unsigned i = 0; i < warps; ++i) {
-        const unsigned warp = schedule() == Schedule::kWarpsReversed ? warps - 1 - i : i;
+        const unsigned warp = reversed ? warps - 1 - i : i;
         while (run_round(warp * kWarpSize, (warp + 1) * kWarpSize)) {}
       }
     }
@@ -288,13 +293,12 @@ void launch(void (*kernel)(Params...), dim3 grid, dim3 block_dim, size_t shared_
   block.operands.resize(threads);
   current_block() = &block;
   try {
-    for (unsigned z = 0; z < grid.z; ++z) {
-      for (unsigned y = 0; y < grid.y; ++y) {
-        for (unsigned x = 0; x < grid.x; ++x) {
-          block.block_index = dim3(x, y, z);
-          run_block(block);
-        }
-      }
+    const uint64_t blocks = uint64_t{grid.x} * grid.y * grid.z;
+    for (uint64_t i = 0; i < blocks; ++i) {
+      const uint64_t b = schedule() == Schedule::kReversed ? blocks - 1 - i : i;
+      block.block_index = dim3(static_cast<unsigned>(b % grid.x), static_cast<unsigned>(b / grid.x % grid.y),
+                               static_cast<unsigned>(b / (uint64_t{grid.x} * grid.y)));
+      run_block(block);
     }
   } catch (const DeviceAssert& error) {
     current_block() = nullptr;

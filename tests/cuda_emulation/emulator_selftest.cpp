@@ -1,5 +1,5 @@
 // Small kernels that show the emulator in emulation.h doing what the CUDA tests rely on: warp shuffles, block
-// barriers and TF32 rounding that give a GPU's results, schedules of the warps that expose a missing barrier, and
+// barriers and TF32 rounding that give a GPU's results, schedules of the threads that expose a missing barrier, and
 // errors for code a GPU would run wrongly. (Its tensor-core tiles are checked in proto_dgeo_emulated.cpp, beside
 // the .cu's own tiles by shuffles.) Registered as torch.ops.ngd_emulator_selftest.*; tests/test_cuda_emulated.py
 // calls them.
@@ -7,6 +7,7 @@
 
 #include <torch/library.h>
 
+#include <limits>
 #include <map>
 #include <string>
 
@@ -37,6 +38,13 @@ __global__ void unsynchronised_read_kernel(const float* in, float* out, int offs
   slots[threadIdx.x] = in[threadIdx.x];
   const int other = static_cast<int>(threadIdx.x) + offset;
   out[threadIdx.x] = slots[other >= 0 && other < static_cast<int>(blockDim.x) ? other : threadIdx.x];
+}
+
+// Block b writes in[b] to written[b] and reads written[b - 1] into seen[b], in one launch with no ordering between.
+__global__ void previous_block_read_kernel(const float* in, float* written, float* seen) {
+  if (threadIdx.x != 0) return;
+  written[blockIdx.x] = in[blockIdx.x];
+  if (blockIdx.x > 0) seen[blockIdx.x] = written[blockIdx.x - 1];
 }
 
 // Reads shared memory nobody wrote.
@@ -92,15 +100,24 @@ at::Tensor unsynchronised_read(const at::Tensor& in, int64_t offset) {
   return out;
 }
 
+// What each block of previous_block_read_kernel saw of the block before it (NaN: not yet written), over in's blocks.
+at::Tensor previous_block_read(const at::Tensor& in) {
+  auto written = at::full_like(in, std::numeric_limits<float>::quiet_NaN());
+  auto seen = at::full_like(in, std::numeric_limits<float>::quiet_NaN());
+  ngd_emulation::launch(previous_block_read_kernel, static_cast<unsigned>(in.numel()), 32, 0, nullptr,
+                        in.data_ptr<float>(), written.data_ptr<float>(), seen.data_ptr<float>());
+  return seen;
+}
+
 // Sets the order in which the threads of every block launched from now on take turns (emulation.h's Schedule).
 void set_schedule(const std::string& name) {
   static const std::map<std::string, ngd_emulation::Schedule> schedules = {
       {"lockstep", ngd_emulation::Schedule::kLockstep},
-      {"warps_in_order", ngd_emulation::Schedule::kWarpsInOrder},
-      {"warps_reversed", ngd_emulation::Schedule::kWarpsReversed}};
+      {"in_order", ngd_emulation::Schedule::kInOrder},
+      {"reversed", ngd_emulation::Schedule::kReversed}};
   const auto found = schedules.find(name);
   TORCH_CHECK(found != schedules.end(), "emulated CUDA: no schedule named '", name,
-              "' (lockstep, warps_in_order, warps_reversed)");
+              "' (lockstep, in_order, reversed)");
   ngd_emulation::schedule() = found->second;
 }
 
@@ -150,6 +167,7 @@ TORCH_LIBRARY(ngd_emulator_selftest, m) {
   m.def("warp_sums", &warp_sums);
   m.def("block_reverse", &block_reverse);
   m.def("unsynchronised_read", &unsynchronised_read);
+  m.def("previous_block_read", &previous_block_read);
   m.def("set_schedule", &set_schedule);
   m.def("read_unwritten_shared", &read_unwritten_shared);
   m.def("async_copy", &async_copy);
