@@ -30,7 +30,7 @@ def make_case(batch=64, dim=32, num_protos=25, num_classes=8, dtype=torch.float3
 
 def weighted_grad(loss_fn, case, weights=(0.7, -1.3, 2.1), **kwargs):
     """The three losses, and the gradient of a weighted sum of them (so that each term is tested)."""
-    z = case["z"].detach().clone().requires_grad_(True)
+    z = case["z"].detach().requires_grad_(True)  # the same storage: alignment and strides as the case gives them
     losses = loss_fn(z, case["protos"], case["target"], case["labels"], case["positive"], **kwargs)
     total = sum(w * loss for w, loss in zip(weights, losses))
     (grad,) = torch.autograd.grad(total, z)

@@ -27,7 +27,10 @@ pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"),
 @pytest.fixture(scope="module", autouse=True)
 def emulated_ops():
     """Builds (once; ninja rebuilds when the .cu or the emulator changes) and loads the emulated ops and the
-    emulator's own test kernels."""
+    emulator's own test kernels. A GPU faults on an access through a pointer that its type's alignment does not
+    hold (a 16-byte Pack at an address that is not a multiple of 16, say), where a CPU may not: the build traps on
+    such an access (UBSan's alignment check, -fsanitize-undefined-trap-on-error), which stops the test run with
+    "Fatal Python error: Illegal instruction" and the test's traceback."""
     build = ROOT / "build" / "cuda_emulation"
     build.mkdir(parents=True, exist_ok=True)
     with pytest.MonkeyPatch.context() as patch:
@@ -38,7 +41,7 @@ def emulated_ops():
             sources=[str(ROOT / "tests" / "cuda_emulation" / "proto_dgeo_emulated.cpp"),
                      str(ROOT / "tests" / "cuda_emulation" / "emulator_selftest.cpp"),
                      str(ROOT / "csrc" / "checks.cpp")],
-            extra_cflags=["-O2"],
+            extra_cflags=["-O2", "-fsanitize=alignment", "-fsanitize-undefined-trap-on-error"],
             build_directory=str(build),
             is_python_module=False,
         )
