@@ -78,6 +78,20 @@ def test_non_contiguous_z(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_z_off_a_vector_boundary(device, dtype):
+    """Contiguous rows that start one element past an allocation's alignment: the CUDA kernels must read them
+    element by element (a vector read there faults on a GPU)."""
+    case = make_case(70, 64, 25, 8, dtype=dtype, device=device, seed=7)
+    case["z"] = torch.empty(case["z"].numel() + 1, dtype=dtype, device=device)[1:].view_as(case["z"]).copy_(case["z"])
+    assert case["z"].is_contiguous() and case["z"].data_ptr() % 8 != 0
+    if dtype == torch.float32:
+        compare_exact_dtype(ngd_ext.proto_dgeo_loss, case, gpu=device == "cuda")
+    else:
+        compare_half_dtype(ngd_ext.proto_dgeo_loss, case)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_protos_and_target_in_other_dtypes(device):
     case = make_case(128, 32, 25, 8, device=device, seed=8)
     want = weighted_grad(ngd_ext.proto_dgeo_loss, case)
