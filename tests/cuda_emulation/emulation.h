@@ -20,7 +20,9 @@
 #include <c10/core/Device.h>
 #include <c10/util/Exception.h>
 
+#include <sys/mman.h>
 #include <ucontext.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <array>
@@ -153,10 +155,39 @@ struct Fiber {
   std::vector<AsyncCopy> open_copies;
 };
 
+// A block's dynamic shared memory, its end against a page nobody may touch: an access past what the launch asked
+// for faults (SIGSEGV, which stops the test run with the test's traceback) as a GPU faults on an out-of-range
+// shared address, instead of landing in whatever the heap holds there.
+class SharedMemory {
+ public:
+  explicit SharedMemory(size_t bytes) : bytes_(bytes) {
+    const size_t page = static_cast<size_t>(sysconf(_SC_PAGESIZE));
+    const size_t usable = (std::max<size_t>(bytes, 1) + 15) / 16 * 16;  // the start stays 16-byte aligned
+    span_ = (usable + page - 1) / page * page + page;
+    void* base = mmap(nullptr, span_, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    TORCH_CHECK(base != MAP_FAILED, "emulated CUDA: cannot map ", span_, " bytes of shared memory");
+    base_ = static_cast<unsigned char*>(base);
+    TORCH_CHECK(mprotect(base_ + span_ - page, page, PROT_NONE) == 0, "emulated CUDA: cannot guard shared memory");
+    data_ = base_ + span_ - page - usable;
+  }
+  SharedMemory(const SharedMemory&) = delete;
+  SharedMemory& operator=(const SharedMemory&) = delete;
+  ~SharedMemory() { munmap(base_, span_); }
+
+  unsigned char* data() const { return data_; }
+  size_t size() const { return bytes_; }
+
+ private:
+  size_t bytes_, span_;
+  unsigned char* base_;
+  unsigned char* data_;
+};
+
 struct Block {
+  explicit Block(size_t shared_bytes) : shared(shared_bytes) {}
   dim3 block_index, block_dim, grid_dim;
   std::vector<Fiber> fibers;
-  std::vector<unsigned char> shared;
+  SharedMemory shared;
   std::vector<uint64_t> exchange;  // one shuffle slot per thread
   std::vector<std::array<double, 6>> operands;  // one slot of mma operands per thread
   const std::function<void()>* body = nullptr;
@@ -226,7 +257,7 @@ inline void run_block(Block& block) {
     fiber.context.uc_link = nullptr;
     makecontext(&fiber.context, fiber_main, 0);
   }
-  std::fill(block.shared.begin(), block.shared.end(), 0xff);  // NaN in every float and double
+  std::fill(block.shared.data(), block.shared.data() + block.shared.size(), 0xff);  // NaN in every float and double
   // One round over threads [first, last) resumes each that may run once, up to its next synchronisation point;
   // the lanes of a warp therefore enter and leave each shuffle in the same round. Returns whether any ran.
   const bool reversed = schedule() == Schedule::kReversed;
@@ -282,13 +313,12 @@ void launch(void (*kernel)(Params...), dim3 grid, dim3 block_dim, size_t shared_
               shared_bytes, " bytes of dynamic shared memory, more than ", shared_limit,
               " (cudaFuncSetAttribute raises the 48 KiB default)");
   const std::function<void()> body = [&] { kernel(args...); };
-  Block block;
+  Block block(shared_bytes);
   block.block_dim = block_dim;
   block.grid_dim = grid;
   block.body = &body;
   block.fibers.resize(threads);
   for (Fiber& fiber : block.fibers) fiber.stack.reset(new char[kStackBytes]);
-  block.shared.resize(shared_bytes + 16);
   block.exchange.resize(threads);
   block.operands.resize(threads);
   current_block() = &block;
