@@ -224,17 +224,12 @@ def test_emulator_block_barrier_orders_shared_memory():
 
 
 @pytest.mark.parametrize("offset", [32, -32, 1, -1], ids=["warp_above", "warp_below", "lane_above", "lane_below"])
-@pytest.mark.parametrize("schedule", ["lockstep", "in_order", "reversed"])
 def test_emulator_schedules_expose_a_missing_barrier(schedule, offset):
     """With no barrier between a write to shared memory and another thread's read of it, the read sees the write
     or not by the order the threads ran in. Reading from a later warp or lane is exposed (as NaN: not yet written)
     by the lockstep and in-order schedules, reading from an earlier one by the reversed schedule."""
     values = torch.arange(1, 97, dtype=torch.float32)  # three warps
-    torch.ops.ngd_emulator_selftest.set_schedule(schedule)
-    try:
-        got = torch.ops.ngd_emulator_selftest.unsynchronised_read(values, offset)
-    finally:
-        torch.ops.ngd_emulator_selftest.set_schedule("lockstep")
+    got = torch.ops.ngd_emulator_selftest.unsynchronised_read(values, offset)
     readers = torch.arange(max(0, -offset), 96 - max(0, offset))  # the threads whose slot `offset` away exists
     if (offset > 0) == (schedule != "reversed"):
         assert torch.isnan(got[readers]).all()
@@ -242,15 +237,10 @@ def test_emulator_schedules_expose_a_missing_barrier(schedule, offset):
         assert torch.equal(got[readers], values[readers + offset])
 
 
-@pytest.mark.parametrize("schedule", ["lockstep", "in_order", "reversed"])
 def test_emulator_reversed_schedule_runs_blocks_last_to_first(schedule):
     """A block reading what the block before it wrote in the same launch sees it only where blocks run in order."""
     values = torch.arange(1, 6, dtype=torch.float32)
-    torch.ops.ngd_emulator_selftest.set_schedule(schedule)
-    try:
-        seen = torch.ops.ngd_emulator_selftest.previous_block_read(values)
-    finally:
-        torch.ops.ngd_emulator_selftest.set_schedule("lockstep")
+    seen = torch.ops.ngd_emulator_selftest.previous_block_read(values)
     if schedule == "reversed":
         assert torch.isnan(seen).all()
     else:
