@@ -28,6 +28,14 @@ def make_case(batch=64, dim=32, num_protos=25, num_classes=8, dtype=torch.float3
                 labels=labels.to(device), positive=mask.to(device))
 
 
+def off_vector_boundary(z):
+    """A contiguous copy of z whose rows start one element past an allocation's alignment (off every vector
+    boundary a kernel might read by)."""
+    shifted = torch.empty(z.numel() + 1, dtype=z.dtype, device=z.device)[1:].view_as(z).copy_(z)
+    assert shifted.is_contiguous() and shifted.data_ptr() % 8 != 0
+    return shifted
+
+
 def weighted_grad(loss_fn, case, weights=(0.7, -1.3, 2.1), **kwargs):
     """The three losses, and the gradient of a weighted sum of them (so that each term is tested)."""
     z = case["z"].detach().requires_grad_(True)  # the same storage: alignment and strides as the case gives them
