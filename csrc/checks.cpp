@@ -1,5 +1,6 @@
 // Argument checks shared by the CPU and CUDA kernels, and the number formatting of their messages.
 #include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
 
 #include <cmath>
 #include <cstdio>
@@ -88,22 +89,23 @@ void check_values_cpu(const at::Tensor& target, const at::Tensor& labels) {
   // A half-precision row of K entries sums to 1 only within its rounding.
   const bool half = target.scalar_type() == at::kHalf || target.scalar_type() == at::kBFloat16;
   const double tolerance = half ? 1e-2 : 1e-4;
-  const auto rows = target.to(at::kDouble).contiguous();
-  const double* value = rows.data_ptr<double>();
+  const auto rows = target.contiguous();
   const int64_t width = target.size(1);
-  for (int64_t c = 0; c < num_classes; ++c) {
-    double sum = 0;
-    for (int64_t k = 0; k < width; ++k) {
-      const double entry = value[c * width + k];
-      TORCH_CHECK_VALUE(std::isfinite(entry) && entry >= 0, "proto_dgeo_loss: target[", text(c), ", ", text(k),
-                        "] = ", text(entry),
-                  "; target rows must be distributions (finite, non-negative, summing to 1)");
-      sum += entry;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, rows.scalar_type(), "check_values_cpu", [&] {
+    const scalar_t* value = rows.data_ptr<scalar_t>();
+    for (int64_t c = 0; c < num_classes; ++c) {
+      double sum = 0;
+      for (int64_t k = 0; k < width; ++k) {
+        const double entry = static_cast<double>(value[c * width + k]);
+        TORCH_CHECK_VALUE(std::isfinite(entry) && entry >= 0, "proto_dgeo_loss: target[", text(c), ", ", text(k),
+                          "] = ", text(entry),
+                          "; target rows must be distributions (finite, non-negative, summing to 1)");
+        sum += entry;
+      }
+      TORCH_CHECK_VALUE(std::abs(sum - 1.0) <= tolerance, "proto_dgeo_loss: target row ", text(c), " sums to ",
+                        text(sum), "; target rows must be distributions (non-negative, summing to 1)");
     }
-    TORCH_CHECK_VALUE(std::abs(sum - 1.0) <= tolerance, "proto_dgeo_loss: target row ", text(c), " sums to ",
-                      text(sum),
-                "; target rows must be distributions (non-negative, summing to 1)");
-  }
+  });
 }
 
 at::ScalarType accumulate_dtype(const at::Tensor& z) {

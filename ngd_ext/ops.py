@@ -72,10 +72,11 @@ if _C is not None:
     def _backward(ctx, grad_proto_kd, grad_var_cap, grad_margin, *_saved_grads):
         grad_z = None
         if ctx.needs_input_grad[0]:
-            z = ctx.saved_tensors[0]
+            saved = ctx.saved_tensors  # every access unpacks all ten anew, so once
+            z = saved[0]
             grads = [z.new_zeros((), dtype=_accumulate_dtype(z)) if grad is None else grad
                      for grad in (grad_proto_kd, grad_var_cap, grad_margin)]
-            grad_z = torch.ops.ngd_ext.proto_dgeo_bwd(*grads, *ctx.saved_tensors, ctx.tau)
+            grad_z = torch.ops.ngd_ext.proto_dgeo_bwd(*grads, *saved, ctx.tau)
         return grad_z, None, None, None, None, None, None, None
 
     torch.library.register_autograd("ngd_ext::proto_dgeo_fwd", _backward, setup_context=_setup_context)
