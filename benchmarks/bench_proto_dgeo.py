@@ -115,6 +115,8 @@ def machine(device):
         "torch": torch.__version__,
         "fused_available": ngd_ext.fused_available(device),
     }
+    if device == "cpu" and info["fused_available"]:
+        info["cpu_kernels"] = ngd_ext._C.cpu_kernel_variant()
     if device == "cuda":
         info["gpu"] = torch.cuda.get_device_name()
         info["cuda"] = torch.version.cuda

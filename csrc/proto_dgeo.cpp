@@ -3,10 +3,25 @@
 
 #include <torch/library.h>
 
+#include "proto_dgeo.h"
+
+namespace {
+
+PyObject* cpu_kernel_variant(PyObject* /*module*/, PyObject* /*args*/) {
+  return PyUnicode_FromString(ngd_ext::cpu_kernel_variant());
+}
+
+PyMethodDef methods[] = {
+    {"cpu_kernel_variant", cpu_kernel_variant, METH_NOARGS,
+     "The CPU kernels' compiled variant in use: 'avx2+fma' or 'baseline' (NGD_CPU_BASELINE=1 forces it)."},
+    {nullptr, nullptr, 0, nullptr}};
+
+}  // namespace
+
 extern "C" {
-// Importing ngd_ext._C registers the ops below; the module itself holds nothing.
+// Importing ngd_ext._C registers the ops below; besides, the module only says which CPU variant runs.
 PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};
   return PyModule_Create(&module_def);
 }
 }

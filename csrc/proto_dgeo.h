@@ -35,4 +35,9 @@ void check_values_cpu(const at::Tensor& target, const at::Tensor& labels);
 // The dtype of the losses and of everything saved for backward: float64 for float64 z, else float32.
 at::ScalarType accumulate_dtype(const at::Tensor& z);
 
+// Which compiled variant of the CPU chunk math this process runs: "avx2+fma" on x86-64 processors that have
+// both, else "baseline". NGD_CPU_BASELINE=1 in the environment forces the baseline, so that the tests can run
+// it on any machine.
+const char* cpu_kernel_variant();
+
 }  // namespace ngd_ext

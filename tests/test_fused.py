@@ -1,6 +1,8 @@
 """The fused op against the reference: shapes, dtypes, edge cases, gradcheck, opcheck, torch.compile,
-determinism, CUDA graphs, and the fallback when the extension is missing. CUDA cases skip without a GPU."""
+determinism, CUDA graphs, the CPU kernels' baseline variant, and the fallback when the extension is missing.
+CUDA cases skip without a GPU."""
 
+import os
 import pathlib
 import subprocess
 import sys
@@ -14,6 +16,8 @@ import ngd_ext
 from ngd_ext import reference
 
 pytestmark = pytest.mark.skipif(not ngd_ext.fused_available("cpu"), reason="ngd_ext._C is not built")
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -167,6 +171,37 @@ def test_cpu_result_does_not_depend_on_thread_count():
     torch.testing.assert_close(one, two, rtol=0, atol=0)
 
 
+def cpu_flags():
+    """The processor's feature flags from /proc/cpuinfo (empty where there is none)."""
+    cpuinfo = pathlib.Path("/proc/cpuinfo")
+    if not cpuinfo.exists():
+        return set()
+    for line in cpuinfo.read_text().splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+def test_cpu_kernel_variant():
+    forced = os.environ.get("NGD_CPU_BASELINE") == "1"
+    want = "avx2+fma" if {"avx2", "fma"} <= cpu_flags() and not forced else "baseline"
+    assert ngd_ext._C.cpu_kernel_variant() == want
+
+
+def test_baseline_cpu_variant_passes_the_cpu_tests():
+    """The CPU chunk math is compiled twice on x86-64; its baseline variant runs on processors without AVX2 and
+    off x86-64, so this file's CPU tests run again with it forced."""
+    if os.environ.get("NGD_CPU_BASELINE") == "1":
+        pytest.skip("this is the baseline run")
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-v", "-p", "no:cacheprovider", __file__,
+         "-k", "not cuda and not falls_back and not baseline_cpu_variant"],
+        env=dict(os.environ, NGD_CPU_BASELINE="1"), capture_output=True, text=True, cwd=ROOT)
+    summary = result.stdout.strip().splitlines()[-1]
+    assert result.returncode == 0 and "skipped" not in summary, result.stdout[-4000:]
+    assert "test_cpu_kernel_variant PASSED" in result.stdout
+
+
 def test_falls_back_to_reference_without_extension():
     script = (
         "import sys, warnings\n"
@@ -183,8 +218,7 @@ def test_falls_back_to_reference_without_extension():
         "print(ngd_ext.fused_available('cpu'), ngd_ext.fused_available('cuda'), got == want)\n"
         "print(*[w.message for w in caught], sep='\\n')\n"
     )
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
-                            cwd=pathlib.Path(__file__).resolve().parent.parent)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True, cwd=ROOT)
     availability, warning = result.stdout.splitlines()[:2]
     assert availability == "False False True"
     assert warning.startswith("ngd_ext._C is not built")

@@ -3,8 +3,8 @@
 // Rows go in fixed chunks of kChunk, one task each; every sum is formed per chunk and merged in chunk order,
 // so results are bitwise the same whatever the number of threads. Inside a chunk, rows go in register
 // blocks of kBlock: each prototype value loaded serves kBlock rows. The row arithmetic (the "chunk math"
-// functions) works on raw pointers with GCC vector types, and is compiled twice: for AVX2 + FMA, chosen at
-// run time where the processor has them, and for the baseline x86-64 target.
+// functions) works on raw pointers with GCC vector types, and is compiled twice on x86-64: for AVX2 + FMA,
+// chosen at run time where the processor has them, and for the baseline target (see cpu_kernel_variant).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -14,6 +14,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <memory>
@@ -32,7 +33,12 @@ constexpr int64_t kChunk = 128;
 constexpr int64_t kBlock = 4;
 
 #define NGD_INLINE inline __attribute__((always_inline))
+#if defined(__x86_64__)
+#define NGD_X86_64 1
 #define NGD_TARGET_AVX2 __attribute__((target("avx2,fma")))
+#else
+#define NGD_TARGET_AVX2  // elsewhere the "avx2" functions are a second baseline copy, which never runs
+#endif
 
 // ---------------------------------------------------------------------------------------------------------
 // 32-byte vectors: one AVX register, or two SSE registers on the baseline target.
@@ -143,30 +149,14 @@ NGD_INLINE T floor_norm(T length) {
   return std::max(length, static_cast<T>(kNormEps));
 }
 
-// e^x for the x <= 0 of a softmax (s / tau minus the row maximum or the log-sum-exp). float: Cody-Waite range
-// reduction and a degree-6 polynomial (under 2 ulp), which vectorises where a call to expf cannot; double:
-// std::exp.
-NGD_INLINE double softmax_exp(double x) { return std::exp(x); }
-
-NGD_INLINE float softmax_exp(float x) {
-  x = std::max(x, -87.0f);
-  const float shifter = 12582912.0f;  // 1.5 * 2^23: adding it rounds to the nearest integer
-  const float n = (x * 1.44269504f + shifter) - shifter;
-  const float r = (x - n * 0.693145751953125f) - n * 1.428606765330187e-06f;
-  const float p =
-      1.0f + r * (1.0f + r * (0.5f + r * (1.6666667e-1f + r * (4.1666668e-2f + r * (8.333334e-3f + r * 1.3888889e-3f)))));
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return p * scale;
-}
-
 template <typename T>
 NGD_INLINE Simd<T> splat(T value) {
   return Simd<T>{} * T(0) + value;
 }
 
-// The same e^x on every lane: the float polynomial above as vector arithmetic, std::exp lane by lane for double.
+// e^x on every lane, for the x <= 0 of a softmax (s / tau minus the row maximum or the log-sum-exp). float:
+// Cody-Waite range reduction and a degree-6 polynomial (under 2 ulp), as vector arithmetic where a call to expf
+// would go lane by lane; double: std::exp lane by lane.
 NGD_INLINE Simd<double> softmax_exp(Simd<double> x) {
   for (int64_t i = 0; i < kLanes<double>; ++i) x[i] = std::exp(x[i]);
   return x;
@@ -509,9 +499,17 @@ void backward_chunk_baseline(const BackwardChunk<T>& a) {
   backward_chunk_math(a);
 }
 
-bool has_avx2_fma() {
-  static const bool available = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return available;
+bool use_avx2_fma() {
+  static const bool chosen = [] {
+    const char* force_baseline = std::getenv("NGD_CPU_BASELINE");
+    if (force_baseline != nullptr && std::strcmp(force_baseline, "1") == 0) return false;
+#ifdef NGD_X86_64
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#else
+    return false;
+#endif
+  }();
+  return chosen;
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -606,7 +604,7 @@ std::vector<at::Tensor> forward_cpu_typed(const at::Tensor& z_in, const at::Tens
   std::vector<double> chunk_unit_sq(chunks * num_classes, 0.0);
   std::unique_ptr<acc_t[]> chunk_unit_sum(new acc_t[chunks * num_classes * dim]);
   std::vector<int64_t> first_nonfinite_row(chunks, -1);
-  const auto run_chunk = has_avx2_fma() ? forward_chunk_avx2<acc_t> : forward_chunk_baseline<acc_t>;
+  const auto run_chunk = use_avx2_fma() ? forward_chunk_avx2<acc_t> : forward_chunk_baseline<acc_t>;
 
   at::parallel_for(0, chunks, grain(kChunk * dim), [&](int64_t begin, int64_t end) {
     at::Tensor buffer = std::is_same<scalar_t, acc_t>::value ? at::Tensor() : at::empty({kChunk, dim}, acc_options);
@@ -764,7 +762,7 @@ at::Tensor backward_cpu_typed(const at::Tensor& grad_proto_kd, const at::Tensor&
   const at::Tensor var_coefs = as_acc(var_coefs_in);
   const acc_t var_scale = static_cast<acc_t>(grad_var_cap.item<double>());
   const acc_t margin_scale = static_cast<acc_t>(grad_margin.item<double>());
-  const auto run_chunk = has_avx2_fma() ? backward_chunk_avx2<acc_t> : backward_chunk_baseline<acc_t>;
+  const auto run_chunk = use_avx2_fma() ? backward_chunk_avx2<acc_t> : backward_chunk_baseline<acc_t>;
 
   const int64_t* label = labels.data_ptr<int64_t>();
   const acc_t* cosine = cosines.data_ptr<acc_t>();
@@ -821,6 +819,8 @@ at::Tensor proto_dgeo_bwd_cpu(const at::Tensor& grad_proto_kd, const at::Tensor&
 }
 
 }  // namespace
+
+const char* cpu_kernel_variant() { return use_avx2_fma() ? "avx2+fma" : "baseline"; }
 
 TORCH_LIBRARY_IMPL(ngd_ext, CPU, m) {
   m.impl("proto_dgeo_fwd", &proto_dgeo_fwd_cpu);
