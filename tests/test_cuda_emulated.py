@@ -251,6 +251,14 @@ def test_emulator_shared_memory_starts_as_nan():
     assert torch.isnan(torch.ops.ngd_emulator_selftest.read_unwritten_shared()).all()
 
 
+def test_emulator_static_shared_memory_starts_poisoned_in_every_block(schedule):
+    """A block reading a static __shared__ variable before writing it finds 0xff bytes, not what the block before
+    it left there: NaN in a float, -1 in an int."""
+    floats, ints = torch.ops.ngd_emulator_selftest.read_unwritten_static_shared()
+    assert torch.isnan(floats).all()
+    assert torch.equal(ints, torch.full((3,), -1, dtype=torch.int32))
+
+
 def test_emulator_async_copies_land_at_the_wait():
     values = torch.arange(1, 33, dtype=torch.float32)
     before, after = torch.ops.ngd_emulator_selftest.async_copy(values)

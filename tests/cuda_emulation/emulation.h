@@ -5,9 +5,10 @@
 // their speed.
 //
 // What is emulated: threadIdx/blockIdx/blockDim/gridDim, __syncthreads, __shfl_sync and __shfl_xor_sync
-// (full warps), static and dynamic __shared__ memory (dynamic memory starts as NaN bytes, so a read before a
-// write shows), asynchronous copies to shared memory (__pipeline_memcpy_async and its commit and wait: a copy
-// lands as late as a GPU may land it, at the wait that covers it, so a read before that wait shows), the
+// (full warps), static and dynamic __shared__ memory (every block's starts as 0xff bytes, NaN in a float and -1
+// in an int, so a read before this block's write shows), asynchronous copies to shared memory
+// (__pipeline_memcpy_async and its commit and wait: a copy lands as late as a GPU may land it, at the wait that
+// covers it, so a read before that wait shows), the
 // tensor cores' mma m16n8k8 (a warp-wide exchange of fragments laid out as PTX lays them out, the products
 // added in k order) and the conversion to TF32, CUDA_KERNEL_ASSERT (it becomes a C++ exception naming the
 // condition), and the few runtime calls the host code makes. L2 prefetches are hints without effect on
@@ -20,6 +21,7 @@
 #include <c10/core/Device.h>
 #include <c10/util/Exception.h>
 
+#include <link.h>
 #include <sys/mman.h>
 #include <ucontext.h>
 #include <unistd.h>
@@ -49,8 +51,11 @@
 #define __forceinline__ inline
 #define __launch_bounds__(...)
 #define __align__(n) alignas(n)
-// All fibers of a block share one OS thread and blocks run one at a time, so a static is per-block memory.
-#define __shared__ static
+// All fibers of a block share one OS thread and blocks run one at a time, so a static is per-block memory. It is a
+// thread_local static so that it lies in this module's TLS segment, whose bounds the emulator can find and poison
+// at every block's start (GCC ignores section attributes on the statics of function templates, and plain statics
+// lie in .bss among everything else).
+#define __shared__ static thread_local
 #define NGD_DYNAMIC_SHARED(name) unsigned char* name = ::ngd_emulation::dynamic_shared()
 
 #undef CUDA_KERNEL_ASSERT
@@ -183,11 +188,42 @@ class SharedMemory {
   unsigned char* data_;
 };
 
+// This module's thread-local storage on the calling OS thread holds nothing but static __shared__ variables and
+// tls_anchor, which makes sure it is allocated before it is looked for.
+inline thread_local char tls_anchor;
+
+struct StaticShared {
+  unsigned char* data;
+  size_t bytes;
+};
+
+inline StaticShared find_static_shared() {
+  tls_anchor = 0;
+  StaticShared found{nullptr, 0};
+  dl_iterate_phdr(
+      [](dl_phdr_info* info, size_t, void* out) {
+        auto* data = static_cast<unsigned char*>(info->dlpi_tls_data);
+        for (int i = 0; data != nullptr && i < info->dlpi_phnum; ++i) {
+          const auto bytes = static_cast<size_t>(info->dlpi_phdr[i].p_memsz);
+          const auto* anchor = reinterpret_cast<const unsigned char*>(&tls_anchor);
+          if (info->dlpi_phdr[i].p_type == PT_TLS && anchor >= data && anchor < data + bytes) {
+            *static_cast<StaticShared*>(out) = {data, bytes};
+            return 1;
+          }
+        }
+        return 0;
+      },
+      &found);
+  TORCH_CHECK(found.data != nullptr, "emulated CUDA: cannot find this module's thread-local storage");
+  return found;
+}
+
 struct Block {
-  explicit Block(size_t shared_bytes) : shared(shared_bytes) {}
+  explicit Block(size_t shared_bytes) : shared(shared_bytes), static_shared(find_static_shared()) {}
   dim3 block_index, block_dim, grid_dim;
   std::vector<Fiber> fibers;
   SharedMemory shared;
+  StaticShared static_shared;
   std::vector<uint64_t> exchange;  // one shuffle slot per thread
   std::vector<std::array<double, 6>> operands;  // one slot of mma operands per thread
   const std::function<void()>* body = nullptr;
@@ -257,7 +293,9 @@ inline void run_block(Block& block) {
     fiber.context.uc_link = nullptr;
     makecontext(&fiber.context, fiber_main, 0);
   }
-  std::fill(block.shared.data(), block.shared.data() + block.shared.size(), 0xff);  // NaN in every float and double
+  // NaN in every float and double, -1 in every integer.
+  std::fill(block.shared.data(), block.shared.data() + block.shared.size(), 0xff);
+  std::fill(block.static_shared.data, block.static_shared.data + block.static_shared.bytes, 0xff);
   // One round over threads [first, last) resumes each that may run once, up to its next synchronisation point;
   // the lanes of a warp therefore enter and leave each shuffle in the same round. Returns whether any ran.
   const bool reversed = schedule() == Schedule::kReversed;

@@ -10,6 +10,7 @@
 #include <limits>
 #include <map>
 #include <string>
+#include <vector>
 
 namespace {
 
@@ -51,6 +52,16 @@ __global__ void previous_block_read_kernel(const float* in, float* written, floa
 __global__ void read_unwritten_shared_kernel(float* out) {
   NGD_DYNAMIC_SHARED(shared);
   out[threadIdx.x] = reinterpret_cast<const float*>(shared)[threadIdx.x];
+}
+
+// Block b reads a static shared variable nobody in it wrote into seen[b], then writes b there for the next block;
+// a template, as the .cu's kernels with static shared memory are.
+template <typename T>
+__global__ void read_unwritten_static_shared_kernel(T* seen) {
+  __shared__ T value;
+  if (threadIdx.x != 0) return;
+  seen[blockIdx.x] = value;
+  value = static_cast<T>(blockIdx.x);
 }
 
 // Each thread copies its value into shared memory asynchronously and reads its slot before and after the wait;
@@ -127,6 +138,15 @@ at::Tensor read_unwritten_shared() {
   return out;
 }
 
+// What each of three blocks found in read_unwritten_static_shared_kernel's variable, in float and in int.
+std::vector<at::Tensor> read_unwritten_static_shared() {
+  auto floats = at::empty({3});
+  auto ints = at::empty({3}, at::kInt);
+  ngd_emulation::launch(read_unwritten_static_shared_kernel<float>, 3, 32, 0, nullptr, floats.data_ptr<float>());
+  ngd_emulation::launch(read_unwritten_static_shared_kernel<int>, 3, 32, 0, nullptr, ints.data_ptr<int>());
+  return {floats, ints};
+}
+
 // [what each slot held before the wait, after it] for async_copy_kernel over the 32 values of in.
 at::Tensor async_copy(const at::Tensor& in) {
   auto out = at::empty({2, 32});
@@ -170,6 +190,7 @@ TORCH_LIBRARY(ngd_emulator_selftest, m) {
   m.def("previous_block_read", &previous_block_read);
   m.def("set_schedule", &set_schedule);
   m.def("read_unwritten_shared", &read_unwritten_shared);
+  m.def("read_unwritten_static_shared", &read_unwritten_static_shared);
   m.def("async_copy", &async_copy);
   m.def("to_tf32", &to_tf32);
   m.def("divergent_shuffle", &divergent_shuffle);
