@@ -7,6 +7,10 @@ Times forward (under no_grad), backward (on a retained graph) and both, for ever
 width and dtype asked for; prints a table and writes JSON with the machine, versions and thread count.
 CPU timings are torch.utils.benchmark medians; CUDA timings are triton.testing.do_bench medians (it flushes
 L2 between runs), with CUDA-graph replays of the fused op alongside. Inputs are random normal, never zeros.
+
+On CPU every provider's time includes the first touch of the memory it allocates, which for large outputs
+(the backward's gradient) is mostly page faults; PyTorch's allocator asks for transparent huge pages, which
+take far fewer, when THP_MEM_ALLOC_ENABLE=1 is set. The JSON records that variable and the kernel's THP mode.
 """
 
 import argparse
@@ -105,6 +109,16 @@ def cuda_copy_bandwidth(nbytes):
     return 2 * nbytes / (time_cuda(lambda: y.copy_(x)) * 1e-3) / 1e9
 
 
+def transparent_hugepage_mode():
+    """The kernel's THP setting, the bracketed word of "always [madvise] never"; None where it cannot be read."""
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as handle:
+            setting = handle.read()
+    except OSError:
+        return None
+    return setting[setting.find("[") + 1:setting.find("]")] if "[" in setting else None
+
+
 def machine(device):
     info = {
         "platform": platform.platform(),
@@ -115,8 +129,11 @@ def machine(device):
         "torch": torch.__version__,
         "fused_available": ngd_ext.fused_available(device),
     }
-    if device == "cpu" and info["fused_available"]:
-        info["cpu_kernels"] = ngd_ext._C.cpu_kernel_variant()
+    if device == "cpu":
+        info["thp_mem_alloc_enable"] = os.environ.get("THP_MEM_ALLOC_ENABLE", "")
+        info["transparent_hugepage"] = transparent_hugepage_mode()
+        if info["fused_available"]:
+            info["cpu_kernels"] = ngd_ext._C.cpu_kernel_variant()
     if device == "cuda":
         info["gpu"] = torch.cuda.get_device_name()
         info["cuda"] = torch.version.cuda
