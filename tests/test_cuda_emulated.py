@@ -9,6 +9,8 @@ truly parallel threads would show (compute-sanitizer's racecheck in scripts/gpu_
 
 import os
 import pathlib
+import re
+import subprocess
 import sys
 
 import pytest
@@ -32,8 +34,10 @@ def emulated_ops():
     hold (a 16-byte Pack at an address that is not a multiple of 16, say), where a CPU may not: the build traps on
     such an access (UBSan's alignment check, -fsanitize-undefined-trap-on-error), which stops the test run with
     "Fatal Python error: Illegal instruction" and the test's traceback."""
-    build = ROOT / "build" / "cuda_emulation"
+    address_sanitizer = os.environ.get("NGD_EMULATOR_ASAN") == "1"  # set by the run of ASAN_SELECTION below
+    build = ROOT / "build" / ("cuda_emulation_asan" if address_sanitizer else "cuda_emulation")
     build.mkdir(parents=True, exist_ok=True)
+    sanitizers = "address,alignment" if address_sanitizer else "alignment"
     with pytest.MonkeyPatch.context() as patch:
         # cpp_extension finds ninja on PATH; the venv's bin folder is not on it when the venv is not activated.
         patch.setenv("PATH", os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
@@ -42,7 +46,8 @@ def emulated_ops():
             sources=[str(ROOT / "tests" / "cuda_emulation" / "proto_dgeo_emulated.cpp"),
                      str(ROOT / "tests" / "cuda_emulation" / "emulator_selftest.cpp"),
                      str(ROOT / "csrc" / "checks.cpp")],
-            extra_cflags=["-O2", "-fsanitize=alignment", "-fsanitize-undefined-trap-on-error"],
+            extra_cflags=["-O2", f"-fsanitize={sanitizers}", "-fsanitize-undefined-trap-on-error"],
+            extra_ldflags=["-fsanitize=address"] if address_sanitizer else [],
             build_directory=str(build),
             is_python_module=False,
         )
@@ -295,3 +300,30 @@ def test_emulator_tf32_rounds_to_nearest_with_ties_away_from_zero():
 def test_emulator_refuses_what_a_gpu_would_run_wrongly(kernel, message):
     with pytest.raises(RuntimeError, match=message):
         getattr(torch.ops.ngd_emulator_selftest, kernel)()
+
+
+# The AddressSanitizer run: every test but the other two schedules' repeats and this one.
+ASAN_SELECTION = "not in_order and not reversed and not address_sanitizer"
+
+
+def test_kernels_pass_under_address_sanitizer():
+    """A GPU faults on an access outside every allocation (compute-sanitizer's memcheck names it), where the
+    emulator on a CPU reads whatever the heap holds there, and a result that ignores what it read shows nothing:
+    this file runs again, under one schedule, with the emulator built with AddressSanitizer, which stops at the
+    first access outside an allocation, a tensor's included, and names it."""
+    compiler = os.environ.get("CXX", "c++")
+    runtime, libstdcxx = (subprocess.run([compiler, f"-print-file-name={name}"], capture_output=True, text=True)
+                          .stdout.strip() for name in ("libasan.so", "libstdc++.so"))
+    if not os.path.isabs(runtime):
+        pytest.skip(f"{compiler} has no AddressSanitizer runtime")
+    result = subprocess.run(
+        # -s: the sanitizer's report goes to stderr as the process ends, which pytest's capture would swallow.
+        [sys.executable, "-m", "pytest", "-v", "-s", "-p", "no:cacheprovider", __file__, "-k", ASAN_SELECTION],
+        # libstdc++ is preloaded too, so that the sanitizer's hook on C++ throws finds it (the emulator throws).
+        env=dict(os.environ, NGD_EMULATOR_ASAN="1", LD_PRELOAD=f"{runtime} {libstdcxx}",
+                 ASAN_OPTIONS="detect_leaks=0"),
+        capture_output=True, text=True, cwd=ROOT)
+    report = result.stdout[-3000:] + result.stderr[-5000:]
+    assert result.returncode == 0 and "ERROR: AddressSanitizer" not in result.stderr, report
+    assert re.search(r"^=+ \d+ passed, \d+ deselected in ", result.stdout, re.MULTILINE), report
+

@@ -22,6 +22,9 @@
 #include <c10/util/Exception.h>
 
 #include <link.h>
+#if defined(__SANITIZE_ADDRESS__)
+#include <sanitizer/common_interface_defs.h>
+#endif
 #include <sys/mman.h>
 #include <ucontext.h>
 #include <unistd.h>
@@ -229,6 +232,8 @@ struct Block {
   const std::function<void()>* body = nullptr;
   Fiber* running = nullptr;
   ucontext_t scheduler;
+  const void* scheduler_stack = nullptr;  // the calling OS thread's stack, as AddressSanitizer reported it
+  size_t scheduler_stack_bytes = 0;
   std::exception_ptr error;
 };
 
@@ -247,6 +252,21 @@ inline Schedule& schedule() {
   return current;
 }
 
+// Code that switches stacks itself must tell AddressSanitizer (in builds that have it) which stack is about to be
+// live and when it is, or the sanitizer takes a fiber's frames for overflows of the thread's stack. `leaving`
+// before each switch names the stack switched to; `arrived` after it gets the bounds of the stack left.
+#if defined(__SANITIZE_ADDRESS__)
+inline void leaving(void** fake_stack, const void* bottom, size_t bytes) {
+  __sanitizer_start_switch_fiber(fake_stack, bottom, bytes);
+}
+inline void arrived(void* fake_stack, const void** left_bottom, size_t* left_bytes) {
+  __sanitizer_finish_switch_fiber(fake_stack, left_bottom, left_bytes);
+}
+#else
+inline void leaving(void**, const void*, size_t) {}
+inline void arrived(void*, const void**, size_t*) {}
+#endif
+
 inline Block*& current_block() {
   static Block* block = nullptr;
   return block;
@@ -261,17 +281,22 @@ inline void yield(Wait wait) {
   Block& block = *current_block();
   Fiber& fiber = *block.running;
   fiber.wait = wait;
+  void* fake_stack = nullptr;
+  leaving(&fake_stack, block.scheduler_stack, block.scheduler_stack_bytes);
   swapcontext(&fiber.context, &block.scheduler);
+  arrived(fake_stack, &block.scheduler_stack, &block.scheduler_stack_bytes);
 }
 
 inline void fiber_main() {
   Block& block = *current_block();
+  arrived(nullptr, &block.scheduler_stack, &block.scheduler_stack_bytes);
   try {
     (*block.body)();
   } catch (...) {
     if (!block.error) block.error = std::current_exception();
   }
   block.running->wait = Wait::kDone;
+  leaving(nullptr, block.scheduler_stack, block.scheduler_stack_bytes);  // nullptr: this fiber's stack is done
   setcontext(&block.scheduler);  // a fiber's function must never return (uc_link is unset)
 }
 
@@ -305,7 +330,10 @@ inline void run_block(Block& block) {
       Fiber& fiber = block.fibers[reversed ? first + last - 1 - i : i];
       if (fiber.wait == Wait::kDone || fiber.wait == Wait::kBlock) continue;
       block.running = &fiber;
+      void* fake_stack = nullptr;
+      leaving(&fake_stack, fiber.stack.get(), kStackBytes);
       swapcontext(&block.scheduler, &fiber.context);
+      arrived(fake_stack, nullptr, nullptr);
       if (block.error) std::rethrow_exception(block.error);
       resumed = true;
     }
