@@ -326,4 +326,3 @@ def test_kernels_pass_under_address_sanitizer():
     report = result.stdout[-3000:] + result.stderr[-5000:]
     assert result.returncode == 0 and "ERROR: AddressSanitizer" not in result.stderr, report
     assert re.search(r"^=+ \d+ passed, \d+ deselected in ", result.stdout, re.MULTILINE), report
-
