@@ -1,5 +1,11 @@
-"""Inputs for the Proto-KD + D-Geo tests, and the comparisons the tests share."""
+"""Inputs for the Proto-KD + D-Geo tests, and the comparisons and subprocess runs the tests share."""
 
+import os
+import re
+import subprocess
+import sys
+
+import pytest
 import torch
 
 from ngd_ext import reference
@@ -129,3 +135,23 @@ EDGE_CASES = {
     "large_magnitude": dict(scale=1e4),
     "tiny_magnitude": dict(scale=1e-20),
 }
+
+
+def run_under_address_sanitizer(script_args, env_extra, cwd):
+    """Runs `python script_args...` (a pytest run whose C++ extension is built with -fsanitize=address) with
+    AddressSanitizer's runtime preloaded, and checks that the sanitizer found nothing and the tests passed. The
+    runtime is preloaded with libstdc++, which its hook on C++ throws must find loaded (the ops throw their
+    errors); the calling test skips where the compiler has no runtime."""
+    compiler = os.environ.get("CXX", "c++")
+    runtime, libstdcxx = (subprocess.run([compiler, f"-print-file-name={name}"], capture_output=True, text=True)
+                          .stdout.strip() for name in ("libasan.so", "libstdc++.so"))
+    if not os.path.isabs(runtime):
+        pytest.skip(f"{compiler} has no AddressSanitizer runtime")
+    env = dict(os.environ, LD_PRELOAD=f"{runtime} {libstdcxx}", ASAN_OPTIONS="detect_leaks=0", **env_extra)
+    result = subprocess.run([sys.executable, *script_args], env=env, capture_output=True, text=True, cwd=cwd)
+    finding = result.stderr.find("ERROR: AddressSanitizer")
+    # The test that was running ends the -v output; the sanitizer's finding and its stacks start at the ERROR line.
+    report = result.stdout[-2000:] + (result.stderr[finding:finding + 6000] if finding >= 0 else result.stderr[-6000:])
+    assert result.returncode == 0 and finding < 0, report
+    assert re.search(r"^=+ \d+ passed(, \d+ skipped)?, \d+ deselected in ", result.stdout, re.MULTILINE), report
+

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from helpers import (DEVICES, EDGE_CASES, SHAPES, compare_exact_dtype, compare_half_dtype, kink_free_params,
-                     make_case, off_vector_boundary, weighted_grad)
+                     make_case, off_vector_boundary, run_under_address_sanitizer, weighted_grad)
 import ngd_ext
 from ngd_ext import reference
 
@@ -200,6 +200,32 @@ def test_baseline_cpu_variant_passes_the_cpu_tests():
     summary = result.stdout.strip().splitlines()[-1]
     assert result.returncode == 0 and "skipped" not in summary, result.stdout[-4000:]
     assert "test_cpu_kernel_variant PASSED" in result.stdout
+
+
+def test_cpu_kernels_pass_under_address_sanitizer():
+    """The CPU kernels read and write whole vectors up to the ends of rows and tensors, and an access past an
+    allocation's end rarely faults on a CPU: this file's CPU tests run again against a build of the CPU op with
+    AddressSanitizer (setup.py's flags, CUDA left out), which stops at the first such access and names it."""
+    build = ROOT / "build" / "cpu_asan"
+    build.mkdir(parents=True, exist_ok=True)
+    sources = [str(path) for folder in ("csrc", "csrc/cpu") for path in sorted((ROOT / folder).glob("*.cpp"))]
+    selection = "not cuda and not falls_back and not baseline_cpu_variant and not address_sanitizer"
+    script = (
+        "import sys\n"
+        "import pytest\n"
+        "from torch.utils import cpp_extension\n"
+        f"module = cpp_extension.load(name='_C', sources={sources!r}, build_directory={str(build)!r},"
+        " extra_cflags=['-O3', '-fopenmp', '-ffp-contract=fast', '-fsanitize=address'],"
+        " extra_ldflags=['-fopenmp', '-fsanitize=address'])\n"
+        "sys.modules['ngd_ext._C'] = module\n"  # ngd_ext imports it from there instead of its own build
+        "import ngd_ext\n"
+        "ngd_ext._C = module\n"
+        # -s: the sanitizer's report goes to stderr as the process ends, which pytest's capture would swallow.
+        f"sys.exit(pytest.main(['-v', '-s', '-p', 'no:cacheprovider', {__file__!r}, '-k', {selection!r}]))\n"
+    )
+    # cpp_extension runs ninja from PATH, where the venv's bin folder is not unless the venv is activated.
+    path = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
+    run_under_address_sanitizer(["-c", script], {"PATH": path}, ROOT)
 
 
 def test_falls_back_to_reference_without_extension():
