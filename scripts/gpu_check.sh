@@ -33,11 +33,11 @@ if ! "$python" setup.py build_ext --inplace > "$out/build.log" 2>&1; then
 fi
 "$python" -c "import ngd_ext; print('fused cpu', ngd_ext.fused_available('cpu'), 'cuda', ngd_ext.fused_available('cuda'))" 2>&1 | tee -a "$out/summary.txt"
 
-# Error-path tests run on their own: a crash there must not hide the numerical results. The rerun of the CPU
-# tests on the baseline CPU kernels is left to CI, which runs it on every commit.
+# Error-path tests run on their own: a crash there must not hide the numerical results. The reruns of the CPU
+# tests on the baseline CPU kernels and under AddressSanitizer are left to CI, which runs them on every commit.
 step "tests"
 timeout 150 "$python" -m pytest -q -p no:cacheprovider tests/test_fused.py tests/test_reference.py \
-  -k "not baseline_cpu_variant" > "$out/tests.log" 2>&1
+  -k "not baseline_cpu_variant and not address_sanitizer" > "$out/tests.log" 2>&1
 echo "pytest exit $?" | tee -a "$out/summary.txt"
 grep -E "passed|failed|error|FAILED" "$out/tests.log" | tail -n 15 | tee -a "$out/summary.txt"
 timeout 60 "$python" -m pytest -q -p no:cacheprovider tests/test_errors.py > "$out/tests_errors.log" 2>&1
