@@ -154,4 +154,3 @@ def run_under_address_sanitizer(script_args, env_extra, cwd):
     report = result.stdout[-2000:] + (result.stderr[finding:finding + 6000] if finding >= 0 else result.stderr[-6000:])
     assert result.returncode == 0 and finding < 0, report
     assert re.search(r"^=+ \d+ passed(, \d+ skipped)?, \d+ deselected in ", result.stdout, re.MULTILINE), report
-

@@ -1,6 +1,6 @@
 """The fused op against the reference: shapes, dtypes, edge cases, gradcheck, opcheck, torch.compile,
-determinism, CUDA graphs, the CPU kernels' baseline variant, and the fallback when the extension is missing.
-CUDA cases skip without a GPU."""
+determinism, CUDA graphs, the CPU kernels' baseline variant and an AddressSanitizer build of them, and the
+fallback when the extension is missing. CUDA cases skip without a GPU."""
 
 import os
 import pathlib
@@ -18,6 +18,9 @@ from ngd_ext import reference
 pytestmark = pytest.mark.skipif(not ngd_ext.fused_available("cpu"), reason="ngd_ext._C is not built")
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
+# The CPU tests that the reruns below run again: neither rerun nor the fallback test, which start processes of their
+# own, and no CUDA case.
+CPU_RERUN = "not cuda and not falls_back and not baseline_cpu_variant and not address_sanitizer"
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -194,8 +197,7 @@ def test_baseline_cpu_variant_passes_the_cpu_tests():
     if os.environ.get("NGD_CPU_BASELINE") == "1":
         pytest.skip("this is the baseline run")
     result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-v", "-p", "no:cacheprovider", __file__,
-         "-k", "not cuda and not falls_back and not baseline_cpu_variant"],
+        [sys.executable, "-m", "pytest", "-v", "-p", "no:cacheprovider", __file__, "-k", CPU_RERUN],
         env=dict(os.environ, NGD_CPU_BASELINE="1"), capture_output=True, text=True, cwd=ROOT)
     summary = result.stdout.strip().splitlines()[-1]
     assert result.returncode == 0 and "skipped" not in summary, result.stdout[-4000:]
@@ -209,7 +211,6 @@ def test_cpu_kernels_pass_under_address_sanitizer():
     build = ROOT / "build" / "cpu_asan"
     build.mkdir(parents=True, exist_ok=True)
     sources = [str(path) for folder in ("csrc", "csrc/cpu") for path in sorted((ROOT / folder).glob("*.cpp"))]
-    selection = "not cuda and not falls_back and not baseline_cpu_variant and not address_sanitizer"
     script = (
         "import sys\n"
         "import pytest\n"
@@ -221,7 +222,7 @@ def test_cpu_kernels_pass_under_address_sanitizer():
         "import ngd_ext\n"
         "ngd_ext._C = module\n"
         # -s: the sanitizer's report goes to stderr as the process ends, which pytest's capture would swallow.
-        f"sys.exit(pytest.main(['-v', '-s', '-p', 'no:cacheprovider', {__file__!r}, '-k', {selection!r}]))\n"
+        f"sys.exit(pytest.main(['-v', '-s', '-p', 'no:cacheprovider', {__file__!r}, '-k', {CPU_RERUN!r}]))\n"
     )
     # cpp_extension runs ninja from PATH, where the venv's bin folder is not unless the venv is activated.
     path = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
