@@ -29,13 +29,23 @@ def proto_dgeo_loss(z, protos, target, labels, positive, tau=0.9, var_cap=0.2, m
     """Return (proto_kd, var_cap_loss, margin_loss) of SPEC section 4; gradients flow to z only.
 
     Runs the fused op where it is built for z's device and the pure-PyTorch reference otherwise; both
-    take and return the same things (see ngd_ext.reference.proto_dgeo_loss).
+    take and return the same things (see ngd_ext.reference.proto_dgeo_loss). The reference also serves what the
+    fused kernels cannot: forward-mode AD and torch.func transforms, and the backward under create_graph=True.
     """
-    if not fused_available(z.device.type):
+    if not fused_available(z.device.type) or _differentiated_by_transform(z):
         return reference.proto_dgeo_loss(z, protos, target, labels, positive, tau, var_cap, margin)
     proto_kd, var_cap_loss, margin_loss, *_ = torch.ops.ngd_ext.proto_dgeo_fwd(
         z, protos, target, labels, positive, float(tau), float(var_cap), float(margin))
     return proto_kd, var_cap_loss, margin_loss
+
+
+def _differentiated_by_transform(z):
+    """Whether z is differentiated in a way the op's autograd registration does not serve: by forward mode
+    (torch.autograd.forward_ad), whose tangents would be dropped without an error, or inside a torch.func transform
+    (grad, jvp, hessian, ...), which torch.library's generated autograd.Function refuses (pytorch/pytorch#168393)."""
+    if torch.compiler.is_compiling():  # Dynamo cannot trace the check; AOTAutograd differentiates compiled code
+        return False
+    return torch.autograd.forward_ad._current_level >= 0 or torch._C._functorch.is_functorch_wrapped_tensor(z)
 
 
 def _accumulate_dtype(z):
@@ -62,21 +72,26 @@ if _C is not None:
         return torch.empty_like(z, memory_format=torch.contiguous_format)
 
     def _setup_context(ctx, inputs, output):
-        z, protos, target, labels, _positive, tau, _var_cap, _margin = inputs
+        z, protos, target, labels, positive, tau, var_cap, margin = inputs
         saved = output[3:]  # cosines, lse, norms, var_coef, class_mean, margin_coef
-        ctx.save_for_backward(z, protos, target, labels, *saved)
-        ctx.tau = tau
+        ctx.save_for_backward(z, protos, target, labels, positive, *saved)
+        ctx.params = tau, var_cap, margin
         ctx.mark_non_differentiable(*saved)
         ctx.set_materialize_grads(False)  # no zero tensors for the six saved outputs, which take no gradient
 
     def _backward(ctx, grad_proto_kd, grad_var_cap, grad_margin, *_saved_grads):
-        grad_z = None
-        if ctx.needs_input_grad[0]:
-            saved = ctx.saved_tensors  # every access unpacks all ten anew, so once
-            z = saved[0]
-            grads = [z.new_zeros((), dtype=_accumulate_dtype(z)) if grad is None else grad
-                     for grad in (grad_proto_kd, grad_var_cap, grad_margin)]
-            grad_z = torch.ops.ngd_ext.proto_dgeo_bwd(*grads, *saved, ctx.tau)
+        if not ctx.needs_input_grad[0]:
+            return (None,) * 8
+        z, protos, target, labels, positive, *saved = ctx.saved_tensors  # each access unpacks all eleven anew
+        grads = [z.new_zeros((), dtype=_accumulate_dtype(z)) if grad is None else grad
+                 for grad in (grad_proto_kd, grad_var_cap, grad_margin)]
+        if torch.is_grad_enabled():
+            # create_graph=True: the gradient must be differentiable itself, and the fused backward is not, so it
+            # comes from the reference's graph, recomputed here (same math; higher orders at reference speed).
+            terms = reference.proto_dgeo_terms(z, protos, target, labels, positive, *ctx.params)
+            (grad_z,) = torch.autograd.grad(terms, z, grads, create_graph=True)
+        else:
+            grad_z = torch.ops.ngd_ext.proto_dgeo_bwd(*grads, z, protos, target, labels, *saved, ctx.params[0])
         return grad_z, None, None, None, None, None, None, None
 
     torch.library.register_autograd("ngd_ext::proto_dgeo_fwd", _backward, setup_context=_setup_context)

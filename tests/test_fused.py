@@ -9,6 +9,8 @@ import sys
 
 import pytest
 import torch
+from torch.autograd import forward_ad
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from helpers import (DEVICES, EDGE_CASES, SHAPES, compare_exact_dtype, compare_half_dtype, kink_free_params,
                      make_case, off_vector_boundary, run_under_address_sanitizer, weighted_grad)
@@ -115,6 +117,75 @@ def test_gradcheck_fused(device, seed):
     z = case.pop("z").requires_grad_(True)
     assert torch.autograd.gradcheck(lambda x: ngd_ext.proto_dgeo_loss(x, **case, **params), (z,), eps=1e-6,
                                     atol=1e-7)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_gradgradcheck_fused(device):
+    case = make_case(batch=30, dim=7, num_protos=9, num_classes=4, dtype=torch.float64, device=device, seed=0,
+                     positive=(0, 1, 2, 3))
+    params = kink_free_params(case)
+    z = case.pop("z").requires_grad_(True)
+    assert torch.autograd.gradgradcheck(lambda x: ngd_ext.proto_dgeo_loss(x, **case, **params), (z,), eps=1e-6,
+                                        atol=1e-6)
+
+
+def gradient_penalty(loss, z, probe):
+    (grad,) = torch.autograd.grad(loss(z), z, create_graph=True)
+    return torch.autograd.grad((grad * probe).sum(), z)[0]
+
+
+def forward_mode(loss, z, probe):
+    with forward_ad.dual_level():
+        return forward_ad.unpack_dual(loss(forward_ad.make_dual(z, probe))).tangent
+
+
+# How each way of differentiating is served: the fused kernels where the op's registration serves it, else the
+# reference (create_graph=True needs a differentiable gradient; forward mode and torch.func transforms, see ops.py).
+FORWARD, BACKWARD = "ngd_ext::proto_dgeo_fwd", "ngd_ext::proto_dgeo_bwd"
+DIFFERENTIATIONS = {
+    "backward": (lambda loss, z, probe: torch.autograd.grad(loss(z), z)[0], [FORWARD, BACKWARD]),
+    "gradient_penalty": (gradient_penalty, [FORWARD]),
+    "forward_ad": (forward_mode, []),
+    "func_jvp": (lambda loss, z, probe: torch.func.jvp(loss, (z,), (probe,))[1], []),
+    "func_grad": (lambda loss, z, probe: torch.func.grad(loss)(z), []),
+    "func_hessian": (lambda loss, z, probe: torch.func.hessian(loss)(z), []),
+}
+
+
+class FusedOpsRecorder(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.called = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace == "ngd_ext":
+            self.called.append(func.name())
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")  # torch.func's own use of it
+@pytest.mark.parametrize("mode", DIFFERENTIATIONS)
+def test_every_way_of_differentiating_matches_reference(mode):
+    """Each way of differentiating the loss gives the reference's derivatives, with a term left out of the loss (None
+    reaches the backward), and runs the fused ops it is expected to."""
+    differentiate, fused_ops = DIFFERENTIATIONS[mode]
+    case = make_case(24, 6, 9, 4, dtype=torch.float64, seed=17, positive=(0, 1, 2, 3))
+    params = kink_free_params(case)
+    z, rest = case["z"], [case[name] for name in ("protos", "target", "labels", "positive")]
+    probe = torch.randn(z.shape, dtype=z.dtype, generator=torch.Generator().manual_seed(3))
+
+    def derivative(loss_fn):
+        def loss(x):
+            proto_kd, _var_cap, margin = loss_fn(x, *rest, **params)
+            return 0.7 * proto_kd + 2.1 * margin
+        return differentiate(loss, z.clone().requires_grad_(mode in ("backward", "gradient_penalty")), probe)
+
+    with FusedOpsRecorder() as recorder:
+        got = derivative(ngd_ext.proto_dgeo_loss)
+    want = derivative(reference.proto_dgeo_loss)
+    assert recorder.called == fused_ops
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+    assert want.abs().max() > 1e-3
 
 
 @pytest.mark.parametrize("device", DEVICES)
