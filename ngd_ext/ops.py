@@ -32,20 +32,21 @@ def proto_dgeo_loss(z, protos, target, labels, positive, tau=0.9, var_cap=0.2, m
     take and return the same things (see ngd_ext.reference.proto_dgeo_loss). The reference also serves what the
     fused kernels cannot: forward-mode AD and torch.func transforms, and the backward under create_graph=True.
     """
-    if not fused_available(z.device.type) or _differentiated_by_transform(z):
+    if not fused_available(z.device.type) or _differentiated_by_transform(z, protos, target):
         return reference.proto_dgeo_loss(z, protos, target, labels, positive, tau, var_cap, margin)
     proto_kd, var_cap_loss, margin_loss, *_ = torch.ops.ngd_ext.proto_dgeo_fwd(
         z, protos, target, labels, positive, float(tau), float(var_cap), float(margin))
     return proto_kd, var_cap_loss, margin_loss
 
 
-def _differentiated_by_transform(z):
-    """Whether z is differentiated in a way the op's autograd registration does not serve: by forward mode
+def _differentiated_by_transform(z, protos, target):
+    """Whether the inputs are differentiated in a way the op's autograd registration does not serve: by forward mode
     (torch.autograd.forward_ad), whose tangents would be dropped without an error, or inside a torch.func transform
     (grad, jvp, hessian, ...), which torch.library's generated autograd.Function refuses (pytorch/pytorch#168393)."""
     if torch.compiler.is_compiling():  # Dynamo cannot trace the check; AOTAutograd differentiates compiled code
         return False
-    return torch.autograd.forward_ad._current_level >= 0 or torch._C._functorch.is_functorch_wrapped_tensor(z)
+    wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+    return torch.autograd.forward_ad._current_level >= 0 or wrapped(z) or wrapped(protos) or wrapped(target)
 
 
 def _accumulate_dtype(z):
@@ -73,6 +74,7 @@ if _C is not None:
 
     def _setup_context(ctx, inputs, output):
         z, protos, target, labels, positive, tau, var_cap, margin = inputs
+        reference.check_constants(protos, target)
         saved = output[3:]  # cosines, lse, norms, var_coef, class_mean, margin_coef
         ctx.save_for_backward(z, protos, target, labels, positive, *saved)
         ctx.params = tau, var_cap, margin

@@ -53,6 +53,8 @@ def check_inputs(z, protos, target, labels, positive, tau, var_cap, margin):
         if tensor.device != z.device:
             raise ValueError(f"proto_dgeo_loss: {name} is on {tensor.device} but z is on {z.device}; "
                              "all inputs must be on one device")
+    if torch.is_grad_enabled():
+        check_constants(protos, target)
     if not (math.isfinite(tau) and tau > 0):
         raise ValueError(f"proto_dgeo_loss: tau must be a positive finite number, got {tau}")
     for name, value in (("var_cap", var_cap), ("margin", margin)):
@@ -79,6 +81,15 @@ def check_inputs(z, protos, target, labels, positive, tau, var_cap, margin):
     finite_rows = torch.isfinite(z).all(1)
     if not finite_rows.all():
         raise ValueError(f"proto_dgeo_loss: z has a non-finite value in row {(~finite_rows).nonzero()[0, 0].item()}")
+
+
+def check_constants(protos, target):
+    """Raise a ValueError for a prototype bank or target that asks for a gradient: the loss gives one to z only
+    (SPEC section 4), and silently leaving a learnable bank unchanged would be worse than refusing it."""
+    for name, tensor in (("protos", protos), ("target", target)):
+        if tensor.requires_grad:
+            raise ValueError(f"proto_dgeo_loss: {name} requires grad, but the loss gives a gradient with respect to z "
+                             f"only; pass {name}.detach() to use it as the constant it is")
 
 
 def proto_dgeo_loss(z, protos, target, labels, positive, tau=0.9, var_cap=0.2, margin=0.5):

@@ -42,6 +42,11 @@ BAD_INPUTS = {
                      r"labels\[9\] = 4 is out of range \[0, 4\)"),
     "labels_negative": (lambda c: dict(c, labels=with_row(c["labels"], 2, -1)),
                         r"labels\[2\] = -1 is out of range \[0, 4\)"),
+    "protos_requires_grad": (lambda c: dict(c, protos=c["protos"].clone().requires_grad_(True)),
+                             r"protos requires grad, but the loss gives a gradient with respect to z only; "
+                             r"pass protos\.detach\(\)"),
+    "target_requires_grad": (lambda c: dict(c, target=c["target"].clone().requires_grad_(True)),
+                             r"target requires grad, .* pass target\.detach\(\)"),
     "positive_dtype": (lambda c: dict(c, positive=c["positive"].float()), r"positive must be bool"),
     "positive_length": (lambda c: dict(c, positive=c["positive"][:-1]), r"positive must be 1-D of length C = 4"),
     "tau_zero": (lambda c: dict(c, tau=0.0), r"tau must be a positive finite number, got 0"),
@@ -66,3 +71,13 @@ def test_inputs_on_two_devices(implementation):
     case["target"] = case["target"].cpu()
     with pytest.raises(ValueError, match=r"target is on cpu but z is on cuda:0"):
         IMPLEMENTATIONS[implementation](**case)
+
+
+@pytest.mark.parametrize("implementation", sorted(IMPLEMENTATIONS))
+def test_bank_that_requires_grad_is_accepted_without_grad_mode(implementation):
+    """Under no_grad nothing would be differentiated, so a learnable bank is not refused there (evaluation)."""
+    case = make_case(batch=16, dim=16, num_protos=5, num_classes=4)
+    want = IMPLEMENTATIONS[implementation](**case)
+    with torch.no_grad():
+        got = IMPLEMENTATIONS[implementation](**dict(case, protos=case["protos"].clone().requires_grad_(True)))
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
