@@ -269,25 +269,42 @@ def test_emulator_async_copies_land_at_the_wait():
     assert torch.equal(after, torch.where(torch.arange(32) % 2 == 1, 0.0, values))
 
 
+def tf32_truncated(x):
+    """x as the tensor cores read a float operand: its 13 low mantissa bits cleared."""
+    return (x.view(torch.int32) & -(1 << 13)).view(torch.float32)
+
+
 @pytest.mark.parametrize("shuffles", [False, True], ids=["tensor_core_model", "shuffles"])
 def test_mma_tile_is_the_matrix_product(shuffles):
     """Fragments loaded as PTX lays them out for mma m16n8k8 multiply to c + a b, both in the emulator's model of
     the tensor cores and in the .cu's tile by shuffles (float64, and float32 before sm_80): in float64 as a sum in
-    k order, in float32 for TF32 values (whose products are exact) up to the order of the additions."""
+    k order; in float32 the model reads each operand as TF32 (truncated, as the hardware does) and forms exact
+    products, where the shuffles multiply whole floats."""
     generator = torch.Generator().manual_seed(1)
     a, b, c = (torch.randn(shape, generator=generator, dtype=torch.float64) for shape in ((16, 8), (8, 8), (16, 8)))
     tile = torch.ops.ngd_ext_emulated.mma_tile
     torch.testing.assert_close(tile(a, b, c, shuffles), c + a @ b, rtol=1e-14, atol=1e-14)
-    a32, b32 = (torch.ops.ngd_emulator_selftest.to_tf32(x.float()) for x in (a, b))
-    torch.testing.assert_close(tile(a32, b32, c.float(), shuffles), (c + a32.double() @ b32.double()).float(),
-                               rtol=1e-6, atol=1e-6)
+    a32, b32 = a.float(), b.float()
+    read = (lambda x: x) if shuffles else tf32_truncated
+    want = (c + read(a32).double() @ read(b32).double()).float()
+    torch.testing.assert_close(tile(a32, b32, c.float(), shuffles), want, rtol=1e-6, atol=1e-6)
 
 
-def test_emulator_tf32_rounds_to_nearest_with_ties_away_from_zero():
+def test_split_tf32_rounds_to_nearest_and_keeps_the_rest():
+    """hi is x rounded to TF32 with ties away from zero (cvt.rna.tf32.f32), lo = x - hi exactly; where x is not
+    finite, lo is NaN, so no product with it is finite."""
     ulp = 2.0 ** -10  # TF32 keeps 10 of float32's 23 mantissa bits
-    values = torch.tensor([1 + ulp / 2, 1 + ulp / 2 - 2.0 ** -23, -(1 + ulp / 2), 1 + 1.5 * ulp, 3.0, float("inf")])
-    want = torch.tensor([1 + ulp, 1.0, -(1 + ulp), 1 + 2 * ulp, 3.0, float("inf")])
-    assert torch.equal(torch.ops.ngd_emulator_selftest.to_tf32(values), want)
+    ties = torch.tensor([1 + ulp / 2, 1 + ulp / 2 - 2.0 ** -23, -(1 + ulp / 2), 1 + 1.5 * ulp, 3.0])
+    hi, lo = torch.ops.ngd_ext_emulated.split_tf32(ties)
+    assert torch.equal(hi, torch.tensor([1 + ulp, 1.0, -(1 + ulp), 1 + 2 * ulp, 3.0]))
+    values = torch.randn(10000, generator=torch.Generator().manual_seed(2)) * torch.logspace(-30, 30, 10000)
+    hi, lo = torch.ops.ngd_ext_emulated.split_tf32(values)
+    assert torch.equal(tf32_truncated(hi), hi)
+    assert torch.equal(hi.double() + lo.double(), values.double())
+    assert (lo.abs() <= values.abs() * 2.0 ** -11).all()
+    gpu_nan = torch.tensor([0x7FFFFFFF], dtype=torch.int32).view(torch.float32)  # whose hi is -0
+    hi, lo = torch.ops.ngd_ext_emulated.split_tf32(torch.cat([torch.tensor([float("inf"), -float("inf")]), gpu_nan]))
+    assert torch.equal(hi[:2], torch.tensor([float("inf"), -float("inf")])) and lo.isnan().all()
 
 
 @pytest.mark.parametrize("kernel, message", [

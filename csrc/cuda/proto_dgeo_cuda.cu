@@ -82,14 +82,7 @@ __device__ __forceinline__ void mma_m16n8k8(double (&c)[4], const double (&a)[4]
 }
 
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
-// x rounded to TF32 (10 mantissa bits, to nearest, ties away from zero), as a float.
-__device__ __forceinline__ float to_tf32(float x) {
-  uint32_t bits;
-  asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(bits) : "f"(x));
-  return __uint_as_float(bits);
-}
-
-// c += a b for one tile on the tensor cores, a and b holding TF32 values.
+// c += a b for one tile on the tensor cores, which read each float operand as TF32: its 13 low bits are ignored.
 __device__ __forceinline__ void mma_m16n8k8(float (&c)[4], const float (&a)[4], const float (&b)[2]) {
   asm volatile(
       "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
@@ -99,9 +92,7 @@ __device__ __forceinline__ void mma_m16n8k8(float (&c)[4], const float (&a)[4], 
         "r"(__float_as_uint(a[3])), "r"(__float_as_uint(b[0])), "r"(__float_as_uint(b[1])));
 }
 #else
-// Without TF32 tensor cores the products are formed in float by shuffles: x needs no split (its low part is 0).
-__device__ __forceinline__ float to_tf32(float x) { return x; }
-
+// Without TF32 tensor cores the products are formed in float by shuffles.
 __device__ __forceinline__ void mma_m16n8k8(float (&c)[4], const float (&a)[4], const float (&b)[2]) {
   mma_by_shuffles(c, a, b);
 }
@@ -279,16 +270,25 @@ __device__ __forceinline__ int tile_row_offset(int row, int k) {
   return row * KMAX + (k ^ (row & 7));
 }
 
-// x = hi + lo with both parts TF32 values, so that a b = a_hi b_hi + a_hi b_lo + a_lo b_hi to 2^-22 of a b (the
-// part left out is a_lo b_lo): products to float accuracy from TF32 multiplications. A double stays whole.
+// A float split for three TF32 products, so that a b = a_hi b_hi + a_hi b_lo + a_lo b_hi to about 2^-21 of a b: hi
+// is x rounded to TF32 (to nearest, ties away from zero: half a TF32 ulp added to the bits, the 13 low bits then
+// cleared, as CUTLASS's round_half_ulp_truncate; bit for bit what cvt.rna.tf32.f32 gives for every finite x and
+// infinity) and lo = x - hi, exact in float, which the tensor cores read truncated to TF32. That is three integer
+// and float operations where cvt.rna.tf32.f32 twice takes seven on sm_90 (ptxas guards each against non-finite
+// input); no guard is needed, since where x is not finite, lo is NaN and the products stay non-finite.
+__device__ __forceinline__ void split_tf32(float x, float& hi, float& lo) {
+  hi = __uint_as_float((__float_as_uint(x) + 0x1000u) & 0xffffe000u);
+  lo = x - hi;
+}
+
+// Fragment values for mma_accurate: hi and lo of split_tf32 for float; a double stays whole.
 template <typename acc_t, int N>
 struct Fragment {
   acc_t hi[N], lo[N];
 
   __device__ __forceinline__ void set(int i, acc_t x) {
     if constexpr (std::is_same<acc_t, float>::value) {
-      hi[i] = to_tf32(x);
-      lo[i] = to_tf32(x - hi[i]);
+      split_tf32(x, hi[i], lo[i]);
     } else {
       hi[i] = x;
     }

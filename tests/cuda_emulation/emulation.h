@@ -9,8 +9,8 @@
 // in an int, so a read before this block's write shows), asynchronous copies to shared memory
 // (__pipeline_memcpy_async and its commit and wait: a copy lands as late as a GPU may land it, at the wait that
 // covers it, so a read before that wait shows), the
-// tensor cores' mma m16n8k8 (a warp-wide exchange of fragments laid out as PTX lays them out, the products
-// added in k order) and the conversion to TF32, CUDA_KERNEL_ASSERT (it becomes a C++ exception naming the
+// tensor cores' mma m16n8k8 (a warp-wide exchange of fragments laid out as PTX lays them out, float operands read
+// as TF32, the products added in k order), CUDA_KERNEL_ASSERT (it becomes a C++ exception naming the
 // condition), and the few runtime calls the host code makes. L2 prefetches are hints without effect on
 // results: here they do nothing. A shuffle reached by only part of a warp, a barrier reached by only part of
 // the block, a grid or block out of range, or more dynamic shared memory than the kernel was allowed (sm_90's
@@ -67,6 +67,18 @@
 
 using std::max;
 using std::min;
+
+inline unsigned int __float_as_uint(float x) {
+  unsigned int bits;
+  std::memcpy(&bits, &x, sizeof(bits));
+  return bits;
+}
+
+inline float __uint_as_float(unsigned int bits) {
+  float x;
+  std::memcpy(&x, &bits, sizeof(x));
+  return x;
+}
 
 struct dim3 {
   dim3(unsigned x_ = 1, unsigned y_ = 1, unsigned z_ = 1) : x(x_), y(y_), z(z_) {}
@@ -439,6 +451,17 @@ T shuffle(T value, int source_lane) {
   return out;
 }
 
+// An operand as the tensor cores read it: a float as TF32, its 13 low bits ignored (truncated toward zero; ptxas
+// relies on it, leaving those bits set in the TF32 values it makes for mma); a double whole.
+template <typename T>
+T tensor_core_operand(double value) {
+  if constexpr (std::is_same<T, float>::value) {
+    return __uint_as_float(__float_as_uint(static_cast<float>(value)) & 0xffffe000u);
+  } else {
+    return static_cast<T>(value);
+  }
+}
+
 // mma.sync m16n8k8 with fp32 accumulation (TF32 operands in float, or double): c += a b over a 16 x 8 x 8 tile
 // whose fragments the warp's lanes hold as PTX lays them out. With g = lane / 4 and t = lane % 4: a[0..3] are
 // A(g, t), A(g + 8, t), A(g, t + 4), A(g + 8, t + 4); b[0..1] are B(t, g), B(t + 4, g); c[0..3] are C(g, 2t),
@@ -452,9 +475,11 @@ void mma_m16n8k8(T (&c)[4], const T (&a)[4], const T (&b)[2]) {
                            static_cast<double>(a[3]), static_cast<double>(b[0]), static_cast<double>(b[1])};
   meet_warp();
   const auto a_at = [&](int row, int k) {
-    return static_cast<T>(block.operands[warp_base + row % 8 * 4 + k % 4][row / 8 + 2 * (k / 4)]);
+    return tensor_core_operand<T>(block.operands[warp_base + row % 8 * 4 + k % 4][row / 8 + 2 * (k / 4)]);
   };
-  const auto b_at = [&](int k, int n) { return static_cast<T>(block.operands[warp_base + n * 4 + k % 4][4 + k / 4]); };
+  const auto b_at = [&](int k, int n) {
+    return tensor_core_operand<T>(block.operands[warp_base + n * 4 + k % 4][4 + k / 4]);
+  };
   for (int r = 0; r < 4; ++r) {
     const int row = lane / 4 + 8 * (r / 2), n = 2 * (lane % 4) + r % 2;
     for (int k = 0; k < 8; ++k) c[r] += a_at(row, k) * b_at(k, n);
@@ -519,16 +544,5 @@ namespace {
 using ::ngd_emulation::launch;
 using ::ngd_emulation::mma_m16n8k8;
 inline void prefetch_l2(const void*) {}
-
-// cvt.rna.tf32.f32: to 10 mantissa bits, to nearest with ties away from zero (adding half of the dropped part to
-// the magnitude's bits carries into the exponent where it must); infinities and NaN pass unchanged.
-inline float to_tf32(float x) {
-  if (!std::isfinite(x)) return x;
-  uint32_t bits;
-  std::memcpy(&bits, &x, sizeof(bits));
-  bits = (bits + 0x1000u) & 0xffffe000u;
-  std::memcpy(&x, &bits, sizeof(bits));
-  return x;
-}
 }  // namespace
 }  // namespace ngd_ext

@@ -155,14 +155,6 @@ at::Tensor async_copy(const at::Tensor& in) {
   return out;
 }
 
-// The emulated cvt.rna.tf32.f32 of every element.
-at::Tensor to_tf32(const at::Tensor& in) {
-  auto out = in.clone();
-  float* values = out.data_ptr<float>();
-  for (int64_t i = 0; i < out.numel(); ++i) values[i] = ngd_ext::to_tf32(values[i]);
-  return out;
-}
-
 at::Tensor divergent_shuffle() {
   auto out = at::empty({32});
   ngd_emulation::launch(divergent_shuffle_kernel, 1, 32, 0, nullptr, out.data_ptr<float>());
@@ -192,7 +184,6 @@ TORCH_LIBRARY(ngd_emulator_selftest, m) {
   m.def("read_unwritten_shared", &read_unwritten_shared);
   m.def("read_unwritten_static_shared", &read_unwritten_static_shared);
   m.def("async_copy", &async_copy);
-  m.def("to_tf32", &to_tf32);
   m.def("divergent_shuffle", &divergent_shuffle);
   m.def("partial_barrier", &partial_barrier);
   m.def("oversized_shared", &oversized_shared);

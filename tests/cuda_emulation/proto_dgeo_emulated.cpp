@@ -1,6 +1,7 @@
 // csrc/cuda's kernels and host code, compiled for the CPU emulator in emulation.h and registered as
-// torch.ops.ngd_ext_emulated.proto_dgeo_fwd / proto_dgeo_bwd (CPU tensors in, CPU tensors out); and mma_tile, one
-// tensor-core tile through the emulator's model or through the .cu's shuffles.
+// torch.ops.ngd_ext_emulated.proto_dgeo_fwd / proto_dgeo_bwd (CPU tensors in, CPU tensors out); mma_tile, one
+// tensor-core tile through the emulator's model or through the .cu's shuffles; and split_tf32, the .cu's split of
+// float operands.
 #include "emulation.h"
 
 #include "../../csrc/cuda/proto_dgeo_cuda.cu"
@@ -27,7 +28,7 @@ __global__ void mma_tile_kernel(const T* a, const T* b, T* c) {
   c[(g + 8) * 8 + 2 * t + 1] = c_fragment[3];
 }
 
-// c + a b through mma_tile_kernel, in a's dtype (float64, or float32 holding TF32 values for the model).
+// c + a b through mma_tile_kernel, in a's dtype (float64 or float32).
 at::Tensor mma_tile(const at::Tensor& a, const at::Tensor& b, const at::Tensor& c, bool shuffles) {
   auto out = c.clone();
   AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "mma_tile", [&] {
@@ -38,10 +39,22 @@ at::Tensor mma_tile(const at::Tensor& a, const at::Tensor& b, const at::Tensor& 
   return out;
 }
 
+// [hi, lo] of the .cu's split_tf32 of every element of a float tensor.
+at::Tensor split_tf32(const at::Tensor& in) {
+  const auto x = in.contiguous();
+  const int64_t n = x.numel();
+  auto out = at::empty({2, n}, x.options());
+  const float* values = x.data_ptr<float>();
+  float* hi = out.data_ptr<float>();
+  for (int64_t i = 0; i < n; ++i) ngd_ext::split_tf32(values[i], hi[i], hi[n + i]);
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(ngd_ext_emulated, m) {
   m.def("proto_dgeo_fwd", &ngd_ext::proto_dgeo_fwd_cuda);
   m.def("proto_dgeo_bwd", &ngd_ext::proto_dgeo_bwd_cuda);
   m.def("mma_tile", &mma_tile);
+  m.def("split_tf32", &split_tf32);
 }
