@@ -25,7 +25,6 @@ image where none is found.
 
 import argparse
 import csv
-import json
 import os
 import sys
 

@@ -2,7 +2,6 @@
 over the 8 FERPlus classes and a projection head to the prototype dimension E. The projection serves
 Proto-KD and D-Geo in training; at inference only the classifier runs."""
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F

@@ -12,8 +12,8 @@ import torch
 from torch.autograd import forward_ad
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from helpers import (DEVICES, EDGE_CASES, SHAPES, compare_exact_dtype, compare_half_dtype, kink_free_params,
-                     make_case, off_vector_boundary, run_under_address_sanitizer, weighted_grad)
+from helpers import (DEVICES, EDGE_CASES, SHAPES, assert_float_accuracy, compare_exact_dtype, compare_half_dtype,
+                     kink_free_params, make_case, off_vector_boundary, run_under_address_sanitizer, weighted_grad)
 import ngd_ext
 from ngd_ext import reference
 
@@ -345,6 +345,16 @@ def test_cuda_outputs_fully_written(dtype, shape):
     outputs = torch.ops.ngd_ext.proto_dgeo_fwd(case["z"], case["protos"], case["target"], case["labels"],
                                                case["positive"], 0.9, 0.1, 1.2)
     assert all(torch.isfinite(out).all() for out in outputs)
+
+
+@cuda_only
+@pytest.mark.parametrize("shape", [(64, 512, 25, 8), (48, 200, 40, 8), (8192, 2048, 25, 8)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_cuda_float32_products_keep_float_accuracy(shape):
+    """The tensor cores read each float operand as TF32, and the kernels split every value in two for three products
+    per float product: on the hardware, as in the emulator, the gradient keeps float accuracy."""
+    case = make_case(*shape, device="cuda", seed=12)
+    assert_float_accuracy(ngd_ext.proto_dgeo_loss, case, tau=0.05, var_cap=0.1, margin=1.2)
 
 
 @cuda_only
