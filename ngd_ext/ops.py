@@ -74,7 +74,7 @@ if _C is not None:
 
     def _setup_context(ctx, inputs, output):
         z, protos, target, labels, positive, tau, var_cap, margin = inputs
-        reference.check_constants(protos, target)
+        reference.check_constants(protos, target)  # reached only where the call had grad mode on, so always
         saved = output[3:]  # cosines, lse, norms, var_coef, class_mean, margin_coef
         ctx.save_for_backward(z, protos, target, labels, positive, *saved)
         ctx.params = tau, var_cap, margin

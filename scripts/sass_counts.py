@@ -16,12 +16,14 @@ per 512 elements of z per warp, with two warps per scheduler: at large B and D t
 """
 
 import argparse
+import importlib.util
 import json
 import os
 import re
 import shutil
 import subprocess
 import sys
+import sysconfig
 import tempfile
 
 from torch.utils import cpp_extension
@@ -47,25 +49,22 @@ def tool(name):
     for root in filter(None, (os.environ.get("CUDA_HOME"), "/usr/local/cuda", "/opt/cuda")):
         if os.access(os.path.join(root, "bin", name), os.X_OK):
             return os.path.join(root, "bin", name)
-    if shutil.which(name):
-        return shutil.which(name)
-    try:
-        import triton
-    except ImportError:
-        triton = None
-    bundled = triton and os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
-    if bundled and os.access(bundled, os.X_OK):
-        return bundled
+    on_path = shutil.which(name)
+    if on_path:
+        return on_path
+    triton = importlib.util.find_spec("triton")
+    if triton is not None:
+        bundled = os.path.join(os.path.dirname(triton.origin), "backends", "nvidia", "bin", name)
+        if os.access(bundled, os.X_OK):
+            return bundled
     sys.exit(f"sass_counts: no {name} found (set CUDA_HOME to the CUDA toolkit's root)")
 
 
 def compile_cubin(source, arch, cubin):
     """ptxas's -v report of compiling the .cu to cubin with the extension's own flags."""
     includes = [f"-I{path}" for path in cpp_extension.include_paths()]
-    python_include = subprocess.run([sys.executable, "-c", "import sysconfig; print(sysconfig.get_paths()['include'])"],
-                                    capture_output=True, text=True, check=True).stdout.strip()
     command = [tool("nvcc"), "-std=c++20", "-O3", f"-arch={arch}", "-cubin", "-Xptxas", "-v", *includes,
-               f"-I{python_include}", *cpp_extension.COMMON_NVCC_FLAGS, source, "-o", cubin]
+               f"-I{sysconfig.get_paths()['include']}", *cpp_extension.COMMON_NVCC_FLAGS, source, "-o", cubin]
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
         sys.exit(f"sass_counts: nvcc failed:\n{result.stderr[-4000:]}")
@@ -103,8 +102,8 @@ def step_counts(instructions):
     targets, loops = set(), []
     for i, (address, text) in enumerate(instructions):
         target = BRANCH_TARGET.search(text)
-        if target and int(target.group(1), 16) in index:
-            head = index[int(target.group(1), 16)]
+        head = index.get(int(target.group(1), 16)) if target else None
+        if head is not None:
             targets.add(head)
             if head <= products[0] <= i:
                 loops.append((i - head, head, i))
