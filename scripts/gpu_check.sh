@@ -37,9 +37,14 @@ fi
 # tests on the baseline CPU kernels and under AddressSanitizer are left to CI, which runs them on every commit.
 step "tests"
 timeout 150 "$python" -m pytest -q -p no:cacheprovider tests/test_fused.py tests/test_reference.py \
-  -k "not baseline_cpu_variant and not address_sanitizer" > "$out/tests.log" 2>&1
+  -k "not baseline_cpu_variant and not address_sanitizer and not compile" > "$out/tests.log" 2>&1
 echo "pytest exit $?" | tee -a "$out/summary.txt"
 grep -E "passed|failed|error|FAILED" "$out/tests.log" | tail -n 15 | tee -a "$out/summary.txt"
+# torch.compile on the GPU, CUDA graphs of Inductor included, apart: Inductor's first compilations take their time.
+timeout 120 "$python" -m pytest -q -p no:cacheprovider tests/test_fused.py -k "compile and cuda" \
+  > "$out/tests_compile.log" 2>&1
+echo "torch.compile pytest exit $?" | tee -a "$out/summary.txt"
+grep -E "passed|failed|error|FAILED" "$out/tests_compile.log" | tail -n 5 | tee -a "$out/summary.txt"
 timeout 60 "$python" -m pytest -q -p no:cacheprovider tests/test_errors.py > "$out/tests_errors.log" 2>&1
 errors_rc=$?
 echo "error-path pytest exit $errors_rc" | tee -a "$out/summary.txt"

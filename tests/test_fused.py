@@ -200,8 +200,9 @@ def test_opcheck(device):
                           (*grads, z.detach(), case["protos"], case["target"], case["labels"], *saved[3:], 0.9))
 
 
-def test_torch_compile_fullgraph_matches_eager():
-    case = make_case(200, 64, 25, 8, seed=9)
+@pytest.mark.parametrize("device", DEVICES)
+def test_torch_compile_fullgraph_matches_eager(device):
+    case = make_case(200, 64, 25, 8, device=device, seed=9)
     compiled = torch.compile(ngd_ext.proto_dgeo_loss, fullgraph=True)
     torch.testing.assert_close(weighted_grad(compiled, case), weighted_grad(ngd_ext.proto_dgeo_loss, case),
                                rtol=0, atol=0)
@@ -384,3 +385,30 @@ def test_cuda_graph_replay_matches_eager():
         graph.replay()
         want_losses, want_grad = step(fresh)
         torch.testing.assert_close((static_losses, static_grad), (want_losses, want_grad), rtol=0, atol=0)
+
+
+@cuda_only
+def test_cuda_graphs_of_torch_compile_match_eager():
+    """mode="reduce-overhead": Inductor captures the forward and the backward graph, each op of them included, in
+    CUDA graphs and replays them with each new batch copied in. The replays give eager's losses and gradient bit for
+    bit, and no graph is left to run outside a CUDA graph."""
+    case = make_case(4096, 512, 25, 8, device="cuda", seed=17)
+    fixed = {name: case[name] for name in ("protos", "target", "labels", "positive")}
+    weights = (0.7, -1.3, 2.1)
+
+    def step(z):
+        losses = ngd_ext.proto_dgeo_loss(z, **fixed, tau=0.9, var_cap=0.1, margin=1.2)
+        return losses, sum(w * loss for w, loss in zip(weights, losses))
+
+    compiled = torch.compile(step, mode="reduce-overhead", fullgraph=True)
+    torch._dynamo.utils.counters.clear()
+    for seed in (18, 19, 20, 21):  # a warm-up run, a recording run, then replays
+        z = make_case(4096, 512, 25, 8, device="cuda", seed=seed)["z"]
+        results = []
+        for run in (compiled, step):
+            x = z.clone().requires_grad_(True)
+            losses, total = run(x)
+            (grad,) = torch.autograd.grad(total, x)
+            results.append([loss.detach().clone() for loss in losses] + [grad.clone()])
+        torch.testing.assert_close(results[0], results[1], rtol=0, atol=0)
+    assert torch._dynamo.utils.counters["inductor"]["cudagraph_skips"] == 0
