@@ -34,6 +34,20 @@ def make_case(batch=64, dim=32, num_protos=25, num_classes=8, dtype=torch.float3
                 labels=labels.to(device), positive=mask.to(device))
 
 
+def non_contiguous(case):
+    """The case with every tensor copied into strided storage: matrices column-major with gaps, vectors with gaps."""
+    strided_case = {}
+    for name, tensor in case.items():
+        if tensor.dim() == 2:
+            rows, cols = tensor.shape
+            strided = torch.empty(cols, 2 * rows, dtype=tensor.dtype, device=tensor.device).T[::2]
+        else:
+            strided = torch.empty(2 * tensor.shape[0], dtype=tensor.dtype, device=tensor.device)[::2]
+        strided_case[name] = strided.copy_(tensor)
+        assert not strided_case[name].is_contiguous()
+    return strided_case
+
+
 def off_vector_boundary(z):
     """A contiguous copy of z whose rows start one element past an allocation's alignment (off every vector
     boundary a kernel might read by)."""

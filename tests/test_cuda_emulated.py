@@ -16,7 +16,7 @@ import torch
 from torch.utils import cpp_extension
 
 from helpers import (EDGE_CASES, assert_float_accuracy, compare_exact_dtype, compare_half_dtype, make_case,
-                     off_vector_boundary, run_under_address_sanitizer, weighted_grad)
+                     non_contiguous, off_vector_boundary, run_under_address_sanitizer, weighted_grad)
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -150,11 +150,8 @@ def test_zero_row():
 
 
 @pytest.mark.usefixtures("schedule")
-def test_non_contiguous_z():
-    case = make_case(96, 40, 25, 8, seed=4)
-    case["z"] = torch.empty(40, 2 * 96).T[::2].copy_(case["z"])
-    assert not case["z"].is_contiguous()
-    compare_exact_dtype(emulated_loss, case, gpu=True, **PARAMS)
+def test_non_contiguous_inputs():
+    compare_exact_dtype(emulated_loss, non_contiguous(make_case(96, 40, 25, 8, seed=4)), gpu=True, **PARAMS)
 
 
 @pytest.mark.usefixtures("schedule")
