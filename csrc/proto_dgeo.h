@@ -28,8 +28,18 @@ void check_forward_args(const at::Tensor& z, const at::Tensor& protos, const at:
                         const at::Tensor& labels, const at::Tensor& positive, double tau, double var_cap,
                         double margin);
 
-// Value checks for CPU inputs (they would need a host synchronisation on a GPU): labels in [0, C) and
-// target rows that are distributions. Errors name the argument and the row.
+// The same for the backward op, whose saved operands must have the shapes that the forward gave them. Autograd
+// always passes them so; the checks serve a direct call of torch.ops.ngd_ext.proto_dgeo_bwd.
+void check_backward_args(const at::Tensor& grad_proto_kd, const at::Tensor& grad_var_cap,
+                         const at::Tensor& grad_margin, const at::Tensor& z, const at::Tensor& protos,
+                         const at::Tensor& target, const at::Tensor& labels, const at::Tensor& cosines,
+                         const at::Tensor& lses, const at::Tensor& norms, const at::Tensor& var_coef,
+                         const at::Tensor& class_mean, const at::Tensor& margin_coef, double tau);
+
+// Value checks for CPU inputs (they would need a host synchronisation on a GPU, where the kernels assert labels
+// in range instead): labels in [0, C), and target rows that are distributions. Errors name the argument and the
+// row; `op` opens the message. The backward indexes by label too, so it checks labels as well.
+void check_labels_cpu(const char* op, const at::Tensor& labels, int64_t num_classes);
 void check_values_cpu(const at::Tensor& target, const at::Tensor& labels);
 
 // The dtype of the losses and of everything saved for backward: float64 for float64 z, else float32.

@@ -1,4 +1,5 @@
-"""Bad input gets a ValueError that names the argument, from the fused op and from the reference alike."""
+"""Bad input gets a ValueError that names the argument, from the fused op and from the reference alike, and from the
+fused backward op when it is called directly."""
 
 import pytest
 import torch
@@ -62,6 +63,59 @@ def test_bad_input_names_the_argument(implementation, name):
     case = mutate(make_case(batch=16, dim=16, num_protos=5, num_classes=4))
     with pytest.raises(ValueError, match=message):
         IMPLEMENTATIONS[implementation](**case)
+
+
+BACKWARD_ARGS = ("grad_proto_kd", "grad_var_cap", "grad_margin", "z", "protos", "target", "labels", "cosines", "lse",
+                 "norms", "var_coef", "class_mean", "margin_coef", "tau")
+
+# The backward op's arguments as autograd passes them, changed one at a time as a direct call might get them wrong.
+BAD_BACKWARD_INPUTS = {
+    "grad_not_scalar": (lambda a: dict(a, grad_var_cap=a["grad_var_cap"].reshape(1)),
+                        r"proto_dgeo_bwd: grad_var_cap must have shape \[\] \(a loss's gradient is a scalar\), "
+                        r"got \[1\]"),
+    "grad_int": (lambda a: dict(a, grad_margin=a["grad_margin"].long()), r"grad_margin must be floating point"),
+    "z_rows": (lambda a: dict(a, z=a["z"][:-1]), r"proto_dgeo_bwd: labels must be 1-D of length B = 15"),
+    "cosines_width": (lambda a: dict(a, cosines=a["cosines"][:, :-1]),
+                      r"cosines must have shape \[16, 5\] \(B x K, as proto_dgeo_fwd returns it\), got \[16, 4\]"),
+    "lse_length": (lambda a: dict(a, lse=a["lse"][:-2]), r"lse must have shape \[16\]"),
+    "norms_2d": (lambda a: dict(a, norms=a["norms"][:, None]), r"norms must have shape \[16\]"),
+    "var_coef_length": (lambda a: dict(a, var_coef=a["var_coef"][:-1]), r"var_coef must have shape \[4\]"),
+    "class_mean_width": (lambda a: dict(a, class_mean=a["class_mean"][:, :-1]),
+                         r"class_mean must have shape \[4, 16\] \(C x D"),
+    "margin_coef_rows": (lambda a: dict(a, margin_coef=a["margin_coef"][:-1]),
+                         r"margin_coef must have shape \[4, 16\]"),
+    "labels_range": (lambda a: dict(a, labels=with_row(a["labels"], 9, 4)),
+                     r"proto_dgeo_bwd: labels\[9\] = 4 is out of range \[0, 4\)"),
+    "tau_negative": (lambda a: dict(a, tau=-1.0), r"proto_dgeo_bwd: tau must be a positive finite number, got -1"),
+}
+
+
+def backward_args(device="cpu"):
+    """The backward op's arguments, by name, from a forward of a small case."""
+    case = make_case(batch=16, dim=16, num_protos=5, num_classes=4, device=device)
+    saved = torch.ops.ngd_ext.proto_dgeo_fwd(*case.values(), 0.9, 0.2, 0.5)[3:]
+    grads = [torch.tensor(w, device=device) for w in (0.5, 1.0, 2.0)]
+    inputs = [case[name] for name in ("z", "protos", "target", "labels")]
+    return dict(zip(BACKWARD_ARGS, (*grads, *inputs, *saved, 0.9)))
+
+
+@pytest.mark.skipif(not fused_available("cpu"), reason="ngd_ext._C is not built")
+@pytest.mark.parametrize("name", sorted(BAD_BACKWARD_INPUTS))
+def test_bad_backward_input_names_the_argument(name):
+    mutate, message = BAD_BACKWARD_INPUTS[name]
+    args = backward_args()
+    torch.ops.ngd_ext.proto_dgeo_bwd(*args.values())  # unchanged, they pass
+    with pytest.raises(ValueError, match=message):
+        torch.ops.ngd_ext.proto_dgeo_bwd(*mutate(args).values())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("name", ["cosines", "class_mean", "grad_proto_kd"])
+def test_backward_operand_on_another_device(name):
+    args = backward_args("cuda")
+    args[name] = args[name].cpu()
+    with pytest.raises(ValueError, match=rf"proto_dgeo_bwd: {name} is on cpu but z is on cuda:0"):
+        torch.ops.ngd_ext.proto_dgeo_bwd(*args.values())
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")

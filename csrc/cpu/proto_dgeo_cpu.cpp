@@ -810,6 +810,9 @@ at::Tensor proto_dgeo_bwd_cpu(const at::Tensor& grad_proto_kd, const at::Tensor&
                               const at::Tensor& target, const at::Tensor& labels, const at::Tensor& cosines,
                               const at::Tensor& lses, const at::Tensor& norms, const at::Tensor& var_coefs,
                               const at::Tensor& class_means, const at::Tensor& margin_coefs, double tau) {
+  check_backward_args(grad_proto_kd, grad_var_cap, grad_margin, z, protos, target, labels, cosines, lses, norms,
+                      var_coefs, class_means, margin_coefs, tau);
+  check_labels_cpu("proto_dgeo_bwd", labels, target.size(0));
   at::Tensor grad_z;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "proto_dgeo_bwd_cpu", [&] {
     grad_z = backward_cpu_typed<scalar_t>(grad_proto_kd, grad_var_cap, grad_margin, z, protos, target, labels,

@@ -1385,6 +1385,8 @@ at::Tensor proto_dgeo_bwd_cuda(const at::Tensor& grad_proto_kd, const at::Tensor
                                const at::Tensor& target_in, const at::Tensor& labels_in, const at::Tensor& cosines,
                                const at::Tensor& lses, const at::Tensor& norms, const at::Tensor& var_coef,
                                const at::Tensor& class_mean, const at::Tensor& margin_coef, double tau) {
+  check_backward_args(grad_proto_kd, grad_var_cap, grad_margin, z_in, protos, target_in, labels_in, cosines, lses,
+                      norms, var_coef, class_mean, margin_coef, tau);
   check_kernel_limits(protos, target_in);
   const c10::cuda::CUDAGuard guard(z_in.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
