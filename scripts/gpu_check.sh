@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The whole GPU verification of ngd_ext on a CUDA machine, with no network and whatever torch it has:
 # build the extension in place, run the test suite (CUDA cases included), the CUDA benchmark, a per-kernel
-# profile, Nsight Compute on the row kernels, and compute-sanitizer memcheck and racecheck on a short run.
-# Logs and JSON go to OUTDIR, and the figures to OUTDIR/summary.txt. 5 to 7 minutes on an H200.
+# profile, Nsight Compute on the row kernels, compute-sanitizer memcheck and racecheck on a short run, and last the
+# torch.compile tests.
+# Logs and JSON go to OUTDIR, and the figures to OUTDIR/summary.txt. 5 to 7 minutes on an H200 before the
+# torch.compile tests were added.
 # With a second argument, another checkout of this project (an earlier commit, carried along) is built too,
 # and its fused op is timed back to back with this one's at the large sizes: about a minute more.
 #
@@ -40,11 +42,6 @@ timeout 150 "$python" -m pytest -q -p no:cacheprovider tests/test_fused.py tests
   -k "not baseline_cpu_variant and not address_sanitizer and not compile" > "$out/tests.log" 2>&1
 echo "pytest exit $?" | tee -a "$out/summary.txt"
 grep -E "passed|failed|error|FAILED" "$out/tests.log" | tail -n 15 | tee -a "$out/summary.txt"
-# torch.compile on the GPU, CUDA graphs of Inductor included, apart: Inductor's first compilations take their time.
-timeout 120 "$python" -m pytest -q -p no:cacheprovider tests/test_fused.py -k "compile and cuda" \
-  > "$out/tests_compile.log" 2>&1
-echo "torch.compile pytest exit $?" | tee -a "$out/summary.txt"
-grep -E "passed|failed|error|FAILED" "$out/tests_compile.log" | tail -n 5 | tee -a "$out/summary.txt"
 timeout 60 "$python" -m pytest -q -p no:cacheprovider tests/test_errors.py > "$out/tests_errors.log" 2>&1
 errors_rc=$?
 echo "error-path pytest exit $errors_rc" | tee -a "$out/summary.txt"
@@ -111,4 +108,11 @@ for tool in memcheck racecheck; do
   timeout 60 compute-sanitizer --tool "$tool" "$python" scripts/gpu_smoke.py > "$out/sanitizer_$tool.log" 2>&1
   echo "$tool exit $?: $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$out/sanitizer_$tool.log" | tail -n 1)" | tee -a "$out/summary.txt"
 done
+# Last, so that Inductor's compilations delay no measurement: torch.compile of the op on the
+# GPU, its CUDA graphs under mode="reduce-overhead" included.
+step "torch.compile tests"
+timeout 120 "$python" -m pytest -q -p no:cacheprovider tests/test_fused.py -k "compile and cuda" \
+  > "$out/tests_compile.log" 2>&1
+echo "torch.compile pytest exit $?" | tee -a "$out/summary.txt"
+grep -E "passed|failed|error|FAILED" "$out/tests_compile.log" | tail -n 5 | tee -a "$out/summary.txt"
 step "done"
