@@ -112,6 +112,28 @@ def compare_exact_dtype(loss_fn, case, gpu=False, **params):
     return fused_losses
 
 
+# Non-finite entries of z: float("nan") is 0x7fc00000, while a GPU's NaN (CUDA's NAN, what its arithmetic produces)
+# is 0x7fffffff, whose TF32 rounding in the CUDA kernels' float split is -0 (the rest goes to the low part).
+NON_FINITE_Z = {
+    "nan": lambda dtype: float("nan"),
+    "gpu_nan": lambda dtype: torch.tensor(0x7FFFFFFF, dtype=torch.int32).view(torch.float32).to(dtype),
+    "inf": lambda dtype: float("inf"),
+    "minus_inf": lambda dtype: -float("inf"),
+}
+
+
+def assert_non_finite_z_gives_non_finite_loss(loss_fn, case, entry, **params):
+    """SPEC section 4: where values go unchecked (CUDA, to spare a host synchronisation), a non-finite z must give a
+    non-finite loss, which stage 3 refuses. Proto-KD averages over every row, so that is the loss that must show it;
+    a NaN dropped by a max or min on the way would leave it finite."""
+    z = case["z"].clone()
+    z[3, 5] = NON_FINITE_Z[entry](z.dtype)
+    proto_kd, _, _ = loss_fn(z, case["protos"], case["target"], case["labels"], case["positive"], **params)
+    assert not torch.isfinite(proto_kd)
+    healthy, _, _ = loss_fn(case["z"], case["protos"], case["target"], case["labels"], case["positive"], **params)
+    assert torch.isfinite(healthy)
+
+
 def assert_float_accuracy(loss_fn, case, **params):
     """loss_fn's float32 gradient is as accurate as float32 allows, however it multiplies: against a float64
     reference, its error is within 8x that of the reference run in float32 (where a single TF32 product per float

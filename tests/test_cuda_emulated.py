@@ -15,8 +15,9 @@ import pytest
 import torch
 from torch.utils import cpp_extension
 
-from helpers import (EDGE_CASES, assert_float_accuracy, compare_exact_dtype, compare_half_dtype, make_case,
-                     non_contiguous, off_vector_boundary, run_under_address_sanitizer, weighted_grad)
+from helpers import (EDGE_CASES, NON_FINITE_Z, assert_float_accuracy, assert_non_finite_z_gives_non_finite_loss,
+                     compare_exact_dtype, compare_half_dtype, make_case, non_contiguous, off_vector_boundary,
+                     run_under_address_sanitizer, weighted_grad)
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -140,6 +141,13 @@ def test_float32_products_keep_float_accuracy(shape):
     """The tensor cores multiply TF32 values (10 mantissa bits); three products per float product keep float
     accuracy, at tau = 0.05, where cosine errors weigh 20-fold (test_fused.py checks the same on a GPU)."""
     assert_float_accuracy(emulated_loss, make_case(*shape, seed=12), **dict(PARAMS, tau=0.05))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("entry", sorted(NON_FINITE_Z))
+def test_non_finite_z_gives_non_finite_loss(dtype, entry):
+    case = make_case(40, 64, 25, 8, dtype=dtype, seed=2)
+    assert_non_finite_z_gives_non_finite_loss(emulated_loss, case, entry, **PARAMS)
 
 
 @pytest.mark.usefixtures("schedule")

@@ -12,7 +12,8 @@ import torch
 from torch.autograd import forward_ad
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from helpers import (DEVICES, EDGE_CASES, SHAPES, assert_float_accuracy, compare_exact_dtype, compare_half_dtype,
+from helpers import (DEVICES, EDGE_CASES, NON_FINITE_Z, SHAPES, assert_float_accuracy,
+                     assert_non_finite_z_gives_non_finite_loss, compare_exact_dtype, compare_half_dtype,
                      kink_free_params, make_case, non_contiguous, off_vector_boundary, run_under_address_sanitizer,
                      weighted_grad)
 import ngd_ext
@@ -354,6 +355,14 @@ def test_cuda_float32_products_keep_float_accuracy(shape):
     per float product: on the hardware, as in the emulator, the gradient keeps float accuracy."""
     case = make_case(*shape, device="cuda", seed=12)
     assert_float_accuracy(ngd_ext.proto_dgeo_loss, case, tau=0.05, var_cap=0.1, margin=1.2)
+
+
+@cuda_only
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("entry", sorted(NON_FINITE_Z))
+def test_cuda_non_finite_z_gives_non_finite_loss(dtype, entry):
+    case = make_case(40, 64, 25, 8, dtype=dtype, device="cuda", seed=2)
+    assert_non_finite_z_gives_non_finite_loss(ngd_ext.proto_dgeo_loss, case, entry)
 
 
 @cuda_only
