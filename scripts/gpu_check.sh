@@ -114,5 +114,5 @@ step "torch.compile tests"
 timeout 120 "$python" -m pytest -q -p no:cacheprovider tests/test_fused.py -k "compile and cuda" \
   > "$out/tests_compile.log" 2>&1
 echo "torch.compile pytest exit $?" | tee -a "$out/summary.txt"
-grep -E "passed|failed|error|FAILED" "$out/tests_compile.log" | tail -n 5 | tee -a "$out/summary.txt"
+grep -E "passed|skipped|failed|error|FAILED" "$out/tests_compile.log" | tail -n 5 | tee -a "$out/summary.txt"
 step "done"
