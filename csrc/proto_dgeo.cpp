@@ -11,15 +11,22 @@ PyObject* cpu_kernel_variant(PyObject* /*module*/, PyObject* /*args*/) {
   return PyUnicode_FromString(ngd_ext::cpu_kernel_variant());
 }
 
+PyObject* cuda_kernel_limits(PyObject* /*module*/, PyObject* /*args*/) {
+  return Py_BuildValue("(ii)", ngd_ext::kCudaMaxProtos, ngd_ext::kCudaMaxClasses);
+}
+
 PyMethodDef methods[] = {
     {"cpu_kernel_variant", cpu_kernel_variant, METH_NOARGS,
      "The CPU kernels' compiled variant in use: 'avx2+fma' or 'baseline' (NGD_CPU_BASELINE=1 forces it)."},
+    {"cuda_kernel_limits", cuda_kernel_limits, METH_NOARGS,
+     "(prototypes, classes): the most of each the CUDA kernels serve."},
     {nullptr, nullptr, 0, nullptr}};
 
 }  // namespace
 
 extern "C" {
-// Importing ngd_ext._C registers the ops below; besides, the module only says which CPU variant runs.
+// Importing ngd_ext._C registers the ops below; besides, the module only says which CPU variant runs and what
+// the CUDA kernels serve.
 PyObject* PyInit__C(void) {
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};
   return PyModule_Create(&module_def);

@@ -12,6 +12,13 @@ namespace ngd_ext {
 constexpr double kNormEps = 1e-8;
 constexpr double kDistEps = 1e-12;
 
+// The most prototypes and classes the CUDA kernels serve: their tiles hold at most 64 prototypes, and the row kernel
+// keeps per-warp class counts and sums of ||u||^2 in shared memory, 12 bytes per class and warp, 96 KiB at 1024
+// classes beside 32 KiB (64 KiB in float64) of staged prototypes. Beyond them the CUDA op raises an error, and
+// ngd_ext.proto_dgeo_loss runs the reference instead (ngd_ext._C.cuda_kernel_limits() gives it these numbers).
+constexpr int kCudaMaxProtos = 64;
+constexpr int kCudaMaxClasses = 1024;
+
 // Numbers in error messages go through std::to_string and snprintf, never through an ostream: an extension
 // built by a newer g++ than libtorch's can crash formatting a number through libtorch's locale (seen with
 // g++ 13 and torch 2.11+cu130).

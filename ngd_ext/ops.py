@@ -20,9 +20,20 @@ _FUSED_DEVICE_TYPES = frozenset(
     if _C is not None and torch._C._dispatch_has_kernel_for_dispatch_key("ngd_ext::proto_dgeo_fwd", key))
 
 
+# The most prototypes and classes the CUDA kernels serve (csrc/proto_dgeo.h); the CPU kernels have no such limit.
+CUDA_MAX_PROTOS, CUDA_MAX_CLASSES = _C.cuda_kernel_limits() if _C is not None else (0, 0)
+
+
 def fused_available(device_type: str) -> bool:
     """Whether the fused op serves tensors of this device type ('cpu', 'cuda', ...)."""
     return device_type in _FUSED_DEVICE_TYPES
+
+
+def _beyond_cuda_kernels(z, protos, target):
+    """Whether these are CUDA inputs with more prototypes or classes than the CUDA kernels serve (a 9 x 9 grid's 81
+    prototypes, say). Inputs of the wrong rank are left to the op, whose checks name them."""
+    return z.device.type == "cuda" and protos.dim() == 2 and target.dim() == 2 and (
+        protos.shape[0] > CUDA_MAX_PROTOS or target.shape[0] > CUDA_MAX_CLASSES)
 
 
 def proto_dgeo_loss(z, protos, target, labels, positive, tau=0.9, var_cap=0.2, margin=0.5):
@@ -30,8 +41,16 @@ def proto_dgeo_loss(z, protos, target, labels, positive, tau=0.9, var_cap=0.2, m
 
     Runs the fused op where it is built for z's device and the pure-PyTorch reference otherwise; both
     take and return the same things (see ngd_ext.reference.proto_dgeo_loss). The reference also serves what the
-    fused kernels cannot: forward-mode AD and torch.func transforms, and the backward under create_graph=True.
+    fused kernels cannot: more prototypes or classes than the CUDA kernels hold (with a warning), forward-mode AD and
+    torch.func transforms, and the backward under create_graph=True.
     """
+    if _beyond_cuda_kernels(z, protos, target):
+        if not torch.compiler.is_compiling():
+            warnings.warn(f"proto_dgeo_loss: the CUDA kernels serve at most {CUDA_MAX_PROTOS} prototypes and "
+                          f"{CUDA_MAX_CLASSES} classes, and these inputs have K = {protos.shape[0]}, C = "
+                          f"{target.shape[0]}: the pure-PyTorch reference runs instead (the same results, slower)",
+                          stacklevel=2)
+        return reference.proto_dgeo_loss(z, protos, target, labels, positive, tau, var_cap, margin)
     if not fused_available(z.device.type) or _differentiated_by_transform(z, protos, target):
         return reference.proto_dgeo_loss(z, protos, target, labels, positive, tau, var_cap, margin)
     proto_kd, var_cap_loss, margin_loss, *_ = torch.ops.ngd_ext.proto_dgeo_fwd(

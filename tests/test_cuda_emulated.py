@@ -194,6 +194,9 @@ def test_one_step_of_prototypes_restaged():
     compare_exact_dtype(emulated_loss, case, gpu=True, **PARAMS)
 
 
+# One past the limits (csrc/proto_dgeo.h) past which ngd_ext.proto_dgeo_loss routes CUDA inputs to the reference
+# (test_fused.py checks that): the op itself refuses such inputs.
+
 def test_too_many_classes():
     case = make_case(10, 8, 25, 1025, seed=9)
     with pytest.raises(ValueError, match="at most 1024 classes, got target with C = 1025"):

@@ -10,6 +10,7 @@ import sys
 import pytest
 import torch
 from torch.autograd import forward_ad
+from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from helpers import (DEVICES, EDGE_CASES, NON_FINITE_Z, SHAPES, assert_float_accuracy,
@@ -185,6 +186,21 @@ def test_every_way_of_differentiating_matches_reference(mode):
     assert recorder.called == fused_ops
     torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
     assert want.abs().max() > 1e-3
+
+
+def test_inputs_beyond_the_cuda_kernels_go_to_the_reference():
+    """More prototypes or classes than the CUDA kernels hold (a 9 x 9 grid's 81 prototypes, say): proto_dgeo_loss
+    routes CUDA inputs to the reference (fake CUDA tensors show which way without a GPU), CPU inputs to the fused op,
+    which has no such limit. The limits are the CUDA op's own (test_cuda_emulated checks its errors at them)."""
+    def beyond(num_protos, num_classes, device):
+        z, protos = torch.empty(16, 8, device=device), torch.empty(num_protos, 8, device=device)
+        return ngd_ext.ops._beyond_cuda_kernels(z, protos, torch.empty(num_classes, num_protos, device=device))
+
+    assert (ngd_ext.ops.CUDA_MAX_PROTOS, ngd_ext.ops.CUDA_MAX_CLASSES) == (64, 1024)
+    with FakeTensorMode():
+        assert not beyond(64, 1024, "cuda")
+        assert beyond(65, 8, "cuda") and beyond(81, 8, "cuda") and beyond(25, 1025, "cuda")
+        assert not beyond(81, 2000, "cpu")
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -363,6 +379,15 @@ def test_cuda_float32_products_keep_float_accuracy(shape):
 def test_cuda_non_finite_z_gives_non_finite_loss(dtype, entry):
     case = make_case(40, 64, 25, 8, dtype=dtype, device="cuda", seed=2)
     assert_non_finite_z_gives_non_finite_loss(ngd_ext.proto_dgeo_loss, case, entry)
+
+
+@cuda_only
+def test_cuda_beyond_the_kernels_runs_the_reference():
+    case = make_case(300, 64, 81, 8, device="cuda", seed=22)  # a 9 x 9 grid
+    with FusedOpsRecorder() as recorder, pytest.warns(UserWarning, match=r"at most 64 prototypes .* K = 81, C = 8"):
+        got = weighted_grad(ngd_ext.proto_dgeo_loss, case)
+    assert recorder.called == []
+    torch.testing.assert_close(got, weighted_grad(reference.proto_dgeo_loss, case), rtol=0, atol=0)
 
 
 @cuda_only

@@ -116,10 +116,6 @@ constexpr int kWarp = 32;
 constexpr int kWarps = 8;
 constexpr int kThreads = kWarp * kWarps;
 constexpr unsigned kFullMask = 0xffffffffu;
-constexpr int kMaxProtos = 64;
-// The row kernel keeps per-warp class counts and sums of ||u||^2 in shared memory, 12 bytes per class and
-// warp: 96 KiB at this many classes, beside 32 KiB (64 KiB in float64) of staged prototypes.
-constexpr int kMaxClasses = 1024;
 // The row kernel's grid depends on B alone, so the order of every sum is the same on every GPU.
 constexpr int64_t kMaxRowBlocks = 264;
 // The row kernel keeps the class sums of u, and the backward kernel the class offsets, in shared memory up to this
@@ -1144,10 +1140,10 @@ at::Tensor prototype_table(const at::Tensor& protos, int kmax, cudaStream_t stre
 }
 
 void check_kernel_limits(const at::Tensor& protos, const at::Tensor& target) {
-  TORCH_CHECK_VALUE(protos.size(0) <= kMaxProtos, "proto_dgeo_loss: the CUDA kernel serves at most ",
-                    text(kMaxProtos), " prototypes, got protos with K = ", text(protos.size(0)));
-  TORCH_CHECK_VALUE(target.size(0) <= kMaxClasses, "proto_dgeo_loss: the CUDA kernel serves at most ",
-                    text(kMaxClasses), " classes, got target with C = ", text(target.size(0)));
+  TORCH_CHECK_VALUE(protos.size(0) <= kCudaMaxProtos, "proto_dgeo_loss: the CUDA kernel serves at most ",
+                    text(kCudaMaxProtos), " prototypes, got protos with K = ", text(protos.size(0)));
+  TORCH_CHECK_VALUE(target.size(0) <= kCudaMaxClasses, "proto_dgeo_loss: the CUDA kernel serves at most ",
+                    text(kCudaMaxClasses), " classes, got target with C = ", text(target.size(0)));
 }
 
 struct ForwardOutputs {
