@@ -145,6 +145,11 @@ def main():
     device = args.device
     if "fused" in args.provider and not ngd_ext.fused_available(device):
         sys.exit(f"the fused op is not built for {device}: pip install --no-build-isolation -e .")
+    beyond_cuda = args.num_protos > ngd_ext.ops.CUDA_MAX_PROTOS or args.num_classes > ngd_ext.ops.CUDA_MAX_CLASSES
+    if "fused" in args.provider and device == "cuda" and beyond_cuda:  # "fused" would time the reference
+        sys.exit(f"the CUDA kernels serve at most {ngd_ext.ops.CUDA_MAX_PROTOS} prototypes and "
+                 f"{ngd_ext.ops.CUDA_MAX_CLASSES} classes: --num-protos {args.num_protos}, --num-classes "
+                 f"{args.num_classes} would time the reference as 'fused'")
     compiled_terms = torch.compile(reference.proto_dgeo_terms, dynamic=True if args.compile_dynamic else False)
     torch._dynamo.config.cache_size_limit = 256
     torch._functorch.config.donated_buffer = False  # the bwd mode replays one graph with retain_graph=True
