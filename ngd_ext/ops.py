@@ -30,9 +30,10 @@ def fused_available(device_type: str) -> bool:
 
 
 def _beyond_cuda_kernels(z, protos, target):
-    """Whether these are CUDA inputs with more prototypes or classes than the CUDA kernels serve (a 9 x 9 grid's 81
-    prototypes, say). Inputs of the wrong rank are left to the op, whose checks name them."""
-    return z.device.type == "cuda" and protos.dim() == 2 and target.dim() == 2 and (
+    """Whether these are CUDA inputs, the CUDA kernels are built, and the inputs have more prototypes or classes than
+    those serve (a 9 x 9 grid's 81 prototypes, say). Inputs of the wrong rank are left to the op, whose checks name
+    them."""
+    return z.device.type == "cuda" and fused_available("cuda") and protos.dim() == 2 and target.dim() == 2 and (
         protos.shape[0] > CUDA_MAX_PROTOS or target.shape[0] > CUDA_MAX_CLASSES)
 
 

@@ -188,6 +188,7 @@ def test_every_way_of_differentiating_matches_reference(mode):
     assert want.abs().max() > 1e-3
 
 
+@pytest.mark.skipif(not ngd_ext.fused_available("cuda"), reason="the CUDA kernels are not built")
 def test_inputs_beyond_the_cuda_kernels_go_to_the_reference():
     """More prototypes or classes than the CUDA kernels hold (a 9 x 9 grid's 81 prototypes, say): proto_dgeo_loss
     routes CUDA inputs to the reference (fake CUDA tensors show which way without a GPU), CPU inputs to the fused op,
