@@ -388,7 +388,8 @@ def test_cuda_beyond_the_kernels_runs_the_reference():
     with FusedOpsRecorder() as recorder, pytest.warns(UserWarning, match=r"at most 64 prototypes .* K = 81, C = 8"):
         got = weighted_grad(ngd_ext.proto_dgeo_loss, case)
     assert recorder.called == []
-    torch.testing.assert_close(got, weighted_grad(reference.proto_dgeo_loss, case), rtol=0, atol=0)
+    # Not bit for bit: the reference's class sums (index_add_) use atomics on a GPU.
+    torch.testing.assert_close(got, weighted_grad(reference.proto_dgeo_loss, case), rtol=1e-5, atol=1e-6)
 
 
 @cuda_only
