@@ -145,8 +145,8 @@ def main():
     device = args.device
     if "fused" in args.provider and not ngd_ext.fused_available(device):
         sys.exit(f"the fused op is not built for {device}: pip install --no-build-isolation -e .")
-    beyond_cuda = args.num_protos > ngd_ext.ops.CUDA_MAX_PROTOS or args.num_classes > ngd_ext.ops.CUDA_MAX_CLASSES
-    if "fused" in args.provider and device == "cuda" and beyond_cuda:  # "fused" would time the reference
+    served = ngd_ext.ops.cuda_kernels_serve(args.num_protos, args.num_classes)
+    if "fused" in args.provider and device == "cuda" and not served:  # "fused" would time the reference
         sys.exit(f"the CUDA kernels serve at most {ngd_ext.ops.CUDA_MAX_PROTOS} prototypes and "
                  f"{ngd_ext.ops.CUDA_MAX_CLASSES} classes: --num-protos {args.num_protos}, --num-classes "
                  f"{args.num_classes} would time the reference as 'fused'")

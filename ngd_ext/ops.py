@@ -29,12 +29,16 @@ def fused_available(device_type: str) -> bool:
     return device_type in _FUSED_DEVICE_TYPES
 
 
+def cuda_kernels_serve(num_protos: int, num_classes: int) -> bool:
+    """Whether the CUDA kernels serve this many prototypes and classes (a 9 x 9 grid's 81 prototypes they do not)."""
+    return num_protos <= CUDA_MAX_PROTOS and num_classes <= CUDA_MAX_CLASSES
+
+
 def _beyond_cuda_kernels(z, protos, target):
-    """Whether these are CUDA inputs, the CUDA kernels are built, and the inputs have more prototypes or classes than
-    those serve (a 9 x 9 grid's 81 prototypes, say). Inputs of the wrong rank are left to the op, whose checks name
-    them."""
+    """Whether these are CUDA inputs, the CUDA kernels are built, and they do not serve the inputs' prototypes and
+    classes. Inputs of the wrong rank are left to the op, whose checks name them."""
     return z.device.type == "cuda" and fused_available("cuda") and protos.dim() == 2 and target.dim() == 2 and (
-        protos.shape[0] > CUDA_MAX_PROTOS or target.shape[0] > CUDA_MAX_CLASSES)
+        not cuda_kernels_serve(protos.shape[0], target.shape[0]))
 
 
 def proto_dgeo_loss(z, protos, target, labels, positive, tau=0.9, var_cap=0.2, margin=0.5):
@@ -45,14 +49,13 @@ def proto_dgeo_loss(z, protos, target, labels, positive, tau=0.9, var_cap=0.2, m
     fused kernels cannot: more prototypes or classes than the CUDA kernels hold (with a warning), forward-mode AD and
     torch.func transforms, and the backward under create_graph=True.
     """
-    if _beyond_cuda_kernels(z, protos, target):
-        if not torch.compiler.is_compiling():
-            warnings.warn(f"proto_dgeo_loss: the CUDA kernels serve at most {CUDA_MAX_PROTOS} prototypes and "
-                          f"{CUDA_MAX_CLASSES} classes, and these inputs have K = {protos.shape[0]}, C = "
-                          f"{target.shape[0]}: the pure-PyTorch reference runs instead (the same results, slower)",
-                          stacklevel=2)
-        return reference.proto_dgeo_loss(z, protos, target, labels, positive, tau, var_cap, margin)
-    if not fused_available(z.device.type) or _differentiated_by_transform(z, protos, target):
+    beyond_cuda = _beyond_cuda_kernels(z, protos, target)
+    if beyond_cuda and not torch.compiler.is_compiling():
+        warnings.warn(f"proto_dgeo_loss: the CUDA kernels serve at most {CUDA_MAX_PROTOS} prototypes and "
+                      f"{CUDA_MAX_CLASSES} classes, and these inputs have K = {protos.shape[0]}, C = "
+                      f"{target.shape[0]}: the pure-PyTorch reference runs instead (the same results, slower)",
+                      stacklevel=2)
+    if beyond_cuda or not fused_available(z.device.type) or _differentiated_by_transform(z, protos, target):
         return reference.proto_dgeo_loss(z, protos, target, labels, positive, tau, var_cap, margin)
     proto_kd, var_cap_loss, margin_loss, *_ = torch.ops.ngd_ext.proto_dgeo_fwd(
         z, protos, target, labels, positive, float(tau), float(var_cap), float(margin))

@@ -115,10 +115,10 @@ def compare_exact_dtype(loss_fn, case, gpu=False, **params):
 # Non-finite entries of z: float("nan") is 0x7fc00000, while a GPU's NaN (CUDA's NAN, what its arithmetic produces)
 # is 0x7fffffff, whose TF32 rounding in the CUDA kernels' float split is -0 (the rest goes to the low part).
 NON_FINITE_Z = {
-    "nan": lambda dtype: float("nan"),
-    "gpu_nan": lambda dtype: torch.tensor(0x7FFFFFFF, dtype=torch.int32).view(torch.float32).to(dtype),
-    "inf": lambda dtype: float("inf"),
-    "minus_inf": lambda dtype: -float("inf"),
+    "nan": float("nan"),
+    "gpu_nan": torch.tensor(0x7FFFFFFF, dtype=torch.int32).view(torch.float32),
+    "inf": float("inf"),
+    "minus_inf": -float("inf"),
 }
 
 
@@ -127,7 +127,7 @@ def assert_non_finite_z_gives_non_finite_loss(loss_fn, case, entry, **params):
     non-finite loss, which stage 3 refuses. Proto-KD averages over every row, so that is the loss that must show it;
     a NaN dropped by a max or min on the way would leave it finite."""
     z = case["z"].clone()
-    z[3, 5] = NON_FINITE_Z[entry](z.dtype)
+    z[3, 5] = NON_FINITE_Z[entry]  # converted to z's dtype
     proto_kd, _, _ = loss_fn(z, case["protos"], case["target"], case["labels"], case["positive"], **params)
     assert not torch.isfinite(proto_kd)
     healthy, _, _ = loss_fn(case["z"], case["protos"], case["target"], case["labels"], case["positive"], **params)
