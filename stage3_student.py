@@ -17,7 +17,9 @@ overridden. KD needs a visual teacher: a best.pt of another stage-3 run. The two
 
 On the embedded default, epochs and the D-Geo ramp default to a short schedule (see --help); with real data to
 the paper's. More processes: torchrun --nproc_per_node=N stage3_student.py ... (DDP; NCCL on GPUs, gloo on
-CPU). A run killed at any moment continues with --resume from its last checkpoint.
+CPU): each process runs the network on its share of the global batch, and every loss term is taken over the
+whole global batch, as one process takes it. A run killed at any moment continues with --resume from its last
+checkpoint.
 """
 
 import argparse
@@ -27,11 +29,13 @@ import os
 import shutil
 import sys
 import time
+from typing import NamedTuple
 
 import matplotlib
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.distributed.nn as dist_nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
@@ -125,28 +129,60 @@ def kd_loss(student_logits, teacher_logits, kind, temperature=KD_TEMPERATURE):
     return temperature ** 2 * F.kl_div(student, teacher, log_target=True, reduction="batchmean")
 
 
-def augment(images, generator, size):
-    """A batch of uint8 N x 48 x 48 images -> float N x 1 x size x size: random crop (pad 4), flip, a small
-    affine (rotation, scale), random erasing. All randomness from `generator`, so a resumed run repeats it."""
-    x = images.float().div(255).unsqueeze(1)
-    n = len(x)
-    x = F.pad(x, (4, 4, 4, 4), mode="replicate")
-    offsets = torch.randint(0, 9, (n, 2), generator=generator)
-    x = torch.stack([x[i, :, offsets[i, 0]:offsets[i, 0] + 48, offsets[i, 1]:offsets[i, 1] + 48] for i in range(n)])
-    flip = torch.rand(n, generator=generator) < 0.5
+def augment(images, generator, size, part=slice(None)):
+    """A batch of uint8 N x 48 x 48 images -> images[part] as float M x 1 x size x size: random crop (pad 4), flip, a
+    small affine (rotation, scale), random erasing. All randomness comes from `generator` and is drawn for the whole
+    batch, so a resumed run repeats it, and a DDP process (part = its share) gets the images one process would."""
+    n = len(images)
+    offsets = torch.randint(0, 9, (n, 2), generator=generator)[part]
+    flip = (torch.rand(n, generator=generator) < 0.5)[part]
+    angle = ((torch.rand(n, generator=generator) - 0.5) * math.radians(20))[part]
+    scale = (1 + (torch.rand(n, generator=generator) - 0.5) * 0.2)[part]
+    erase = (torch.rand(n, generator=generator) < 0.25)[part]
+    corners = (torch.rand(n, 2, generator=generator) * size * 0.75).long()[part]
+    x = F.pad(images[part].float().div(255).unsqueeze(1), (4, 4, 4, 4), mode="replicate")
+    x = torch.stack([x[i, :, top:top + 48, left:left + 48] for i, (top, left) in enumerate(offsets.tolist())])
     x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-    angle = (torch.rand(n, generator=generator) - 0.5) * math.radians(20)
-    scale = 1 + (torch.rand(n, generator=generator) - 0.5) * 0.2
-    theta = torch.zeros(n, 2, 3)
+    theta = torch.zeros(len(x), 2, 3)
     theta[:, 0, 0], theta[:, 0, 1] = torch.cos(angle) / scale, -torch.sin(angle) / scale
     theta[:, 1, 0], theta[:, 1, 1] = torch.sin(angle) / scale, torch.cos(angle) / scale
-    x = F.grid_sample(x, F.affine_grid(theta, (n, 1, size, size), align_corners=False), padding_mode="border",
+    x = F.grid_sample(x, F.affine_grid(theta, (len(x), 1, size, size), align_corners=False), padding_mode="border",
                       align_corners=False)
-    erase = torch.rand(n, generator=generator) < 0.25
-    corners = (torch.rand(n, 2, generator=generator) * size * 0.75).long()
     for i in torch.nonzero(erase).flatten().tolist():
         x[i, :, corners[i, 0]:corners[i, 0] + size // 4, corners[i, 1]:corners[i, 1] + size // 4] = 0.5
     return (x - 0.5) / 0.25
+
+
+class LossConstants(NamedTuple):
+    """What the student loss takes besides the batch: CE's class weights and the Proto-KD + D-Geo op's constants."""
+    class_weights: torch.Tensor
+    protos: torch.Tensor
+    target_table: torch.Tensor
+    positive: torch.Tensor
+
+
+def loss_terms(logits, z, labels, ce_target, teacher_logits, ramp, args, constants):
+    """SPEC section 4's student loss over a batch, term by term; `total` is the one to minimise. teacher_logits is
+    None without KD; ce_target is the labels, or class distributions with --training-labels probability."""
+    ce = F.cross_entropy(logits.float(), ce_target, weight=constants.class_weights, label_smoothing=LABEL_SMOOTHING)
+    kd = ce.new_zeros(()) if teacher_logits is None else kd_loss(logits.float(), teacher_logits.float(), args.kd_loss)
+    proto_kd, var_cap, margin = ngd_ext.proto_dgeo_loss(z.float(), constants.protos, constants.target_table, labels,
+                                                        constants.positive, args.tau, args.var_cap, args.margin)
+    total = (ce + args.kd_weight * kd + args.proto_weight * proto_kd
+             + args.dgeo_weight * ramp * (var_cap + margin))
+    return {"total": total, "ce": ce, "kd": kd, "proto_kd": proto_kd, "var_cap": var_cap, "margin": margin}
+
+
+def gather_rows(tensor):
+    """The rows of `tensor` from every DDP process, in rank order. Differentiable: each process's backward receives,
+    summed over the processes, the gradient of its own rows. Every process computes the same loss over the gathered
+    batch, so DDP's average of the parameter gradients is the gradient of that loss, as one process computes it."""
+    return torch.cat(dist_nn.all_gather(tensor))
+
+
+def gathered_order(batch, world):
+    """The batch's rows in the order gather_rows returns them, when each process takes batch[rank::world]."""
+    return torch.cat([batch[rank::world] for rank in range(world)])
 
 
 def load_teacher(path, device):
@@ -210,9 +246,11 @@ def main(argv=None):
     with np.load(os.path.join(stage2_dir, "prototypes.npz")) as saved:
         bank, grid = saved["bank"].astype(np.float64), int(saved["G"])
     anchors = [DEFAULT_ANCHORS[name] for name in FER_CLASSES]
-    protos = torch.tensor(bank, dtype=torch.float32, device=device)
-    target_table = torch.tensor(proto_kd_targets(bank, grid, anchors, args.tau), dtype=torch.float32, device=device)
-    positive = torch.tensor([name in DEFAULT_POSITIVE for name in FER_CLASSES], device=device)
+    constants = LossConstants(
+        class_weights=class_weights,
+        protos=torch.tensor(bank, dtype=torch.float32, device=device),
+        target_table=torch.tensor(proto_kd_targets(bank, grid, anchors, args.tau), dtype=torch.float32, device=device),
+        positive=torch.tensor([name in DEFAULT_POSITIVE for name in FER_CLASSES], device=device))
     teacher = load_teacher(args.kd_teacher, device) if args.kd_teacher else None
 
     # Model, optimiser, schedule -----------------------------------------------------------------------------
@@ -285,35 +323,34 @@ def main(argv=None):
         progress = tqdm(range(start_step if epoch == start_epoch else 0, steps_per_epoch), disable=rank != 0,
                         desc=f"epoch {epoch + 1}/{args.epochs}", unit="step", leave=False)
         for step in progress:
-            batch = order[step * args.batch_size:(step + 1) * args.batch_size][rank::world]
+            batch = order[step * args.batch_size:(step + 1) * args.batch_size]
             generator = torch.Generator().manual_seed(args.seed * 1_000_003 + epoch * 10_007 + step)
-            x = augment(images[batch], generator, args.input_size).to(device)
-            y = labels[batch].to(device)
+            x = augment(images[batch], generator, args.input_size, part=slice(rank, None, world)).to(device)
             if device.type == "cuda":
                 x = x.contiguous(memory_format=torch.channels_last)
             with torch.autocast(**autocast):
                 logits, z = trained(x)
-                ce_target = soft_targets[batch].to(device) if soft_targets is not None else y
-                ce = F.cross_entropy(logits.float(), ce_target, weight=class_weights, label_smoothing=LABEL_SMOOTHING)
-                kd = torch.zeros((), device=device)
+                teacher_logits = None
                 if teacher is not None and args.kd_weight > 0:
                     with torch.no_grad():
-                        teacher_logits = teacher(x)[0].float()
-                    kd = kd_loss(logits.float(), teacher_logits, args.kd_loss)
-            proto_kd, var_cap, margin = ngd_ext.proto_dgeo_loss(z.float(), protos, target_table, y, positive,
-                                                                args.tau, args.var_cap, args.margin)
-            loss = (ce + args.kd_weight * kd + args.proto_weight * proto_kd
-                    + args.dgeo_weight * ramp * (var_cap + margin))
-            if not torch.isfinite(loss):
+                        teacher_logits = teacher(x)[0]
+            if distributed:  # every process takes the loss over the global batch, as one process would
+                logits, z = gather_rows(logits), gather_rows(z)
+                teacher_logits = None if teacher_logits is None else gather_rows(teacher_logits)
+                batch = gathered_order(batch, world)
+            y = labels[batch].to(device)
+            ce_target = soft_targets[batch].to(device) if soft_targets is not None else y
+            values = loss_terms(logits, z, y, ce_target, teacher_logits, ramp, args, constants)
+            if not torch.isfinite(values["total"]):
                 raise FloatingPointError(f"epoch {epoch + 1}, step {step}: the loss is not finite; stopping before "
                                          "training on it")
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            values["total"].backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
             scheduler.step()
-            for term, value in zip(terms, (loss, ce, kd, proto_kd, var_cap, margin)):
-                sums[term] += value.item()
+            for term in terms:
+                sums[term] += values[term].item()
             if (step + 1) % args.checkpoint_every == 0 and step + 1 < steps_per_epoch:
                 save_checkpoint(epoch, step + 1, sums)
         elapsed = time.perf_counter() - started
