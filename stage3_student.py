@@ -130,26 +130,33 @@ def kd_loss(student_logits, teacher_logits, kind, temperature=KD_TEMPERATURE):
 
 
 def augment(images, generator, size, part=slice(None)):
-    """A batch of uint8 N x 48 x 48 images -> images[part] as float M x 1 x size x size: random crop (pad 4), flip, a
-    small affine (rotation, scale), random erasing. All randomness comes from `generator` and is drawn for the whole
-    batch, so a resumed run repeats it, and a DDP process (part = its share) gets the images one process would."""
+    """A batch of uint8 N x 48 x 48 images -> images[part] as float M x 1 x size x size, on the images' device: random
+    crop (pad 4), flip, a small affine (rotation, scale), random erasing. All randomness comes from `generator` and
+    is drawn for the whole batch, so a resumed run repeats it, and a DDP process (part = its share) gets the images
+    one process would. Tensor operations over the whole batch, with no loop over the images: on a GPU the work stays
+    on the GPU."""
     n = len(images)
-    offsets = torch.randint(0, 9, (n, 2), generator=generator)[part]
-    flip = (torch.rand(n, generator=generator) < 0.5)[part]
-    angle = ((torch.rand(n, generator=generator) - 0.5) * math.radians(20))[part]
-    scale = (1 + (torch.rand(n, generator=generator) - 0.5) * 0.2)[part]
-    erase = (torch.rand(n, generator=generator) < 0.25)[part]
-    corners = (torch.rand(n, 2, generator=generator) * size * 0.75).long()[part]
-    x = F.pad(images[part].float().div(255).unsqueeze(1), (4, 4, 4, 4), mode="replicate")
-    x = torch.stack([x[i, :, top:top + 48, left:left + 48] for i, (top, left) in enumerate(offsets.tolist())])
-    x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-    theta = torch.zeros(len(x), 2, 3)
+    draws = (torch.randint(0, 9, (n, 2), generator=generator),  # crop offsets
+             torch.rand(n, generator=generator) < 0.5,  # flip
+             (torch.rand(n, generator=generator) - 0.5) * math.radians(20),  # angle
+             1 + (torch.rand(n, generator=generator) - 0.5) * 0.2,  # scale
+             torch.rand(n, generator=generator) < 0.25,  # erase
+             (torch.rand(n, 2, generator=generator) * size * 0.75).long())  # erased square's corner
+    offsets, flip, angle, scale, erase, corners = (draw[part].to(images.device) for draw in draws)
+    padded = F.pad(images[part].float().div(255).unsqueeze(1), (4, 4, 4, 4), mode="replicate")[:, 0]
+    rows, cols = (offsets[:, axis, None] + torch.arange(48, device=images.device) for axis in (0, 1))
+    x = padded[torch.arange(len(padded), device=images.device)[:, None, None], rows[:, :, None], cols[:, None, :]]
+    x = torch.where(flip[:, None, None], x.flip(-1), x).unsqueeze(1)
+    theta = torch.zeros(len(x), 2, 3, device=images.device)
     theta[:, 0, 0], theta[:, 0, 1] = torch.cos(angle) / scale, -torch.sin(angle) / scale
     theta[:, 1, 0], theta[:, 1, 1] = torch.sin(angle) / scale, torch.cos(angle) / scale
     x = F.grid_sample(x, F.affine_grid(theta, (len(x), 1, size, size), align_corners=False), padding_mode="border",
                       align_corners=False)
-    for i in torch.nonzero(erase).flatten().tolist():
-        x[i, :, corners[i, 0]:corners[i, 0] + size // 4, corners[i, 1]:corners[i, 1] + size // 4] = 0.5
+    pixels = torch.arange(size, device=images.device)
+    in_rows, in_cols = ((pixels >= corners[:, axis, None]) & (pixels < corners[:, axis, None] + size // 4)
+                        for axis in (0, 1))
+    square = erase[:, None, None] & in_rows[:, :, None] & in_cols[:, None, :]
+    x = torch.where(square[:, None], 0.5, x)
     return (x - 0.5) / 0.25
 
 
@@ -310,9 +317,10 @@ def main(argv=None):
                         "best_f1": best_f1, "sums": sums, "config": config}, temporary)
 
     # Training ---------------------------------------------------------------------------------------------
-    images = torch.from_numpy(train.images)
-    labels = torch.from_numpy(train.labels)
-    soft_targets = torch.from_numpy(train.targets) if args.training_labels == "probability" else None
+    # The training set lives on the device (FERPlus: at most 66 MB of uint8), so a step copies no images to it.
+    images = torch.from_numpy(train.images).to(device)
+    labels = torch.from_numpy(train.labels).to(device)
+    soft_targets = torch.from_numpy(train.targets).to(device) if args.training_labels == "probability" else None
     terms = ("total", "ce", "kd", "proto_kd", "var_cap", "margin")
     for epoch in range(start_epoch, args.epochs):
         trained.train()
@@ -325,7 +333,7 @@ def main(argv=None):
         for step in progress:
             batch = order[step * args.batch_size:(step + 1) * args.batch_size]
             generator = torch.Generator().manual_seed(args.seed * 1_000_003 + epoch * 10_007 + step)
-            x = augment(images[batch], generator, args.input_size, part=slice(rank, None, world)).to(device)
+            x = augment(images[batch], generator, args.input_size, part=slice(rank, None, world))
             if device.type == "cuda":
                 x = x.contiguous(memory_format=torch.channels_last)
             with torch.autocast(**autocast):
@@ -338,8 +346,8 @@ def main(argv=None):
                 logits, z = gather_rows(logits), gather_rows(z)
                 teacher_logits = None if teacher_logits is None else gather_rows(teacher_logits)
                 batch = gathered_order(batch, world)
-            y = labels[batch].to(device)
-            ce_target = soft_targets[batch].to(device) if soft_targets is not None else y
+            y = labels[batch]
+            ce_target = soft_targets[batch] if soft_targets is not None else y
             values = loss_terms(logits, z, y, ce_target, teacher_logits, ramp, args, constants)
             if not torch.isfinite(values["total"]):
                 raise FloatingPointError(f"epoch {epoch + 1}, step {step}: the loss is not finite; stopping before "

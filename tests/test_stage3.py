@@ -1,6 +1,7 @@
 """Stage 3: losses, presets, and the student trained end to end on the tiny synthetic default."""
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -44,6 +45,49 @@ def test_kd_variant_without_teacher_is_refused(capsys):
     with pytest.raises(SystemExit):
         stage3_student.parse_args(["--variant", "B3"])
     assert "--variant B3 uses logit KD (weight 0.3): give --kd-teacher" in capsys.readouterr().err
+
+
+def augment_image_by_image(images, generator, size):
+    """stage3_student.augment written as a loop over the images, each cropped and erased by slicing."""
+    n = len(images)
+    offsets = torch.randint(0, 9, (n, 2), generator=generator)
+    flip = torch.rand(n, generator=generator) < 0.5
+    angle = (torch.rand(n, generator=generator) - 0.5) * math.radians(20)
+    scale = 1 + (torch.rand(n, generator=generator) - 0.5) * 0.2
+    erase = torch.rand(n, generator=generator) < 0.25
+    corners = (torch.rand(n, 2, generator=generator) * size * 0.75).long()
+    out = []
+    for i in range(n):
+        padded = torch.nn.functional.pad(images[i:i + 1].float().div(255).unsqueeze(1), (4, 4, 4, 4), mode="replicate")
+        x = padded[:, :, offsets[i, 0]:offsets[i, 0] + 48, offsets[i, 1]:offsets[i, 1] + 48]
+        if flip[i]:
+            x = x.flip(-1)
+        cos, sin = torch.cos(angle[i]) / scale[i], torch.sin(angle[i]) / scale[i]
+        theta = torch.tensor([[[cos, -sin, 0.0], [sin, cos, 0.0]]])
+        grid = torch.nn.functional.affine_grid(theta, (1, 1, size, size), align_corners=False)
+        x = torch.nn.functional.grid_sample(x, grid, padding_mode="border", align_corners=False)
+        if erase[i]:
+            x[:, :, corners[i, 0]:corners[i, 0] + size // 4, corners[i, 1]:corners[i, 1] + size // 4] = 0.5
+        out.append((x - 0.5) / 0.25)
+    return torch.cat(out)
+
+
+@pytest.mark.parametrize("size", [48, 64])
+def test_augment_matches_a_loop_over_images(size):
+    images = torch.randint(0, 256, (40, 48, 48), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    batched = stage3_student.augment(images, torch.Generator().manual_seed(size), size)
+    looped = augment_image_by_image(images, torch.Generator().manual_seed(size), size)
+    assert batched.shape == (40, 1, size, size)
+    torch.testing.assert_close(batched, looped, rtol=0, atol=0)
+    assert (batched == 0).flatten(1).sum(1).ge((size // 4) ** 2).sum() >= 5  # erased squares (0.5 -> 0) are there
+
+
+def test_augment_gives_each_ddp_process_its_share_of_the_batch():
+    images = torch.randint(0, 256, (30, 48, 48), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
+    whole = stage3_student.augment(images, torch.Generator().manual_seed(3), 48)
+    for rank in range(3):
+        share = stage3_student.augment(images, torch.Generator().manual_seed(3), 48, part=slice(rank, None, 3))
+        torch.testing.assert_close(share, whole[rank::3], rtol=0, atol=0)
 
 
 @pytest.fixture(scope="module")
