@@ -90,6 +90,13 @@ def test_augment_gives_each_ddp_process_its_share_of_the_batch():
         torch.testing.assert_close(share, whole[rank::3], rtol=0, atol=0)
 
 
+def test_augment_stays_on_the_images_device():
+    """The meta device stands in for a GPU: an operation that mixed a CPU tensor into the batch's would fail."""
+    images = torch.empty((16, 48, 48), dtype=torch.uint8, device="meta")
+    x = stage3_student.augment(images, torch.Generator().manual_seed(0), 64, part=slice(1, None, 2))
+    assert (x.shape, x.device, x.dtype) == ((8, 1, 64, 64), torch.device("meta"), torch.float32)
+
+
 @pytest.fixture(scope="module")
 def run_with_bank(tmp_path_factory):
     run_dir = str(tmp_path_factory.mktemp("run"))
@@ -246,3 +253,4 @@ def test_ddp_loss_is_the_one_process_loss(tmp_path):
             assert result["values"][term] == pytest.approx(value.item(), rel=1e-5), (rank, term)
         for name, parameter in model.named_parameters():
             torch.testing.assert_close(result["grads"][name], parameter.grad, rtol=1e-4, atol=1e-6, msg=name)
+
