@@ -349,7 +349,8 @@ def main(argv=None):
             y = labels[batch]
             ce_target = soft_targets[batch] if soft_targets is not None else y
             values = loss_terms(logits, z, y, ce_target, teacher_logits, ramp, args, constants)
-            if not torch.isfinite(values["total"]):
+            logged = torch.stack([values[term].detach() for term in terms]).tolist()  # the step's one host sync
+            if not math.isfinite(logged[0]):
                 raise FloatingPointError(f"epoch {epoch + 1}, step {step}: the loss is not finite; stopping before "
                                          "training on it")
             optimizer.zero_grad(set_to_none=True)
@@ -357,8 +358,8 @@ def main(argv=None):
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
             scheduler.step()
-            for term in terms:
-                sums[term] += values[term].item()
+            for term, value in zip(terms, logged):
+                sums[term] += value
             if (step + 1) % args.checkpoint_every == 0 and step + 1 < steps_per_epoch:
                 save_checkpoint(epoch, step + 1, sums)
         elapsed = time.perf_counter() - started

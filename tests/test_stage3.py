@@ -145,6 +145,28 @@ def test_tampered_bank_is_refused(tmp_path):
         stage3_student.main(["--run-dir", run_dir, "--variant", "B0", *TINY])
 
 
+def test_a_non_finite_loss_stops_the_run_at_its_step(run_with_bank, monkeypatch):
+    """SPEC section 4: a non-finite loss (on a GPU, what a non-finite z gives) stops stage 3 at once, naming the step,
+    and leaves no output that looks finished."""
+    loss_terms, computed = stage3_student.loss_terms, []
+
+    def poisoned_at_step_3(*arguments):
+        values = loss_terms(*arguments)
+        computed.append(values)
+        if len(computed) == 3:
+            values["kd"] = values["kd"] + float("nan")
+            values["total"] = values["total"] + values["kd"]
+        return values
+
+    monkeypatch.setattr(stage3_student, "loss_terms", poisoned_at_step_3)
+    with pytest.raises(FloatingPointError, match=r"^epoch 1, step 2: the loss is not finite; stopping before"):
+        stage3_student.main(["--run-dir", run_with_bank, "--variant", "B2", "--kd-weight", "0", "--name", "poisoned",
+                             *TINY])
+    assert len(computed) == 3
+    assert not os.path.exists(os.path.join(run_with_bank, "stage3", "poisoned", artifacts.MANIFEST))
+    assert not os.path.exists(os.path.join(run_with_bank, "stage3", "poisoned", "best.pt"))
+
+
 def weights(path):
     return torch.load(path, weights_only=True)["state_dict"]
 
