@@ -96,7 +96,7 @@ def predict(model, images, size, device, batch_size=512):
     model.eval()
     logits, embeddings = [], []
     for start in range(0, len(images), batch_size):
-        batch = preprocess(torch.from_numpy(images[start:start + batch_size]), size).to(device)
+        batch = preprocess(torch.from_numpy(images[start:start + batch_size]).to(device), size)
         batch_logits, batch_embeddings = model(batch)
         logits.append(batch_logits.float().cpu())
         embeddings.append(batch_embeddings.float().cpu())
