@@ -93,6 +93,8 @@ def parse_args(argv=None):
     parser.add_argument("--checkpoint-every", type=int, default=50, help="steps between resume checkpoints")
     parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint of this run")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--sync-bn", action="store_true",
+                        help="BatchNorm statistics over the global batch under torchrun (GPUs only), as one process")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     schedule = SCHEDULES["synthetic" if args.ferplus is None else "paper"]
@@ -107,6 +109,8 @@ def parse_args(argv=None):
     if args.kd_weight > 0 and not args.kd_teacher:
         parser.error(f"--variant {args.variant} uses logit KD (weight {args.kd_weight}): give --kd-teacher (a "
                      "stage-3 best.pt, e.g. of a B0 run) or --kd-weight 0")
+    if args.sync_bn and not args.device.startswith("cuda"):
+        parser.error(f"--sync-bn needs CUDA devices (torch's SyncBatchNorm does not run on {args.device!r})")
     if args.epochs < 1 or args.batch_size < 1 or args.input_size < 16:
         parser.error("--epochs and --batch-size must be at least 1, --input-size at least 16")
     return args
@@ -265,6 +269,8 @@ def main(argv=None):
     model = Student(args.arch, len(FER_CLASSES), bank.shape[1])
     if args.pretrained:
         load_backbone_weights(model, args.pretrained)
+    if args.sync_bn:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model = model.to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)

@@ -97,6 +97,16 @@ def test_augment_stays_on_the_images_device():
     assert (x.shape, x.device, x.dtype) == ((8, 1, 64, 64), torch.device("meta"), torch.float32)
 
 
+def test_sync_bn_needs_cuda_and_keeps_the_checkpoint_format(capsys):
+    with pytest.raises(SystemExit):
+        stage3_student.parse_args(["--variant", "B0", "--sync-bn", "--device", "cpu"])
+    assert "--sync-bn needs CUDA devices (torch's SyncBatchNorm does not run on 'cpu')" in capsys.readouterr().err
+    from ngd_ext.student_model import Student
+    synced = torch.nn.SyncBatchNorm.convert_sync_batchnorm(Student("resnet18", 8, 16))
+    assert sum(isinstance(module, torch.nn.SyncBatchNorm) for module in synced.modules()) == 20
+    Student("resnet18", 8, 16).load_state_dict(synced.state_dict())  # stage 4 reads its best.pt as a plain student
+
+
 @pytest.fixture(scope="module")
 def run_with_bank(tmp_path_factory):
     run_dir = str(tmp_path_factory.mktemp("run"))
