@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The whole GPU verification of ngd_ext on a CUDA machine, with no network and whatever torch it has:
 # build the extension in place, run the test suite (CUDA cases included), the CUDA benchmark, a per-kernel
-# profile, Nsight Compute on the row kernels, compute-sanitizer memcheck and racecheck on a short run, and last the
-# torch.compile tests.
+# profile, Nsight Compute on the row kernels, compute-sanitizer memcheck and racecheck on a short run, then the
+# torch.compile tests and last stage 3's GPU tests.
 # Logs and JSON go to OUTDIR, and the figures to OUTDIR/summary.txt. 5 to 7 minutes on an H200 before the
 # torch.compile tests were added.
 # With a second argument, another checkout of this project (an earlier commit, carried along) is built too,
@@ -115,4 +115,10 @@ timeout 120 "$python" -m pytest -q -p no:cacheprovider tests/test_fused.py -k "c
   > "$out/tests_compile.log" 2>&1
 echo "torch.compile pytest exit $?" | tee -a "$out/summary.txt"
 grep -E "passed|skipped|failed|error|FAILED" "$out/tests_compile.log" | tail -n 5 | tee -a "$out/summary.txt"
+# Stage 3's GPU path: its batched augmentation on the device against the CPU's, and the student trained under
+# torchrun with SyncBatchNorm (NCCL), through the fused op's CUDA kernels.
+step "stage 3 on the GPU"
+timeout 150 "$python" -m pytest -q -p no:cacheprovider tests/test_stage3.py -k "gpu" > "$out/tests_stage3.log" 2>&1
+echo "stage-3 pytest exit $?" | tee -a "$out/summary.txt"
+grep -E "passed|skipped|failed|error|FAILED" "$out/tests_stage3.log" | tail -n 5 | tee -a "$out/summary.txt"
 step "done"
