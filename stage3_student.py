@@ -18,8 +18,8 @@ overridden. KD needs a visual teacher: a best.pt of another stage-3 run. The two
 On the embedded default, epochs and the D-Geo ramp default to a short schedule (see --help); with real data to
 the paper's. More processes: torchrun --nproc_per_node=N stage3_student.py ... (DDP; NCCL on GPUs, gloo on
 CPU): each process runs the network on its share of the global batch, and every loss term is taken over the
-whole global batch, as one process takes it. A run killed at any moment continues with --resume from its last
-checkpoint.
+whole global batch, as one process takes it; on GPUs, --sync-bn takes BatchNorm's statistics over it too. A run
+killed at any moment continues with --resume from its last checkpoint.
 """
 
 import argparse
