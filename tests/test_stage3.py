@@ -192,27 +192,61 @@ def weights(path):
     return torch.load(path, weights_only=True)["state_dict"]
 
 
-def test_resume_after_kill_ends_with_the_same_weights(run_with_bank, tmp_path):
-    command = [sys.executable, os.path.join(ROOT, "stage3_student.py"), "--run-dir", run_with_bank, "--variant",
-               "B2", "--kd-weight", "0", "--checkpoint-every", "2", *TINY]
-    subprocess.run(command + ["--name", "straight"], check=True, capture_output=True, cwd=ROOT)
-    checkpoint = os.path.join(run_with_bank, "stage3", "killed-checkpoint.pt")
-    process = subprocess.Popen(command + ["--name", "killed"], cwd=ROOT, stdout=subprocess.DEVNULL,
+def kill_process_tree(pid):
+    """SIGKILL a process and all its descendants at once, as a machine failure stops them: torchrun starts its
+    workers in sessions of their own, out of reach of a kill of its process group (Linux: reads /proc)."""
+    children = {}
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{entry}/stat") as handle:
+                parent = int(handle.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue  # ended meanwhile
+        children.setdefault(parent, []).append(int(entry))
+    tree, pending = [], [pid]
+    while pending:
+        tree.append(pending.pop())
+        pending.extend(children.get(tree[-1], []))
+    for member in tree:
+        try:
+            os.kill(member, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_resume_after_kill_ends_with_the_same_weights(run_with_bank, processes):
+    """A run killed (with all its processes) after its first checkpoint and resumed ends with the weights of a run
+    never killed, bit for bit: in one process, and in 2 under torchrun (gloo)."""
+    ports = iter(range(29620 + 10 * processes, 29630 + 10 * processes))
+
+    def command(name, *extra):
+        launcher = [sys.executable]
+        if processes > 1:
+            launcher += ["-m", "torch.distributed.run", f"--nproc_per_node={processes}", "--master_port", str(next(ports))]
+        return launcher + [os.path.join(ROOT, "stage3_student.py"), "--run-dir", run_with_bank, "--variant", "B2",
+                           "--kd-weight", "0", "--checkpoint-every", "2", *TINY, "--name", name, *extra]
+
+    environment = {**os.environ, "OMP_NUM_THREADS": "1"} if processes > 1 else None  # 2 processes on 2 cores
+    straight, killed = f"straight{processes}", f"killed{processes}"
+    subprocess.run(command(straight), check=True, capture_output=True, cwd=ROOT, env=environment)
+    checkpoint = os.path.join(run_with_bank, "stage3", f"{killed}-checkpoint.pt")
+    process = subprocess.Popen(command(killed), cwd=ROOT, env=environment, stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while not os.path.exists(checkpoint) and time.time() < deadline and process.poll() is None:
         time.sleep(0.05)
-    process.send_signal(signal.SIGKILL)
+    kill_process_tree(process.pid)
     process.wait()
     assert os.path.exists(checkpoint), "the run ended before its first checkpoint"
-    assert not os.path.exists(os.path.join(run_with_bank, "stage3", "killed", artifacts.MANIFEST))
-    resumed = subprocess.run(command + ["--name", "killed", "--resume"], check=True, capture_output=True, text=True,
-                             cwd=ROOT)
+    assert not os.path.exists(os.path.join(run_with_bank, "stage3", killed, artifacts.MANIFEST))
+    resumed = subprocess.run(command(killed, "--resume"), check=True, capture_output=True, text=True, cwd=ROOT,
+                             env=environment)
     assert "resuming at epoch 1, step" in resumed.stdout
-    straight = weights(os.path.join(run_with_bank, "stage3", "straight", "best.pt"))
-    killed = weights(os.path.join(run_with_bank, "stage3", "killed", "best.pt"))
-    for key in straight:
-        torch.testing.assert_close(killed[key], straight[key], rtol=0, atol=0, msg=key)
+    expected = weights(os.path.join(run_with_bank, "stage3", straight, "best.pt"))
+    actual = weights(os.path.join(run_with_bank, "stage3", killed, "best.pt"))
+    for key in expected:
+        torch.testing.assert_close(actual[key], expected[key], rtol=0, atol=0, msg=key)
 
 
 def test_two_gloo_processes_match_one_process(run_with_bank):
