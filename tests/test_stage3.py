@@ -15,6 +15,7 @@ import torch
 import stage2_prototypes
 import stage3_student
 from ngd_ext import artifacts
+from ngd_ext.student_model import Student, load_student
 from test_prototypes import write_stage1
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -112,7 +113,6 @@ def test_sync_bn_needs_cuda_and_keeps_the_checkpoint_format(capsys):
     with pytest.raises(SystemExit):
         stage3_student.parse_args(["--variant", "B0", "--sync-bn", "--device", "cpu"])
     assert "--sync-bn needs CUDA devices (torch's SyncBatchNorm does not run on 'cpu')" in capsys.readouterr().err
-    from ngd_ext.student_model import Student
     synced = torch.nn.SyncBatchNorm.convert_sync_batchnorm(Student("resnet18", 8, 16))
     assert sum(isinstance(module, torch.nn.SyncBatchNorm) for module in synced.modules()) == 20
     Student("resnet18", 8, 16).load_state_dict(synced.state_dict())  # stage 4 reads its best.pt as a plain student
@@ -148,7 +148,6 @@ def test_b0_then_b3_with_its_kd_teacher(run_with_bank):
 
 
 def test_kd_teacher_of_another_architecture_is_refused(run_with_bank, tmp_path):
-    from ngd_ext.student_model import Student
     path = str(tmp_path / "teacher.pt")
     torch.save({"state_dict": Student("resnet18", 7, 32).state_dict(),
                 "config": {"arch": "resnet18", "embedding_size": 32}}, path)
@@ -223,7 +222,8 @@ def test_resume_after_kill_ends_with_the_same_weights(run_with_bank, processes):
     def command(name, *extra):
         launcher = [sys.executable]
         if processes > 1:
-            launcher += ["-m", "torch.distributed.run", f"--nproc_per_node={processes}", "--master_port", str(next(ports))]
+            launcher += ["-m", "torch.distributed.run", f"--nproc_per_node={processes}",
+                         "--master_port", str(next(ports))]
         return launcher + [os.path.join(ROOT, "stage3_student.py"), "--run-dir", run_with_bank, "--variant", "B2",
                            "--kd-weight", "0", "--checkpoint-every", "2", *TINY, "--name", name, *extra]
 
@@ -332,21 +332,20 @@ def test_ddp_loss_is_the_one_process_loss(tmp_path):
             torch.testing.assert_close(result["grads"][name], parameter.grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
-
 @needs_gpu
 def test_the_student_trains_on_gpus_under_torchrun(run_with_bank):
     """B3 on CUDA under torchrun, on up to 2 GPUs (NCCL), with SyncBatchNorm: the GPU path of the training loop (data
     on the device, bf16 autocast, channels_last, the fused op's CUDA kernels, the gathered loss). One epoch must end
     with finite loss terms and a best.pt that stage 4 loads as a plain student."""
     processes = min(2, torch.cuda.device_count())
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}", "--master_port",
-                    "29610", os.path.join(ROOT, "stage3_student.py"), "--run-dir", run_with_bank, "--variant", "B3",
-                    "--kd-weight", "0", "--ramp-start", "0", "--ramp-end", "0", "--sync-bn", "--name", "gpus",
-                    *TINY[:-2], "--device", "cuda"], capture_output=True, text=True, cwd=ROOT)
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}",
+                          "--master_port", "29610", os.path.join(ROOT, "stage3_student.py"), "--run-dir",
+                          run_with_bank, "--variant", "B3", "--kd-weight", "0", "--ramp-start", "0", "--ramp-end", "0",
+                          "--sync-bn", "--name", "gpus", *TINY[:-2], "--device", "cuda"],
+                         capture_output=True, text=True, cwd=ROOT)
     assert run.returncode == 0, run.stderr[-4000:]
     with open(os.path.join(run_with_bank, "stage3", "gpus", "history.jsonl")) as handle:
         (epoch,) = [json.loads(line) for line in handle]
     assert all(math.isfinite(value) for value in epoch["train"].values()), epoch["train"]
     assert epoch["train"]["margin"] > 0 and epoch["dgeo_ramp"] == 1.0
-    from ngd_ext.student_model import load_student
     load_student(os.path.join(run_with_bank, "stage3", "gpus", "best.pt"))
