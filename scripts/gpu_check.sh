@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
-# The whole GPU verification of ngd_ext on a CUDA machine, with no network and whatever torch it has:
-# build the extension in place, run the test suite (CUDA cases included), the CUDA benchmark, a per-kernel
-# profile, Nsight Compute on the row kernels, compute-sanitizer memcheck and racecheck on a short run, then the
-# torch.compile tests and last stage 3's GPU tests.
-# Logs and JSON go to OUTDIR, and the figures to OUTDIR/summary.txt. 5 to 7 minutes on an H200 before the
-# torch.compile tests were added.
+# The whole GPU verification of ngd_ext on a CUDA machine, with no network and whatever torch it has, within a
+# time budget (GPU_CHECK_BUDGET seconds, default 450, build included). Steps run in order of what a GPU run must
+# settle first: build the extension in place; the CUDA tests; the CUDA benchmark (the op's targets);
+# compute-sanitizer memcheck and racecheck; stage 3's GPU tests; the torch.compile tests; then the diagnostics: the
+# fused op timed against a baseline checkout, a per-kernel profile, Nsight Compute on the row kernels. Each step's
+# time limit is cut to what is left of the budget, and a step that no longer fits is skipped and named in the
+# summary, so the run ends within the budget with every figure it reached written down.
+# Logs and JSON go to OUTDIR, and the figures to OUTDIR/summary.txt.
 # With a second argument, another checkout of this project (an earlier commit, carried along) is built too,
-# and its fused op is timed back to back with this one's at the large sizes: about a minute more.
+# and its fused op is timed back to back with this one's at the large sizes: GPU machines differ from one loan to
+# the next, and this compares two kernels on one.
 #
 #   bash scripts/gpu_check.sh OUTDIR [BASELINE_CHECKOUT]
 set -uo pipefail
@@ -16,13 +19,28 @@ out=$(realpath "$out")
 baseline=${2:+$(realpath "$2")}
 cd "$(dirname "$0")/.."
 python=${PYTHON:-python3}
+budget=${GPU_CHECK_BUDGET:-450}
 export PYTHONUNBUFFERED=1 FORCE_CUDA=1
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-$(nproc)}
 if [ -z "${CUDA_HOME:-}" ]; then
   nvcc_path=$(command -v nvcc) && export CUDA_HOME=$(dirname "$(dirname "$(readlink -f "$nvcc_path")")")
 fi
 
-step() { echo "== $1 ($(date +%T))" | tee -a "$out/summary.txt"; }
+step() { echo "== $1 ($(date +%T), $SECONDS s in)" | tee -a "$out/summary.txt"; }
+note() { echo "$@" | tee -a "$out/summary.txt"; }
+skipped=()
+
+# allow NAME LIMIT MINIMUM: sets $limit to the step's own LIMIT cut to what is left of the budget (less 10 s for
+# the closing lines); fails, naming the step as skipped, when less than its MINIMUM is left.
+allow() {
+  local left=$((budget - SECONDS - 10))
+  if [ "$left" -lt "$3" ]; then
+    note "skipped: $1 needs at least $3 s, $((left > 0 ? left : 0)) s of the $budget s budget are left"
+    skipped+=("$1")
+    return 1
+  fi
+  limit=$(($2 < left ? $2 : left))
+}
 
 step "machine"
 { nvidia-smi; echo "CUDA_HOME=${CUDA_HOME:-}"; "$python" -c "import torch, sys; print(sys.version); print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())"; } > "$out/machine.txt" 2>&1
@@ -38,87 +56,111 @@ fi
 # Error-path tests run on their own: a crash there must not hide the numerical results. The reruns of the CPU
 # tests on the baseline CPU kernels and under AddressSanitizer are left to CI, which runs them on every commit.
 step "tests"
-timeout 150 "$python" -m pytest -q -p no:cacheprovider tests/test_fused.py tests/test_reference.py \
-  -k "not baseline_cpu_variant and not address_sanitizer and not compile" > "$out/tests.log" 2>&1
-echo "pytest exit $?" | tee -a "$out/summary.txt"
-grep -E "passed|failed|error|FAILED" "$out/tests.log" | tail -n 15 | tee -a "$out/summary.txt"
-timeout 60 "$python" -m pytest -q -p no:cacheprovider tests/test_errors.py > "$out/tests_errors.log" 2>&1
-errors_rc=$?
-echo "error-path pytest exit $errors_rc" | tee -a "$out/summary.txt"
-tail -n 3 "$out/tests_errors.log" | tee -a "$out/summary.txt"
-if [ "$errors_rc" -ge 128 ] && command -v cuda-gdb > /dev/null; then  # a crash: keep its native backtrace
-  { command -v c++ g++; c++ --version | head -n 1; } > "$out/crash_backtrace.log" 2>&1
-  timeout 60 cuda-gdb -batch -ex run -ex bt --args "$python" -m pytest -q -x -p no:cacheprovider tests/test_errors.py \
-    >> "$out/crash_backtrace.log" 2>&1
+if allow "tests" 150 60; then
+  timeout "$limit" "$python" -m pytest -q -p no:cacheprovider tests/test_fused.py tests/test_reference.py \
+    -k "not baseline_cpu_variant and not address_sanitizer and not compile" > "$out/tests.log" 2>&1
+  note "pytest exit $?"
+  grep -E "passed|failed|error|FAILED" "$out/tests.log" | tail -n 15 | tee -a "$out/summary.txt"
 fi
-
-step "benchmark"
-timeout 200 "$python" benchmarks/bench_proto_dgeo.py --device cuda --compile-dynamic --time-budget 130 \
-  --out "$out/bench_cuda.json" > "$out/bench.log" 2>&1
-echo "benchmark exit $?" | tee -a "$out/summary.txt"
-sed -n '/^dtype /,$p' "$out/bench.log" | tee -a "$out/summary.txt"
-
-if [ -n "$baseline" ]; then
-  step "fused op of $baseline, then of this checkout"
-  ab=(--device cuda --provider fused --batch 8192 65536 --dim 512 2048 --dtype float32 bfloat16)
-  if (cd "$baseline" && "$python" setup.py build_ext --inplace) > "$out/baseline_build.log" 2>&1; then
-    (cd "$baseline" && timeout 120 "$python" benchmarks/bench_proto_dgeo.py "${ab[@]}" --out "$out/ab_baseline.json") \
-      > "$out/ab_baseline.log" 2>&1
-    timeout 120 "$python" benchmarks/bench_proto_dgeo.py "${ab[@]}" --out "$out/ab_this.json" > "$out/ab_this.log" 2>&1
-    for log in ab_baseline ab_this; do
-      echo "-- $log" | tee -a "$out/summary.txt"
-      sed -n '/^dtype /,$p' "$out/$log.log" | tee -a "$out/summary.txt"
-    done
-  else
-    echo "baseline build failed:" | tee -a "$out/summary.txt"
-    tail -n 20 "$out/baseline_build.log" | tee -a "$out/summary.txt"
+if allow "error-path tests" 60 30; then
+  timeout "$limit" "$python" -m pytest -q -p no:cacheprovider tests/test_errors.py > "$out/tests_errors.log" 2>&1
+  errors_rc=$?
+  note "error-path pytest exit $errors_rc"
+  tail -n 3 "$out/tests_errors.log" | tee -a "$out/summary.txt"
+  if [ "$errors_rc" -ge 128 ] && command -v cuda-gdb > /dev/null && allow "crash backtrace" 60 30; then
+    { command -v c++ g++; c++ --version | head -n 1; } > "$out/crash_backtrace.log" 2>&1
+    timeout "$limit" cuda-gdb -batch -ex run -ex bt --args "$python" -m pytest -q -x -p no:cacheprovider \
+      tests/test_errors.py >> "$out/crash_backtrace.log" 2>&1
   fi
 fi
 
-step "kernel profile"
-timeout 90 "$python" scripts/kernel_profile.py --out "$out/kernel_profile.json" > "$out/kernel_profile.log" 2>&1
-echo "kernel profile exit $?" | tee -a "$out/summary.txt"
-grep -A 8 "^B=" "$out/kernel_profile.log" | tee -a "$out/summary.txt"
-
-# Nsight Compute on the two row kernels at the largest shape: how close to the memory and compute roofs they
-# run, their occupancy, and what their warps wait on.
-step "ncu"
-if command -v ncu > /dev/null; then
-  # The first row-kernel launch is the benchmark helper's untimed forward: skip it, take a forward and a backward.
-  profile_rows=(-k regex:"forward_rows_kernel|backward_kernel" --launch-skip 1 -c 2
-                "$python" scripts/kernel_profile.py --batch 65536 --dim 2048 --steps 1 --plain)
-  timeout 150 ncu --section SpeedOfLight --section Occupancy --section WarpStateStats --section LaunchStats \
-    --section ComputeWorkloadAnalysis --section SchedulerStats "${profile_rows[@]}" > "$out/ncu.log" 2>&1
-  echo "ncu exit $?" | tee -a "$out/summary.txt"
-  figures="Duration|Throughput|Achieved Occupancy|Registers Per|Warp Cycles Per Issued|Issue Slots Busy"
-  figures+="|Issued Warp|No Eligible|Eligible Warps|Executed Ipc A|stall|Stall"
-  grep -E "^  void |$figures" "$out/ncu.log" | cut -c1-150 | tee -a "$out/summary.txt"
-  # What the warps wait on, reason by reason (warps stalled per issued instruction, 0.05 and over).
-  timeout 90 ncu --metrics "regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio" "${profile_rows[@]}" \
-    > "$out/ncu_stalls.log" 2>&1
-  echo "ncu stall reasons exit $?" | tee -a "$out/summary.txt"
-  grep -E "^  void |issue_stalled" "$out/ncu_stalls.log" | awk '/^  void/ || $NF + 0 >= 0.05' | cut -c1-150 \
-    | tee -a "$out/summary.txt"
-else
-  echo "no ncu on PATH" | tee -a "$out/summary.txt"
+# The benchmark starts no new configuration after its own --time-budget, and finishing the one under way (its
+# torch.compile included) takes up to about a minute.
+step "benchmark"
+if allow "benchmark" 200 100; then
+  timeout "$limit" "$python" benchmarks/bench_proto_dgeo.py --device cuda --compile-dynamic \
+    --time-budget $((limit - 70)) --out "$out/bench_cuda.json" > "$out/bench.log" 2>&1
+  note "benchmark exit $?"
+  sed -n '/^dtype /,$p' "$out/bench.log" | tee -a "$out/summary.txt"
 fi
 
 step "compute-sanitizer"
 for tool in memcheck racecheck; do
-  timeout 60 compute-sanitizer --tool "$tool" "$python" scripts/gpu_smoke.py > "$out/sanitizer_$tool.log" 2>&1
-  echo "$tool exit $?: $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$out/sanitizer_$tool.log" | tail -n 1)" | tee -a "$out/summary.txt"
+  if allow "compute-sanitizer $tool" 60 40; then
+    timeout "$limit" compute-sanitizer --tool "$tool" "$python" scripts/gpu_smoke.py > "$out/sanitizer_$tool.log" 2>&1
+    note "$tool exit $?: $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$out/sanitizer_$tool.log" | tail -n 1)"
+  fi
 done
-# Last, so that Inductor's compilations delay no measurement: torch.compile of the op on the
-# GPU, its CUDA graphs under mode="reduce-overhead" included.
-step "torch.compile tests"
-timeout 120 "$python" -m pytest -q -p no:cacheprovider tests/test_fused.py -k "compile and cuda" \
-  > "$out/tests_compile.log" 2>&1
-echo "torch.compile pytest exit $?" | tee -a "$out/summary.txt"
-grep -E "passed|skipped|failed|error|FAILED" "$out/tests_compile.log" | tail -n 5 | tee -a "$out/summary.txt"
+
 # Stage 3's GPU path: its batched augmentation on the device against the CPU's, and the student trained under
 # torchrun with SyncBatchNorm (NCCL), through the fused op's CUDA kernels.
 step "stage 3 on the GPU"
-timeout 150 "$python" -m pytest -q -p no:cacheprovider tests/test_stage3.py -k "gpu" > "$out/tests_stage3.log" 2>&1
-echo "stage-3 pytest exit $?" | tee -a "$out/summary.txt"
-grep -E "passed|skipped|failed|error|FAILED" "$out/tests_stage3.log" | tail -n 5 | tee -a "$out/summary.txt"
+if allow "stage-3 GPU tests" 150 60; then
+  timeout "$limit" "$python" -m pytest -q -p no:cacheprovider tests/test_stage3.py -k "gpu" > "$out/tests_stage3.log" 2>&1
+  note "stage-3 pytest exit $?"
+  grep -E "passed|skipped|failed|error|FAILED" "$out/tests_stage3.log" | tail -n 5 | tee -a "$out/summary.txt"
+fi
+
+# torch.compile of the op on the GPU, its CUDA graphs under mode="reduce-overhead" included.
+step "torch.compile tests"
+if allow "torch.compile tests" 120 60; then
+  timeout "$limit" "$python" -m pytest -q -p no:cacheprovider tests/test_fused.py -k "compile and cuda" \
+    > "$out/tests_compile.log" 2>&1
+  note "torch.compile pytest exit $?"
+  grep -E "passed|skipped|failed|error|FAILED" "$out/tests_compile.log" | tail -n 5 | tee -a "$out/summary.txt"
+fi
+
+if [ -n "$baseline" ]; then
+  step "fused op of $baseline, then of this checkout"
+  ab=(--device cuda --provider fused --batch 8192 65536 --dim 512 2048 --dtype float32 bfloat16)
+  if allow "baseline build" 150 90; then
+    if (cd "$baseline" && timeout "$limit" "$python" setup.py build_ext --inplace) > "$out/baseline_build.log" 2>&1; then
+      for log in ab_baseline ab_this; do
+        allow "$log timing" 90 40 || continue
+        if [ "$log" = ab_baseline ]; then dir=$baseline; else dir=.; fi
+        (cd "$dir" && timeout "$limit" "$python" benchmarks/bench_proto_dgeo.py "${ab[@]}" --out "$out/$log.json") \
+          > "$out/$log.log" 2>&1
+        note "-- $log"
+        sed -n '/^dtype /,$p' "$out/$log.log" | tee -a "$out/summary.txt"
+      done
+    else
+      note "baseline build failed:"
+      tail -n 20 "$out/baseline_build.log" | tee -a "$out/summary.txt"
+    fi
+  fi
+fi
+
+step "kernel profile"
+if allow "kernel profile" 90 45; then
+  timeout "$limit" "$python" scripts/kernel_profile.py --out "$out/kernel_profile.json" > "$out/kernel_profile.log" 2>&1
+  note "kernel profile exit $?"
+  grep -A 8 "^B=" "$out/kernel_profile.log" | tee -a "$out/summary.txt"
+fi
+
+# Nsight Compute on the two row kernels at the largest shape: how close to the memory and compute roofs they
+# run, their occupancy, and what their warps wait on.
+step "ncu"
+if ! command -v ncu > /dev/null; then
+  note "no ncu on PATH"
+elif allow "ncu" 150 90; then
+  # The first row-kernel launch is the benchmark helper's untimed forward: skip it, take a forward and a backward.
+  profile_rows=(-k regex:"forward_rows_kernel|backward_kernel" --launch-skip 1 -c 2
+                "$python" scripts/kernel_profile.py --batch 65536 --dim 2048 --steps 1 --plain)
+  timeout "$limit" ncu --section SpeedOfLight --section Occupancy --section WarpStateStats --section LaunchStats \
+    --section ComputeWorkloadAnalysis --section SchedulerStats "${profile_rows[@]}" > "$out/ncu.log" 2>&1
+  note "ncu exit $?"
+  figures="Duration|Throughput|Achieved Occupancy|Registers Per|Warp Cycles Per Issued|Issue Slots Busy"
+  figures+="|Issued Warp|No Eligible|Eligible Warps|Executed Ipc A|stall|Stall"
+  grep -E "^  void |$figures" "$out/ncu.log" | cut -c1-150 | tee -a "$out/summary.txt"
+  # What the warps wait on, reason by reason (warps stalled per issued instruction, 0.05 and over).
+  if allow "ncu stall reasons" 90 45; then
+    timeout "$limit" ncu --metrics "regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio" \
+      "${profile_rows[@]}" > "$out/ncu_stalls.log" 2>&1
+    note "ncu stall reasons exit $?"
+    grep -E "^  void |issue_stalled" "$out/ncu_stalls.log" | awk '/^  void/ || $NF + 0 >= 0.05' | cut -c1-150 \
+      | tee -a "$out/summary.txt"
+  fi
+fi
+
 step "done"
+note "skipped for want of time: ${skipped[*]:-none}"
