@@ -33,6 +33,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from ngd_ext import artifacts  # noqa: E402
+from ngd_ext.determinism import set_determinism  # noqa: E402
 from ngd_ext.eeg_features import BANDS, band_entropy, interpolation_matrix, preprocess, topographic_maps  # noqa: E402
 from ngd_ext.eeg_formats import EEGFormatError, read_dreamer, read_mahnob  # noqa: E402
 from ngd_ext.synthetic_eeg import ensure_synthetic_eeg  # noqa: E402
@@ -67,6 +68,9 @@ def parse_args(argv=None):
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="torch device (default cuda when available)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the split, the model and the synthetic data")
+    parser.add_argument("--deterministic", action="store_true",
+                        help="deterministic GPU algorithms only, so that a run repeats bit for bit (default: cuDNN's "
+                             "fastest; CPU runs repeat either way)")
     parser.add_argument("--held-out-fraction", type=float, default=HELD_OUT_FRACTION,
                         help=f"share of each dataset's subjects held out (at least one; default {HELD_OUT_FRACTION})")
     parser.add_argument("--epochs", type=int, default=EPOCHS, help=f"training epochs (default {EPOCHS})")
@@ -191,6 +195,7 @@ def plot_curve(history, path, note):
 
 def main(argv=None):
     args = parse_args(argv)
+    set_determinism(args.deterministic)
     out_dir = os.path.join(args.run_dir, "stage1")
     os.makedirs(out_dir, exist_ok=True)
     manifest = os.path.join(out_dir, artifacts.MANIFEST)

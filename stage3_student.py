@@ -19,7 +19,8 @@ On the embedded default, epochs and the D-Geo ramp default to a short schedule (
 the paper's. More processes: torchrun --nproc_per_node=N stage3_student.py ... (DDP; NCCL on GPUs, gloo on
 CPU): each process runs the network on its share of the global batch, and every loss term is taken over the
 whole global batch, as one process takes it; on GPUs, --sync-bn takes BatchNorm's statistics over it too. A run
-killed at any moment continues with --resume from its last checkpoint.
+killed at any moment continues with --resume from its last checkpoint. On GPUs, --deterministic makes a run repeat
+bit for bit (on CPU it does anyway).
 """
 
 import argparse
@@ -44,6 +45,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 import ngd_ext  # noqa: E402
 from ngd_ext import artifacts  # noqa: E402
+from ngd_ext.determinism import set_determinism  # noqa: E402
 from ngd_ext.emotions import DEFAULT_ANCHORS, DEFAULT_POSITIVE, FER_CLASSES  # noqa: E402
 from ngd_ext.ferplus import FerPlusError, data_summary, load_ferplus_cached  # noqa: E402
 from ngd_ext.metrics import eight_way  # noqa: E402
@@ -95,6 +97,9 @@ def parse_args(argv=None):
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--sync-bn", action="store_true",
                         help="BatchNorm statistics over the global batch under torchrun (GPUs only), as one process")
+    parser.add_argument("--deterministic", action="store_true",
+                        help="deterministic GPU algorithms only, so that a run repeats bit for bit (default: cuDNN's "
+                             "fastest; CPU runs repeat either way)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     schedule = SCHEDULES["synthetic" if args.ferplus is None else "paper"]
@@ -223,6 +228,7 @@ def plot_curves(history, path, note):
 
 def main(argv=None):
     args = parse_args(argv)
+    set_determinism(args.deterministic)
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     device = torch.device(args.device)
     if distributed:

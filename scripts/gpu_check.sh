@@ -92,10 +92,10 @@ for tool in memcheck racecheck; do
   fi
 done
 
-# Stage 3's GPU path: its batched augmentation on the device against the CPU's, and the student trained under
-# torchrun with SyncBatchNorm (NCCL), through the fused op's CUDA kernels.
+# Stage 3's GPU path: its batched augmentation on the device against the CPU's, the student trained under torchrun
+# with SyncBatchNorm (NCCL) through the fused op's CUDA kernels, and two --deterministic runs that must end alike.
 step "stage 3 on the GPU"
-if allow "stage-3 GPU tests" 150 60; then
+if allow "stage-3 GPU tests" 210 90; then
   timeout "$limit" "$python" -m pytest -q -p no:cacheprovider tests/test_stage3.py -k "gpu" > "$out/tests_stage3.log" 2>&1
   note "stage-3 pytest exit $?"
   grep -E "passed|skipped|failed|error|FAILED" "$out/tests_stage3.log" | tail -n 5 | tee -a "$out/summary.txt"

@@ -153,6 +153,21 @@ def test_stage1_resumes_after_a_crash(tmp_path, monkeypatch, capsys):
     assert os.path.exists(os.path.join(stage1, artifacts.MANIFEST))
 
 
+def test_stage1_deterministic_runs_repeat_bit_for_bit(tmp_path):
+    """--deterministic, meant for GPUs, on the CPU: the flag reaches torch, no op of the stage refuses it, and two runs
+    end with the same teacher, bit for bit."""
+    try:
+        for name in ("first", "second"):
+            run_tiny_stage1(str(tmp_path / name), "--deterministic")
+            assert torch.are_deterministic_algorithms_enabled()
+    finally:
+        torch.use_deterministic_algorithms(False)
+    first, second = (torch.load(tmp_path / name / "stage1" / "teacher.pt", weights_only=True)["state_dict"]
+                     for name in ("first", "second"))
+    for key in first:
+        torch.testing.assert_close(second[key], first[key], rtol=0, atol=0, msg=key)
+
+
 def test_stage1_bad_dataset_path_names_the_file(tmp_path):
     missing = str(tmp_path / "DREAMER.mat")
     with pytest.raises(Exception, match=r"DREAMER.mat: not a readable MATLAB file"):

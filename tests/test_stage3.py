@@ -349,3 +349,20 @@ def test_the_student_trains_on_gpus_under_torchrun(run_with_bank):
     assert all(math.isfinite(value) for value in epoch["train"].values()), epoch["train"]
     assert epoch["train"]["margin"] > 0 and epoch["dgeo_ramp"] == 1.0
     load_student(os.path.join(run_with_bank, "stage3", "gpus", "best.pt"))
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=needs_gpu)], ids=["cpu", "gpu"])
+def test_a_deterministic_run_repeats_bit_for_bit(run_with_bank, device):
+    """--deterministic: two runs of B3 (D-Geo at full weight, so every loss term trains) end with the same weights, bit
+    for bit. On a GPU this holds only with deterministic cuDNN and cuBLAS algorithms, and any op of the training step
+    that has none stops the run, naming itself. Each run is a process of its own: cuBLAS reads its workspace setting
+    once per process."""
+    for name in ("deterministic_a", "deterministic_b"):
+        subprocess.run([sys.executable, os.path.join(ROOT, "stage3_student.py"), "--run-dir", run_with_bank, "--variant",
+                        "B3", "--kd-weight", "0", "--ramp-start", "0", "--ramp-end", "0", "--deterministic", "--name",
+                        name, *TINY[:-2], "--device", device], check=True, capture_output=True, cwd=ROOT)
+    first, second = (weights(os.path.join(run_with_bank, "stage3", name, "best.pt"))
+                     for name in ("deterministic_a", "deterministic_b"))
+    assert first.keys() == second.keys()
+    for key in first:
+        torch.testing.assert_close(second[key], first[key], rtol=0, atol=0, msg=key)
