@@ -1,9 +1,10 @@
 """Stage 1: the EEG teacher, which regresses valence and arousal from topographic maps of EEG.
 
 Reads DREAMER (--dreamer DREAMER.mat) and/or MAHNOB-HCI (--mahnob DIR); with neither, it generates and reads
-the embedded synthetic default (DREAMER- and MAHNOB-structured files under RUN_DIR/data/). Subjects are split
-into training and held-out sets before any windowing, so no window of a held-out trial is ever trained on.
-Writes RUN_DIR/stage1/:
+the embedded synthetic default (DREAMER- and MAHNOB-structured files under RUN_DIR/data/). Trials are read and
+turned into features one at a time, in --workers processes, so that the datasets' samples are never in memory
+together. Whole subjects are held out, so no window of a held-out subject is ever trained on. Writes
+RUN_DIR/stage1/:
 
   teacher.pt           state_dict + config (+ the feature standardisation), torch.load(weights_only=True)
   embeddings.npz       L2-normalised embeddings of the held-out windows, with valence, arousal, subject, trial
@@ -19,8 +20,14 @@ the same arguments.
 """
 
 import argparse
+import collections
+import itertools
+import multiprocessing
 import os
 import sys
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from functools import partial
 
 import matplotlib
 import numpy as np
@@ -35,7 +42,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 from ngd_ext import artifacts  # noqa: E402
 from ngd_ext.determinism import set_determinism  # noqa: E402
 from ngd_ext.eeg_features import BANDS, band_entropy, interpolation_matrix, preprocess, topographic_maps  # noqa: E402
-from ngd_ext.eeg_formats import EEGFormatError, read_dreamer, read_mahnob  # noqa: E402
+from ngd_ext.eeg_formats import (EEGFormatError, MahnobScan, MahnobSession, iter_dreamer,  # noqa: E402
+                                 read_mahnob_trial, scan_mahnob)
 from ngd_ext.synthetic_eeg import ensure_synthetic_eeg  # noqa: E402
 from ngd_ext.teacher_embeddings import save_embeddings  # noqa: E402
 
@@ -85,10 +93,13 @@ def parse_args(argv=None):
     parser.add_argument("--window-s", type=float, default=WINDOW_S, help=f"window length, s (default {WINDOW_S})")
     parser.add_argument("--step-s", type=float, default=STEP_S, help=f"step between windows, s (default {STEP_S})")
     parser.add_argument("--map-size", type=int, default=MAP_SIZE, help=f"topographic map side (default {MAP_SIZE})")
+    parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
+                        help="processes that read trials and take their features; 1: all in this process "
+                             "(default: the CPU count, at most 8)")
     args = parser.parse_args(argv)
     if not 0 < args.held_out_fraction < 1:
         parser.error(f"--held-out-fraction must be in (0, 1), got {args.held_out_fraction}")
-    for name in ("epochs", "batch_size", "embedding_size", "map_size"):
+    for name in ("epochs", "batch_size", "embedding_size", "map_size", "workers"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if args.window_s <= 0 or args.step_s <= 0:
@@ -109,23 +120,59 @@ def split_subjects(subjects_by_dataset, fraction, seed):
     return held_out
 
 
-def trial_windows(trials, args, matrices):
-    """Topographic maps of every window of every trial, with its labels and provenance."""
-    maps, valence, arousal, subject, trial_id = [], [], [], [], []
-    for trial in tqdm(trials, desc="features", unit="trial", leave=False):
-        signal, baseline = preprocess(trial.signal, trial.baseline, trial.sfreq, SFREQ)
-        entropy = band_entropy(signal, baseline, SFREQ, args.window_s, args.step_s)
-        if not len(entropy):
-            raise EEGFormatError(f"{trial.source}: {trial.subject} trial {trial.trial} is shorter than one "
-                                 f"{args.window_s:g} s window")
-        maps.append(topographic_maps(entropy, matrices[trial.ch_names], args.map_size))
-        count = len(entropy)
-        valence += [trial.valence] * count
-        arousal += [trial.arousal] * count
-        subject += [trial.subject] * count
-        trial_id += [f"{trial.subject}/{trial.trial}"] * count
-    return (np.concatenate(maps).astype(np.float32), np.array(valence, np.float32), np.array(arousal, np.float32),
-            np.array(subject), np.array(trial_id))
+@dataclass
+class TrialEntropy:
+    entropy: np.ndarray  # windows x bands x channels
+    dataset: str
+    subject: str
+    trial_id: str
+    ch_names: tuple
+    valence: float
+    arousal: float
+
+
+def trial_entropy(source, window_s, step_s):
+    """The band entropy of every window of one trial (a DREAMER Trial, or a MAHNOB-HCI session, whose BDF is read
+    here). Runs in a worker process, which returns only the features."""
+    trial = read_mahnob_trial(source) if isinstance(source, MahnobSession) else source
+    signal, baseline = preprocess(trial.signal, trial.baseline, trial.sfreq, SFREQ)
+    entropy = band_entropy(signal, baseline, SFREQ, window_s, step_s)
+    if not len(entropy):
+        raise EEGFormatError(f"{trial.source}: {trial.subject} trial {trial.trial} is shorter than one "
+                             f"{window_s:g} s window")
+    return TrialEntropy(entropy, trial.dataset, trial.subject, f"{trial.subject}/{trial.trial}",
+                        trial.ch_names, trial.valence, trial.arousal)
+
+
+def map_in_workers(function, items, workers):
+    """function(item) for every item, in order: in this process with one worker, else in `workers` processes with
+    at most two items each under way, so that a lazy `items` is read only as fast as the workers take it."""
+    if workers == 1:
+        yield from map(function, items)
+        return
+    # spawn: the parent may hold threads (tqdm's monitor, OpenMP's pool) that a forked child would inherit locked.
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        under_way = collections.deque()
+        for item in items:
+            under_way.append(pool.submit(function, item))
+            if len(under_way) == 2 * workers:
+                yield under_way.popleft().result()
+        while under_way:
+            yield under_way.popleft().result()
+
+
+def window_data(trials, map_size):
+    """Topographic maps of every window of the trials, with each window's labels and provenance."""
+    matrices = {names: interpolation_matrix(names, map_size) for names in {t.ch_names for t in trials}}
+    windows_per_trial = [len(t.entropy) for t in trials]
+
+    def per_window(field, dtype=None):
+        return np.repeat(np.array([getattr(t, field) for t in trials], dtype), windows_per_trial)
+
+    maps = np.concatenate([topographic_maps(t.entropy, matrices[t.ch_names], map_size) for t in trials])
+    maps = maps.astype(np.float32)
+    return (maps, per_window("valence", np.float32), per_window("arousal", np.float32), per_window("subject"),
+            per_window("trial_id"))
 
 
 class Teacher(nn.Module):
@@ -211,27 +258,27 @@ def main(argv=None):
                                                          args.seed, **SYNTHETIC_SIZES[args.synthetic_size])
         source = "synthetic"
     note = " (synthetic data: not the paper's numbers)" if source == "synthetic" else ""
-    trials = read_dreamer(dreamer_path) if dreamer_path else []
+    scan = scan_mahnob(mahnob_root) if mahnob_root else MahnobScan([], [], [])
     if mahnob_root:
-        scan = read_mahnob(mahnob_root)
-        trials += scan.trials
-        print(f"MAHNOB-HCI: {len(scan.trials)} trials; skipped {len(scan.skipped_without_felt_labels)} sessions "
+        print(f"MAHNOB-HCI: {len(scan.sessions)} labelled sessions; skipped {len(scan.skipped_without_felt_labels)} "
               f"without felt labels and {len(scan.skipped_without_eeg)} without EEG")
+    sources = itertools.chain(iter_dreamer(dreamer_path) if dreamer_path else (), scan.sessions)
+    features = partial(trial_entropy, window_s=args.window_s, step_s=args.step_s)
+    trials = list(tqdm(map_in_workers(features, sources, args.workers), desc="features", unit="trial", leave=False))
     subjects_by_dataset = {}
     for trial in trials:
         subjects_by_dataset.setdefault(trial.dataset, set()).add(trial.subject)
     held_out = split_subjects(subjects_by_dataset, args.held_out_fraction, args.seed)
     if not held_out:
         sys.exit("stage1_teacher.py: a held-out split needs at least 2 subjects in one dataset")
-    train_trials = [t for t in trials if t.subject not in held_out]
-    test_trials = [t for t in trials if t.subject in held_out]
     print(f"{len(trials)} trials of {sum(len(s) for s in subjects_by_dataset.values())} subjects "
           f"({', '.join(f'{d}: {len(s)}' for d, s in sorted(subjects_by_dataset.items()))}); "
           f"held out: {sorted(held_out)}{note}")
 
-    matrices = {names: interpolation_matrix(names, args.map_size) for names in {t.ch_names for t in trials}}
-    train_maps, train_v, train_a, train_subjects, _ = trial_windows(train_trials, args, matrices)
-    test_maps, test_v, test_a, test_subjects, test_trial_ids = trial_windows(test_trials, args, matrices)
+    train_maps, train_v, train_a, train_subjects, _ = window_data(
+        [t for t in trials if t.subject not in held_out], args.map_size)
+    test_maps, test_v, test_a, test_subjects, test_trial_ids = window_data(
+        [t for t in trials if t.subject in held_out], args.map_size)
     assert not set(train_subjects) & set(test_subjects)
     mean = train_maps.mean(axis=0, keepdims=True)
     std = train_maps.std(axis=0, keepdims=True) + 1e-6
@@ -245,7 +292,7 @@ def main(argv=None):
     device = torch.device(args.device)
     model = Teacher(len(BANDS), args.embedding_size).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    config = {name: value for name, value in vars(args).items() if name not in ("device", "run_dir")}
+    config = {name: value for name, value in vars(args).items() if name not in ("device", "run_dir", "workers")}
     config.update(source=source, bands=list(BANDS), sfreq=SFREQ)
     # Beside the stage folder, not in it: the manifest lists the folder's files, and must never list this one.
     checkpoint_path = os.path.join(args.run_dir, "stage1-checkpoint.pt")

@@ -1,8 +1,8 @@
 """EEG recordings in the on-disk formats of DREAMER and MAHNOB-HCI (SPEC section 6).
 
-Readers for the real files, which return one `Trial` per clip with valence and arousal mapped to [-1, 1],
-and writers of the same structures, which the synthetic default and the tests use so that they go through
-the very readers real data go through.
+Readers for the real files, which give one `Trial` per clip with valence and arousal mapped to [-1, 1], one at a
+time (the datasets' samples together take gigabytes), and writers of the same structures, which the synthetic
+default and the tests use so that they go through the very readers real data go through.
 
 - DREAMER: one DREAMER.mat, struct DREAMER.Data{1..23} with EEG.stimuli{18} and EEG.baseline{18}
   (samples x 14, microvolts, 128 Hz), ScoreValence and ScoreArousal (1..5), electrodes EEG_Electrodes.
@@ -84,8 +84,9 @@ def _score(value, low, high, path, where):
     return score
 
 
-def read_dreamer(path):
-    """All trials of a DREAMER.mat; scores 1..5 map to [-1, 1] by (s - 3) / 2."""
+def iter_dreamer(path):
+    """Yields the trials of a DREAMER.mat one by one; scores 1..5 map to [-1, 1] by (s - 3) / 2. The file is read
+    whole (MATLAB's format allows no less), but each trial's samples in volts exist only while it is in use."""
     try:
         mat = scipy.io.loadmat(path, squeeze_me=True, struct_as_record=False)
     except (OSError, ValueError, TypeError, NotImplementedError, MatReadError) as error:
@@ -96,7 +97,6 @@ def read_dreamer(path):
     if electrodes != DREAMER_ELECTRODES:
         raise EEGFormatError(f"{path}: DREAMER.EEG_Electrodes is {list(electrodes)}, expected "
                              f"{list(DREAMER_ELECTRODES)}")
-    trials = []
     for s, subject in enumerate(_cells(_field(root, "Data", path, "DREAMER")), 1):
         where = f"DREAMER.Data{{{s}}}"
         eeg = _field(subject, "EEG", path, where)
@@ -109,14 +109,13 @@ def read_dreamer(path):
                                  f"{len(valence)} valence and {len(arousal)} arousal scores; expected one each per clip")
         for t in range(len(stimuli)):
             clip = f"{{{t + 1}}}"
-            trials.append(Trial(
+            yield Trial(
                 dataset="DREAMER", subject=f"dreamer-{s:02d}", trial=t + 1, sfreq=sfreq, ch_names=electrodes,
                 signal=_dreamer_samples(stimuli[t], len(electrodes), path, f"{where}.EEG.stimuli{clip}"),
                 baseline=_dreamer_samples(baselines[t], len(electrodes), path, f"{where}.EEG.baseline{clip}"),
                 valence=(_score(valence[t], 1, 5, path, f"{where}.ScoreValence({t + 1})") - 3) / 2,
                 arousal=(_score(arousal[t], 1, 5, path, f"{where}.ScoreArousal({t + 1})") - 3) / 2,
-                source=path))
-    return trials
+                source=path)
 
 
 def _cell_column(arrays):
@@ -152,9 +151,19 @@ def write_dreamer(path, subjects, sfreq=128, note="synthetic"):
 
 # MAHNOB-HCI -------------------------------------------------------------------------------------------------
 
+@dataclass(frozen=True)
+class MahnobSession:
+    """A labelled MAHNOB-HCI session whose EEG is yet to be read (read_mahnob_trial reads it)."""
+    bdf: str
+    subject: str
+    trial: int
+    valence: float  # [-1, 1]
+    arousal: float  # [-1, 1]
+
+
 @dataclass
 class MahnobScan:
-    trials: list
+    sessions: list                      # MahnobSession, in session order
     skipped_without_felt_labels: list   # session folders
     skipped_without_eeg: list
 
@@ -163,10 +172,9 @@ def _natural_key(text):
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text)]
 
 
-def read_mahnob(root):
-    """Every labelled trial under root/Sessions/; felt scores 1..9 map to [-1, 1] by (s - 5) / 4."""
-    import mne  # imported here: reading DREAMER alone should not pay for it
-
+def scan_mahnob(root):
+    """The labelled sessions under root/Sessions/, from their session.xml (felt scores 1..9 map to [-1, 1] by
+    (s - 5) / 4) and the name of their BDF; no EEG is read."""
     sessions_dir = os.path.join(root, "Sessions")
     if not os.path.isdir(sessions_dir):
         raise EEGFormatError(f"{root}: no Sessions/ folder; expected the MAHNOB-HCI tree Sessions/<id>/session.xml")
@@ -188,41 +196,49 @@ def read_mahnob(root):
         if not bdfs:
             scan.skipped_without_eeg.append(folder)
             continue
-        bdf = bdfs[0]
-        try:
-            raw = mne.io.read_raw_bdf(bdf, preload=False, verbose="error")
-        except Exception as error:  # MNE raises several types for a damaged file
-            raise EEGFormatError(f"{bdf}: unreadable BDF ({type(error).__name__}: {error})") from error
-        missing = [name for name in MAHNOB_EEG if name not in raw.ch_names]
-        if missing:
-            raise EEGFormatError(f"{bdf}: lacks the EEG channels {missing}")
-        if "Status" not in raw.ch_names:
-            raise EEGFormatError(f"{bdf}: has no Status channel to mark the trial")
-        # The low 16 bits of a BioSemi Status word carry the triggers; the high ones carry system state.
-        events = mne.find_events(raw, stim_channel="Status", mask=0xFFFF, mask_type="and", shortest_event=1,
-                                 verbose="error")
-        if len(events) < 2:
-            raise EEGFormatError(f"{bdf}: {len(events)} Status events; the trial lies between the first two")
-        sfreq = float(raw.info["sfreq"])
-        start, stop = int(events[0, 0]), int(events[1, 0])
-        baseline_start = start - int(round(MAHNOB_BASELINE_S * sfreq))
-        if baseline_start < 0:
-            raise EEGFormatError(f"{bdf}: the trial starts {start / sfreq:.1f} s into the recording; "
-                                 f"{MAHNOB_BASELINE_S:g} s of baseline before it are needed")
-        signals = raw.get_data(picks=list(MAHNOB_EEG), start=baseline_start, stop=stop)
-        if not np.isfinite(signals).all():
-            raise EEGFormatError(f"{bdf}: non-finite EEG samples")
         subject_element = session_xml.find("subject")
         subject = subject_element.get("id") if subject_element is not None else session
-        trial_number = re.search(r"Trial(\d+)", os.path.basename(bdf))
-        split = start - baseline_start
-        scan.trials.append(Trial(
-            dataset="MAHNOB-HCI", subject=f"mahnob-{subject}", trial=int(trial_number.group(1)) if trial_number else 0,
-            sfreq=sfreq, ch_names=MAHNOB_EEG, signal=signals[:, split:], baseline=signals[:, :split],
+        trial_number = re.search(r"Trial(\d+)", os.path.basename(bdfs[0]))
+        scan.sessions.append(MahnobSession(
+            bdf=bdfs[0], subject=f"mahnob-{subject}", trial=int(trial_number.group(1)) if trial_number else 0,
             valence=(_score(attributes["feltVlnc"], 1, 9, xml_path, "feltVlnc") - 5) / 4,
-            arousal=(_score(attributes["feltArsl"], 1, 9, xml_path, "feltArsl") - 5) / 4,
-            source=bdf))
+            arousal=(_score(attributes["feltArsl"], 1, 9, xml_path, "feltArsl") - 5) / 4))
     return scan
+
+
+def read_mahnob_trial(session):
+    """The EEG of one session: its 32 EEG channels picked by name, the trial between the first two Status events and
+    the 30 s before it as baseline."""
+    import mne  # imported here: reading DREAMER alone should not pay for it
+
+    bdf = session.bdf
+    try:
+        raw = mne.io.read_raw_bdf(bdf, preload=False, verbose="error")
+    except Exception as error:  # MNE raises several types for a damaged file
+        raise EEGFormatError(f"{bdf}: unreadable BDF ({type(error).__name__}: {error})") from error
+    missing = [name for name in MAHNOB_EEG if name not in raw.ch_names]
+    if missing:
+        raise EEGFormatError(f"{bdf}: lacks the EEG channels {missing}")
+    if "Status" not in raw.ch_names:
+        raise EEGFormatError(f"{bdf}: has no Status channel to mark the trial")
+    # The low 16 bits of a BioSemi Status word carry the triggers; the high ones carry system state.
+    events = mne.find_events(raw, stim_channel="Status", mask=0xFFFF, mask_type="and", shortest_event=1,
+                             verbose="error")
+    if len(events) < 2:
+        raise EEGFormatError(f"{bdf}: {len(events)} Status events; the trial lies between the first two")
+    sfreq = float(raw.info["sfreq"])
+    start, stop = int(events[0, 0]), int(events[1, 0])
+    baseline_start = start - int(round(MAHNOB_BASELINE_S * sfreq))
+    if baseline_start < 0:
+        raise EEGFormatError(f"{bdf}: the trial starts {start / sfreq:.1f} s into the recording; "
+                             f"{MAHNOB_BASELINE_S:g} s of baseline before it are needed")
+    signals = raw.get_data(picks=list(MAHNOB_EEG), start=baseline_start, stop=stop)
+    if not np.isfinite(signals).all():
+        raise EEGFormatError(f"{bdf}: non-finite EEG samples")
+    split = start - baseline_start
+    return Trial(dataset="MAHNOB-HCI", subject=session.subject, trial=session.trial, sfreq=sfreq, ch_names=MAHNOB_EEG,
+                 signal=signals[:, split:], baseline=signals[:, :split], valence=session.valence,
+                 arousal=session.arousal, source=bdf)
 
 
 def write_session_xml(path, session_id, subject_id, felt_valence=None, felt_arousal=None):

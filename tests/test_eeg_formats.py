@@ -1,13 +1,14 @@
 """DREAMER and MAHNOB-HCI readers on fixtures in the real structures, and their errors."""
 
+import itertools
 import os
 
 import numpy as np
 import pytest
 import scipy.io
 
-from ngd_ext.eeg_formats import (DREAMER_ELECTRODES, MAHNOB_EEG, EEGFormatError, read_dreamer, read_mahnob,
-                                 write_bdf, write_dreamer, write_session_xml)
+from ngd_ext.eeg_formats import (DREAMER_ELECTRODES, MAHNOB_EEG, EEGFormatError, iter_dreamer, read_mahnob_trial,
+                                 scan_mahnob, write_bdf, write_dreamer, write_session_xml)
 
 
 def dreamer_subjects(rng, subjects=2, clips=2, seconds=3, sfreq=128):
@@ -22,7 +23,7 @@ def test_read_dreamer_round_trip(tmp_path):
     subjects = dreamer_subjects(rng)
     path = str(tmp_path / "DREAMER.mat")
     write_dreamer(path, subjects)
-    trials = read_dreamer(path)
+    trials = list(iter_dreamer(path))
     assert [(t.subject, t.trial) for t in trials] == [("dreamer-01", 1), ("dreamer-01", 2), ("dreamer-02", 1),
                                                       ("dreamer-02", 2)]
     first = trials[1]
@@ -36,8 +37,21 @@ def test_read_dreamer_single_subject_single_clip(tmp_path):
     # squeeze_me collapses 1-element cells; the reader must not iterate over the samples instead.
     path = str(tmp_path / "DREAMER.mat")
     write_dreamer(path, dreamer_subjects(np.random.default_rng(1), subjects=1, clips=1))
-    trials = read_dreamer(path)
+    trials = list(iter_dreamer(path))
     assert len(trials) == 1 and trials[0].signal.shape == (14, 3 * 128)
+
+
+def test_iter_dreamer_gives_each_trial_before_reading_the_next(tmp_path):
+    # One trial's samples at a time: a broken later clip is reached only after the earlier ones were given.
+    subjects = dreamer_subjects(np.random.default_rng(4))
+    subjects[1]["stimuli"][1] = subjects[1]["stimuli"][1][:, :13]
+    path = str(tmp_path / "DREAMER.mat")
+    write_dreamer(path, subjects)
+    trials = iter_dreamer(path)
+    assert [(t.subject, t.trial) for t in itertools.islice(trials, 3)] == [
+        ("dreamer-01", 1), ("dreamer-01", 2), ("dreamer-02", 1)]
+    with pytest.raises(EEGFormatError, match=r"DREAMER.Data\{2\}.EEG.stimuli\{2\} has shape"):
+        next(trials)
 
 
 def rewrite_without(path, drop_field):
@@ -63,7 +77,7 @@ def test_read_dreamer_missing_field(tmp_path, drop_field, message):
     write_dreamer(path, dreamer_subjects(np.random.default_rng(2)))
     rewrite_without(path, drop_field)
     with pytest.raises(EEGFormatError, match=message):
-        read_dreamer(path)
+        list(iter_dreamer(path))
 
 
 def test_read_dreamer_wrong_channel_count_and_nan(tmp_path):
@@ -74,12 +88,12 @@ def test_read_dreamer_wrong_channel_count_and_nan(tmp_path):
     write_dreamer(path, subjects)
     with pytest.raises(EEGFormatError, match=r"DREAMER.mat: DREAMER.Data\{2\}.EEG.stimuli\{1\} has shape "
                                              r"\(384, 13\), expected samples x 14"):
-        read_dreamer(path)
+        list(iter_dreamer(path))
     subjects = dreamer_subjects(rng)
     subjects[0]["baseline"][1][10, 3] = np.nan
     write_dreamer(path, subjects)
     with pytest.raises(EEGFormatError, match=r"DREAMER.Data\{1\}.EEG.baseline\{2\} has a non-finite .* row 11"):
-        read_dreamer(path)
+        list(iter_dreamer(path))
 
 
 def test_read_dreamer_score_out_of_range_and_unreadable_file(tmp_path):
@@ -88,11 +102,11 @@ def test_read_dreamer_score_out_of_range_and_unreadable_file(tmp_path):
     subjects[0]["arousal"][1] = 7
     write_dreamer(path, subjects)
     with pytest.raises(EEGFormatError, match=r"DREAMER.Data\{1\}.ScoreArousal\(2\) = 7 is outside 1..5"):
-        read_dreamer(path)
+        list(iter_dreamer(path))
     with open(path, "wb") as handle:
         handle.write(b"garbage")
     with pytest.raises(EEGFormatError, match=r"DREAMER.mat: not a readable MATLAB file"):
-        read_dreamer(path)
+        list(iter_dreamer(path))
 
 
 def write_mahnob_session(root, session, subject, felt=(7, 3), sfreq=256, seconds=4, baseline=31, order=None,
@@ -118,10 +132,12 @@ def test_read_mahnob_picks_channels_by_name_and_cuts_the_trial(tmp_path):
     names, signals, start, stop = write_mahnob_session(root, 2, 1, felt=(9, 1), order=order)
     write_mahnob_session(root, 10, 2, felt=(5, 6))
     write_mahnob_session(root, 3, 1, felt=None)  # no felt labels: skipped and counted
-    scan = read_mahnob(root)
-    assert [(t.subject, t.trial) for t in scan.trials] == [("mahnob-1", 2), ("mahnob-2", 10)]
+    scan = scan_mahnob(root)
+    assert [(s.subject, s.trial, s.valence, s.arousal) for s in scan.sessions] == [
+        ("mahnob-1", 2, 1.0, -1.0), ("mahnob-2", 10, 0.0, 0.25)]
     assert [os.path.basename(p) for p in scan.skipped_without_felt_labels] == ["3"]
-    trial = scan.trials[0]
+    trial = read_mahnob_trial(scan.sessions[0])
+    assert (trial.subject, trial.trial, trial.source) == ("mahnob-1", 2, scan.sessions[0].bdf)
     assert trial.sfreq == 256 and trial.ch_names == MAHNOB_EEG
     assert (trial.valence, trial.arousal) == (1.0, -1.0)
     assert trial.signal.shape == (32, stop - start) and trial.baseline.shape == (32, 30 * 256)
@@ -131,25 +147,34 @@ def test_read_mahnob_picks_channels_by_name_and_cuts_the_trial(tmp_path):
     np.testing.assert_allclose(trial.baseline[MAHNOB_EEG.index("Fz"), -1], signals[fz, start - 1] * 1e-6, atol=2e-8)
 
 
+def read_only_session(root):
+    (session,) = scan_mahnob(root).sessions
+    return read_mahnob_trial(session)
+
+
 def test_read_mahnob_errors_name_the_file(tmp_path):
     root = str(tmp_path / "missing_channel")
     write_mahnob_session(root, 1, 1, drop=("Oz",))
     with pytest.raises(EEGFormatError, match=r"Part_1_S_Trial1_emotion.bdf: lacks the EEG channels \['Oz'\]"):
-        read_mahnob(root)
+        read_only_session(root)
     root = str(tmp_path / "one_event")
     write_mahnob_session(root, 1, 1, events=1)
     with pytest.raises(EEGFormatError, match=r"emotion.bdf: 1 Status events; the trial lies between the first two"):
-        read_mahnob(root)
+        read_only_session(root)
     root = str(tmp_path / "short_baseline")
     write_mahnob_session(root, 1, 1, baseline=10)
     with pytest.raises(EEGFormatError, match=r"starts 10.0 s into the recording; 30 s of baseline"):
-        read_mahnob(root)
+        read_only_session(root)
     root = str(tmp_path / "unreadable")
     write_mahnob_session(root, 1, 1)
     bdf = os.path.join(root, "Sessions", "1", "Part_1_S_Trial1_emotion.bdf")
     with open(bdf, "r+b") as handle:
         handle.truncate(300)
     with pytest.raises(EEGFormatError, match=r"Part_1_S_Trial1_emotion.bdf: unreadable BDF"):
-        read_mahnob(root)
+        read_only_session(root)
+    root = str(tmp_path / "felt_out_of_range")
+    write_mahnob_session(root, 1, 1, felt=(10, 5))
+    with pytest.raises(EEGFormatError, match=r"Sessions/1/session.xml: feltVlnc = 10 is outside 1..9"):
+        scan_mahnob(root)
     with pytest.raises(EEGFormatError, match=r"no Sessions/ folder"):
-        read_mahnob(str(tmp_path / "nothing"))
+        scan_mahnob(str(tmp_path / "nothing"))

@@ -1,7 +1,10 @@
 """Stage 1: features, the subject split, the synthetic default, and stage 1 then stage 2 end to end."""
 
+import itertools
 import json
 import os
+import re
+from functools import partial
 
 import numpy as np
 import pytest
@@ -12,7 +15,8 @@ import stage2_prototypes
 from ngd_ext import artifacts
 from ngd_ext.eeg_features import (band_entropy, differential_entropy, interpolation_matrix, preprocess,
                                   topographic_maps, windows)
-from ngd_ext.eeg_formats import DREAMER_ELECTRODES, MAHNOB_EEG, read_dreamer, read_mahnob
+from ngd_ext.eeg_formats import (DREAMER_ELECTRODES, MAHNOB_EEG, EEGFormatError, MahnobSession, iter_dreamer,
+                                 scan_mahnob)
 from ngd_ext.synthetic_eeg import ensure_synthetic_eeg, write_synthetic_dreamer
 from ngd_ext.teacher_embeddings import load_embeddings
 
@@ -57,32 +61,69 @@ def test_split_holds_out_whole_subjects_of_each_dataset():
     assert stage1_teacher.split_subjects({"DREAMER": {"a"}, "MAHNOB-HCI": {"b", "c"}}, 0.9, 0) in ({"b"}, {"c"})
 
 
-def test_no_window_of_a_held_out_trial_is_trained_on(tmp_path):
+def tiny_trial_sources(tmp_path):
     dreamer, mahnob = ensure_synthetic_eeg(str(tmp_path / "eeg"), seed=5, **TINY)
-    trials = read_dreamer(dreamer) + read_mahnob(mahnob).trials
+    return lambda: itertools.chain(iter_dreamer(dreamer), scan_mahnob(mahnob).sessions)
+
+
+def test_no_window_of_a_held_out_trial_is_trained_on(tmp_path):
+    features = partial(stage1_teacher.trial_entropy, window_s=2.0, step_s=1.0)
+    trials = [features(source) for source in tiny_trial_sources(tmp_path)()]
     subjects = {}
     for trial in trials:
         subjects.setdefault(trial.dataset, set()).add(trial.subject)
     held_out = stage1_teacher.split_subjects(subjects, 0.25, seed=5)
-    args = stage1_teacher.parse_args([])
-    matrices = {names: interpolation_matrix(names, args.map_size) for names in {t.ch_names for t in trials}}
-    train = stage1_teacher.trial_windows([t for t in trials if t.subject not in held_out], args, matrices)
-    test = stage1_teacher.trial_windows([t for t in trials if t.subject in held_out], args, matrices)
-    assert len(train[0]) and len(test[0])
+    train = stage1_teacher.window_data([t for t in trials if t.subject not in held_out], 16)
+    test = stage1_teacher.window_data([t for t in trials if t.subject in held_out], 16)
+    assert len(train[0]) == len(train[4]) and len(test[0]) == len(test[4])
+    assert len(train[0]) + len(test[0]) == sum(len(t.entropy) for t in trials)
     assert not set(train[4]) & set(test[4])  # trial ids
     assert set(test[3]) == held_out
+
+
+def test_features_in_worker_processes_equal_those_in_this_one(tmp_path):
+    sources = tiny_trial_sources(tmp_path)
+    features = partial(stage1_teacher.trial_entropy, window_s=2.0, step_s=1.0)
+    here = list(stage1_teacher.map_in_workers(features, sources(), workers=1))
+    there = list(stage1_teacher.map_in_workers(features, sources(), workers=2))
+    assert [t.trial_id for t in there] == [t.trial_id for t in here] and len(here) == 3 * 3 + 2 * 2 - 1
+    for one, other in zip(here, there):
+        np.testing.assert_array_equal(other.entropy, one.entropy)
+        assert (other.valence, other.arousal, other.ch_names) == (one.valence, one.arousal, one.ch_names)
+
+
+def test_an_error_in_a_worker_process_names_the_file(tmp_path):
+    sessions = [source for source in tiny_trial_sources(tmp_path)() if isinstance(source, MahnobSession)]
+    with open(sessions[1].bdf, "r+b") as handle:
+        handle.truncate(300)
+    features = partial(stage1_teacher.trial_entropy, window_s=2.0, step_s=1.0)
+    with pytest.raises(EEGFormatError, match=rf"{re.escape(sessions[1].bdf)}: unreadable BDF"):
+        list(stage1_teacher.map_in_workers(features, sessions, workers=2))
+
+
+def test_map_in_workers_reads_items_only_as_fast_as_the_workers_take_them():
+    pulled = []
+
+    def items():
+        for i in range(20):
+            pulled.append(i)
+            yield -i
+
+    results = stage1_teacher.map_in_workers(abs, items(), workers=2)
+    assert next(results) == 0 and len(pulled) == 4  # two under way per worker, and no more
+    assert list(results) == list(range(1, 20))
 
 
 def test_synthetic_default_is_deterministic(tmp_path):
     first = ensure_synthetic_eeg(str(tmp_path / "a"), seed=7, **TINY)
     second = ensure_synthetic_eeg(str(tmp_path / "b"), seed=7, **TINY)
-    for one, other in zip(read_dreamer(first[0]), read_dreamer(second[0])):  # a .mat header holds a timestamp
+    for one, other in zip(iter_dreamer(first[0]), iter_dreamer(second[0])):  # a .mat header holds a timestamp
         np.testing.assert_array_equal(one.signal, other.signal)
         assert (one.valence, one.arousal) == (other.valence, other.arousal)
     bdf = os.path.join("Sessions", "1", "Part_1_S_Trial1_emotion.bdf")
     assert artifacts.sha256_file(os.path.join(first[1], bdf)) == artifacts.sha256_file(os.path.join(second[1], bdf))
-    scan = read_mahnob(first[1])
-    assert len(scan.trials) == 3 and len(scan.skipped_without_felt_labels) == 1
+    scan = scan_mahnob(first[1])
+    assert len(scan.sessions) == 3 and len(scan.skipped_without_felt_labels) == 1
 
 
 def test_synthetic_eeg_carries_its_valence_and_arousal_correlates(tmp_path):
@@ -91,7 +132,7 @@ def test_synthetic_eeg_carries_its_valence_and_arousal_correlates(tmp_path):
     asymmetry, fast_power, valence, arousal = [], [], [], []
     left = [DREAMER_ELECTRODES.index(name) for name in ("AF3", "F3", "F7", "FC5")]
     right = [DREAMER_ELECTRODES.index(name) for name in ("AF4", "F4", "F8", "FC6")]
-    for trial in read_dreamer(path):
+    for trial in iter_dreamer(path):
         signal, baseline = preprocess(trial.signal, trial.baseline, trial.sfreq, 128)
         entropy = band_entropy(signal, baseline, 128, 2.0, 1.0).mean(axis=0)  # bands x channels
         asymmetry.append(entropy[1, right].mean() - entropy[1, left].mean())  # alpha: right minus left
@@ -105,6 +146,11 @@ def test_synthetic_eeg_carries_its_valence_and_arousal_correlates(tmp_path):
 def run_tiny_stage1(run_dir, *extra):
     stage1_teacher.main(["--run-dir", run_dir, "--synthetic-size", "tiny", "--epochs", "2", "--device", "cpu",
                          *extra])
+
+
+def run_tiny_stage1_in_this_process(run_dir, *extra):
+    """For the tests of what follows the features: worker processes would add seconds of start-up to each run."""
+    run_tiny_stage1(run_dir, "--workers", "1", *extra)
 
 
 def test_stage1_then_stage2_end_to_end(tmp_path):
@@ -142,13 +188,13 @@ def test_stage1_resumes_after_a_crash(tmp_path, monkeypatch, capsys):
 
     monkeypatch.setattr(stage1_teacher, "plot_curve", crash)
     with pytest.raises(RuntimeError, match="killed"):
-        run_tiny_stage1(run_dir)
+        run_tiny_stage1_in_this_process(run_dir)
     stage1 = os.path.join(run_dir, "stage1")
     assert os.path.exists(os.path.join(run_dir, "stage1-checkpoint.pt"))
     assert not os.path.exists(os.path.join(stage1, artifacts.MANIFEST))  # an unfinished folder never looks done
     monkeypatch.undo()
     capsys.readouterr()
-    run_tiny_stage1(run_dir)
+    run_tiny_stage1_in_this_process(run_dir)
     assert "resuming after epoch 2" in capsys.readouterr().out
     assert os.path.exists(os.path.join(stage1, artifacts.MANIFEST))
 
@@ -158,7 +204,7 @@ def test_stage1_deterministic_runs_repeat_bit_for_bit(tmp_path):
     end with the same teacher, bit for bit."""
     try:
         for name in ("first", "second"):
-            run_tiny_stage1(str(tmp_path / name), "--deterministic")
+            run_tiny_stage1_in_this_process(str(tmp_path / name), "--deterministic")
             assert torch.are_deterministic_algorithms_enabled()
     finally:
         torch.use_deterministic_algorithms(False)
