@@ -5,7 +5,8 @@
 # compute-sanitizer memcheck and racecheck; stage 3's GPU tests; the torch.compile tests; then the diagnostics: the
 # fused op timed against a baseline checkout, a per-kernel profile, Nsight Compute on the row kernels. Each step's
 # time limit is cut to what is left of the budget, and a step that no longer fits is skipped and named in the
-# summary, so the run ends within the budget with every figure it reached written down.
+# summary, so the run ends within the budget with every figure it reached written down. Run again into the same
+# OUTDIR (on the same machine), it skips the steps that ended there before and goes on with the rest.
 # Logs and JSON go to OUTDIR, and the figures to OUTDIR/summary.txt.
 # With a second argument, another checkout of this project (an earlier commit, carried along) is built too,
 # and its fused op is timed back to back with this one's at the large sizes: GPU machines differ from one loan to
@@ -29,10 +30,16 @@ fi
 step() { echo "== $1 ($(date +%T), $SECONDS s in)" | tee -a "$out/summary.txt"; }
 note() { echo "$@" | tee -a "$out/summary.txt"; }
 skipped=()
+mkdir -p "$out/.done"
 
 # allow NAME LIMIT MINIMUM: sets $limit to the step's own LIMIT cut to what is left of the budget (less 10 s for
-# the closing lines); fails, naming the step as skipped, when less than its MINIMUM is left.
+# the closing lines); fails when an earlier run into OUTDIR ended the step, and, naming the step as skipped, when
+# less than its MINIMUM is left.
 allow() {
+  if [ -e "$out/.done/${1// /_}" ]; then
+    note "$1: ended in an earlier run into $out"
+    return 1
+  fi
   local left=$((budget - SECONDS - 10))
   if [ "$left" -lt "$3" ]; then
     note "skipped: $1 needs at least $3 s, $((left > 0 ? left : 0)) s of the $budget s budget are left"
@@ -40,6 +47,12 @@ allow() {
     return 1
   fi
   limit=$(($2 < left ? $2 : left))
+}
+
+# ended NAME STATUS: notes a step's exit status, and marks the step ended unless its time limit cut it (124, 137).
+ended() {
+  note "$1 exit $2"
+  if [ "$2" -ne 124 ] && [ "$2" -ne 137 ]; then touch "$out/.done/${1// /_}"; fi
 }
 
 step "machine"
@@ -59,13 +72,13 @@ step "tests"
 if allow "tests" 150 60; then
   timeout "$limit" "$python" -m pytest -q -p no:cacheprovider tests/test_fused.py tests/test_reference.py \
     -k "not baseline_cpu_variant and not address_sanitizer and not compile" > "$out/tests.log" 2>&1
-  note "pytest exit $?"
+  ended "tests" $?
   grep -E "passed|failed|error|FAILED" "$out/tests.log" | tail -n 15 | tee -a "$out/summary.txt"
 fi
 if allow "error-path tests" 60 30; then
   timeout "$limit" "$python" -m pytest -q -p no:cacheprovider tests/test_errors.py > "$out/tests_errors.log" 2>&1
   errors_rc=$?
-  note "error-path pytest exit $errors_rc"
+  ended "error-path tests" $errors_rc
   tail -n 3 "$out/tests_errors.log" | tee -a "$out/summary.txt"
   if [ "$errors_rc" -ge 128 ] && command -v cuda-gdb > /dev/null && allow "crash backtrace" 60 30; then
     { command -v c++ g++; c++ --version | head -n 1; } > "$out/crash_backtrace.log" 2>&1
@@ -80,7 +93,7 @@ step "benchmark"
 if allow "benchmark" 200 100; then
   timeout "$limit" "$python" benchmarks/bench_proto_dgeo.py --device cuda --compile-dynamic \
     --time-budget $((limit - 70)) --out "$out/bench_cuda.json" > "$out/bench.log" 2>&1
-  note "benchmark exit $?"
+  ended "benchmark" $?
   sed -n '/^dtype /,$p' "$out/bench.log" | tee -a "$out/summary.txt"
 fi
 
@@ -88,7 +101,8 @@ step "compute-sanitizer"
 for tool in memcheck racecheck; do
   if allow "compute-sanitizer $tool" 60 40; then
     timeout "$limit" compute-sanitizer --tool "$tool" "$python" scripts/gpu_smoke.py > "$out/sanitizer_$tool.log" 2>&1
-    note "$tool exit $?: $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$out/sanitizer_$tool.log" | tail -n 1)"
+    ended "compute-sanitizer $tool" $?
+    grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$out/sanitizer_$tool.log" | tail -n 1 | tee -a "$out/summary.txt"
   fi
 done
 
@@ -97,7 +111,7 @@ done
 step "stage 3 on the GPU"
 if allow "stage-3 GPU tests" 210 90; then
   timeout "$limit" "$python" -m pytest -q -p no:cacheprovider tests/test_stage3.py -k "gpu" > "$out/tests_stage3.log" 2>&1
-  note "stage-3 pytest exit $?"
+  ended "stage-3 GPU tests" $?
   grep -E "passed|skipped|failed|error|FAILED" "$out/tests_stage3.log" | tail -n 5 | tee -a "$out/summary.txt"
 fi
 
@@ -106,34 +120,38 @@ step "torch.compile tests"
 if allow "torch.compile tests" 120 60; then
   timeout "$limit" "$python" -m pytest -q -p no:cacheprovider tests/test_fused.py -k "compile and cuda" \
     > "$out/tests_compile.log" 2>&1
-  note "torch.compile pytest exit $?"
+  ended "torch.compile tests" $?
   grep -E "passed|skipped|failed|error|FAILED" "$out/tests_compile.log" | tail -n 5 | tee -a "$out/summary.txt"
 fi
 
 if [ -n "$baseline" ]; then
   step "fused op of $baseline, then of this checkout"
-  ab=(--device cuda --provider fused --batch 8192 65536 --dim 512 2048 --dtype float32 bfloat16)
   if allow "baseline build" 150 90; then
-    if (cd "$baseline" && timeout "$limit" "$python" setup.py build_ext --inplace) > "$out/baseline_build.log" 2>&1; then
-      for log in ab_baseline ab_this; do
-        allow "$log timing" 90 40 || continue
-        if [ "$log" = ab_baseline ]; then dir=$baseline; else dir=.; fi
-        (cd "$dir" && timeout "$limit" "$python" benchmarks/bench_proto_dgeo.py "${ab[@]}" --out "$out/$log.json") \
-          > "$out/$log.log" 2>&1
-        note "-- $log"
-        sed -n '/^dtype /,$p' "$out/$log.log" | tee -a "$out/summary.txt"
-      done
+    (cd "$baseline" && timeout "$limit" "$python" setup.py build_ext --inplace) > "$out/baseline_build.log" 2>&1
+    build_rc=$?
+    note "baseline build exit $build_rc"
+    if [ "$build_rc" -eq 0 ]; then
+      touch "$out/.done/baseline_build"
     else
-      note "baseline build failed:"
       tail -n 20 "$out/baseline_build.log" | tee -a "$out/summary.txt"
     fi
   fi
+  ab=(--device cuda --provider fused --batch 8192 65536 --dim 512 2048 --dtype float32 bfloat16)
+  for log in ab_baseline ab_this; do
+    if [ -e "$out/.done/baseline_build" ] && allow "$log timing" 90 40; then
+      if [ "$log" = ab_baseline ]; then dir=$baseline; else dir=.; fi
+      (cd "$dir" && timeout "$limit" "$python" benchmarks/bench_proto_dgeo.py "${ab[@]}" --out "$out/$log.json") \
+        > "$out/$log.log" 2>&1
+      ended "$log timing" $?
+      sed -n '/^dtype /,$p' "$out/$log.log" | tee -a "$out/summary.txt"
+    fi
+  done
 fi
 
 step "kernel profile"
 if allow "kernel profile" 90 45; then
   timeout "$limit" "$python" scripts/kernel_profile.py --out "$out/kernel_profile.json" > "$out/kernel_profile.log" 2>&1
-  note "kernel profile exit $?"
+  ended "kernel profile" $?
   grep -A 8 "^B=" "$out/kernel_profile.log" | tee -a "$out/summary.txt"
 fi
 
@@ -148,7 +166,7 @@ elif allow "ncu" 150 90; then
                 "$python" scripts/kernel_profile.py --batch 65536 --dim 2048 --steps 1 --plain)
   timeout "$limit" ncu --section SpeedOfLight --section Occupancy --section WarpStateStats --section LaunchStats \
     --section ComputeWorkloadAnalysis --section SchedulerStats "${profile_rows[@]}" > "$out/ncu.log" 2>&1
-  note "ncu exit $?"
+  ended "ncu" $?
   figures="Duration|Throughput|Achieved Occupancy|Registers Per|Warp Cycles Per Issued|Issue Slots Busy"
   figures+="|Issued Warp|No Eligible|Eligible Warps|Executed Ipc A|stall|Stall"
   grep -E "^  void |$figures" "$out/ncu.log" | cut -c1-150 | tee -a "$out/summary.txt"
@@ -156,7 +174,7 @@ elif allow "ncu" 150 90; then
   if allow "ncu stall reasons" 90 45; then
     timeout "$limit" ncu --metrics "regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio" \
       "${profile_rows[@]}" > "$out/ncu_stalls.log" 2>&1
-    note "ncu stall reasons exit $?"
+    ended "ncu stall reasons" $?
     grep -E "^  void |issue_stalled" "$out/ncu_stalls.log" | awk '/^  void/ || $NF + 0 >= 0.05' | cut -c1-150 \
       | tee -a "$out/summary.txt"
   fi
