@@ -66,6 +66,11 @@ SYNTHETIC_SIZES = {  # subjects, clips/sessions per subject and seconds per clip
 }
 
 
+def usable_cpus():
+    """The CPUs this process may run on (a job scheduler's or taskset's share, not the whole machine)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run-dir", default=RUN_DIR, help=f"run folder (default {RUN_DIR})")
@@ -93,9 +98,9 @@ def parse_args(argv=None):
     parser.add_argument("--window-s", type=float, default=WINDOW_S, help=f"window length, s (default {WINDOW_S})")
     parser.add_argument("--step-s", type=float, default=STEP_S, help=f"step between windows, s (default {STEP_S})")
     parser.add_argument("--map-size", type=int, default=MAP_SIZE, help=f"topographic map side (default {MAP_SIZE})")
-    parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
+    parser.add_argument("--workers", type=int, default=min(8, usable_cpus()),
                         help="processes that read trials and take their features; 1: all in this process "
-                             "(default: the CPU count, at most 8)")
+                             "(default: the CPUs this process may run on, at most 8)")
     args = parser.parse_args(argv)
     if not 0 < args.held_out_fraction < 1:
         parser.error(f"--held-out-fraction must be in (0, 1), got {args.held_out_fraction}")
