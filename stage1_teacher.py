@@ -20,12 +20,9 @@ the same arguments.
 """
 
 import argparse
-import collections
 import itertools
-import multiprocessing
 import os
 import sys
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from functools import partial
 
@@ -44,6 +41,7 @@ from ngd_ext.determinism import set_determinism  # noqa: E402
 from ngd_ext.eeg_features import BANDS, band_entropy, interpolation_matrix, preprocess, topographic_maps  # noqa: E402
 from ngd_ext.eeg_formats import (EEGFormatError, MahnobScan, MahnobSession, iter_dreamer,  # noqa: E402
                                  read_mahnob_trial, scan_mahnob)
+from ngd_ext.parallel import default_workers, map_in_processes  # noqa: E402
 from ngd_ext.synthetic_eeg import ensure_synthetic_eeg  # noqa: E402
 from ngd_ext.teacher_embeddings import save_embeddings  # noqa: E402
 
@@ -64,11 +62,6 @@ SYNTHETIC_SIZES = {  # subjects, clips/sessions per subject and seconds per clip
     "tiny": dict(dreamer_subjects=3, dreamer_clips=3, dreamer_seconds=6,
                  mahnob_subjects=2, mahnob_sessions_per_subject=2, mahnob_seconds=6),
 }
-
-
-def usable_cpus():
-    """The CPUs this process may run on (a job scheduler's or taskset's share, not the whole machine)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def parse_args(argv=None):
@@ -98,7 +91,7 @@ def parse_args(argv=None):
     parser.add_argument("--window-s", type=float, default=WINDOW_S, help=f"window length, s (default {WINDOW_S})")
     parser.add_argument("--step-s", type=float, default=STEP_S, help=f"step between windows, s (default {STEP_S})")
     parser.add_argument("--map-size", type=int, default=MAP_SIZE, help=f"topographic map side (default {MAP_SIZE})")
-    parser.add_argument("--workers", type=int, default=min(8, usable_cpus()),
+    parser.add_argument("--workers", type=int, default=default_workers(),
                         help="processes that read trials and take their features; 1: all in this process "
                              "(default: the CPUs this process may run on, at most 8)")
     args = parser.parse_args(argv)
@@ -147,23 +140,6 @@ def trial_entropy(source, window_s, step_s):
                              f"{window_s:g} s window")
     return TrialEntropy(entropy, trial.dataset, trial.subject, f"{trial.subject}/{trial.trial}",
                         trial.ch_names, trial.valence, trial.arousal)
-
-
-def map_in_workers(function, items, workers):
-    """function(item) for every item, in order: in this process with one worker, else in `workers` processes with
-    at most two items each under way, so that a lazy `items` is read only as fast as the workers take it."""
-    if workers == 1:
-        yield from map(function, items)
-        return
-    # spawn: the parent may hold threads (tqdm's monitor, OpenMP's pool) that a forked child would inherit locked.
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        under_way = collections.deque()
-        for item in items:
-            under_way.append(pool.submit(function, item))
-            if len(under_way) == 2 * workers:
-                yield under_way.popleft().result()
-        while under_way:
-            yield under_way.popleft().result()
 
 
 def window_data(trials, map_size):
@@ -269,7 +245,7 @@ def main(argv=None):
               f"without felt labels and {len(scan.skipped_without_eeg)} without EEG")
     sources = itertools.chain(iter_dreamer(dreamer_path) if dreamer_path else (), scan.sessions)
     features = partial(trial_entropy, window_s=args.window_s, step_s=args.step_s)
-    trials = list(tqdm(map_in_workers(features, sources, args.workers), desc="features", unit="trial", leave=False))
+    trials = list(tqdm(map_in_processes(features, sources, args.workers), desc="features", unit="trial", leave=False))
     subjects_by_dataset = {}
     for trial in trials:
         subjects_by_dataset.setdefault(trial.dataset, set()).add(trial.subject)

@@ -41,9 +41,10 @@ from ngd_ext import artifacts  # noqa: E402
 from ngd_ext.emotions import DEFAULT_ANCHORS, FER_CLASSES  # noqa: E402
 from ngd_ext.face_crop import thread_cropper  # noqa: E402
 from ngd_ext.face_datasets import (IMAGE_EXTENSIONS, DatasetError, FaceSet, affectnet_records,  # noqa: E402
-                                   ckplus_records, manifest_records, parallel_map, read_faces, read_grey)
+                                   ckplus_records, manifest_records, read_faces, read_grey)
 from ngd_ext.ferplus import FerPlusError, load_ferplus_cached  # noqa: E402
 from ngd_ext.metrics import eight_way, present_only  # noqa: E402
+from ngd_ext.parallel import map_in_threads  # noqa: E402
 from ngd_ext.prototypes import bin_centres, unit_rows  # noqa: E402
 from ngd_ext.student_model import load_student, predict  # noqa: E402
 from ngd_ext.synthetic_faces import synthetic_ferplus, write_synthetic_affectnet, write_synthetic_ckplus  # noqa: E402
@@ -328,7 +329,7 @@ def predict_folder(args, model, config, name):
     if not images:
         raise ValueError(f"--predict {args.predict}: no image files ({', '.join(IMAGE_EXTENSIONS)}) under it")
     faces, rows, unreadable = [], [], []
-    for path, found in parallel_map(faces_in, images, "finding faces"):
+    for path, found in map_in_threads(faces_in, images, "finding faces"):
         if isinstance(found, OSError):
             unreadable.append(f"{path} ({found})")
             continue

@@ -25,15 +25,14 @@ import glob
 import itertools
 import os
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
-from tqdm import tqdm
 
 from ngd_ext.emotions import AFFECTNET_CODES, AFFECTNET_UNUSABLE, CKPLUS_CODES, CLASS_ALIASES, FER_CLASSES
 from ngd_ext.face_crop import HOW, thread_cropper
+from ngd_ext.parallel import map_in_threads
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 AFFECTNET_COLUMNS = ("subDirectory_filePath", "face_x", "face_y", "face_width", "face_height", "facial_landmarks",
@@ -260,16 +259,6 @@ def read_grey(path):
         raise OSError(f"{path}: corrupt image ({error})") from error
 
 
-def parallel_map(function, items, desc, workers=None):
-    """[function(item) for item in items] on a pool of threads (image decoding and face detection release the
-    GIL), in order, with a progress bar; the first exception stops the rest."""
-    pool = ThreadPoolExecutor(workers or min(8, os.cpu_count() or 1))
-    try:
-        return list(tqdm(pool.map(function, items), total=len(items), desc=desc, unit="image", leave=False))
-    finally:
-        pool.shutdown(cancel_futures=True)
-
-
 def _crop_record(record):
     """(record, Crop), or (record, OSError) for an image that cannot be read."""
     try:
@@ -289,7 +278,7 @@ def _crop_record(record):
 def read_faces(name, records, dropped, skip_unreadable=False, workers=None):
     """Decode and crop every record into a FaceSet."""
     images, labels, paths, unreadable, crops = [], [], [], [], Counter()
-    for record, crop in parallel_map(_crop_record, records, f"reading {name}", workers):
+    for record, crop in map_in_threads(_crop_record, records, f"reading {name}", workers):
         if isinstance(crop, OSError):
             if not skip_unreadable:
                 missing = isinstance(crop, FileNotFoundError)

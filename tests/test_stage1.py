@@ -17,6 +17,7 @@ from ngd_ext.eeg_features import (band_entropy, differential_entropy, interpolat
                                   topographic_maps, windows)
 from ngd_ext.eeg_formats import (DREAMER_ELECTRODES, MAHNOB_EEG, EEGFormatError, MahnobSession, iter_dreamer,
                                  scan_mahnob)
+from ngd_ext.parallel import map_in_processes
 from ngd_ext.synthetic_eeg import ensure_synthetic_eeg, write_synthetic_dreamer
 from ngd_ext.teacher_embeddings import load_embeddings
 
@@ -84,8 +85,8 @@ def test_no_window_of_a_held_out_trial_is_trained_on(tmp_path):
 def test_features_in_worker_processes_equal_those_in_this_one(tmp_path):
     sources = tiny_trial_sources(tmp_path)
     features = partial(stage1_teacher.trial_entropy, window_s=2.0, step_s=1.0)
-    here = list(stage1_teacher.map_in_workers(features, sources(), workers=1))
-    there = list(stage1_teacher.map_in_workers(features, sources(), workers=2))
+    here = list(map_in_processes(features, sources(), workers=1))
+    there = list(map_in_processes(features, sources(), workers=2))
     assert [t.trial_id for t in there] == [t.trial_id for t in here] and len(here) == 3 * 3 + 2 * 2 - 1
     for one, other in zip(here, there):
         np.testing.assert_array_equal(other.entropy, one.entropy)
@@ -98,20 +99,7 @@ def test_an_error_in_a_worker_process_names_the_file(tmp_path):
         handle.truncate(300)
     features = partial(stage1_teacher.trial_entropy, window_s=2.0, step_s=1.0)
     with pytest.raises(EEGFormatError, match=rf"{re.escape(sessions[1].bdf)}: unreadable BDF"):
-        list(stage1_teacher.map_in_workers(features, sessions, workers=2))
-
-
-def test_map_in_workers_reads_items_only_as_fast_as_the_workers_take_them():
-    pulled = []
-
-    def items():
-        for i in range(20):
-            pulled.append(i)
-            yield -i
-
-    results = stage1_teacher.map_in_workers(abs, items(), workers=2)
-    assert next(results) == 0 and len(pulled) == 4  # two under way per worker, and no more
-    assert list(results) == list(range(1, 20))
+        list(map_in_processes(features, sessions, workers=2))
 
 
 def test_synthetic_default_is_deterministic(tmp_path):
