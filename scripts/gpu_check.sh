@@ -23,9 +23,7 @@ python=${PYTHON:-python3}
 budget=${GPU_CHECK_BUDGET:-450}
 export PYTHONUNBUFFERED=1 FORCE_CUDA=1
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-$(nproc)}
-if [ -z "${CUDA_HOME:-}" ]; then
-  nvcc_path=$(command -v nvcc) && export CUDA_HOME=$(dirname "$(dirname "$(readlink -f "$nvcc_path")")")
-fi
+source scripts/cuda_home.sh
 
 step() { echo "== $1 ($(date +%T), $SECONDS s in)" | tee -a "$out/summary.txt"; }
 note() { echo "$@" | tee -a "$out/summary.txt"; }

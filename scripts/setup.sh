@@ -9,11 +9,8 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install --quiet --disable-pip-version-check -r requirements.txt
 
-# torch finds the toolkit through CUDA_HOME; the nvcc on PATH may be a wrapper script outside the toolkit's root.
-if [ -z "${CUDA_HOME:-}" ] && [ "${NGD_NO_CUDA:-0}" != 1 ]; then
-  for root in /usr/local/cuda /opt/cuda; do
-    if [ -x "$root/bin/nvcc" ]; then export CUDA_HOME=$root; break; fi
-  done
+if [ "${NGD_NO_CUDA:-0}" != 1 ]; then
+  source scripts/cuda_home.sh
 fi
 if [ -n "${CUDA_HOME:-}" ]; then
   export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}  # Hopper; each extra architecture adds nvcc time
