@@ -131,7 +131,7 @@ class TrialEntropy:
 
 def trial_entropy(source, window_s, step_s):
     """The band entropy of every window of one trial (a DREAMER Trial, or a MAHNOB-HCI session, whose BDF is read
-    here). Runs in a worker process, which returns only the features."""
+    here). Runs in a worker process (in this one with --workers 1), which returns only the features."""
     trial = read_mahnob_trial(source) if isinstance(source, MahnobSession) else source
     signal, baseline = preprocess(trial.signal, trial.baseline, trial.sfreq, SFREQ)
     entropy = band_entropy(signal, baseline, SFREQ, window_s, step_s)
@@ -142,9 +142,9 @@ def trial_entropy(source, window_s, step_s):
                         trial.ch_names, trial.valence, trial.arousal)
 
 
-def window_data(trials, map_size):
-    """Topographic maps of every window of the trials, with each window's labels and provenance."""
-    matrices = {names: interpolation_matrix(names, map_size) for names in {t.ch_names for t in trials}}
+def window_data(trials, matrices, map_size):
+    """Topographic maps of every window of the trials, with each window's labels and provenance; matrices holds an
+    interpolation matrix per channel set."""
     windows_per_trial = [len(t.entropy) for t in trials]
 
     def per_window(field, dtype=None):
@@ -256,10 +256,11 @@ def main(argv=None):
           f"({', '.join(f'{d}: {len(s)}' for d, s in sorted(subjects_by_dataset.items()))}); "
           f"held out: {sorted(held_out)}{note}")
 
+    matrices = {names: interpolation_matrix(names, args.map_size) for names in {t.ch_names for t in trials}}
     train_maps, train_v, train_a, train_subjects, _ = window_data(
-        [t for t in trials if t.subject not in held_out], args.map_size)
+        [t for t in trials if t.subject not in held_out], matrices, args.map_size)
     test_maps, test_v, test_a, test_subjects, test_trial_ids = window_data(
-        [t for t in trials if t.subject in held_out], args.map_size)
+        [t for t in trials if t.subject in held_out], matrices, args.map_size)
     assert not set(train_subjects) & set(test_subjects)
     mean = train_maps.mean(axis=0, keepdims=True)
     std = train_maps.std(axis=0, keepdims=True) + 1e-6

@@ -74,8 +74,9 @@ def test_no_window_of_a_held_out_trial_is_trained_on(tmp_path):
     for trial in trials:
         subjects.setdefault(trial.dataset, set()).add(trial.subject)
     held_out = stage1_teacher.split_subjects(subjects, 0.25, seed=5)
-    train = stage1_teacher.window_data([t for t in trials if t.subject not in held_out], 16)
-    test = stage1_teacher.window_data([t for t in trials if t.subject in held_out], 16)
+    matrices = {names: interpolation_matrix(names, 16) for names in {t.ch_names for t in trials}}
+    train = stage1_teacher.window_data([t for t in trials if t.subject not in held_out], matrices, 16)
+    test = stage1_teacher.window_data([t for t in trials if t.subject in held_out], matrices, 16)
     assert len(train[0]) == len(train[4]) and len(test[0]) == len(test[4])
     assert len(train[0]) + len(test[0]) == sum(len(t.entropy) for t in trials)
     assert not set(train[4]) & set(test[4])  # trial ids
