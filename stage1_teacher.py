@@ -3,7 +3,8 @@
 Reads DREAMER (--dreamer DREAMER.mat) and/or MAHNOB-HCI (--mahnob DIR); with neither, it generates and reads
 the embedded synthetic default (DREAMER- and MAHNOB-structured files under RUN_DIR/data/). Trials are read and
 turned into features one at a time, in --workers processes, so that the datasets' samples are never in memory
-together. Whole subjects are held out, so no window of a held-out subject is ever trained on. Writes
+together; the features are cached under RUN_DIR/cache/eeg_features/, keyed by each recording's content, the settings
+and the feature code, so a rerun or a resumed run does not filter the EEG again. Whole subjects are held out, so no window of a held-out subject is ever trained on. Writes
 RUN_DIR/stage1/:
 
   teacher.pt           state_dict + config (+ the feature standardisation), torch.load(weights_only=True)
@@ -20,11 +21,14 @@ the same arguments.
 """
 
 import argparse
+import functools
+import hashlib
 import itertools
+import json
 import os
 import sys
+import zipfile
 from dataclasses import dataclass
-from functools import partial
 
 import matplotlib
 import numpy as np
@@ -36,9 +40,9 @@ from tqdm import tqdm
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from ngd_ext import artifacts  # noqa: E402
+from ngd_ext import artifacts, eeg_features, eeg_formats  # noqa: E402
 from ngd_ext.determinism import set_determinism  # noqa: E402
-from ngd_ext.eeg_features import BANDS, band_entropy, interpolation_matrix, preprocess, topographic_maps  # noqa: E402
+from ngd_ext.eeg_features import BANDS, interpolation_matrix, recording_entropy, topographic_maps  # noqa: E402
 from ngd_ext.eeg_formats import (EEGFormatError, MahnobScan, MahnobSession, iter_dreamer,  # noqa: E402
                                  read_mahnob_trial, scan_mahnob)
 from ngd_ext.parallel import default_workers, map_in_processes  # noqa: E402
@@ -127,19 +131,67 @@ class TrialEntropy:
     ch_names: tuple
     valence: float
     arousal: float
+    recording: str       # the file it came from
+    content_sha256: str  # of the recording: a MAHNOB-HCI session's BDF, a DREAMER clip's samples
+    from_cache: bool
 
 
-def trial_entropy(source, window_s, step_s):
+@functools.cache
+def feature_code_fingerprint():
+    """What a trial's features depend on besides its recording and the settings: the code that reads and filters
+    recordings, and the packages it calls."""
+    return [artifacts.sha256_file(module.__file__) for module in (eeg_features, eeg_formats)] + sorted(
+        artifacts.package_versions(("numpy", "scipy", "mne")).items())
+
+
+def dreamer_clip_sha256(trial):
+    digest = hashlib.sha256(json.dumps([trial.sfreq, list(trial.ch_names)]).encode())
+    for samples in (trial.baseline, trial.signal):
+        digest.update(np.ascontiguousarray(samples, dtype=np.float64).data)
+    return digest.hexdigest()
+
+
+def read_cached_entropy(path):
+    """(entropy, ch_names) from a cache entry, or None where there is none or it cannot be read (then it is taken
+    anew and rewritten)."""
+    try:
+        with np.load(path, allow_pickle=False) as entry:
+            return entry["entropy"], tuple(entry["ch_names"].tolist())
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+        return None
+
+
+def trial_entropy(source, window_s, step_s, cache_dir):
     """The band entropy of every window of one trial (a DREAMER Trial, or a MAHNOB-HCI session, whose BDF is read
-    here). Runs in a worker process (in this one with --workers 1), which returns only the features."""
-    trial = read_mahnob_trial(source) if isinstance(source, MahnobSession) else source
-    signal, baseline = preprocess(trial.signal, trial.baseline, trial.sfreq, SFREQ)
-    entropy = band_entropy(signal, baseline, SFREQ, window_s, step_s)
-    if not len(entropy):
-        raise EEGFormatError(f"{trial.source}: {trial.subject} trial {trial.trial} is shorter than one "
-                             f"{window_s:g} s window")
-    return TrialEntropy(entropy, trial.dataset, trial.subject, f"{trial.subject}/{trial.trial}",
-                        trial.ch_names, trial.valence, trial.arousal)
+    here). Runs in a worker process (in this one with --workers 1), which returns only the features.
+
+    Features are cached in cache_dir under a key made of the recording's content, the settings and
+    feature_code_fingerprint(), so that a rerun, or a killed run started again, takes each trial's from there:
+    hashing a BDF costs a small part of reading and filtering it."""
+    if isinstance(source, MahnobSession):
+        try:
+            trial, content, recording = None, artifacts.sha256_file(source.bdf), source.bdf
+        except OSError as error:
+            raise EEGFormatError(f"{source.bdf}: cannot be read ({error.strerror})") from error
+    else:
+        trial, content, recording = source, dreamer_clip_sha256(source), source.source
+    key = json.dumps([content, SFREQ, window_s, step_s, feature_code_fingerprint()])
+    cache_path = os.path.join(cache_dir, f"{source.dataset}-{hashlib.sha256(key.encode()).hexdigest()[:32]}.npz")
+    cached = read_cached_entropy(cache_path)
+    if cached is not None:
+        entropy, ch_names = cached
+    else:
+        trial = trial or read_mahnob_trial(source)
+        entropy = recording_entropy(trial.signal, trial.baseline, trial.sfreq, SFREQ, window_s, step_s)
+        ch_names = trial.ch_names
+        if not len(entropy):
+            raise EEGFormatError(f"{recording}: {source.subject} trial {source.trial} is shorter than one "
+                                 f"{window_s:g} s window")
+        with artifacts.atomic_path(cache_path) as temporary:
+            with open(temporary, "wb") as handle:
+                np.savez(handle, entropy=entropy, ch_names=np.array(ch_names, dtype=str))
+    return TrialEntropy(entropy, source.dataset, source.subject, f"{source.subject}/{source.trial}", ch_names,
+                        source.valence, source.arousal, recording, content, from_cache=cached is not None)
 
 
 def window_data(trials, matrices, map_size):
@@ -244,8 +296,10 @@ def main(argv=None):
         print(f"MAHNOB-HCI: {len(scan.sessions)} labelled sessions; skipped {len(scan.skipped_without_felt_labels)} "
               f"without felt labels and {len(scan.skipped_without_eeg)} without EEG")
     sources = itertools.chain(iter_dreamer(dreamer_path) if dreamer_path else (), scan.sessions)
-    features = partial(trial_entropy, window_s=args.window_s, step_s=args.step_s)
+    cache_dir = os.path.join(args.run_dir, "cache", "eeg_features")
+    features = functools.partial(trial_entropy, window_s=args.window_s, step_s=args.step_s, cache_dir=cache_dir)
     trials = list(tqdm(map_in_processes(features, sources, args.workers), desc="features", unit="trial", leave=False))
+    print(f"features of {len(trials)} trials, {sum(t.from_cache for t in trials)} of them from {cache_dir}/")
     subjects_by_dataset = {}
     for trial in trials:
         subjects_by_dataset.setdefault(trial.dataset, set()).add(trial.subject)
@@ -334,9 +388,11 @@ def main(argv=None):
                     test_trial_ids, source)
     artifacts.write_json(os.path.join(out_dir, "metrics.json"), metrics)
     plot_curve(history, os.path.join(out_dir, "training_curve.png"), note)
-    # MAHNOB-HCI is a tree of many large files: its path is recorded, not hashed.
-    artifacts.write_config(out_dir, args, {"dreamer": artifacts.sha256_file(dreamer_path) if dreamer_path else None,
-                                           "mahnob": mahnob_root})
+    bdf_hashes = {os.path.relpath(t.recording, mahnob_root): t.content_sha256
+                  for t in trials if t.dataset == MahnobSession.dataset}
+    artifacts.write_config(out_dir, args, {
+        "dreamer": artifacts.sha256_file(dreamer_path) if dreamer_path else None,
+        "mahnob": {"root": mahnob_root, "bdf_sha256": bdf_hashes} if mahnob_root else None})
     artifacts.write_manifest(out_dir)
     os.remove(checkpoint_path)
 

@@ -53,6 +53,12 @@ def band_entropy(signal, baseline, sfreq, window_s, step_s):
     return np.stack(features, axis=1)
 
 
+def recording_entropy(signal, baseline, sfreq, target_sfreq, window_s, step_s):
+    """windows x bands x channels for one recording at sfreq: preprocess, then band_entropy at target_sfreq."""
+    signal, baseline = preprocess(signal, baseline, sfreq, target_sfreq)
+    return band_entropy(signal, baseline, target_sfreq, window_s, step_s)
+
+
 def scalp_coordinates(ch_names):
     """2-D positions of 10-20 electrodes: the azimuthal equidistant projection of MNE's colin27_1020
     montage, in which the equator (T7, T8) lies near radius 1."""

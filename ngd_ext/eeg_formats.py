@@ -16,6 +16,7 @@ import os
 import re
 import xml.etree.ElementTree as ElementTree
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import numpy as np
 import scipy.io
@@ -154,6 +155,7 @@ def write_dreamer(path, subjects, sfreq=128, note="synthetic"):
 @dataclass(frozen=True)
 class MahnobSession:
     """A labelled MAHNOB-HCI session whose EEG is yet to be read (read_mahnob_trial reads it)."""
+    dataset: ClassVar[str] = "MAHNOB-HCI"
     bdf: str
     subject: str
     trial: int
@@ -236,7 +238,7 @@ def read_mahnob_trial(session):
     if not np.isfinite(signals).all():
         raise EEGFormatError(f"{bdf}: non-finite EEG samples")
     split = start - baseline_start
-    return Trial(dataset="MAHNOB-HCI", subject=session.subject, trial=session.trial, sfreq=sfreq, ch_names=MAHNOB_EEG,
+    return Trial(dataset=session.dataset, subject=session.subject, trial=session.trial, sfreq=sfreq, ch_names=MAHNOB_EEG,
                  signal=signals[:, split:], baseline=signals[:, :split], valence=session.valence,
                  arousal=session.arousal, source=bdf)
 

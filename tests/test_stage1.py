@@ -4,6 +4,7 @@ import itertools
 import json
 import os
 import re
+import shutil
 from functools import partial
 
 import numpy as np
@@ -67,8 +68,12 @@ def tiny_trial_sources(tmp_path):
     return lambda: itertools.chain(iter_dreamer(dreamer), scan_mahnob(mahnob).sessions)
 
 
+def features_cached_in(cache_dir, window_s=2.0, step_s=1.0):
+    return partial(stage1_teacher.trial_entropy, window_s=window_s, step_s=step_s, cache_dir=str(cache_dir))
+
+
 def test_no_window_of_a_held_out_trial_is_trained_on(tmp_path):
-    features = partial(stage1_teacher.trial_entropy, window_s=2.0, step_s=1.0)
+    features = features_cached_in(tmp_path / "cache")
     trials = [features(source) for source in tiny_trial_sources(tmp_path)()]
     subjects = {}
     for trial in trials:
@@ -85,9 +90,9 @@ def test_no_window_of_a_held_out_trial_is_trained_on(tmp_path):
 
 def test_features_in_worker_processes_equal_those_in_this_one(tmp_path):
     sources = tiny_trial_sources(tmp_path)
-    features = partial(stage1_teacher.trial_entropy, window_s=2.0, step_s=1.0)
-    here = list(map_in_processes(features, sources(), workers=1))
-    there = list(map_in_processes(features, sources(), workers=2))
+    here = list(map_in_processes(features_cached_in(tmp_path / "here"), sources(), workers=1))
+    there = list(map_in_processes(features_cached_in(tmp_path / "there"), sources(), workers=2))
+    assert not any(t.from_cache for t in here + there)
     assert [t.trial_id for t in there] == [t.trial_id for t in here] and len(here) == 3 * 3 + 2 * 2 - 1
     for one, other in zip(here, there):
         np.testing.assert_array_equal(other.entropy, one.entropy)
@@ -98,9 +103,43 @@ def test_an_error_in_a_worker_process_names_the_file(tmp_path):
     sessions = [source for source in tiny_trial_sources(tmp_path)() if isinstance(source, MahnobSession)]
     with open(sessions[1].bdf, "r+b") as handle:
         handle.truncate(300)
-    features = partial(stage1_teacher.trial_entropy, window_s=2.0, step_s=1.0)
     with pytest.raises(EEGFormatError, match=rf"{re.escape(sessions[1].bdf)}: unreadable BDF"):
-        list(map_in_processes(features, sessions, workers=2))
+        list(map_in_processes(features_cached_in(tmp_path / "cache"), sessions, workers=2))
+
+
+def test_features_are_cached_by_the_recordings_content(tmp_path, monkeypatch):
+    sources, cache = tiny_trial_sources(tmp_path), tmp_path / "cache"
+    features = features_cached_in(cache)
+    first = [features(source) for source in sources()]
+    assert len(os.listdir(cache)) == len(first) == 12 and not any(t.from_cache for t in first)
+
+    def no_reading(*args):
+        raise AssertionError("read or filtered again")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(stage1_teacher, "read_mahnob_trial", no_reading)
+        patched.setattr(stage1_teacher, "recording_entropy", no_reading)
+        again = [features(source) for source in sources()]
+    assert all(t.from_cache for t in again)
+    for one, other in zip(first, again):
+        np.testing.assert_array_equal(other.entropy, one.entropy)
+        assert (other.trial_id, other.ch_names, other.content_sha256) == (one.trial_id, one.ch_names, one.content_sha256)
+
+    # Another recording under a session's name takes that recording's features, labelled as the session.
+    sessions = [source for source in sources() if isinstance(source, MahnobSession)]
+    shutil.copyfile(sessions[1].bdf, sessions[0].bdf)
+    swapped = features(sessions[0])
+    assert swapped.from_cache and swapped.trial_id == first[9].trial_id and swapped.valence == sessions[0].valence
+    np.testing.assert_array_equal(swapped.entropy, first[10].entropy)
+
+    # Other settings are other features; a damaged entry is taken anew and rewritten.
+    assert not features_cached_in(cache, step_s=0.5)(sessions[1]).from_cache
+    dreamer_entry = sorted(cache.glob("DREAMER-*.npz"))[0]
+    dreamer_entry.write_bytes(b"not an npz")
+    retaken = [features(source) for source in sources()]
+    assert sum(not t.from_cache for t in retaken) == 1
+    assert [t.entropy.tobytes() for t in retaken[:9]] == [t.entropy.tobytes() for t in first[:9]]
+    assert stage1_teacher.read_cached_entropy(str(dreamer_entry)) is not None
 
 
 def test_synthetic_default_is_deterministic(tmp_path):
@@ -163,6 +202,13 @@ def test_stage1_then_stage2_end_to_end(tmp_path):
     for name in ("valence", "arousal"):
         assert set(metrics["held_out"][name]) == {"rmse", "pearson_r", "ccc"}
         assert metrics["mean_baseline"][name]["ccc"] == 0.0
+    with open(os.path.join(stage1, "config.json")) as handle:
+        inputs = json.load(handle)["inputs"]
+    mahnob = inputs["mahnob"]["root"]
+    assert inputs["mahnob"]["bdf_sha256"] == {
+        os.path.join("Sessions", session, name): artifacts.sha256_file(os.path.join(mahnob, "Sessions", session, name))
+        for session, name in (("1", "Part_1_S_Trial1_emotion.bdf"), ("2", "Part_1_S_Trial2_emotion.bdf"),
+                              ("3", "Part_2_S_Trial1_emotion.bdf"))}
     stage2_prototypes.main(["--run-dir", run_dir, "--min-count", "1"])
     with np.load(os.path.join(run_dir, "stage2", "prototypes.npz")) as bank:
         assert bank["bank"].shape == (25, 128)
@@ -184,7 +230,9 @@ def test_stage1_resumes_after_a_crash(tmp_path, monkeypatch, capsys):
     monkeypatch.undo()
     capsys.readouterr()
     run_tiny_stage1_in_this_process(run_dir)
-    assert "resuming after epoch 2" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "resuming after epoch 2" in out
+    assert f"features of 12 trials, 12 of them from {run_dir}/cache/eeg_features/" in out
     assert os.path.exists(os.path.join(stage1, artifacts.MANIFEST))
 
 
