@@ -73,18 +73,22 @@ def parse_args(argv=None):
                         help="size of the embedded synthetic default, used without --ferplus (default demo)")
     parser.add_argument("--variant", choices=sorted(PRESETS), default="B3", help="loss preset (default B3)")
     parser.add_argument("--name", help="output folder under stage3/ (default: the variant)")
-    parser.add_argument("--arch", choices=sorted(ARCHITECTURES), default="resnet18")
+    parser.add_argument("--arch", choices=sorted(ARCHITECTURES), default="resnet18",
+                        help="torchvision backbone (default resnet18)")
     parser.add_argument("--input-size", type=int, default=48, help="image side fed to the network (default 48)")
     parser.add_argument("--pretrained", help="local state_dict file for the backbone (never downloaded)")
     parser.add_argument("--kd-teacher", help="best.pt of another stage-3 run, the logit-KD teacher")
-    parser.add_argument("--kd-loss", choices=("mse", "kl"), default="mse")
+    parser.add_argument("--kd-loss", choices=("mse", "kl"), default="mse",
+                        help="logit KD at T = 5: squared distance of the softened softmaxes (default), or T^2 KL")
     parser.add_argument("--kd-weight", type=float, help="override the preset's KD weight")
     parser.add_argument("--proto-weight", type=float, help="override the preset's Proto-KD weight")
     parser.add_argument("--dgeo-weight", type=float, help="override the preset's D-Geo weight")
     parser.add_argument("--tau", type=float, default=0.9, help="Proto-KD temperature (default 0.9)")
     parser.add_argument("--var-cap", type=float, default=0.2, help="D-Geo variance cap (default 0.2)")
     parser.add_argument("--margin", type=float, default=0.5, help="D-Geo inter-class margin (default 0.5)")
-    parser.add_argument("--training-labels", choices=("majority", "probability"), default="majority")
+    parser.add_argument("--training-labels", choices=("majority", "probability"), default="majority",
+                        help="FERPlus training targets: the official majority rule's class (default), or the votes' "
+                             "distribution (probability rule); valid and test always use the majority rule")
     parser.add_argument("--epochs", type=int, help="epochs (default 80 on FERPlus, 6 on the synthetic default)")
     parser.add_argument("--ramp-start", type=int, help="first epoch of the D-Geo ramp (default 20; synthetic 1)")
     parser.add_argument("--ramp-end", type=int, help="epoch at which the D-Geo ramp reaches 1 (default 60; synthetic 4)")
@@ -92,15 +96,18 @@ def parse_args(argv=None):
     parser.add_argument("--lr", type=float, default=2e-4, help="AdamW learning rate (default 2e-4)")
     parser.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay (default 0.05)")
     parser.add_argument("--warmup-epochs", type=float, default=1.0, help="linear warmup before the cosine (default 1)")
-    parser.add_argument("--checkpoint-every", type=int, default=50, help="steps between resume checkpoints")
+    parser.add_argument("--checkpoint-every", type=int, default=50,
+                        help="steps between resume checkpoints (default 50; one also ends each epoch)")
     parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint of this run")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="torch device (default cuda when available); under torchrun, each process's GPU")
     parser.add_argument("--sync-bn", action="store_true",
                         help="BatchNorm statistics over the global batch under torchrun (GPUs only), as one process")
     parser.add_argument("--deterministic", action="store_true",
                         help="deterministic GPU algorithms only, so that a run repeats bit for bit (default: cuDNN's "
                              "fastest; CPU runs repeat either way)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the model, the batch order, the augmentation and the synthetic faces (default 0)")
     args = parser.parse_args(argv)
     schedule = SCHEDULES["synthetic" if args.ferplus is None else "paper"]
     for key, value in schedule.items():
