@@ -3,9 +3,9 @@
 Reads DREAMER (--dreamer DREAMER.mat) and/or MAHNOB-HCI (--mahnob DIR); with neither, it generates and reads
 the embedded synthetic default (DREAMER- and MAHNOB-structured files under RUN_DIR/data/). Trials are read and
 turned into features one at a time, in --workers processes, so that the datasets' samples are never in memory
-together; the features are cached under RUN_DIR/cache/eeg_features/, keyed by each recording's content, the settings
-and the feature code, so a rerun or a resumed run does not filter the EEG again. Whole subjects are held out, so no window of a held-out subject is ever trained on. Writes
-RUN_DIR/stage1/:
+together; the features are cached under RUN_DIR/cache/eeg_features/, keyed by each recording's content, the
+settings and the feature code, so a rerun or a resumed run does not filter the EEG again. Whole subjects are held
+out, so no window of a held-out subject is ever trained on. Writes RUN_DIR/stage1/:
 
   teacher.pt           state_dict + config (+ the feature standardisation), torch.load(weights_only=True)
   embeddings.npz       L2-normalised embeddings of the held-out windows, with valence, arousal, subject, trial

@@ -238,8 +238,8 @@ def read_mahnob_trial(session):
     if not np.isfinite(signals).all():
         raise EEGFormatError(f"{bdf}: non-finite EEG samples")
     split = start - baseline_start
-    return Trial(dataset=session.dataset, subject=session.subject, trial=session.trial, sfreq=sfreq, ch_names=MAHNOB_EEG,
-                 signal=signals[:, split:], baseline=signals[:, :split], valence=session.valence,
+    return Trial(dataset=session.dataset, subject=session.subject, trial=session.trial, sfreq=sfreq,
+                 ch_names=MAHNOB_EEG, signal=signals[:, split:], baseline=signals[:, :split], valence=session.valence,
                  arousal=session.arousal, source=bdf)
 
 
