@@ -16,8 +16,7 @@ out, so no window of a held-out subject is ever trained on. Writes RUN_DIR/stage
     python stage1_teacher.py                                   # synthetic default, into runs/demo
     python stage1_teacher.py --dreamer DREAMER.mat --mahnob /data/MAHNOB-HCI --run-dir runs/real
 
-A killed run resumes from its last finished epoch (RUN_DIR/stage1-checkpoint.pt) when started again with
-the same arguments.
+A killed run continues from its last finished epoch (RUN_DIR/stage1-checkpoint.pt) with --resume.
 """
 
 import argparse
@@ -95,6 +94,8 @@ def parse_args(argv=None):
     parser.add_argument("--window-s", type=float, default=WINDOW_S, help=f"window length, s (default {WINDOW_S})")
     parser.add_argument("--step-s", type=float, default=STEP_S, help=f"step between windows, s (default {STEP_S})")
     parser.add_argument("--map-size", type=int, default=MAP_SIZE, help=f"topographic map side (default {MAP_SIZE})")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from the last finished epoch of a killed run with the same settings")
     parser.add_argument("--workers", type=int, default=default_workers(),
                         help="processes that read trials and take their features; 1: all in this process "
                              "(default: the CPUs this process may run on, at most 8)")
@@ -324,23 +325,23 @@ def main(argv=None):
     print(f"{len(train_maps)} training and {len(test_maps)} held-out windows of {len(BANDS)} x {args.map_size} x "
           f"{args.map_size} maps")
 
-    # Model and optimiser, resumed from the last finished epoch of an identical run ---------------------------
+    # Model and optimiser, with --resume from the last finished epoch of a killed run ---------------------------
     device = torch.device(args.device)
     model = Teacher(len(BANDS), args.embedding_size).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    config = {name: value for name, value in vars(args).items() if name not in ("device", "run_dir", "workers")}
+    config = {name: value for name, value in vars(args).items()
+              if name not in ("device", "run_dir", "workers", "resume")}
     config.update(source=source, bands=list(BANDS), sfreq=SFREQ)
     # Beside the stage folder, not in it: the manifest lists the folder's files, and must never list this one.
     checkpoint_path = os.path.join(args.run_dir, "stage1-checkpoint.pt")
     history, start_epoch = [], 0
-    if os.path.exists(checkpoint_path):
-        checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
-        if checkpoint["config"] == config:
-            model.load_state_dict(checkpoint["model"])
-            optimizer.load_state_dict(checkpoint["optimizer"])
-            history, start_epoch = checkpoint["history"], checkpoint["epoch"]
-            torch.set_rng_state(checkpoint["rng"])
-            print(f"resuming after epoch {start_epoch}")
+    checkpoint = artifacts.resume_checkpoint(checkpoint_path, config, args.resume)
+    if checkpoint is not None:
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        history, start_epoch = checkpoint["history"], checkpoint["epoch"]
+        torch.set_rng_state(checkpoint["rng"])
+        print(f"resuming after epoch {start_epoch}")
 
     # Training ---------------------------------------------------------------------------------------------
     train_x = torch.from_numpy(train_maps)

@@ -307,10 +307,8 @@ def main(argv=None):
                   prototypes_sha256=bank_hash, data_key=data_key, source=source, world_size=world,
                   class_weights=class_weights.tolist(), label_smoothing=LABEL_SMOOTHING, kd_temperature=KD_TEMPERATURE)
     history, start_epoch, start_step, best_f1 = [], 0, 0, -1.0
-    if args.resume and os.path.exists(checkpoint_path):
-        checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
-        if checkpoint["config"] != config:
-            raise ValueError(f"{checkpoint_path} was written with other arguments; rerun without --resume to start over")
+    checkpoint = artifacts.resume_checkpoint(checkpoint_path, config, args.resume)
+    if checkpoint is not None:
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         scheduler.load_state_dict(checkpoint["scheduler"])

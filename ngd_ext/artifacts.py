@@ -1,4 +1,5 @@
-"""Artifacts passed between stages: atomic writes, SHA-256 manifests, and each stage's config.json.
+"""Artifacts passed between stages: atomic writes, SHA-256 manifests, each stage's config.json, and the
+checkpoints a killed run resumes from.
 
 Every stage folder holds its outputs, a `config.json` and a `SHA256SUMS` manifest in `sha256sum` format. A
 stage reads another stage's files only after `verify_manifest` has checked them, and writes its own through
@@ -15,6 +16,8 @@ import shutil
 import subprocess
 import sys
 from importlib import metadata
+
+import torch
 
 MANIFEST = "SHA256SUMS"
 CONFIG = "config.json"
@@ -163,3 +166,17 @@ def write_config(stage_dir, args, inputs):
         "git_commit": git_commit(),
         "inputs": inputs,
     })
+
+
+def resume_checkpoint(path, config, resume):
+    """The checkpoint to continue from, or None to start afresh: with resume, the one at path if there is one, which
+    must have been written by a run with this config; without, none."""
+    if not resume or not os.path.exists(path):
+        return None
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    if checkpoint["config"] != config:
+        changed = sorted(key for key in config.keys() | checkpoint["config"].keys()
+                         if config.get(key) != checkpoint["config"].get(key))
+        raise ArtifactError(f"{path} was written with other settings ({', '.join(changed)}); rerun without --resume "
+                            "to start over")
+    return checkpoint

@@ -228,8 +228,12 @@ def test_stage1_resumes_after_a_crash(tmp_path, monkeypatch, capsys):
     assert os.path.exists(os.path.join(run_dir, "stage1-checkpoint.pt"))
     assert not os.path.exists(os.path.join(stage1, artifacts.MANIFEST))  # an unfinished folder never looks done
     monkeypatch.undo()
+    checkpoint = os.path.join(run_dir, "stage1-checkpoint.pt")
+    with pytest.raises(artifacts.ArtifactError,
+                       match=rf"{re.escape(checkpoint)} was written with other settings \(lr\); rerun without --resume"):
+        run_tiny_stage1_in_this_process(run_dir, "--resume", "--lr", "0.01")
     capsys.readouterr()
-    run_tiny_stage1_in_this_process(run_dir)
+    run_tiny_stage1_in_this_process(run_dir, "--resume")
     out = capsys.readouterr().out
     assert "resuming after epoch 2" in out
     assert f"features of 12 trials, 12 of them from {run_dir}/cache/eeg_features/" in out
