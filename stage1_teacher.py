@@ -344,26 +344,28 @@ def main(argv=None):
         print(f"resuming after epoch {start_epoch}")
 
     # Training ---------------------------------------------------------------------------------------------
-    train_x = torch.from_numpy(train_maps)
-    train_y = torch.from_numpy(train_targets)
+    # On the training device whole (both datasets' maps take about half a GB), so that a step copies nothing and,
+    # its loss kept as a tensor, waits for nothing.
+    train_x = torch.from_numpy(train_maps).to(device)
+    train_y = torch.from_numpy(train_targets).to(device)
     progress = tqdm(range(start_epoch + 1, args.epochs + 1), desc="training", unit="epoch")
     for epoch in progress:
         model.train()
-        order = torch.randperm(len(train_x))
+        order = torch.randperm(len(train_x)).to(device)
         losses = []
         for start in range(0, len(order), args.batch_size):
             batch = order[start:start + args.batch_size]
             if len(batch) < 2:
                 continue  # BatchNorm and the CCC need two samples
-            prediction, _ = model(train_x[batch].to(device))
-            target = train_y[batch].to(device)
+            prediction, _ = model(train_x[batch])
+            target = train_y[batch]
             loss = (1 - ccc(prediction, target)).mean() if args.loss == "ccc" else F.mse_loss(prediction, target)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            losses.append(loss.item())
+            losses.append(loss.detach())
         held_out_prediction, _ = predict(model, test_maps, device, 256)
-        history.append({"epoch": epoch, "train_loss": float(np.mean(losses)),
+        history.append({"epoch": epoch, "train_loss": torch.stack(losses).double().mean().item(),
                         "held_out": regression_metrics(held_out_prediction, test_targets)})
         scores = history[-1]["held_out"]
         progress.set_postfix(loss=f"{history[-1]['train_loss']:.4f}", ccc_valence=f"{scores['valence']['ccc']:.3f}",
