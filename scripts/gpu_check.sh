@@ -22,8 +22,8 @@ cd "$(dirname "$0")/.."
 python=${PYTHON:-python3}
 budget=${GPU_CHECK_BUDGET:-450}
 export PYTHONUNBUFFERED=1 FORCE_CUDA=1
-export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-$(nproc)}
-source scripts/cuda_home.sh
+export MAX_JOBS=${MAX_JOBS:-$(nproc)}
+source scripts/cuda_env.sh  # CUDA_HOME, and TORCH_CUDA_ARCH_LIST for the GPU present
 
 step() { echo "== $1 ($(date +%T), $SECONDS s in)" | tee -a "$out/summary.txt"; }
 note() { echo "$@" | tee -a "$out/summary.txt"; }
@@ -54,7 +54,7 @@ ended() {
 }
 
 step "machine"
-{ nvidia-smi; echo "CUDA_HOME=${CUDA_HOME:-}"; "$python" -c "import torch, sys; print(sys.version); print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())"; } > "$out/machine.txt" 2>&1
+{ nvidia-smi; echo "CUDA_HOME=${CUDA_HOME:-} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-}"; "$python" -c "import torch, sys; print(sys.version); print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())"; } > "$out/machine.txt" 2>&1
 tail -n 2 "$out/machine.txt" | tee -a "$out/summary.txt"
 
 step "build"

@@ -10,10 +10,8 @@ fi
 .venv/bin/python -m pip install --quiet --disable-pip-version-check -r requirements.txt
 
 if [ "${NGD_NO_CUDA:-0}" != 1 ]; then
-  source scripts/cuda_home.sh
-fi
-if [ -n "${CUDA_HOME:-}" ]; then
-  export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}  # Hopper; each extra architecture adds nvcc time
+  python=.venv/bin/python
+  source scripts/cuda_env.sh  # CUDA_HOME, and TORCH_CUDA_ARCH_LIST for the GPUs present
 fi
 export MAX_JOBS=${MAX_JOBS:-$(nproc)}
 .venv/bin/python -m pip install --quiet --disable-pip-version-check --no-build-isolation --no-deps -e .

@@ -178,6 +178,26 @@ def test_label_out_of_range_trips_the_device_assertion():
         emulated_loss(*case.values(), **PARAMS)
 
 
+def test_a_build_for_other_gpus_says_how_to_rebuild():
+    """Kernels compiled for other architectures than the GPU's (TORCH_CUDA_ARCH_LIST) fail at the runtime's first
+    call on one; the error names the GPU's compute capability and the setting that serves it, in the forward and the
+    backward."""
+    case = make_case(20, 8, 25, 8, seed=5)
+    outputs = torch.ops.ngd_ext_emulated.proto_dgeo_fwd(*case.values(), *PARAMS.values())
+    ones = [torch.ones(())] * 3
+    message = (r"not compiled for this GPU \(compute capability 9\.0\): rebuild them for it with "
+               r'TORCH_CUDA_ARCH_LIST="9\.0" bash scripts/setup\.sh')
+    torch.ops.ngd_ext_emulated.set_kernel_images_present(False)
+    try:
+        with pytest.raises(RuntimeError, match=message):
+            torch.ops.ngd_ext_emulated.proto_dgeo_fwd(*case.values(), *PARAMS.values())
+        with pytest.raises(RuntimeError, match=message):
+            torch.ops.ngd_ext_emulated.proto_dgeo_bwd(*ones, case["z"], case["protos"], case["target"],
+                                                      case["labels"], *outputs[3:], PARAMS["tau"])
+    finally:
+        torch.ops.ngd_ext_emulated.set_kernel_images_present(True)
+
+
 @pytest.mark.usefixtures("schedule")
 def test_many_classes():
     """300 classes: 28 KiB of per-warp class statistics in shared memory, and class sums (117 KiB) added in place

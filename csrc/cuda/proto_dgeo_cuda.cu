@@ -98,11 +98,13 @@ __device__ __forceinline__ void mma_m16n8k8(float (&c)[4], const float (&a)[4], 
 }
 #endif
 
+void check_cuda(cudaError_t status);
+
 template <typename... Params, typename... Args>
 void launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t shared_bytes, cudaStream_t stream,
             Args... args) {
   kernel<<<grid, block, shared_bytes, stream>>>(args...);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  check_cuda(cudaGetLastError());
 }
 
 }  // namespace
@@ -1150,18 +1152,33 @@ struct ForwardOutputs {
   at::Tensor proto_kd, var_cap_loss, margin_loss, cosines, lse, norms, var_coef, class_mean, margin_coef;
 };
 
-// Kernels that need more than the default 48 KiB of dynamic shared memory must ask for it.
-template <typename Kernel>
-void allow_shared_bytes(Kernel kernel, size_t bytes) {
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
-}
-
-// A limit of the current device.
+// A property of the current device.
 int device_attribute(cudaDeviceAttr attribute) {
   int device = 0, value = 0;
   C10_CUDA_CHECK(cudaGetDevice(&device));
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&value, attribute, device));
   return value;
+}
+
+// A CUDA runtime call's status, checked as C10_CUDA_CHECK checks it. A build for other GPUs (TORCH_CUDA_ARCH_LIST
+// without this one's architecture) fails at its first call on a kernel (a launch with cudaErrorNoKernelImageForDevice,
+// cudaFuncSetAttribute with cudaErrorInvalidDeviceFunction), and the error then says how to rebuild.
+void check_cuda(cudaError_t status) {
+  if (status == cudaErrorNoKernelImageForDevice || status == cudaErrorInvalidDeviceFunction) {
+    (void)cudaGetLastError();  // reported here, not left behind for torch's next CUDA call
+    const std::string arch = text(device_attribute(cudaDevAttrComputeCapabilityMajor)) + "." +
+                             text(device_attribute(cudaDevAttrComputeCapabilityMinor));
+    TORCH_CHECK(false, "ngd_ext's CUDA kernels were not compiled for this GPU (compute capability ", arch,
+                "): rebuild them for it with TORCH_CUDA_ARCH_LIST=\"", arch,
+                "\" bash scripts/setup.sh (list every GPU's capability there, separated by ';', to serve several)");
+  }
+  C10_CUDA_CHECK(status);
+}
+
+// Kernels that need more than the default 48 KiB of dynamic shared memory must ask for it.
+template <typename Kernel>
+void allow_shared_bytes(Kernel kernel, size_t bytes) {
+  check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
 }
 
 // The most dynamic shared memory a block may ask for on the current device.
@@ -1298,7 +1315,7 @@ void backward_cuda_typed(const at::Tensor& grad_proto_kd, const at::Tensor& grad
   // As many blocks as the GPU holds at once, each looping over tiles: a block stages prototypes that fit one
   // chunk only once.
   int blocks_per_sm = 0;
-  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks_per_sm, kernel, kThreads, shared_bytes));
+  check_cuda(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks_per_sm, kernel, kThreads, shared_bytes));
   const int64_t resident = static_cast<int64_t>(std::max(blocks_per_sm, 1)) *
                            device_attribute(cudaDevAttrMultiProcessorCount);
   const int64_t blocks = std::min(ceil_div(batch, tile_rows), resident);

@@ -88,6 +88,9 @@ struct dim3 {
 using cudaStream_t = void*;
 using cudaError_t = int;
 constexpr cudaError_t cudaSuccess = 0;
+constexpr cudaError_t cudaErrorInvalidDeviceFunction = 98;
+constexpr cudaError_t cudaErrorNoKernelImageForDevice = 209;
+inline cudaError_t cudaGetLastError() { return cudaSuccess; }
 enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize };
 
 namespace ngd_emulation {
@@ -102,10 +105,18 @@ inline std::map<const void*, size_t>& shared_limits() {
   return limits;
 }
 
+// False: the kernels behave as a build for other GPUs' architectures does: the runtime's calls on a kernel fail,
+// cudaFuncSetAttribute with cudaErrorInvalidDeviceFunction (a launch would with cudaErrorNoKernelImageForDevice).
+inline bool& kernel_images_present() {
+  static bool present = true;
+  return present;
+}
+
 }  // namespace ngd_emulation
 
 template <typename Kernel>
 cudaError_t cudaFuncSetAttribute(Kernel kernel, cudaFuncAttribute, int bytes) {
+  if (!::ngd_emulation::kernel_images_present()) return cudaErrorInvalidDeviceFunction;
   if (bytes < 0 || static_cast<size_t>(bytes) > ::ngd_emulation::kMaxSharedBytes) return 1;  // cudaErrorInvalidValue
   ::ngd_emulation::shared_limits()[reinterpret_cast<const void*>(kernel)] = static_cast<size_t>(bytes);
   return cudaSuccess;
@@ -113,7 +124,12 @@ cudaError_t cudaFuncSetAttribute(Kernel kernel, cudaFuncAttribute, int bytes) {
 
 // The device the host code sizes its launches to: sm_90's shared memory, and two multiprocessors holding one
 // block each, so that grids sized to the device loop over several tiles per block even at test sizes.
-enum cudaDeviceAttr { cudaDevAttrMaxSharedMemoryPerBlockOptin, cudaDevAttrMultiProcessorCount };
+enum cudaDeviceAttr {
+  cudaDevAttrMaxSharedMemoryPerBlockOptin,
+  cudaDevAttrMultiProcessorCount,
+  cudaDevAttrComputeCapabilityMajor,
+  cudaDevAttrComputeCapabilityMinor
+};
 
 inline cudaError_t cudaGetDevice(int* device) {
   *device = 0;
@@ -121,7 +137,12 @@ inline cudaError_t cudaGetDevice(int* device) {
 }
 
 inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attribute, int) {
-  *value = attribute == cudaDevAttrMultiProcessorCount ? 2 : static_cast<int>(::ngd_emulation::kMaxSharedBytes);
+  switch (attribute) {
+    case cudaDevAttrMaxSharedMemoryPerBlockOptin: *value = static_cast<int>(::ngd_emulation::kMaxSharedBytes); break;
+    case cudaDevAttrMultiProcessorCount: *value = 2; break;
+    case cudaDevAttrComputeCapabilityMajor: *value = 9; break;
+    case cudaDevAttrComputeCapabilityMinor: *value = 0; break;
+  }
   return cudaSuccess;
 }
 

@@ -50,6 +50,9 @@ at::Tensor split_tf32(const at::Tensor& in) {
   return out;
 }
 
+// Whether the emulated kernels behave as compiled for the emulated GPU (emulation.h's kernel_images_present).
+void set_kernel_images_present(bool present) { ngd_emulation::kernel_images_present() = present; }
+
 }  // namespace
 
 TORCH_LIBRARY(ngd_ext_emulated, m) {
@@ -57,4 +60,5 @@ TORCH_LIBRARY(ngd_ext_emulated, m) {
   m.def("proto_dgeo_bwd", &ngd_ext::proto_dgeo_bwd_cuda);
   m.def("mma_tile", &mma_tile);
   m.def("split_tf32", &split_tf32);
+  m.def("set_kernel_images_present", &set_kernel_images_present);
 }
