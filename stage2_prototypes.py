@@ -17,7 +17,6 @@ k = i_valence * G + i_arousal), and writes RUN_DIR/stage2/:
 
 import argparse
 import os
-import shutil
 import sys
 
 import matplotlib
@@ -103,32 +102,29 @@ def main(argv=None):
         print(f"warning: bin {k} holds only {bank.counts[k]} embeddings (--min-count {args.min_count})",
               file=sys.stderr)
 
-    # Outputs: the old manifest goes first, so a folder being rewritten never looks finished.
-    if os.path.exists(out_dir):
-        shutil.rmtree(out_dir)
-    os.makedirs(out_dir)
-    with artifacts.atomic_path(os.path.join(out_dir, "prototypes.npz")) as temporary:
-        with open(temporary, "wb") as handle:
-            np.savez(handle, bank=bank.bank.astype(np.float32), centres=bank.centres.astype(np.float32),
-                     counts=bank.counts, filled_from=bank.filled_from, E=bank.bank.shape[1], G=args.grid,
-                     teacher_sha256=inputs["teacher.pt"], source=data["source"])
-    summary = {
-        "grid": args.grid,
-        "embeddings": int(len(data["embeddings"])),
-        "embedding_size": int(bank.bank.shape[1]),
-        "source": data["source"],
-        "bins": [{"k": k, "valence": float(v), "arousal": float(a), "count": int(bank.counts[k]),
-                  "filled_from": int(bank.filled_from[k])} for k, (v, a) in enumerate(bank.centres)],
-        "empty_bins": empty,
-        "sparse_bins": sparse,
-        "min_count": args.min_count,
-    }
-    artifacts.write_json(os.path.join(out_dir, "summary.json"), summary)
-    plot_occupancy(bank, os.path.join(out_dir, "occupancy.png"),
-                   f"{len(data['embeddings'])} held-out embeddings on the {args.grid}x{args.grid} V/A grid{note}")
-    plot_similarity(bank, os.path.join(out_dir, "similarity.png"), f"prototype cosine similarity{note}")
-    artifacts.write_config(out_dir, args, {f"stage1/{name}": digest for name, digest in inputs.items()})
-    artifacts.write_manifest(out_dir)
+    # Outputs: written beside the old folder and swapped in whole at the end, so a killed run leaves the previous
+    # bank as it was, and never a folder that looks finished.
+    with artifacts.atomic_dir(out_dir) as staging:
+        np.savez(os.path.join(staging, "prototypes.npz"), bank=bank.bank.astype(np.float32),
+                 centres=bank.centres.astype(np.float32), counts=bank.counts, filled_from=bank.filled_from,
+                 E=bank.bank.shape[1], G=args.grid, teacher_sha256=inputs["teacher.pt"], source=data["source"])
+        summary = {
+            "grid": args.grid,
+            "embeddings": int(len(data["embeddings"])),
+            "embedding_size": int(bank.bank.shape[1]),
+            "source": data["source"],
+            "bins": [{"k": k, "valence": float(v), "arousal": float(a), "count": int(bank.counts[k]),
+                      "filled_from": int(bank.filled_from[k])} for k, (v, a) in enumerate(bank.centres)],
+            "empty_bins": empty,
+            "sparse_bins": sparse,
+            "min_count": args.min_count,
+        }
+        artifacts.write_json(os.path.join(staging, "summary.json"), summary)
+        plot_occupancy(bank, os.path.join(staging, "occupancy.png"),
+                       f"{len(data['embeddings'])} held-out embeddings on the {args.grid}x{args.grid} V/A grid{note}")
+        plot_similarity(bank, os.path.join(staging, "similarity.png"), f"prototype cosine similarity{note}")
+        artifacts.write_config(staging, args, {f"stage1/{name}": digest for name, digest in inputs.items()})
+        artifacts.write_manifest(staging)
 
     print(f"stage 2: {args.grid}x{args.grid} bank from {len(data['embeddings'])} embeddings of size "
           f"{bank.bank.shape[1]}{note}")

@@ -116,6 +116,22 @@ def test_stage2_denser_grid_is_sparser(tmp_path):
     assert len(summary_7["empty_bins"]) > empty_5
 
 
+def test_a_killed_stage2_leaves_the_previous_bank_whole(tmp_path, monkeypatch):
+    write_stage1(str(tmp_path))
+    stage2_prototypes.main(["--run-dir", str(tmp_path)])
+    out = tmp_path / "stage2"
+    before = {name: artifacts.sha256_file(out / name) for name in artifacts.read_manifest(str(out))}
+
+    def killed(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(stage2_prototypes, "plot_similarity", killed)
+    with pytest.raises(KeyboardInterrupt):
+        stage2_prototypes.main(["--run-dir", str(tmp_path), "--grid", "7"])
+    assert artifacts.verify_manifest(str(out), sorted(before)) == before
+    assert sorted(os.listdir(tmp_path)) == ["stage1", "stage2"]  # no half-written folder beside it
+
+
 def test_stage2_refuses_a_tampered_embeddings_file(tmp_path):
     stage1 = write_stage1(str(tmp_path))
     path = os.path.join(stage1, "embeddings.npz")
