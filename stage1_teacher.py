@@ -146,6 +146,7 @@ def feature_code_fingerprint():
 
 
 def dreamer_clip_sha256(trial):
+    """The SHA-256 of a DREAMER clip as read: its sampling rate, channels and samples (baseline, then stimulus)."""
     digest = hashlib.sha256(json.dumps([trial.sfreq, list(trial.ch_names)]).encode())
     for samples in (trial.baseline, trial.signal):
         digest.update(np.ascontiguousarray(samples, dtype=np.float64).data)
@@ -164,7 +165,8 @@ def read_cached_entropy(path):
 
 def trial_entropy(source, window_s, step_s, cache_dir):
     """The band entropy of every window of one trial (a DREAMER Trial, or a MAHNOB-HCI session, whose BDF is read
-    here). Runs in a worker process (in this one with --workers 1), which returns only the features.
+    here unless its features are cached). Runs in a worker process (in this one with --workers 1), which returns
+    only the features.
 
     Features are cached in cache_dir under a key made of the recording's content, the settings and
     feature_code_fingerprint(), so that a rerun, or a killed run started again, takes each trial's from there:
