@@ -1,0 +1,65 @@
+"""The README and docs/ as rendered Markdown: the two opening commands, links that resolve, whole tables."""
+
+import glob
+import os
+import re
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PAGES = ["README.md", *sorted(os.path.relpath(path, ROOT) for path in glob.glob(os.path.join(ROOT, "docs", "*.md")))]
+
+
+def prose_lines(page):
+    """(line number, line) of a Markdown page outside its fenced code blocks."""
+    with open(os.path.join(ROOT, page)) as handle:
+        lines = handle.read().splitlines()
+    fenced = False
+    for number, line in enumerate(lines, 1):
+        if line.startswith("```"):
+            fenced = not fenced
+        elif not fenced:
+            yield number, line
+    assert not fenced, f"{page}: a code fence is never closed"
+
+
+def test_readme_opens_with_the_two_commands():
+    with open(os.path.join(ROOT, "README.md")) as handle:
+        opening = handle.read().split("\n\n", 2)[1]
+    lines = opening.splitlines()
+    assert lines[0] == "```bash" and lines[-1] == "```" and len(lines) == 4
+    assert [line.split("#")[0].split() for line in lines[1:3]] == [["bash", "scripts/demo.sh"],
+                                                                   ["bash", "scripts/test.sh"]]
+    assert all(os.path.exists(os.path.join(ROOT, script)) for script in ("scripts/demo.sh", "scripts/test.sh"))
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_relative_links_and_pictures_exist(page):
+    missing = []
+    for number, line in prose_lines(page):
+        for target in re.findall(r"\]\(([^)\s]+)\)", line):
+            path = target.split("#")[0]
+            if path and "://" not in path and not os.path.exists(os.path.join(ROOT, os.path.dirname(page), path)):
+                missing.append(f"line {number}: {target}")
+    assert not missing, f"{page}: {missing}"
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_tables_have_a_header_and_whole_rows(page):
+    """A table is a header row, a separator row of dashes, then rows with the header's number of cells."""
+    def cells(line):
+        return len(re.sub(r"`[^`]*`", "code", line).strip().strip("|").split("|"))
+
+    problems, table = [], []
+    for number, line in [*prose_lines(page), (None, "")]:
+        if line.startswith("|"):
+            table.append((number, line))
+            continue
+        if table:
+            (first, header), *rest = table
+            if not rest or not re.fullmatch(r"\|( *:?-+:? *\|)+", rest[0][1]):
+                problems.append(f"line {first}: a table without a header row and a separator")
+            problems += [f"line {n}: {cells(row)} cells, the header has {cells(header)}"
+                         for n, row in rest if cells(row) != cells(header)]
+            table = []
+    assert not problems, f"{page}: {problems}"
