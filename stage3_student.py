@@ -136,6 +136,13 @@ def dgeo_ramp(epoch, start, end):
     return (1 - math.cos(math.pi * (epoch - start) / (end - start))) / 2
 
 
+def learning_rate_factor(step, warmup_steps, total_steps):
+    """The learning rate's multiplier at a step: a linear warmup, then a cosine decay to 0 at total_steps."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    return 0.5 * (1 + math.cos(math.pi * (step - warmup_steps) / max(total_steps - warmup_steps, 1)))
+
+
 def kd_loss(student_logits, teacher_logits, kind, temperature=KD_TEMPERATURE):
     student = F.log_softmax(student_logits / temperature, dim=1)
     teacher = F.log_softmax(teacher_logits / temperature, dim=1)
@@ -231,8 +238,14 @@ def gathered_order(batch, world):
 
 
 def load_teacher(path, device):
+    """The logit-KD teacher, a best.pt of a finished stage-3 run, checked against that run's manifest; returns
+    (model, the SHA-256 of the file loaded)."""
+    folder, name = os.path.split(os.path.abspath(path))
     try:
-        return load_student(path, len(FER_CLASSES))[0].to(device)
+        sha256 = artifacts.verify_manifest(folder, [name])[name]
+        return load_student(path, len(FER_CLASSES))[0].to(device), sha256
+    except artifacts.ArtifactError as error:
+        raise artifacts.ArtifactError(f"--kd-teacher: {error}") from error
     except ValueError as error:
         raise ValueError(f"--kd-teacher {error}") from error
 
@@ -297,7 +310,7 @@ def main(argv=None):
         protos=torch.tensor(bank, dtype=torch.float32, device=device),
         target_table=torch.tensor(proto_kd_targets(bank, grid, anchors, args.tau), dtype=torch.float32, device=device),
         positive=torch.tensor([name in DEFAULT_POSITIVE for name in FER_CLASSES], device=device))
-    teacher = load_teacher(args.kd_teacher, device) if args.kd_teacher else None
+    teacher, teacher_hash = load_teacher(args.kd_teacher, device) if args.kd_teacher else (None, None)
 
     # Model, optimiser, schedule -----------------------------------------------------------------------------
     torch.manual_seed(args.seed)
@@ -319,15 +332,15 @@ def main(argv=None):
     if steps_per_epoch == 0:
         raise ValueError(f"{len(train.labels)} training images make no batch of --batch-size {args.batch_size}")
     total_steps, warmup_steps = args.epochs * steps_per_epoch, int(args.warmup_epochs * steps_per_epoch)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: (step + 1) / max(warmup_steps, 1)
-                                                  if step < warmup_steps else 0.5 * (1 + math.cos(
-                                                      math.pi * (step - warmup_steps) / max(total_steps - warmup_steps, 1))))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: learning_rate_factor(step, warmup_steps, total_steps))
     autocast = dict(device_type="cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
 
     config = {key: value for key, value in vars(args).items() if key not in ("device", "resume", "run_dir")}
     config.update(embedding_size=int(bank.shape[1]), grid=grid, anchors=anchors, positive=list(DEFAULT_POSITIVE),
-                  prototypes_sha256=bank_hash, data_key=data_key, source=source, world_size=world,
-                  class_weights=class_weights.tolist(), label_smoothing=LABEL_SMOOTHING, kd_temperature=KD_TEMPERATURE)
+                  prototypes_sha256=bank_hash, kd_teacher_sha256=teacher_hash, data_key=data_key, source=source,
+                  world_size=world, class_weights=class_weights.tolist(), label_smoothing=LABEL_SMOOTHING,
+                  kd_temperature=KD_TEMPERATURE)
     history, start_epoch, start_step, best_f1 = [], 0, 0, -1.0
     checkpoint = artifacts.resume_checkpoint(checkpoint_path, config, args.resume)
     if checkpoint is not None:
@@ -426,8 +439,7 @@ def main(argv=None):
                 handle.writelines(json.dumps(entry) + "\n" for entry in history)
         plot_curves(history, os.path.join(out_dir, "curves.png"), note)
         artifacts.write_config(out_dir, args, {"stage2/prototypes.npz": bank_hash, "ferplus": data_key,
-                                               "kd_teacher": artifacts.sha256_file(args.kd_teacher)
-                                               if args.kd_teacher else None})
+                                               "kd_teacher": teacher_hash})
         artifacts.write_manifest(out_dir)
         os.remove(checkpoint_path)
         print(f"best valid macro-F1 {best_f1:.3f}{note}; wrote {out_dir}/")

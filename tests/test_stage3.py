@@ -28,6 +28,12 @@ def test_dgeo_ramp():
     assert ramp == pytest.approx([0.0, 0.0, 0.0, (1 - np.cos(np.pi / 4)) / 2, 0.5, 1.0, 1.0], abs=1e-15)
 
 
+def test_learning_rate_warms_up_then_decays_to_zero():
+    factors = [stage3_student.learning_rate_factor(step, 4, 12) for step in (0, 3, 4, 8, 11, 12)]
+    assert factors == pytest.approx([0.25, 1.0, 1.0, 0.5, (1 + np.cos(np.pi * 7 / 8)) / 2, 0.0], abs=1e-15)
+    assert stage3_student.learning_rate_factor(0, 0, 10) == 1.0  # --warmup-epochs 0
+
+
 def test_kd_losses_by_hand():
     student, teacher = torch.tensor([[2.0, 0.0, -1.0]]), torch.tensor([[0.0, 1.0, 0.0]])
     p, q = torch.softmax(student / 5, 1), torch.softmax(teacher / 5, 1)
@@ -142,6 +148,7 @@ def test_b0_then_b3_with_its_kd_teacher(run_with_bank):
     checkpoint = torch.load(os.path.join(out, "best.pt"), weights_only=True)
     assert checkpoint["config"]["prototypes_sha256"] == artifacts.sha256_file(
         os.path.join(run_dir, "stage2", "prototypes.npz"))
+    assert checkpoint["config"]["kd_teacher_sha256"] == artifacts.sha256_file(teacher)
     with open(os.path.join(run_dir, "stage3", "data_summary.json")) as handle:
         summary = json.load(handle)
     assert summary["source"] == "synthetic" and sum(summary["train"]["per_class"].values()) == summary["train"]["images"]
@@ -151,8 +158,23 @@ def test_kd_teacher_of_another_architecture_is_refused(run_with_bank, tmp_path):
     path = str(tmp_path / "teacher.pt")
     torch.save({"state_dict": Student("resnet18", 7, 32).state_dict(),
                 "config": {"arch": "resnet18", "embedding_size": 32}}, path)
+    artifacts.write_manifest(str(tmp_path))
     with pytest.raises(ValueError, match=r"--kd-teacher .*teacher.pt: not a stage-3 checkpoint of an 8-class student"):
         stage3_student.main(["--run-dir", run_with_bank, "--variant", "B1", "--kd-teacher", path, *TINY])
+
+
+def test_kd_teacher_is_checked_against_its_runs_manifest(run_with_bank, tmp_path):
+    path = str(tmp_path / "best.pt")
+    torch.save({"state_dict": Student("resnet18", 8, 32).state_dict(),
+                "config": {"arch": "resnet18", "embedding_size": 32}}, path)
+    arguments = ["--run-dir", run_with_bank, "--variant", "B1", "--kd-teacher", path, *TINY]
+    with pytest.raises(artifacts.ArtifactError, match=r"^--kd-teacher: .*SHA256SUMS is missing"):
+        stage3_student.main(arguments)
+    artifacts.write_manifest(str(tmp_path))
+    with open(path, "ab") as handle:
+        handle.write(b"\0")
+    with pytest.raises(artifacts.ArtifactError, match=r"^--kd-teacher: .*best.pt does not match SHA256SUMS"):
+        stage3_student.main(arguments)
 
 
 def test_tampered_bank_is_refused(tmp_path):
