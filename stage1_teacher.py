@@ -16,7 +16,8 @@ out, so no window of a held-out subject is ever trained on. Writes RUN_DIR/stage
     python stage1_teacher.py                                   # synthetic default, into runs/demo
     python stage1_teacher.py --dreamer DREAMER.mat --mahnob /data/MAHNOB-HCI --run-dir runs/real
 
-A killed run continues from its last finished epoch (RUN_DIR/stage1-checkpoint.pt) with --resume.
+A killed run continues from its last finished epoch (RUN_DIR/stage1-checkpoint.pt) with --resume; until a run
+finishes, the previous RUN_DIR/stage1/ stays as it was.
 """
 
 import argparse
@@ -26,7 +27,6 @@ import itertools
 import json
 import os
 import sys
-import zipfile
 from dataclasses import dataclass
 
 import matplotlib
@@ -156,11 +156,7 @@ def dreamer_clip_sha256(trial):
 def read_cached_entropy(path):
     """(entropy, ch_names) from a cache entry, or None where there is none or it cannot be read (then it is taken
     anew and rewritten)."""
-    try:
-        with np.load(path, allow_pickle=False) as entry:
-            return entry["entropy"], tuple(entry["ch_names"].tolist())
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
-        return None
+    return artifacts.read_cache_entry(path, lambda entry: (entry["entropy"], tuple(entry["ch_names"].tolist())))
 
 
 def trial_entropy(source, window_s, step_s, cache_dir):
@@ -280,10 +276,6 @@ def main(argv=None):
     args = parse_args(argv)
     set_determinism(args.deterministic)
     out_dir = os.path.join(args.run_dir, "stage1")
-    os.makedirs(out_dir, exist_ok=True)
-    manifest = os.path.join(out_dir, artifacts.MANIFEST)
-    if os.path.exists(manifest):
-        os.remove(manifest)  # the folder is being rewritten: it must not look finished
     torch.manual_seed(args.seed)
 
     # Data: real files when given, the embedded synthetic default otherwise --------------------------------
@@ -376,7 +368,8 @@ def main(argv=None):
             torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
                         "history": history, "config": config, "rng": torch.get_rng_state()}, temporary)
 
-    # Outputs ----------------------------------------------------------------------------------------------
+    # Outputs: written beside the old folder and swapped in whole at the end, so a run that fails or is killed
+    # leaves the previous teacher and its embeddings as they were, and never a folder that looks finished. -------
     prediction, embeddings = predict(model, test_maps, device, 256)
     baseline = np.broadcast_to(train_targets.mean(axis=0), test_targets.shape)
     metrics = {"held_out": regression_metrics(prediction, test_targets),
@@ -385,20 +378,20 @@ def main(argv=None):
                "source": source}
     if source == "synthetic":
         metrics["note"] = "synthetic EEG: these numbers are not the paper's"
-    with artifacts.atomic_path(os.path.join(out_dir, "teacher.pt")) as temporary:
-        torch.save({"state_dict": model.state_dict(), "config": config, "feature_mean": torch.from_numpy(mean),
-                    "feature_std": torch.from_numpy(std)}, temporary)
     norms = np.maximum(np.linalg.norm(embeddings, axis=1, keepdims=True), 1e-8)
-    save_embeddings(os.path.join(out_dir, "embeddings.npz"), embeddings / norms, test_v, test_a, test_subjects,
-                    test_trial_ids, source)
-    artifacts.write_json(os.path.join(out_dir, "metrics.json"), metrics)
-    plot_curve(history, os.path.join(out_dir, "training_curve.png"), note)
     bdf_hashes = {os.path.relpath(t.recording, mahnob_root): t.content_sha256
                   for t in trials if t.dataset == MahnobSession.dataset}
-    artifacts.write_config(out_dir, args, {
-        "dreamer": artifacts.sha256_file(dreamer_path) if dreamer_path else None,
-        "mahnob": {"root": mahnob_root, "bdf_sha256": bdf_hashes} if mahnob_root else None})
-    artifacts.write_manifest(out_dir)
+    with artifacts.atomic_dir(out_dir) as staging:
+        torch.save({"state_dict": model.state_dict(), "config": config, "feature_mean": torch.from_numpy(mean),
+                    "feature_std": torch.from_numpy(std)}, os.path.join(staging, "teacher.pt"))
+        save_embeddings(os.path.join(staging, "embeddings.npz"), embeddings / norms, test_v, test_a, test_subjects,
+                        test_trial_ids, source)
+        artifacts.write_json(os.path.join(staging, "metrics.json"), metrics)
+        plot_curve(history, os.path.join(staging, "training_curve.png"), note)
+        artifacts.write_config(staging, args, {
+            "dreamer": artifacts.sha256_file(dreamer_path) if dreamer_path else None,
+            "mahnob": {"root": mahnob_root, "bdf_sha256": bdf_hashes} if mahnob_root else None})
+        artifacts.write_manifest(staging)
     os.remove(checkpoint_path)
 
     for name in ("valence", "arousal"):

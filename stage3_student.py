@@ -240,6 +240,8 @@ def gathered_order(batch, world):
 def load_teacher(path, device):
     """The logit-KD teacher, a best.pt of a finished stage-3 run, checked against that run's manifest; returns
     (model, the SHA-256 of the file loaded)."""
+    if not os.path.isfile(path):
+        raise artifacts.ArtifactError(f"--kd-teacher {path}: no such file (expected another stage-3 run's best.pt)")
     folder, name = os.path.split(os.path.abspath(path))
     try:
         sha256 = artifacts.verify_manifest(folder, [name])[name]

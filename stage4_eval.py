@@ -81,6 +81,8 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if args.tsne_points < 10 or args.batch_size < 1:
         parser.error("--tsne-points must be at least 10 and --batch-size at least 1")
+    if args.predict and not os.path.isdir(args.predict):
+        parser.error(f"--predict {args.predict}: not a folder (give the folder that holds the images)")
     return args
 
 

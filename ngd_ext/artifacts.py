@@ -15,8 +15,10 @@ import platform
 import shutil
 import subprocess
 import sys
+import zipfile
 from importlib import metadata
 
+import numpy as np
 import torch
 
 MANIFEST = "SHA256SUMS"
@@ -65,6 +67,16 @@ def atomic_dir(path):
     finally:
         shutil.rmtree(temporary, ignore_errors=True)
         shutil.rmtree(old, ignore_errors=True)
+
+
+def read_cache_entry(path, read):
+    """read(the entry) for the .npz cache entry at path, or None where there is none or it cannot be read (a damaged
+    file): the caller then makes it anew and rewrites it."""
+    try:
+        with np.load(path, allow_pickle=False) as entry:
+            return read(entry)
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+        return None
 
 
 def write_json(path, data):

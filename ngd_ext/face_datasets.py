@@ -215,6 +215,8 @@ def ckplus_records(folder):
 # A manifest --------------------------------------------------------------------------------------------------
 
 def manifest_records(path):
+    if not os.path.isfile(path):
+        raise DatasetError(f"{path}: no such file; expected a CSV with 'path' and 'label' columns")
     base = os.path.dirname(os.path.abspath(path))
     records, dropped = [], Counter()
     with open(path, newline="") as handle:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ngd_ext.artifacts import atomic_path, sha256_file
+from ngd_ext.artifacts import atomic_path, read_cache_entry, sha256_file
 from ngd_ext.emotions import FER_CLASSES
 
 VOTE_COLUMNS = FER_CLASSES + ("unknown", "NF")
@@ -108,18 +108,30 @@ def read_label_csv(path, split):
     return rows
 
 
+def layout(folder, images=True):
+    """'csv' for fer2013.csv + fer2013new.csv, 'folders' for FER2013{Train,Valid,Test}/label.csv; a folder with
+    neither is a FerPlusError that names what is missing. images=False: only the votes are wanted (fer2013new.csv
+    alone will do)."""
+    expected = "fer2013.csv + fer2013new.csv, or FER2013Train/, FER2013Valid/ and FER2013Test/ with their label.csv"
+    if not os.path.isdir(folder):
+        raise FerPlusError(f"{folder}: not a folder; expected a FERPlus folder ({expected})")
+    if os.path.isfile(os.path.join(folder, "fer2013new.csv")):
+        if images and not os.path.isfile(os.path.join(folder, "fer2013.csv")):
+            raise FerPlusError(f"{folder}: fer2013new.csv needs fer2013.csv beside it (joined by row position)")
+        return "csv"
+    missing = [f"{name}/label.csv" for name in FOLDER_SPLIT.values()
+               if not os.path.isfile(os.path.join(folder, name, "label.csv"))]
+    if missing:
+        raise FerPlusError(f"{folder}: neither fer2013new.csv nor {', '.join(missing)} is there; expected {expected}")
+    return "folders"
+
+
 def read_votes(folder):
     """Every named image's vote row, from fer2013new.csv when present, else from the three label.csv files."""
-    table = os.path.join(folder, "fer2013new.csv")
-    if os.path.isfile(table):
-        return read_fer2013new(table)
-    rows = []
-    for split, name in FOLDER_SPLIT.items():
-        path = os.path.join(folder, name, "label.csv")
-        if not os.path.isfile(path):
-            raise FerPlusError(f"{folder}: neither fer2013new.csv nor {name}/label.csv is there")
-        rows += read_label_csv(path, split)
-    return rows
+    if layout(folder, images=False) == "csv":
+        return read_fer2013new(os.path.join(folder, "fer2013new.csv"))
+    return [row for split, name in FOLDER_SPLIT.items()
+            for row in read_label_csv(os.path.join(folder, name, "label.csv"), split)]
 
 
 def read_fer2013_pixels(path):
@@ -183,9 +195,7 @@ def load_ferplus(folder, training_labels="majority"):
     rows = read_votes(folder)
     pixels_csv = os.path.join(folder, "fer2013.csv")
     usages = images = None
-    if os.path.isfile(os.path.join(folder, "fer2013new.csv")):
-        if not os.path.isfile(pixels_csv):
-            raise FerPlusError(f"{folder}: fer2013new.csv needs fer2013.csv beside it (joined by row position)")
+    if layout(folder) == "csv":
         usages, images = read_fer2013_pixels(pixels_csv)
         if len(usages) < max((row.position for row in rows), default=-1) + 1:
             raise FerPlusError(f"{pixels_csv} has {len(usages)} rows but fer2013new.csv has vote rows up to "
@@ -214,7 +224,7 @@ def load_ferplus(folder, training_labels="majority"):
 
 def source_files(folder):
     """The files a FERPlus folder's images and labels come from, in a fixed order."""
-    if os.path.isfile(os.path.join(folder, "fer2013new.csv")):
+    if layout(folder) == "csv":
         return [os.path.join(folder, "fer2013.csv"), os.path.join(folder, "fer2013new.csv")]
     files = []
     for name in FOLDER_SPLIT.values():
@@ -225,16 +235,17 @@ def source_files(folder):
 
 def load_ferplus_cached(folder, cache_dir, training_labels="majority"):
     """load_ferplus, decoded once: the arrays are cached under cache_dir, keyed by the SHA-256 of every
-    source file and the label rule. Returns (splits, key)."""
+    source file and the label rule (a damaged entry is decoded anew and rewritten). Returns (splits, key)."""
     digest = hashlib.sha256(training_labels.encode())
     for path in source_files(folder):
         digest.update(os.path.relpath(path, folder).encode() + sha256_file(path).encode())
     key = digest.hexdigest()
     cache = os.path.join(cache_dir, f"ferplus-{key[:16]}.npz")
-    if os.path.isfile(cache):
-        with np.load(cache, allow_pickle=False) as data:
-            return {split: FerSplit(data[f"{split}_images"], data[f"{split}_labels"], data[f"{split}_targets"],
-                                    data[f"{split}_names"].tolist()) for split in SPLITS}, key
+    cached = read_cache_entry(cache, lambda data: {
+        split: FerSplit(data[f"{split}_images"], data[f"{split}_labels"], data[f"{split}_targets"],
+                        data[f"{split}_names"].tolist()) for split in SPLITS})
+    if cached is not None:
+        return cached, key
     splits = load_ferplus(folder, training_labels)
     arrays = {}
     for split, data in splits.items():

@@ -170,6 +170,8 @@ def test_manifest_labels_paths_and_boxes(tmp_path):
 
 def test_manifest_header_is_checked(tmp_path):
     path = tmp_path / "faces.csv"
+    with pytest.raises(DatasetError, match=r"faces.csv: no such file; expected a CSV with 'path' and 'label' columns"):
+        manifest_records(str(path))
     path.write_text("file,emotion\na.png,happy\n")
     with pytest.raises(DatasetError, match=r"faces.csv: the header \['file', 'emotion'\] must name a 'path' and a "
                                            r"'label' column"):

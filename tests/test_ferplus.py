@@ -136,6 +136,20 @@ def test_bad_rows_name_the_file_and_row(tmp_path, edit, message):
         load_ferplus(str(tmp_path))
 
 
+def test_a_folder_of_neither_layout_is_named_with_what_is_missing(tmp_path):
+    with pytest.raises(FerPlusError, match=r"nothing: not a folder; expected a FERPlus folder \(fer2013.csv \+ "
+                                           r"fer2013new.csv, or FER2013Train/, FER2013Valid/ and FER2013Test/"):
+        load_ferplus_cached(str(tmp_path / "nothing"), str(tmp_path / "cache"))
+    os.makedirs(tmp_path / "FER2013Valid")
+    (tmp_path / "FER2013Valid" / "label.csv").write_text("")
+    with pytest.raises(FerPlusError, match=r"neither fer2013new.csv nor FER2013Train/label.csv, FER2013Test/label.csv "
+                                           r"is there"):
+        load_ferplus_cached(str(tmp_path), str(tmp_path / "cache"))
+    (tmp_path / "fer2013new.csv").write_text("")
+    with pytest.raises(FerPlusError, match=r"fer2013new.csv needs fer2013.csv beside it"):
+        load_ferplus_cached(str(tmp_path), str(tmp_path / "cache"))
+
+
 def test_truncated_csv_row(tmp_path):
     write_csv_layout(str(tmp_path), example_rows(np.random.default_rng(2)))
     path = tmp_path / "fer2013.csv"
@@ -162,6 +176,11 @@ def test_images_are_decoded_once_and_cached_by_content(tmp_path, monkeypatch):
         np.testing.assert_array_equal(again[split].images, first[split].images)
         np.testing.assert_array_equal(again[split].labels, first[split].labels)
         assert again[split].names == first[split].names
+    entry = next((tmp_path / "cache").glob("ferplus-*.npz"))  # a damaged entry is decoded anew and rewritten
+    entry.write_bytes(entry.read_bytes()[:1000])
+    retaken, _ = load_ferplus_cached(folder, cache)
+    np.testing.assert_array_equal(retaken["train"].images, first["train"].images)
+    assert ferplus.read_cache_entry(str(entry), lambda data: data["train_images"].shape) == first["train"].images.shape
     rows = example_rows(np.random.default_rng(4))  # other pixels: another key, parsed anew
     write_csv_layout(folder, rows)
     changed, other_key = load_ferplus_cached(folder, cache)

@@ -215,8 +215,13 @@ def test_stage1_then_stage2_end_to_end(tmp_path):
         assert str(bank["teacher_sha256"]) == artifacts.sha256_file(os.path.join(stage1, "teacher.pt"))
 
 
-def test_stage1_resumes_after_a_crash(tmp_path, monkeypatch, capsys):
+def test_stage1_resumes_after_a_crash_and_leaves_the_previous_teacher_whole(tmp_path, monkeypatch, capsys):
     run_dir = str(tmp_path)
+    stage1 = os.path.join(run_dir, "stage1")
+    run_tiny_stage1_in_this_process(run_dir, "--epochs", "1")
+    before = {name: artifacts.sha256_file(os.path.join(stage1, name)) for name in artifacts.read_manifest(stage1)}
+    with pytest.raises(EEGFormatError, match=r"missing.mat: not a readable MATLAB file"):
+        stage1_teacher.main(["--run-dir", run_dir, "--dreamer", str(tmp_path / "missing.mat")])
 
     def crash(*args, **kwargs):
         raise RuntimeError("killed")
@@ -224,9 +229,10 @@ def test_stage1_resumes_after_a_crash(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(stage1_teacher, "plot_curve", crash)
     with pytest.raises(RuntimeError, match="killed"):
         run_tiny_stage1_in_this_process(run_dir)
-    stage1 = os.path.join(run_dir, "stage1")
     assert os.path.exists(os.path.join(run_dir, "stage1-checkpoint.pt"))
-    assert not os.path.exists(os.path.join(stage1, artifacts.MANIFEST))  # an unfinished folder never looks done
+    # Neither a run that failed on its input nor one killed while writing touched the finished stage 1.
+    assert artifacts.verify_manifest(stage1, sorted(before)) == before
+    assert not [name for name in os.listdir(run_dir) if name.startswith("stage1.")]
     monkeypatch.undo()
     checkpoint = os.path.join(run_dir, "stage1-checkpoint.pt")
     with pytest.raises(artifacts.ArtifactError,

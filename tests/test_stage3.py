@@ -165,9 +165,12 @@ def test_kd_teacher_of_another_architecture_is_refused(run_with_bank, tmp_path):
 
 def test_kd_teacher_is_checked_against_its_runs_manifest(run_with_bank, tmp_path):
     path = str(tmp_path / "best.pt")
+    arguments = ["--run-dir", run_with_bank, "--variant", "B1", "--kd-teacher", path, *TINY]
+    with pytest.raises(artifacts.ArtifactError, match=r"^--kd-teacher .*best.pt: no such file \(expected another "
+                                                      r"stage-3 run's best.pt\)"):
+        stage3_student.main(arguments)
     torch.save({"state_dict": Student("resnet18", 8, 32).state_dict(),
                 "config": {"arch": "resnet18", "embedding_size": 32}}, path)
-    arguments = ["--run-dir", run_with_bank, "--variant", "B1", "--kd-teacher", path, *TINY]
     with pytest.raises(artifacts.ArtifactError, match=r"^--kd-teacher: .*SHA256SUMS is missing"):
         stage3_student.main(arguments)
     artifacts.write_manifest(str(tmp_path))

@@ -122,6 +122,12 @@ def test_prediction_mode_needs_one_student(demo, tmp_path):
         stage4_eval.main(["--run-dir", run_dir, "--predict", str(tmp_path), "--variants", "B3", "kd_teacher"])
 
 
+def test_prediction_mode_needs_a_folder(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        stage4_eval.parse_args(["--predict", str(tmp_path / "photo.jpg")])
+    assert "--predict " + str(tmp_path / "photo.jpg") + ": not a folder" in capsys.readouterr().err
+
+
 def add_variant(run_dir, name, state_dict, config):
     folder = os.path.join(run_dir, "stage3", name)
     os.makedirs(folder)
