@@ -336,6 +336,8 @@ def main(argv=None):
         history, start_epoch = checkpoint["history"], checkpoint["epoch"]
         torch.set_rng_state(checkpoint["rng"])
         print(f"resuming after epoch {start_epoch}")
+    elif args.resume:
+        print(f"--resume: no checkpoint at {checkpoint_path} (none was left, or the run finished); starting afresh")
 
     # Training ---------------------------------------------------------------------------------------------
     # On the training device whole (both datasets' maps take about half a GB), so that a step copies nothing and,

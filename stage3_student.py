@@ -353,8 +353,12 @@ def main(argv=None):
                                                      checkpoint["best_f1"])
         if rank == 0:
             print(f"resuming at epoch {start_epoch + 1}, step {start_step}")
-    elif rank == 0 and os.path.exists(out_dir):
-        shutil.rmtree(out_dir)  # a fresh run: never leave an older run's files looking current
+    elif rank == 0:
+        if args.resume:
+            print(f"--resume: no checkpoint at {checkpoint_path} (none was left, or the run finished); starting "
+                  "afresh")
+        if os.path.exists(out_dir):
+            shutil.rmtree(out_dir)  # a fresh run: never leave an older run's files looking current
     if rank == 0:
         os.makedirs(out_dir, exist_ok=True)
         artifacts.write_json(os.path.join(stage_dir, "data_summary.json"), {**data_summary(splits), "source": source})

@@ -218,7 +218,10 @@ def test_stage1_then_stage2_end_to_end(tmp_path):
 def test_stage1_resumes_after_a_crash_and_leaves_the_previous_teacher_whole(tmp_path, monkeypatch, capsys):
     run_dir = str(tmp_path)
     stage1 = os.path.join(run_dir, "stage1")
-    run_tiny_stage1_in_this_process(run_dir, "--epochs", "1")
+    run_tiny_stage1_in_this_process(run_dir, "--epochs", "1", "--resume")
+    checkpoint = os.path.join(run_dir, "stage1-checkpoint.pt")
+    assert f"--resume: no checkpoint at {checkpoint} (none was left, or the run finished); starting afresh" in \
+        capsys.readouterr().out
     before = {name: artifacts.sha256_file(os.path.join(stage1, name)) for name in artifacts.read_manifest(stage1)}
     with pytest.raises(EEGFormatError, match=r"missing.mat: not a readable MATLAB file"):
         stage1_teacher.main(["--run-dir", run_dir, "--dreamer", str(tmp_path / "missing.mat")])
@@ -234,7 +237,6 @@ def test_stage1_resumes_after_a_crash_and_leaves_the_previous_teacher_whole(tmp_
     assert artifacts.verify_manifest(stage1, sorted(before)) == before
     assert not [name for name in os.listdir(run_dir) if name.startswith("stage1.")]
     monkeypatch.undo()
-    checkpoint = os.path.join(run_dir, "stage1-checkpoint.pt")
     with pytest.raises(artifacts.ArtifactError,
                        match=rf"{re.escape(checkpoint)} was written with other settings \(lr\); rerun without --resume"):
         run_tiny_stage1_in_this_process(run_dir, "--resume", "--lr", "0.01")
