@@ -20,7 +20,6 @@ Image files that are missing or cannot be decoded stop the run with a message na
 that lists it; with `skip_unreadable` they are counted, listed in the report and left out instead.
 """
 
-import csv
 import glob
 import itertools
 import os
@@ -30,6 +29,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from ngd_ext.csv_files import read_rows
 from ngd_ext.emotions import AFFECTNET_CODES, AFFECTNET_UNUSABLE, CKPLUS_CODES, CLASS_ALIASES, FER_CLASSES
 from ngd_ext.face_crop import HOW, thread_cropper
 from ngd_ext.parallel import map_in_threads
@@ -104,38 +104,38 @@ def affectnet_records(folder, split="validation"):
 
 def affectnet_csv_records(path, image_root):
     records, dropped = [], Counter()
-    with open(path, newline="") as handle:
-        rows = csv.reader(handle)
-        first = next(rows, None)
-        if first is None:
-            raise DatasetError(f"{path}: empty file")
-        has_header = first[0] == AFFECTNET_COLUMNS[0]
-        if has_header:
-            missing = [name for name in AFFECTNET_COLUMNS[:5] + ("expression",) if name not in first]
-            if missing:
-                raise DatasetError(f"{path}: the header lacks the column(s) {', '.join(missing)}")
-            columns = {name: first.index(name) for name in AFFECTNET_COLUMNS if name in first}
-        else:  # AffectNet's CSVs are also passed around without their header row: the official column order
-            columns = {name: i for i, name in enumerate(AFFECTNET_COLUMNS)}
-        body = rows if has_header else itertools.chain([first], rows)
-        width = max(columns.values()) + 1
-        for number, fields in enumerate(body, 2 if has_header else 1):
-            if len(fields) < width:
-                raise DatasetError(f"{path}, row {number}: {len(fields)} fields, expected AffectNet's "
-                                   f"{len(AFFECTNET_COLUMNS)} ({', '.join(AFFECTNET_COLUMNS)})")
-            code = _integer(fields[columns["expression"]], path, number, "expression")
-            if code not in AFFECTNET_CODES:
-                dropped[f"expression {code} ({AFFECTNET_UNUSABLE.get(code, 'unknown code')})"] += 1
-                continue
-            box_fields = [fields[columns[name]] for name in AFFECTNET_COLUMNS[1:5]]
-            box = None
-            if any(value.strip() for value in box_fields):
-                box = tuple(_integer(value, path, number, name) for value, name in zip(box_fields, AFFECTNET_COLUMNS[1:5]))
-                if box[2] <= 0 or box[3] <= 0:
-                    raise DatasetError(f"{path}, row {number}: face box {box} has no area")
-            label = FER_CLASSES.index(AFFECTNET_CODES[code])
-            records.append(FaceRecord(os.path.join(image_root, fields[columns["subDirectory_filePath"]]), label, box,
-                                      f"{path}, row {number}"))
+    rows = ((number, fields) for number, fields in enumerate(read_rows(path, DatasetError), 1)
+            if any(field.strip() for field in fields))
+    number, first = next(rows, (None, None))
+    if first is None:
+        raise DatasetError(f"{path}: empty file")
+    has_header = first[0] == AFFECTNET_COLUMNS[0]
+    if has_header:
+        missing = [name for name in AFFECTNET_COLUMNS[:5] + ("expression",) if name not in first]
+        if missing:
+            raise DatasetError(f"{path}: the header lacks the column(s) {', '.join(missing)}")
+        columns = {name: first.index(name) for name in AFFECTNET_COLUMNS if name in first}
+    else:  # AffectNet's CSVs are also passed around without their header row: the official column order
+        columns = {name: i for i, name in enumerate(AFFECTNET_COLUMNS)}
+    body = rows if has_header else itertools.chain([(number, first)], rows)
+    width = max(columns.values()) + 1
+    for number, fields in body:
+        if len(fields) < width:
+            raise DatasetError(f"{path}, row {number}: {len(fields)} fields, expected AffectNet's "
+                               f"{len(AFFECTNET_COLUMNS)} ({', '.join(AFFECTNET_COLUMNS)})")
+        code = _integer(fields[columns["expression"]], path, number, "expression")
+        if code not in AFFECTNET_CODES:
+            dropped[f"expression {code} ({AFFECTNET_UNUSABLE.get(code, 'unknown code')})"] += 1
+            continue
+        box_fields = [fields[columns[name]] for name in AFFECTNET_COLUMNS[1:5]]
+        box = None
+        if any(value.strip() for value in box_fields):
+            box = tuple(_integer(value, path, number, name) for value, name in zip(box_fields, AFFECTNET_COLUMNS[1:5]))
+            if box[2] <= 0 or box[3] <= 0:
+                raise DatasetError(f"{path}, row {number}: face box {box} has no area")
+        label = FER_CLASSES.index(AFFECTNET_CODES[code])
+        records.append(FaceRecord(os.path.join(image_root, fields[columns["subDirectory_filePath"]]), label, box,
+                                  f"{path}, row {number}"))
     return records, dict(dropped)
 
 
@@ -219,30 +219,31 @@ def manifest_records(path):
         raise DatasetError(f"{path}: no such file; expected a CSV with 'path' and 'label' columns")
     base = os.path.dirname(os.path.abspath(path))
     records, dropped = [], Counter()
-    with open(path, newline="") as handle:
-        rows = csv.reader(handle)
-        header = [name.strip().lower() for name in next(rows, [])]
-        if "path" not in header or "label" not in header:
-            raise DatasetError(f"{path}: the header {header} must name a 'path' and a 'label' column")
-        box_columns = [header.index(name) for name in ("x", "y", "width", "height") if name in header]
-        if box_columns and len(box_columns) != 4:
-            raise DatasetError(f"{path}: a face box needs all four columns x, y, width, height")
-        path_column, label_column = header.index("path"), header.index("label")
-        for number, fields in enumerate(rows, 2):
-            if not any(field.strip() for field in fields):
-                continue
-            if len(fields) != len(header):
-                raise DatasetError(f"{path}, row {number}: {len(fields)} fields, expected {len(header)} ({', '.join(header)})")
-            label = class_index(fields[label_column])
-            if label is None:
-                dropped[f"label {fields[label_column].strip()!r} (not a FERPlus class)"] += 1
-                continue
-            box = None
-            if box_columns and any(fields[i].strip() for i in box_columns):
-                box = tuple(_integer(fields[i], path, number, header[i]) for i in box_columns)
-                if box[2] <= 0 or box[3] <= 0:
-                    raise DatasetError(f"{path}, row {number}: face box {box} has no area")
-            records.append(FaceRecord(os.path.join(base, fields[path_column].strip()), label, box, f"{path}, row {number}"))
+    rows = read_rows(path, DatasetError)
+    header = [name.strip().lower() for name in next(rows, [])]
+    if "path" not in header or "label" not in header:
+        raise DatasetError(f"{path}: the header {header} must name a 'path' and a 'label' column")
+    box_columns = [header.index(name) for name in ("x", "y", "width", "height") if name in header]
+    if box_columns and len(box_columns) != 4:
+        raise DatasetError(f"{path}: a face box needs all four columns x, y, width, height")
+    path_column, label_column = header.index("path"), header.index("label")
+    for number, fields in enumerate(rows, 2):
+        if not any(field.strip() for field in fields):
+            continue
+        if len(fields) != len(header):
+            raise DatasetError(f"{path}, row {number}: {len(fields)} fields, expected {len(header)} "
+                               f"({', '.join(header)})")
+        label = class_index(fields[label_column])
+        if label is None:
+            dropped[f"label {fields[label_column].strip()!r} (not a FERPlus class)"] += 1
+            continue
+        box = None
+        if box_columns and any(fields[i].strip() for i in box_columns):
+            box = tuple(_integer(fields[i], path, number, header[i]) for i in box_columns)
+            if box[2] <= 0 or box[3] <= 0:
+                raise DatasetError(f"{path}, row {number}: face box {box} has no area")
+        records.append(FaceRecord(os.path.join(base, fields[path_column].strip()), label, box,
+                                  f"{path}, row {number}"))
     if not records:
         raise DatasetError(f"{path}: no row with a FERPlus label")
     return records, dict(dropped)

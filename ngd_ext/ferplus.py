@@ -10,7 +10,6 @@ The official majority rule: votes of 1 are zeroed; an image is kept only if its 
 half of the remaining votes, and dropped when that category is unknown or NF. Valid and test always use it.
 """
 
-import csv
 import glob
 import hashlib
 import os
@@ -19,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ngd_ext.artifacts import atomic_path, read_cache_entry, sha256_file
+from ngd_ext.csv_files import read_rows
 from ngd_ext.emotions import FER_CLASSES
 
 VOTE_COLUMNS = FER_CLASSES + ("unknown", "NF")
@@ -79,32 +79,30 @@ class VoteRow:
 def read_fer2013new(path):
     """The rows of fer2013new.csv that name an image, with their split and row position."""
     rows = []
-    with open(path, newline="") as handle:
-        reader = csv.reader(handle)
-        header = next(reader, None)
-        if header is None or tuple(header[2:]) != VOTE_COLUMNS or header[:2] != ["Usage", "Image name"]:
-            raise FerPlusError(f"{path}: header {header} is not Usage, Image name, {', '.join(VOTE_COLUMNS)}")
-        for position, fields in enumerate(reader):
-            row = position + 2
-            if len(fields) != 2 + len(VOTE_COLUMNS):
-                raise FerPlusError(f"{path}, row {row}: {len(fields)} fields, expected {2 + len(VOTE_COLUMNS)}")
-            if fields[0] not in USAGE_SPLIT:
-                raise FerPlusError(f"{path}, row {row}: Usage {fields[0]!r} is not one of {list(USAGE_SPLIT)}")
-            if not fields[1]:
-                continue  # an image FERPlus dropped
-            rows.append(VoteRow(USAGE_SPLIT[fields[0]], fields[1], position, _votes(fields[2:], path, row)))
+    reader = read_rows(path, FerPlusError)
+    header = next(reader, None)
+    if header is None or tuple(header[2:]) != VOTE_COLUMNS or header[:2] != ["Usage", "Image name"]:
+        raise FerPlusError(f"{path}: header {header} is not Usage, Image name, {', '.join(VOTE_COLUMNS)}")
+    for position, fields in enumerate(reader):
+        row = position + 2
+        if len(fields) != 2 + len(VOTE_COLUMNS):
+            raise FerPlusError(f"{path}, row {row}: {len(fields)} fields, expected {2 + len(VOTE_COLUMNS)}")
+        if fields[0] not in USAGE_SPLIT:
+            raise FerPlusError(f"{path}, row {row}: Usage {fields[0]!r} is not one of {list(USAGE_SPLIT)}")
+        if not fields[1]:
+            continue  # an image FERPlus dropped
+        rows.append(VoteRow(USAGE_SPLIT[fields[0]], fields[1], position, _votes(fields[2:], path, row)))
     return rows
 
 
 def read_label_csv(path, split):
     """The rows of a generated FER2013<Split>/label.csv: image name, face box, the ten vote counts."""
     rows = []
-    with open(path, newline="") as handle:
-        for position, fields in enumerate(csv.reader(handle)):
-            if len(fields) != 2 + len(VOTE_COLUMNS):
-                raise FerPlusError(f"{path}, row {position + 1}: {len(fields)} fields, expected image name, face "
-                                   f"box and {len(VOTE_COLUMNS)} vote counts")
-            rows.append(VoteRow(split, fields[0], position, _votes(fields[2:], path, position + 1)))
+    for position, fields in enumerate(read_rows(path, FerPlusError)):
+        if len(fields) != 2 + len(VOTE_COLUMNS):
+            raise FerPlusError(f"{path}, row {position + 1}: {len(fields)} fields, expected image name, face "
+                               f"box and {len(VOTE_COLUMNS)} vote counts")
+        rows.append(VoteRow(split, fields[0], position, _votes(fields[2:], path, position + 1)))
     return rows
 
 
@@ -137,24 +135,26 @@ def read_votes(folder):
 def read_fer2013_pixels(path):
     """fer2013.csv as (usage per row, uint8 images N x 48 x 48), every row checked."""
     usages, images = [], []
-    with open(path, newline="") as handle:
-        reader = csv.reader(handle)
-        header = next(reader, None)
-        if header != ["emotion", "pixels", "Usage"]:
-            raise FerPlusError(f"{path}: header {header} is not emotion, pixels, Usage")
-        for position, fields in enumerate(reader):
-            row = position + 2
-            if len(fields) != 3:
-                raise FerPlusError(f"{path}, row {row}: {len(fields)} fields, expected emotion, pixels, Usage "
-                                   "(a truncated row?)")
-            pixels = np.array(fields[1].split(), dtype=np.int64) if fields[1].strip() else np.empty(0, np.int64)
-            if len(pixels) != IMAGE_SIDE * IMAGE_SIDE:
-                raise FerPlusError(f"{path}, row {row}: {len(pixels)} pixel values, expected "
-                                   f"{IMAGE_SIDE * IMAGE_SIDE} (48 x 48)")
-            if pixels.min() < 0 or pixels.max() > 255:
-                raise FerPlusError(f"{path}, row {row}: pixel values must lie in 0..255")
-            usages.append(fields[2])
-            images.append(pixels.astype(np.uint8).reshape(IMAGE_SIDE, IMAGE_SIDE))
+    reader = read_rows(path, FerPlusError)
+    header = next(reader, None)
+    if header != ["emotion", "pixels", "Usage"]:
+        raise FerPlusError(f"{path}: header {header} is not emotion, pixels, Usage")
+    for position, fields in enumerate(reader):
+        row = position + 2
+        if len(fields) != 3:
+            raise FerPlusError(f"{path}, row {row}: {len(fields)} fields, expected emotion, pixels, Usage "
+                               "(a truncated row?)")
+        try:
+            pixels = np.array(fields[1].split(), dtype=np.int64)
+        except ValueError:
+            raise FerPlusError(f"{path}, row {row}: pixels must be integers separated by spaces") from None
+        if len(pixels) != IMAGE_SIDE * IMAGE_SIDE:
+            raise FerPlusError(f"{path}, row {row}: {len(pixels)} pixel values, expected "
+                               f"{IMAGE_SIDE * IMAGE_SIDE} (48 x 48)")
+        if pixels.min() < 0 or pixels.max() > 255:
+            raise FerPlusError(f"{path}, row {row}: pixel values must lie in 0..255")
+        usages.append(fields[2])
+        images.append(pixels.astype(np.uint8).reshape(IMAGE_SIDE, IMAGE_SIDE))
     return usages, np.stack(images) if images else np.empty((0, IMAGE_SIDE, IMAGE_SIDE), np.uint8)
 
 

@@ -85,6 +85,31 @@ def test_affectnet_csv_errors_name_the_row(tmp_path):
         affectnet_records(folder)
 
 
+def test_affectnet_csv_saved_by_a_spreadsheet(tmp_path):
+    """A byte-order mark before the header and a blank line at the end, as spreadsheet programs write them."""
+    folder = str(tmp_path)
+    path = write_affectnet_csv(folder, affectnet_rows(folder, [1, 2, 8]))
+    with open(path, "rb") as handle:
+        text = handle.read()
+    with open(path, "wb") as handle:
+        handle.write(b"\xef\xbb\xbf" + text.replace(b"\n", b"\r\n") + b"\r\n")
+    records, dropped = affectnet_records(folder)
+    assert [r.label for r in records] == [1, 3] and dropped == {"expression 8 (None)": 1}
+
+
+@pytest.mark.parametrize("content,message", [
+    (b"path,label\na.png,happy\n\xff\xfe.png,sad\n",
+     r"faces.csv: not UTF-8 text after line \d+ \(invalid start byte\)"),
+    (b'path,label\n"a.png,happy\n', r"faces.csv, line 2: not valid CSV \(unexpected end of data\)"),
+    (b'path,label\n"a".png,happy\n', r"faces.csv, line 2: not valid CSV \(',' expected after '\"'\)"),
+])
+def test_text_that_is_not_utf8_csv_is_named(tmp_path, content, message):
+    path = tmp_path / "faces.csv"
+    path.write_bytes(content)
+    with pytest.raises(DatasetError, match=message):
+        manifest_records(str(path))
+
+
 def test_affectnet_class_folders(tmp_path):
     folder = str(tmp_path)
     frame, _ = frame_with_face(0)
@@ -155,13 +180,13 @@ def test_ckplus_needs_both_folders(tmp_path):
 
 def test_manifest_labels_paths_and_boxes(tmp_path):
     path = tmp_path / "faces.csv"
-    path.write_text("Path,Label,x,y,width,height\n"
+    path.write_text("\ufeffPath,Label,x,y,width,height\n"  # with the byte-order mark of a spreadsheet's "UTF-8 CSV"
                     "a.png,happy,,,,\n"
                     "/abs/b.png,3,1,2,30,40\n"
                     "sub/c.png,Angry,,,,\n"
                     "d.png,confused,,,,\n"
                     "e.png,8,,,,\n"
-                    "\n")
+                    "\n", encoding="utf-8")
     records, dropped = manifest_records(str(path))
     assert [(r.path, r.label, r.box) for r in records] == [
         (str(tmp_path / "a.png"), 1, None), ("/abs/b.png", 3, (1, 2, 30, 40)), (str(tmp_path / "sub" / "c.png"), 4, None)]

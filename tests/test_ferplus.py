@@ -158,6 +158,10 @@ def test_truncated_csv_row(tmp_path):
     path.write_text("\n".join(text) + "\n")
     with pytest.raises(FerPlusError, match=r"fer2013.csv, row 4: 2 fields, expected emotion, pixels, Usage"):
         load_ferplus(str(tmp_path))
+    text[3] = "0,12 ab 7,Training"
+    path.write_text("\n".join(text) + "\n")
+    with pytest.raises(FerPlusError, match=r"fer2013.csv, row 4: pixels must be integers separated by spaces"):
+        load_ferplus(str(tmp_path))
 
 
 def test_images_are_decoded_once_and_cached_by_content(tmp_path, monkeypatch):
