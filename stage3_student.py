@@ -344,7 +344,10 @@ def main(argv=None):
                   world_size=world, class_weights=class_weights.tolist(), label_smoothing=LABEL_SMOOTHING,
                   kd_temperature=KD_TEMPERATURE)
     history, start_epoch, start_step, best_f1 = [], 0, 0, -1.0
-    checkpoint = artifacts.resume_checkpoint(checkpoint_path, config, args.resume)
+    # Another process count continues the same run: every process takes its share of the same global batches, and
+    # the loss is taken over the whole of each (only BatchNorm's per-process statistics differ).
+    checkpoint = artifacts.resume_checkpoint(checkpoint_path, config, args.resume,
+                                             may_change=("world_size", "checkpoint_every"))
     if checkpoint is not None:
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
@@ -352,7 +355,9 @@ def main(argv=None):
         history, start_epoch, start_step, best_f1 = (checkpoint["history"], checkpoint["epoch"], checkpoint["step"],
                                                      checkpoint["best_f1"])
         if rank == 0:
-            print(f"resuming at epoch {start_epoch + 1}, step {start_step}")
+            before = checkpoint["config"]["world_size"]
+            print(f"resuming at epoch {start_epoch + 1}, step {start_step}"
+                  + (f", in {world} processes where the checkpoint's run had {before}" if before != world else ""))
     elif rank == 0:
         if args.resume:
             print(f"--resume: no checkpoint at {checkpoint_path} (none was left, or the run finished); starting "

@@ -180,15 +180,15 @@ def write_config(stage_dir, args, inputs):
     })
 
 
-def resume_checkpoint(path, config, resume):
+def resume_checkpoint(path, config, resume, may_change=()):
     """The checkpoint to continue from, or None to start afresh: with resume, the one at path if there is one, which
-    must have been written by a run with this config; without, none."""
+    must have been written by a run with this config, but for the keys in may_change; without, none."""
     if not resume or not os.path.exists(path):
         return None
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    if checkpoint["config"] != config:
-        changed = sorted(key for key in config.keys() | checkpoint["config"].keys()
-                         if config.get(key) != checkpoint["config"].get(key))
+    changed = sorted(key for key in config.keys() | checkpoint["config"].keys()
+                     if config.get(key) != checkpoint["config"].get(key) and key not in may_change)
+    if changed:
         raise ArtifactError(f"{path} was written with other settings ({', '.join(changed)}); rerun without --resume "
                             "to start over")
     return checkpoint

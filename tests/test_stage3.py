@@ -274,6 +274,27 @@ def test_resume_after_kill_ends_with_the_same_weights(run_with_bank, processes):
         torch.testing.assert_close(actual[key], expected[key], rtol=0, atol=0, msg=key)
 
 
+def test_a_run_resumes_in_another_number_of_processes(run_with_bank, monkeypatch):
+    """A job killed on one machine may come back with fewer or more GPUs: the checkpoint of a run in one process
+    continues in two under torchrun, where the other settings are the same."""
+    arguments = ["--run-dir", run_with_bank, "--variant", "B2", "--kd-weight", "0", *TINY, "--name", "moved"]
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(stage3_student, "predict", killed)  # at the end of the first epoch, after step 6's checkpoint
+    with pytest.raises(KeyboardInterrupt):
+        stage3_student.main([*arguments, "--checkpoint-every", "3"])
+    resumed = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port",
+                              "29650", os.path.join(ROOT, "stage3_student.py"), *arguments, "--resume",
+                              "--checkpoint-every", "2"], check=True, capture_output=True, text=True, cwd=ROOT,
+                             env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert "resuming at epoch 1, step 6, in 2 processes where the checkpoint's run had 1" in resumed.stdout
+    out = os.path.join(run_with_bank, "stage3", "moved")
+    assert "best.pt" in artifacts.read_manifest(out)
+    assert torch.load(os.path.join(out, "best.pt"), weights_only=True)["config"]["world_size"] == 2
+
+
 def test_two_gloo_processes_match_one_process(run_with_bank):
     """DDP over 2 CPU processes against 1 process with the same global batch, for the full loss (B3 without KD, D-Geo
     at full weight from the first step). Both see the same augmented images and take every loss term over the whole
