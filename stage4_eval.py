@@ -320,7 +320,7 @@ def plot_summary(results, variants, datasets, note, path):
 def faces_in(path):
     """(path, every face crop in the image), or (path, OSError) for a file that cannot be read."""
     try:
-        return path, thread_cropper().faces(read_grey(path))
+        return path, thread_cropper().faces(read_grey(path, upright=True))
     except OSError as error:
         return path, error
 

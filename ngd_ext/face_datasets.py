@@ -27,7 +27,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ngd_ext.csv_files import read_rows
 from ngd_ext.emotions import AFFECTNET_CODES, AFFECTNET_UNUSABLE, CKPLUS_CODES, CLASS_ALIASES, FER_CLASSES
@@ -251,11 +251,13 @@ def manifest_records(path):
 
 # Decoding and cropping ---------------------------------------------------------------------------------------
 
-def read_grey(path):
-    """A grey uint8 image; OSError (missing, undecodable) names the file."""
+def read_grey(path, upright):
+    """A grey uint8 image; OSError (missing, undecodable) names the file. upright: turned as its EXIF orientation
+    says (a phone's photo taken sideways), for finding faces in it; False where a dataset's face box refers to the
+    pixels as stored."""
     try:
         with Image.open(path) as image:
-            return np.asarray(image.convert("L"))
+            return np.asarray((ImageOps.exif_transpose(image) if upright else image).convert("L"))
     except UnidentifiedImageError as error:
         raise OSError(f"{path}: not an image file PIL can decode") from error
     except (ValueError, SyntaxError) as error:  # PIL reports some truncated or corrupt files this way
@@ -265,7 +267,7 @@ def read_grey(path):
 def _crop_record(record):
     """(record, Crop), or (record, OSError) for an image that cannot be read."""
     try:
-        grey = read_grey(record.path)
+        grey = read_grey(record.path, upright=record.box is None)
         if grey.size == 0:
             raise OSError(f"{record.path}: an empty image")
     except OSError as error:

@@ -248,6 +248,23 @@ def test_detection_finds_the_placed_face(cropper):
     assert hits >= 9
 
 
+def test_a_photo_stored_sideways_is_turned_upright_unless_a_box_refers_to_its_pixels(tmp_path):
+    """Phones store a photo taken sideways as it was shot, with an EXIF orientation that says how to turn it."""
+    frames = [frame_with_face(seed)[0] for seed in range(6)]
+    rows = ["path,label,x,y,width,height"]
+    for i, frame in enumerate(frames):
+        orientation = Image.Exif()
+        orientation[0x0112] = 6  # shown turned 90 degrees clockwise
+        Image.fromarray(np.rot90(frame)).save(tmp_path / f"{i}.png", exif=orientation)
+        rows += [f"{i}.png,happy,,,,", f"{i}.png,happy,0,0,10,20"]
+    (tmp_path / "faces.csv").write_text("\n".join(rows) + "\n")
+    records, dropped = manifest_records(str(tmp_path / "faces.csv"))
+    faces = read_faces("sideways", records, dropped)
+    assert faces.crops == {"box": 6, "detected": 6, "centre": 0}
+    # the box (0, 0, 10, 20) is read off the pixels as stored, unturned
+    np.testing.assert_array_equal(faces.images[1], cut(np.rot90(frames[0]), (0, 0, 10, 20)))
+
+
 def test_no_face_falls_back_to_the_centre_square(cropper):
     blank = np.full((60, 100), 128, np.uint8)
     blank[:, 20:80] = 200
