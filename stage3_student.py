@@ -100,6 +100,10 @@ def parse_args(argv=None):
     parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint of this run")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="torch device (default cuda when available); under torchrun, each process's GPU")
+    parser.add_argument("--amp", choices=("auto", "bf16", "fp16", "off"), default="auto",
+                        help="mixed precision: auto (default) is bf16 on GPUs of compute capability 8.0 on (A100, "
+                             "H100, RTX 30xx on), fp16 with a gradient scaler on older ones (V100, T4), and off, "
+                             "float32 throughout, on the CPU")
     parser.add_argument("--sync-bn", action="store_true",
                         help="BatchNorm statistics over the global batch under torchrun (GPUs only), as one process")
     parser.add_argument("--deterministic", action="store_true",
@@ -125,6 +129,16 @@ def parse_args(argv=None):
     if args.epochs < 1 or args.batch_size < 1 or args.input_size < 16:
         parser.error("--epochs and --batch-size must be at least 1, --input-size at least 16")
     return args
+
+
+def mixed_precision(choice, device):
+    """The autocast dtype of --amp on this device, or None for float32 throughout. Older GPUs have no bfloat16
+    arithmetic of their own, and float16's narrow range needs a gradient scaler."""
+    if choice == "auto":
+        if device.type != "cuda":
+            return None
+        return torch.bfloat16 if torch.cuda.get_device_capability(device) >= (8, 0) else torch.float16
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[choice]
 
 
 def dgeo_ramp(epoch, start, end):
@@ -336,22 +350,26 @@ def main(argv=None):
     total_steps, warmup_steps = args.epochs * steps_per_epoch, int(args.warmup_epochs * steps_per_epoch)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: learning_rate_factor(step, warmup_steps, total_steps))
-    autocast = dict(device_type="cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    precision = mixed_precision(args.amp, device)
+    autocast = dict(device_type=device.type, dtype=precision or torch.bfloat16, enabled=precision is not None)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == torch.float16)
 
     config = {key: value for key, value in vars(args).items() if key not in ("device", "resume", "run_dir")}
     config.update(embedding_size=int(bank.shape[1]), grid=grid, anchors=anchors, positive=list(DEFAULT_POSITIVE),
                   prototypes_sha256=bank_hash, kd_teacher_sha256=teacher_hash, data_key=data_key, source=source,
-                  world_size=world, class_weights=class_weights.tolist(), label_smoothing=LABEL_SMOOTHING,
+                  world_size=world, precision=str(precision or torch.float32), class_weights=class_weights.tolist(), label_smoothing=LABEL_SMOOTHING,
                   kd_temperature=KD_TEMPERATURE)
     history, start_epoch, start_step, best_f1 = [], 0, 0, -1.0
     # Another process count continues the same run: every process takes its share of the same global batches, and
     # the loss is taken over the whole of each (only BatchNorm's per-process statistics differ).
     checkpoint = artifacts.resume_checkpoint(checkpoint_path, config, args.resume,
-                                             may_change=("world_size", "checkpoint_every"))
+                                             may_change=("world_size", "checkpoint_every", "amp", "precision"))
     if checkpoint is not None:
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         scheduler.load_state_dict(checkpoint["scheduler"])
+        if checkpoint.get("scaler"):  # none or empty where the checkpoint's run had no float16 scaler
+            scaler.load_state_dict(checkpoint["scaler"])
         history, start_epoch, start_step, best_f1 = (checkpoint["history"], checkpoint["epoch"], checkpoint["step"],
                                                      checkpoint["best_f1"])
         if rank == 0:
@@ -376,7 +394,7 @@ def main(argv=None):
             return
         with artifacts.atomic_path(checkpoint_path) as temporary:
             torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict(), "epoch": epoch, "step": step, "history": history,
+                        "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch, "step": step, "history": history,
                         "best_f1": best_f1, "sums": sums, "config": config}, temporary)
 
     # Training ---------------------------------------------------------------------------------------------
@@ -417,9 +435,11 @@ def main(argv=None):
                 raise FloatingPointError(f"epoch {epoch + 1}, step {step}: the loss is not finite; stopping before "
                                          "training on it")
             optimizer.zero_grad(set_to_none=True)
-            values["total"].backward()
+            scaler.scale(values["total"]).backward()  # with no float16 scaler, the scaler's calls pass through
+            scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
+            scaler.step(optimizer)
+            scaler.update()
             scheduler.step()
             for term, value in zip(terms, logged):
                 sums[term] += value

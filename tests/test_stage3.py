@@ -295,6 +295,44 @@ def test_a_run_resumes_in_another_number_of_processes(run_with_bank, monkeypatch
     assert torch.load(os.path.join(out, "best.pt"), weights_only=True)["config"]["world_size"] == 2
 
 
+def test_mixed_precision_by_device():
+    cpu = torch.device("cpu")
+    assert [stage3_student.mixed_precision(choice, cpu) for choice in ("auto", "bf16", "fp16", "off")] == [
+        None, torch.bfloat16, torch.float16, None]
+
+
+def test_float16_training_keeps_its_gradient_scaler_across_a_resume(run_with_bank, monkeypatch, capsys):
+    """--amp fp16 (meant for GPUs without bfloat16, run here on the CPU): a gradient scaler scales the loss, skipping
+    the steps whose gradients overflow, and lowering its scale then; a killed run continues with the scaler's state,
+    and so ends with the weights of a run never killed (with the scale reset, it would skip other steps)."""
+    arguments = ["--run-dir", run_with_bank, "--variant", "B2", "--kd-weight", "0", *TINY, "--amp", "fp16",
+                 "--checkpoint-every", "2", "--batch-size", "128", "--input-size", "16"]  # float16 is slow on a CPU
+    stage3_student.main([*arguments, "--name", "straight_fp16"])
+
+    steps = []
+
+    def killed_at_the_third_step(*args, **kwargs):
+        steps.append(None)
+        if len(steps) == 3:  # after step 2's checkpoint
+            raise KeyboardInterrupt
+        return augment(*args, **kwargs)
+
+    augment = stage3_student.augment
+    with monkeypatch.context() as patch:
+        patch.setattr(stage3_student, "augment", killed_at_the_third_step)
+        with pytest.raises(KeyboardInterrupt):
+            stage3_student.main([*arguments, "--name", "killed_fp16"])
+    checkpoint = torch.load(os.path.join(run_with_bank, "stage3", "killed_fp16-checkpoint.pt"), weights_only=True)
+    assert checkpoint["config"]["precision"] == "torch.float16"
+    assert checkpoint["scaler"]["scale"] < 65536.0  # it began there, and an overflow has lowered it since
+    stage3_student.main([*arguments, "--name", "killed_fp16", "--resume"])
+    assert "resuming at epoch 1, step 2" in capsys.readouterr().out
+    expected, actual = (weights(os.path.join(run_with_bank, "stage3", name, "best.pt"))
+                        for name in ("straight_fp16", "killed_fp16"))
+    for key in expected:
+        torch.testing.assert_close(actual[key], expected[key], rtol=0, atol=0, msg=key)
+
+
 def test_two_gloo_processes_match_one_process(run_with_bank):
     """DDP over 2 CPU processes against 1 process with the same global batch, for the full loss (B3 without KD, D-Geo
     at full weight from the first step). Both see the same augmented images and take every loss term over the whole
