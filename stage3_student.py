@@ -357,8 +357,8 @@ def main(argv=None):
     config = {key: value for key, value in vars(args).items() if key not in ("device", "resume", "run_dir")}
     config.update(embedding_size=int(bank.shape[1]), grid=grid, anchors=anchors, positive=list(DEFAULT_POSITIVE),
                   prototypes_sha256=bank_hash, kd_teacher_sha256=teacher_hash, data_key=data_key, source=source,
-                  world_size=world, precision=str(precision or torch.float32), class_weights=class_weights.tolist(), label_smoothing=LABEL_SMOOTHING,
-                  kd_temperature=KD_TEMPERATURE)
+                  world_size=world, precision=str(precision or torch.float32), class_weights=class_weights.tolist(),
+                  label_smoothing=LABEL_SMOOTHING, kd_temperature=KD_TEMPERATURE)
     history, start_epoch, start_step, best_f1 = [], 0, 0, -1.0
     # Another process count continues the same run: every process takes its share of the same global batches, and
     # the loss is taken over the whole of each (only BatchNorm's per-process statistics differ).
@@ -394,8 +394,9 @@ def main(argv=None):
             return
         with artifacts.atomic_path(checkpoint_path) as temporary:
             torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch, "step": step, "history": history,
-                        "best_f1": best_f1, "sums": sums, "config": config}, temporary)
+                        "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch,
+                        "step": step, "history": history, "best_f1": best_f1, "sums": sums, "config": config},
+                       temporary)
 
     # Training ---------------------------------------------------------------------------------------------
     # The training set lives on the device (FERPlus: at most 66 MB of uint8), so a step copies no images to it.
