@@ -417,22 +417,26 @@ def test_ddp_loss_is_the_one_process_loss(tmp_path):
 
 
 @needs_gpu
-def test_the_student_trains_on_gpus_under_torchrun(run_with_bank):
+@pytest.mark.parametrize("amp", ["auto", "fp16"])
+def test_the_student_trains_on_gpus_under_torchrun(run_with_bank, amp):
     """B3 on CUDA under torchrun, on up to 2 GPUs (NCCL), with SyncBatchNorm: the GPU path of the training loop (data
-    on the device, bf16 autocast, channels_last, the fused op's CUDA kernels, the gathered loss). One epoch must end
-    with finite loss terms and a best.pt that stage 4 loads as a plain student."""
-    processes = min(2, torch.cuda.device_count())
+    on the device, mixed precision, channels_last, the fused op's CUDA kernels, the gathered loss), in the GPU's own
+    precision and in float16 with a gradient scaler. One epoch must end with finite loss terms and a best.pt that
+    stage 4 loads as a plain student."""
+    processes, name = min(2, torch.cuda.device_count()), f"gpus_{amp}"
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}",
                           "--master_port", "29610", os.path.join(ROOT, "stage3_student.py"), "--run-dir",
                           run_with_bank, "--variant", "B3", "--kd-weight", "0", "--ramp-start", "0", "--ramp-end", "0",
-                          "--sync-bn", "--name", "gpus", *TINY[:-2], "--device", "cuda"],
+                          "--sync-bn", "--amp", amp, "--name", name, *TINY[:-2], "--device", "cuda"],
                          capture_output=True, text=True, cwd=ROOT)
     assert run.returncode == 0, run.stderr[-4000:]
-    with open(os.path.join(run_with_bank, "stage3", "gpus", "history.jsonl")) as handle:
+    with open(os.path.join(run_with_bank, "stage3", name, "history.jsonl")) as handle:
         (epoch,) = [json.loads(line) for line in handle]
     assert all(math.isfinite(value) for value in epoch["train"].values()), epoch["train"]
     assert epoch["train"]["margin"] > 0 and epoch["dgeo_ramp"] == 1.0
-    load_student(os.path.join(run_with_bank, "stage3", "gpus", "best.pt"))
+    _, config = load_student(os.path.join(run_with_bank, "stage3", name, "best.pt"))
+    half = amp == "fp16" or torch.cuda.get_device_capability() < (8, 0)
+    assert config["precision"] == ("torch.float16" if half else "torch.bfloat16")
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=needs_gpu)], ids=["cpu", "gpu"])
