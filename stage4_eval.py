@@ -54,6 +54,8 @@ RUN_DIR = "runs/demo"
 SYNTHETIC_SIZES = {"demo": dict(sequences=80, per_class=50), "tiny": dict(sequences=16, per_class=8)}
 TSNE_POINTS = 500
 SYNTHETIC_NOTE = "synthetic data: not the paper's numbers"
+LATEX_ESCAPES = {"&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{", "}": r"\}",
+                 "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", "\\": r"\textbackslash{}", "✓": r"\checkmark"}
 
 
 def parse_args(argv=None):
@@ -261,15 +263,24 @@ def write_predictions(path, data, logits):
                 writer.writerow([name, FER_CLASSES[label], FER_CLASSES[int(row.argmax())], *(f"{p:.5f}" for p in row)])
 
 
+def latex_escape(text):
+    """Text as LaTeX typesets it literally (run and dataset names may hold &, %, _ ...)."""
+    return "".join(LATEX_ESCAPES.get(character, character) for character in text)
+
+
 def table(header, rows, caption):
     """The same table as Markdown and as LaTeX (booktabs)."""
-    markdown = [f"**{caption}**", "", f"| {' | '.join(header)} |", f"|{'|'.join('---' for _ in header)}|"]
-    markdown += [f"| {' | '.join(row)} |" for row in rows]
-    escape = lambda text: text.replace("_", r"\_").replace("%", r"\%").replace("✓", r"\checkmark")  # noqa: E731
-    latex = [r"\begin{table}[t]", r"\centering", rf"\caption{{{escape(caption)}}}",
-             rf"\begin{{tabular}}{{l{'c' * (len(header) - 1)}}}", r"\toprule", " & ".join(map(escape, header)) + r" \\",
-             r"\midrule", *(" & ".join(map(escape, row)) + r" \\" for row in rows), r"\bottomrule", r"\end{tabular}",
-             r"\end{table}"]
+    def markdown_row(cells):
+        return "| " + " | ".join(cell.replace("|", r"\|") for cell in cells) + " |"
+
+    def latex_row(cells):
+        return " & ".join(map(latex_escape, cells)) + r" \\"
+
+    markdown = [f"**{caption}**", "", markdown_row(header), f"|{'|'.join('---' for _ in header)}|",
+                *map(markdown_row, rows)]
+    latex = [r"\begin{table}[t]", r"\centering", rf"\caption{{{latex_escape(caption)}}}",
+             rf"\begin{{tabular}}{{l{'c' * (len(header) - 1)}}}", r"\toprule", latex_row(header), r"\midrule",
+             *map(latex_row, rows), r"\bottomrule", r"\end{tabular}", r"\end{table}"]
     return "\n".join(markdown), "\n".join(latex)
 
 

@@ -122,6 +122,14 @@ def test_prediction_mode_needs_one_student(demo, tmp_path):
         stage4_eval.main(["--run-dir", run_dir, "--predict", str(tmp_path), "--variants", "B3", "kd_teacher"])
 
 
+def test_latex_tables_typeset_names_literally():
+    markdown, latex = stage4_eval.table(["variant", "R&D_set"], [["r50 #2", "50% ✓"], ["a|b", "x"]],
+                                        "names with $ and ~")
+    assert r"\caption{names with \$ and \textasciitilde{}}" in latex
+    assert r"variant & R\&D\_set \\" in latex and r"r50 \#2 & 50\% \checkmark \\" in latex
+    assert "| r50 #2 | 50% ✓ |" in markdown and r"| a\|b | x |" in markdown
+
+
 def test_prediction_mode_needs_a_folder(tmp_path, capsys):
     with pytest.raises(SystemExit):
         stage4_eval.parse_args(["--predict", str(tmp_path / "photo.jpg")])
