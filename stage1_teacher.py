@@ -96,6 +96,11 @@ def parse_args(argv=None):
     parser.add_argument("--map-size", type=int, default=MAP_SIZE, help=f"topographic map side (default {MAP_SIZE})")
     parser.add_argument("--resume", action="store_true",
                         help="continue from the last finished epoch of a killed run with the same settings")
+    parser.add_argument("--skip-unreadable", action="store_true",
+                        help="count and leave out the trials whose recording cannot be used (a MAHNOB-HCI BDF that "
+                             "is damaged, lacks channels or marks no trial; a trial shorter than one window), listing "
+                             "them in metrics.json, instead of stopping; DREAMER.mat is read whole, and a fault in it "
+                             "stops the run either way")
     parser.add_argument("--workers", type=int, default=default_workers(),
                         help="processes that read trials and take their features; 1: all in this process "
                              "(default: the CPUs this process may run on, at most 8)")
@@ -191,6 +196,15 @@ def trial_entropy(source, window_s, step_s, cache_dir):
                 np.savez(handle, entropy=entropy, ch_names=np.array(ch_names, dtype=str))
     return TrialEntropy(entropy, source.dataset, source.subject, f"{source.subject}/{source.trial}", ch_names,
                         source.valence, source.arousal, recording, content, from_cache=cached is not None)
+
+
+def trial_entropy_or_skip(source, **settings):
+    """trial_entropy, or, where the trial's recording cannot be used, the error's message, which names the file
+    (--skip-unreadable)."""
+    try:
+        return trial_entropy(source, **settings)
+    except EEGFormatError as error:
+        return str(error)
 
 
 def window_data(trials, matrices, map_size):
@@ -292,9 +306,15 @@ def main(argv=None):
               f"without felt labels and {len(scan.skipped_without_eeg)} without EEG")
     sources = itertools.chain(iter_dreamer(dreamer_path) if dreamer_path else (), scan.sessions)
     cache_dir = os.path.join(args.run_dir, "cache", "eeg_features")
-    features = functools.partial(trial_entropy, window_s=args.window_s, step_s=args.step_s, cache_dir=cache_dir)
+    features = functools.partial(trial_entropy_or_skip if args.skip_unreadable else trial_entropy,
+                                 window_s=args.window_s, step_s=args.step_s, cache_dir=cache_dir)
     trials = list(tqdm(map_in_processes(features, sources, args.workers), desc="features", unit="trial", leave=False))
-    print(f"features of {len(trials)} trials, {sum(t.from_cache for t in trials)} of them from {cache_dir}/")
+    skipped = [trial for trial in trials if isinstance(trial, str)]
+    trials = [trial for trial in trials if not isinstance(trial, str)]
+    for reason in skipped:
+        print(f"skipped (--skip-unreadable): {reason}", file=sys.stderr)
+    print(f"features of {len(trials)} trials, {sum(t.from_cache for t in trials)} of them from {cache_dir}/"
+          + (f"; {len(skipped)} left out, their recordings unusable" if skipped else ""))
     subjects_by_dataset = {}
     for trial in trials:
         subjects_by_dataset.setdefault(trial.dataset, set()).add(trial.subject)
@@ -377,7 +397,7 @@ def main(argv=None):
     metrics = {"held_out": regression_metrics(prediction, test_targets),
                "mean_baseline": regression_metrics(baseline, test_targets),
                "held_out_subjects": sorted(held_out), "windows": {"train": len(train_maps), "held_out": len(test_maps)},
-               "source": source}
+               "skipped_trials": skipped, "source": source}
     if source == "synthetic":
         metrics["note"] = "synthetic EEG: these numbers are not the paper's"
     norms = np.maximum(np.linalg.norm(embeddings, axis=1, keepdims=True), 1e-8)

@@ -1,5 +1,6 @@
 """Stage 1: features, the subject split, the synthetic default, and stage 1 then stage 2 end to end."""
 
+import glob
 import itertools
 import json
 import os
@@ -105,6 +106,26 @@ def test_an_error_in_a_worker_process_names_the_file(tmp_path):
         handle.truncate(300)
     with pytest.raises(EEGFormatError, match=rf"{re.escape(sessions[1].bdf)}: unreadable BDF"):
         list(map_in_processes(features_cached_in(tmp_path / "cache"), sessions, workers=2))
+
+
+def test_unusable_recordings_are_left_out_and_listed_with_skip_unreadable(tmp_path, capsys):
+    dreamer, mahnob = ensure_synthetic_eeg(str(tmp_path / "eeg"), seed=5, **TINY)
+    damaged = sorted(glob.glob(os.path.join(mahnob, "Sessions", "*", "*.bdf")))[1]
+    with open(damaged, "r+b") as handle:
+        handle.truncate(300)
+    arguments = ["--run-dir", str(tmp_path), "--dreamer", dreamer, "--mahnob", mahnob, "--epochs", "1",
+                 "--workers", "1", "--device", "cpu"]
+    with pytest.raises(EEGFormatError, match=rf"{re.escape(damaged)}: unreadable BDF"):
+        stage1_teacher.main(arguments)
+    stage1_teacher.main([*arguments, "--skip-unreadable"])
+    out, err = capsys.readouterr()
+    assert "features of 11 trials" in out and "; 1 left out, their recordings unusable" in out
+    assert f"skipped (--skip-unreadable): {damaged}: unreadable BDF" in err
+    with open(tmp_path / "stage1" / "metrics.json") as handle:
+        (reason,) = json.load(handle)["skipped_trials"]
+    assert reason.startswith(f"{damaged}: unreadable BDF")
+    with open(tmp_path / "stage1" / "config.json") as handle:
+        assert os.path.relpath(damaged, mahnob) not in json.load(handle)["inputs"]["mahnob"]["bdf_sha256"]
 
 
 def test_features_are_cached_by_the_recordings_content(tmp_path, monkeypatch):
