@@ -9,7 +9,8 @@ out, so no window of a held-out subject is ever trained on. Writes RUN_DIR/stage
 
   teacher.pt           state_dict + config (+ the feature standardisation), torch.load(weights_only=True)
   embeddings.npz       L2-normalised embeddings of the held-out windows, with valence, arousal, subject, trial
-  metrics.json         held-out RMSE, Pearson r and CCC for valence and arousal, beside a mean baseline
+  metrics.json         held-out RMSE, Pearson r and CCC for valence and arousal, beside a mean baseline, over all
+                       held-out windows and per dataset
   training_curve.png   training loss and held-out CCC per epoch
   config.json, SHA256SUMS
 
@@ -208,8 +209,8 @@ def trial_entropy_or_skip(source, **settings):
 
 
 def window_data(trials, matrices, map_size):
-    """Topographic maps of every window of the trials, with each window's labels and provenance; matrices holds an
-    interpolation matrix per channel set."""
+    """Topographic maps of every window of the trials, with each window's labels and provenance (subject, trial,
+    dataset); matrices holds an interpolation matrix per channel set."""
     windows_per_trial = [len(t.entropy) for t in trials]
 
     def per_window(field, dtype=None):
@@ -218,7 +219,7 @@ def window_data(trials, matrices, map_size):
     maps = np.concatenate([topographic_maps(t.entropy, matrices[t.ch_names], map_size) for t in trials])
     maps = maps.astype(np.float32)
     return (maps, per_window("valence", np.float32), per_window("arousal", np.float32), per_window("subject"),
-            per_window("trial_id"))
+            per_window("trial_id"), per_window("dataset"))
 
 
 class Teacher(nn.Module):
@@ -326,9 +327,9 @@ def main(argv=None):
           f"held out: {sorted(held_out)}{note}")
 
     matrices = {names: interpolation_matrix(names, args.map_size) for names in {t.ch_names for t in trials}}
-    train_maps, train_v, train_a, train_subjects, _ = window_data(
+    train_maps, train_v, train_a, train_subjects, _, _ = window_data(
         [t for t in trials if t.subject not in held_out], matrices, args.map_size)
-    test_maps, test_v, test_a, test_subjects, test_trial_ids = window_data(
+    test_maps, test_v, test_a, test_subjects, test_trial_ids, test_datasets = window_data(
         [t for t in trials if t.subject in held_out], matrices, args.map_size)
     assert not set(train_subjects) & set(test_subjects)
     mean = train_maps.mean(axis=0, keepdims=True)
@@ -394,8 +395,13 @@ def main(argv=None):
     # leaves the previous teacher and its embeddings as they were, and never a folder that looks finished. -------
     prediction, embeddings = predict(model, test_maps, device, 256)
     baseline = np.broadcast_to(train_targets.mean(axis=0), test_targets.shape)
+    # Papers report each dataset on its own; the two differ in headset, stimuli and rating scale.
+    by_dataset = {name: {"windows": int(mask.sum()),
+                         "held_out": regression_metrics(prediction[mask], test_targets[mask]),
+                         "mean_baseline": regression_metrics(baseline[mask], test_targets[mask])}
+                  for name in sorted(set(test_datasets)) for mask in [test_datasets == name]}
     metrics = {"held_out": regression_metrics(prediction, test_targets),
-               "mean_baseline": regression_metrics(baseline, test_targets),
+               "mean_baseline": regression_metrics(baseline, test_targets), "by_dataset": by_dataset,
                "held_out_subjects": sorted(held_out), "windows": {"train": len(train_maps), "held_out": len(test_maps)},
                "skipped_trials": skipped, "source": source}
     if source == "synthetic":
@@ -420,6 +426,9 @@ def main(argv=None):
         got, base = metrics["held_out"][name], metrics["mean_baseline"][name]
         print(f"held-out {name}: CCC {got['ccc']:.3f} (mean baseline {base['ccc']:.3f}), r {got['pearson_r']:.3f}, "
               f"RMSE {got['rmse']:.3f} (baseline {base['rmse']:.3f}){note}")
+    for dataset, scores in by_dataset.items():
+        print(f"  {dataset} ({scores['windows']} windows): CCC valence {scores['held_out']['valence']['ccc']:.3f}, "
+              f"arousal {scores['held_out']['arousal']['ccc']:.3f}{note}")
     print(f"wrote {out_dir}/")
 
 

@@ -87,6 +87,7 @@ def test_no_window_of_a_held_out_trial_is_trained_on(tmp_path):
     assert len(train[0]) + len(test[0]) == sum(len(t.entropy) for t in trials)
     assert not set(train[4]) & set(test[4])  # trial ids
     assert set(test[3]) == held_out
+    assert [dataset for dataset in test[5]] == ["DREAMER" if s.startswith("dreamer-") else "MAHNOB-HCI" for s in test[3]]
 
 
 def test_features_in_worker_processes_equal_those_in_this_one(tmp_path):
@@ -223,6 +224,12 @@ def test_stage1_then_stage2_end_to_end(tmp_path):
     for name in ("valence", "arousal"):
         assert set(metrics["held_out"][name]) == {"rmse", "pearson_r", "ccc"}
         assert metrics["mean_baseline"][name]["ccc"] == 0.0
+    # per dataset: each held-out window counted once, under the dataset its subject belongs to
+    prefixes = {"DREAMER": "dreamer-", "MAHNOB-HCI": "mahnob-"}
+    assert {name: scores["windows"] for name, scores in metrics["by_dataset"].items()} == {
+        name: sum(subject.startswith(prefix) for subject in embeddings["subject"]) for name, prefix in prefixes.items()}
+    for scores in metrics["by_dataset"].values():
+        assert set(scores["held_out"]["valence"]) == {"rmse", "pearson_r", "ccc"}
     with open(os.path.join(stage1, "config.json")) as handle:
         inputs = json.load(handle)["inputs"]
     mahnob = inputs["mahnob"]["root"]
