@@ -79,7 +79,10 @@ def _dreamer_samples(value, channels, path, where):
 
 
 def _score(value, low, high, path, where):
-    score = float(value)
+    try:
+        score = float(value)
+    except (TypeError, ValueError):
+        raise EEGFormatError(f"{path}: {where} = {value!r} is not a number") from None
     if not low <= score <= high:
         raise EEGFormatError(f"{path}: {where} = {score:g} is outside {low}..{high}")
     return score

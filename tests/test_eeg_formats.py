@@ -176,5 +176,9 @@ def test_read_mahnob_errors_name_the_file(tmp_path):
     write_mahnob_session(root, 1, 1, felt=(10, 5))
     with pytest.raises(EEGFormatError, match=r"Sessions/1/session.xml: feltVlnc = 10 is outside 1..9"):
         scan_mahnob(root)
+    root = str(tmp_path / "felt_not_a_number")
+    write_mahnob_session(root, 1, 1, felt=("high", 5))
+    with pytest.raises(EEGFormatError, match=r"Sessions/1/session.xml: feltVlnc = 'high' is not a number"):
+        scan_mahnob(root)
     with pytest.raises(EEGFormatError, match=r"no Sessions/ folder"):
         scan_mahnob(str(tmp_path / "nothing"))
