@@ -15,6 +15,7 @@ import glob
 import os
 import re
 import xml.etree.ElementTree as ElementTree
+import zlib
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -93,7 +94,7 @@ def iter_dreamer(path):
     whole (MATLAB's format allows no less), but each trial's samples in volts exist only while it is in use."""
     try:
         mat = scipy.io.loadmat(path, squeeze_me=True, struct_as_record=False)
-    except (OSError, ValueError, TypeError, NotImplementedError, MatReadError) as error:
+    except (OSError, ValueError, TypeError, NotImplementedError, MatReadError, zlib.error) as error:
         raise EEGFormatError(f"{path}: not a readable MATLAB file ({error})") from error
     root = _field(mat, "DREAMER", path, "the file")
     sfreq = float(_field(root, "EEG_SamplingRate", path, "DREAMER"))

@@ -103,6 +103,13 @@ def test_read_dreamer_score_out_of_range_and_unreadable_file(tmp_path):
     write_dreamer(path, subjects)
     with pytest.raises(EEGFormatError, match=r"DREAMER.Data\{1\}.ScoreArousal\(2\) = 7 is outside 1..5"):
         list(iter_dreamer(path))
+    with open(path, "r+b") as handle:  # one byte of a compressed variable changed: its checksum fails
+        handle.seek(int(0.9 * os.path.getsize(path)))
+        byte = handle.read(1)
+        handle.seek(-1, os.SEEK_CUR)
+        handle.write(bytes([byte[0] ^ 0xFF]))
+    with pytest.raises(EEGFormatError, match=r"DREAMER.mat: not a readable MATLAB file \(Error -3 while decompressing"):
+        list(iter_dreamer(path))
     with open(path, "wb") as handle:
         handle.write(b"garbage")
     with pytest.raises(EEGFormatError, match=r"DREAMER.mat: not a readable MATLAB file"):
