@@ -197,7 +197,7 @@ def ckplus_records(folder):
             continue
         if len(label_files) > 1:
             raise DatasetError(f"{os.path.join(emotions, relative)}: {len(label_files)} emotion files, expected one")
-        with open(label_files[0]) as handle:
+        with open(label_files[0], encoding="ascii", errors="replace") as handle:  # bad bytes reach _integer's message
             code = _integer(handle.read().strip(), label_files[0], 1, "the emotion code")
         if code not in CKPLUS_CODES:
             dropped[f"emotion code {code} (unknown code)"] += 1

@@ -170,6 +170,12 @@ def test_ckplus_bad_emotion_file_is_named(tmp_path):
     with pytest.raises(DatasetError, match=r"S005_001_00000004_emotion.txt, row 1: the emotion code must be an "
                                            r"integer, got 'happy'"):
         ckplus_records(root)
+    label = os.path.join(root, "Emotion", "S005", "001", "S005_001_00000004_emotion.txt")
+    with open(label, "wb") as handle:
+        handle.write(b"   5.0\xff\n")  # not text
+    with pytest.raises(DatasetError, match=r"S005_001_00000004_emotion.txt, row 1: the emotion code must be an "
+                                           r"integer, got '5.0\ufffd'"):
+        ckplus_records(root)
 
 
 def test_ckplus_needs_both_folders(tmp_path):
