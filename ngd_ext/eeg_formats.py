@@ -192,7 +192,7 @@ def scan_mahnob(root):
             continue
         try:
             session_xml = ElementTree.parse(xml_path).getroot()
-        except ElementTree.ParseError as error:
+        except (ElementTree.ParseError, LookupError, ValueError) as error:  # LookupError: an unknown encoding named
             raise EEGFormatError(f"{xml_path}: not well-formed XML ({error})") from error
         attributes = session_xml.attrib
         if "feltVlnc" not in attributes or "feltArsl" not in attributes:
