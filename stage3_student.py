@@ -126,8 +126,11 @@ def parse_args(argv=None):
                      "stage-3 best.pt, e.g. of a B0 run) or --kd-weight 0")
     if args.sync_bn and not args.device.startswith("cuda"):
         parser.error(f"--sync-bn needs CUDA devices (torch's SyncBatchNorm does not run on {args.device!r})")
-    if args.epochs < 1 or args.batch_size < 1 or args.input_size < 16:
-        parser.error("--epochs and --batch-size must be at least 1, --input-size at least 16")
+    if args.epochs < 1 or args.batch_size < 1 or args.checkpoint_every < 1 or args.input_size < 16:
+        parser.error("--epochs, --batch-size and --checkpoint-every must be at least 1, --input-size at least 16")
+    if not args.tau > 0 or args.var_cap < 0 or args.margin < 0 or args.warmup_epochs < 0:
+        parser.error(f"--tau must be positive (got {args.tau:g}); --var-cap, --margin and --warmup-epochs must not be "
+                     f"negative (got {args.var_cap:g}, {args.margin:g} and {args.warmup_epochs:g})")
     return args
 
 

@@ -49,6 +49,17 @@ def test_presets_and_overrides():
     assert stage3_student.parse_args(["--variant", "B0", "--ferplus", "x"]).epochs == 80
 
 
+@pytest.mark.parametrize("flag,value,message", [
+    ("--tau", "0", "--tau must be positive (got 0)"),
+    ("--margin", "-1", "--var-cap, --margin and --warmup-epochs must not be negative (got 0.2, -1 and 1)"),
+    ("--checkpoint-every", "0", "--checkpoint-every must be at least 1"),
+])
+def test_settings_out_of_range_are_refused(capsys, flag, value, message):
+    with pytest.raises(SystemExit):
+        stage3_student.parse_args(["--variant", "B0", flag, value])
+    assert message in capsys.readouterr().err
+
+
 def test_kd_variant_without_teacher_is_refused(capsys):
     with pytest.raises(SystemExit):
         stage3_student.parse_args(["--variant", "B3"])
