@@ -111,8 +111,12 @@ def parse_args(argv=None):
     for name in ("epochs", "batch_size", "embedding_size", "map_size", "workers"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    if args.window_s <= 0 or args.step_s <= 0:
-        parser.error("--window-s and --step-s must be positive")
+    if round(args.window_s * SFREQ) < 2 or round(args.step_s * SFREQ) < 1:
+        parser.error(f"--window-s must span at least 2 samples and --step-s 1 at the features' {SFREQ} Hz (got "
+                     f"{args.window_s:g} s and {args.step_s:g} s)")
+    if not args.lr > 0 or args.weight_decay < 0:
+        parser.error(f"--lr must be positive and --weight-decay not negative (got {args.lr:g} and "
+                     f"{args.weight_decay:g})")
     return args
 
 

@@ -291,6 +291,17 @@ def test_stage1_deterministic_runs_repeat_bit_for_bit(tmp_path):
         torch.testing.assert_close(second[key], first[key], rtol=0, atol=0, msg=key)
 
 
+@pytest.mark.parametrize("arguments,message", [
+    (["--step-s", "0.001"], "--window-s must span at least 2 samples and --step-s 1 at the features' 128 Hz (got 2 s "
+                            "and 0.001 s)"),
+    (["--lr", "-1"], "--lr must be positive and --weight-decay not negative (got -1 and 0.01)"),
+])
+def test_settings_out_of_range_are_refused(capsys, arguments, message):
+    with pytest.raises(SystemExit):
+        stage1_teacher.parse_args(arguments)
+    assert message in capsys.readouterr().err
+
+
 def test_stage1_bad_dataset_path_names_the_file(tmp_path):
     missing = str(tmp_path / "DREAMER.mat")
     with pytest.raises(Exception, match=r"DREAMER.mat: not a readable MATLAB file"):
