@@ -85,7 +85,8 @@ def parse_args(argv=None):
                         help=f"share of each dataset's subjects held out (at least one; default {HELD_OUT_FRACTION})")
     parser.add_argument("--epochs", type=int, default=EPOCHS, help=f"training epochs (default {EPOCHS})")
     parser.add_argument("--batch-size", type=int, default=BATCH_SIZE, help=f"windows per batch (default {BATCH_SIZE})")
-    parser.add_argument("--lr", type=float, default=LEARNING_RATE, help=f"AdamW learning rate (default {LEARNING_RATE})")
+    parser.add_argument("--lr", type=float, default=LEARNING_RATE,
+                        help=f"AdamW learning rate (default {LEARNING_RATE})")
     parser.add_argument("--weight-decay", type=float, default=WEIGHT_DECAY,
                         help=f"AdamW weight decay (default {WEIGHT_DECAY})")
     parser.add_argument("--loss", choices=("ccc", "mse"), default="ccc",

@@ -90,7 +90,8 @@ def parse_args(argv=None):
                              "distribution (probability rule); valid and test always use the majority rule")
     parser.add_argument("--epochs", type=int, help="epochs (default 80 on FERPlus, 6 on the synthetic default)")
     parser.add_argument("--ramp-start", type=int, help="first epoch of the D-Geo ramp (default 20; synthetic 1)")
-    parser.add_argument("--ramp-end", type=int, help="epoch at which the D-Geo ramp reaches 1 (default 60; synthetic 4)")
+    parser.add_argument("--ramp-end", type=int,
+                        help="epoch at which the D-Geo ramp reaches 1 (default 60; synthetic 4)")
     parser.add_argument("--batch-size", type=int, default=128, help="global batch size (default 128)")
     parser.add_argument("--lr", type=float, default=2e-4, help="AdamW learning rate (default 2e-4)")
     parser.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay (default 0.05)")

@@ -60,9 +60,11 @@ LATEX_ESCAPES = {"&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{"
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--run-dir", default=RUN_DIR, help=f"run folder holding stage2/ and stage3/ (default {RUN_DIR})")
+    parser.add_argument("--run-dir", default=RUN_DIR,
+                        help=f"run folder holding stage2/ and stage3/ (default {RUN_DIR})")
     parser.add_argument("--ferplus", help="FERPlus folder (default: the one the students were trained on)")
-    parser.add_argument("--affectnet", help="AffectNet folder: validation.csv + Manually_Annotated_Images/, or class folders")
+    parser.add_argument("--affectnet",
+                        help="AffectNet folder: validation.csv + Manually_Annotated_Images/, or class folders")
     parser.add_argument("--affectnet-split", choices=("validation", "training"), default="validation",
                         help="which AffectNet CSV to read (default validation)")
     parser.add_argument("--ckplus", help="CK+ folder: cohn-kanade-images/ and Emotion/")
@@ -73,10 +75,13 @@ def parse_args(argv=None):
                         help="size of the embedded synthetic CK+ and AffectNet sets, used with no dataset flag")
     parser.add_argument("--skip-unreadable", action="store_true",
                         help="count and leave out missing or undecodable images instead of stopping")
-    parser.add_argument("--tsne-points", type=int, default=TSNE_POINTS, help=f"images per t-SNE (default {TSNE_POINTS})")
+    parser.add_argument("--tsne-points", type=int, default=TSNE_POINTS,
+                        help=f"images per t-SNE (default {TSNE_POINTS})")
     parser.add_argument("--batch-size", type=int, default=512, help="images per forward pass (default 512)")
-    parser.add_argument("--predict", metavar="FOLDER", help="prediction mode: classify the faces in every image under FOLDER")
-    parser.add_argument("--output", help="prediction mode: the CSV to write (default RUN_DIR/predictions/<variant>.csv)")
+    parser.add_argument("--predict", metavar="FOLDER",
+                        help="prediction mode: classify the faces in every image under FOLDER")
+    parser.add_argument("--output",
+                        help="prediction mode: the CSV to write (default RUN_DIR/predictions/<variant>.csv)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="where the students run (default cuda when present)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic targets and the t-SNE (default 0)")
@@ -101,7 +106,8 @@ def finished_variants(stage3_dir, names):
                 found.append(name)
         except artifacts.ArtifactError:
             if os.path.isdir(os.path.join(stage3_dir, name)):
-                print(f"skipping {os.path.join(stage3_dir, name)}: not a finished stage-3 run (no {artifacts.MANIFEST})")
+                print(f"skipping {os.path.join(stage3_dir, name)}: not a finished stage-3 run "
+                      f"(no {artifacts.MANIFEST})")
     if not found:
         raise artifacts.ArtifactError(f"{stage3_dir}: no finished stage-3 run; run stage3_student.py first")
     return found
@@ -123,7 +129,8 @@ def load_checked_student(stage3_dir, name, bank=None):
 def preset_of(config):
     """'B0'..'B3' when the loss terms in use are a preset's, else 'custom'."""
     used = (config["kd_weight"] > 0, config["proto_weight"] > 0, config["dgeo_weight"] > 0)
-    presets = {(False, False, False): "B0", (True, False, False): "B1", (True, True, False): "B2", (True, True, True): "B3"}
+    presets = {(False, False, False): "B0", (True, False, False): "B1", (True, True, False): "B2",
+               (True, True, True): "B3"}
     return presets.get(used, "custom")
 
 
@@ -403,7 +410,8 @@ def main(argv=None):
             results[name] = {}
             for key, dataset_name, data in tqdm(datasets, desc=f"evaluating {name}", unit="dataset"):
                 logits, embeddings = predict(model, data.images, config["input_size"], args.device, args.batch_size)
-                scores = {"eight_way": eight_way(logits, data.labels), "present_only": present_only(logits, data.labels)}
+                scores = {"eight_way": eight_way(logits, data.labels),
+                          "present_only": present_only(logits, data.labels)}
                 results[name][key] = scores
                 folder = os.path.join(out_dir, name, key)
                 title = f"{label_of(name, config)} on {dataset_name}, {note}"

@@ -111,7 +111,8 @@ def iter_dreamer(path):
         arousal = np.atleast_1d(_field(subject, "ScoreArousal", path, where))
         if not len(stimuli) == len(baselines) == len(valence) == len(arousal):
             raise EEGFormatError(f"{path}: {where} has {len(stimuli)} stimuli, {len(baselines)} baselines, "
-                                 f"{len(valence)} valence and {len(arousal)} arousal scores; expected one each per clip")
+                                 f"{len(valence)} valence and {len(arousal)} arousal scores; expected one each per "
+                                 "clip")
         for t in range(len(stimuli)):
             clip = f"{{{t + 1}}}"
             yield Trial(

@@ -95,9 +95,9 @@ def affectnet_records(folder, split="validation"):
     for candidate in (os.path.join(folder, f"{split}.csv"),
                       os.path.join(folder, "Manually_Annotated_file_lists", f"{split}.csv")):
         if os.path.isfile(candidate):
-            image_root = next((root for root in (os.path.join(folder, "Manually_Annotated_Images"),
-                                                 os.path.join(folder, "Manually_Annotated", "Manually_Annotated_Images"))
-                               if os.path.isdir(root)), folder)
+            image_roots = (os.path.join(folder, "Manually_Annotated_Images"),
+                           os.path.join(folder, "Manually_Annotated", "Manually_Annotated_Images"))
+            image_root = next((root for root in image_roots if os.path.isdir(root)), folder)
             return affectnet_csv_records(candidate, image_root)
     return affectnet_folder_records(folder, split)
 

@@ -106,7 +106,8 @@ def write_synthetic_mahnob(root, seed, subjects=6, sessions_per_subject=4, secon
             os.makedirs(folder, exist_ok=True)
             labelled = session_id <= subjects * sessions_per_subject - unlabelled
             v, a = (int(rng.integers(1, 10)), int(rng.integers(1, 10)))
-            write_session_xml(os.path.join(folder, "session.xml"), session_id, s, *((v, a) if labelled else (None, None)))
+            write_session_xml(os.path.join(folder, "session.xml"), session_id, s,
+                              *((v, a) if labelled else (None, None)))
             baseline = synthesize(rng, channels, MAHNOB_BASELINE_S + 2, MAHNOB_SFREQ, 0.0, 0.0, person)
             stimulus = synthesize(rng, channels, seconds, MAHNOB_SFREQ, (v - 5) / 4, (a - 5) / 4, person)
             tail = synthesize(rng, channels, 2, MAHNOB_SFREQ, 0.0, 0.0, person)
@@ -137,7 +138,8 @@ def ensure_synthetic_eeg(folder, seed, **sizes):
     if os.path.exists(folder):
         shutil.rmtree(folder)
     os.makedirs(folder)
-    write_synthetic_dreamer(dreamer, seed, **{k[len("dreamer_"):]: v for k, v in sizes.items() if k.startswith("dreamer_")})
+    write_synthetic_dreamer(dreamer, seed,
+                            **{k[len("dreamer_"):]: v for k, v in sizes.items() if k.startswith("dreamer_")})
     write_synthetic_mahnob(mahnob, seed, **{k[len("mahnob_"):]: v for k, v in sizes.items() if k.startswith("mahnob_")})
     with open(marker, "w") as handle:
         handle.write(wanted)

@@ -95,7 +95,8 @@ def draw_face(rng, expression, style="ferplus", size=IMAGE_SIDE):
     light = rng.normal(0, 0.15, 2)
     image = (image - 0.5) * contrast + 0.5 + light[0] * x / size + light[1] * y / size
     for _ in range(blur):
-        image = (image + np.roll(image, 1, 0) + np.roll(image, -1, 0) + np.roll(image, 1, 1) + np.roll(image, -1, 1)) / 5
+        image = (image + np.roll(image, 1, 0) + np.roll(image, -1, 0) + np.roll(image, 1, 1)
+                 + np.roll(image, -1, 1)) / 5
     image += rng.normal(0, 0.03, image.shape)
     return np.clip(np.round(image * 255), 0, 255).astype(np.uint8)
 
@@ -165,7 +166,8 @@ def place_face(rng, face, canvas_shape, face_side, style):
     background: (canvas uint8, (x, y, width, height) of the face)."""
     height, width = canvas_shape
     background = STYLES[style][3] * 255
-    ramp = np.linspace(-1, 1, width)[None, :] * rng.normal(0, 20) + np.linspace(-1, 1, height)[:, None] * rng.normal(0, 20)
+    ramp = (np.linspace(-1, 1, width)[None, :] * rng.normal(0, 20)
+            + np.linspace(-1, 1, height)[:, None] * rng.normal(0, 20))
     canvas = background + ramp + rng.normal(0, 6, canvas_shape)
     x, y = int(rng.integers(0, width - face_side + 1)), int(rng.integers(0, height - face_side + 1))
     canvas[y:y + face_side, x:x + face_side] = cv2.resize(face, (face_side, face_side), interpolation=cv2.INTER_CUBIC)
@@ -209,7 +211,8 @@ def write_synthetic_affectnet(folder, seed, per_class=50, unusable=24):
     and Manually_Annotated_Images/<n>/<name>.jpg, colour JPEGs of differing sizes in the 'affectnet' style.
     Balanced over the 8 classes, like AffectNet's validation set. Written whole or not at all."""
     rng = np.random.default_rng([seed, 11])
-    codes = [code for code in AFFECTNET_CODES for _ in range(per_class)] + [int(c) for c in rng.integers(8, 11, unusable)]
+    codes = ([code for code in AFFECTNET_CODES for _ in range(per_class)]
+             + [int(c) for c in rng.integers(8, 11, unusable)])
     rows = []
     with atomic_dir(folder) as root:
         for index in rng.permutation(len(codes)):
