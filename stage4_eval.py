@@ -41,8 +41,9 @@ from ngd_ext import artifacts  # noqa: E402
 from ngd_ext.emotions import DEFAULT_ANCHORS, FER_CLASSES  # noqa: E402
 from ngd_ext.face_crop import thread_cropper  # noqa: E402
 from ngd_ext.face_datasets import (IMAGE_EXTENSIONS, DatasetError, FaceSet, affectnet_records,  # noqa: E402
-                                   ckplus_records, manifest_records, read_faces, read_grey)
+                                   ckplus_records, manifest_records, read_faces)
 from ngd_ext.ferplus import FerPlusError, load_ferplus_cached  # noqa: E402
+from ngd_ext.images import read_grey  # noqa: E402
 from ngd_ext.metrics import eight_way, present_only  # noqa: E402
 from ngd_ext.parallel import map_in_threads  # noqa: E402
 from ngd_ext.prototypes import bin_centres, unit_rows  # noqa: E402

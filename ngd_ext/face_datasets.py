@@ -27,11 +27,11 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ngd_ext.csv_files import read_rows
 from ngd_ext.emotions import AFFECTNET_CODES, AFFECTNET_UNUSABLE, CKPLUS_CODES, CLASS_ALIASES, FER_CLASSES
 from ngd_ext.face_crop import HOW, thread_cropper
+from ngd_ext.images import read_grey
 from ngd_ext.parallel import map_in_threads
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
@@ -250,19 +250,6 @@ def manifest_records(path):
 
 
 # Decoding and cropping ---------------------------------------------------------------------------------------
-
-def read_grey(path, upright):
-    """A grey uint8 image; OSError (missing, undecodable) names the file. upright: turned as its EXIF orientation
-    says (a phone's photo taken sideways), for finding faces in it; False where a dataset's face box refers to the
-    pixels as stored."""
-    try:
-        with Image.open(path) as image:
-            return np.asarray((ImageOps.exif_transpose(image) if upright else image).convert("L"))
-    except UnidentifiedImageError as error:
-        raise OSError(f"{path}: not an image file PIL can decode") from error
-    except (ValueError, SyntaxError) as error:  # PIL reports some truncated or corrupt files this way
-        raise OSError(f"{path}: corrupt image ({error})") from error
-
 
 def _crop_record(record):
     """(record, Crop), or (record, OSError) for an image that cannot be read."""

@@ -16,10 +16,12 @@ import os
 from dataclasses import dataclass
 
 import numpy as np
+from PIL import Image
 
 from ngd_ext.artifacts import atomic_path, read_cache_entry, sha256_file
 from ngd_ext.csv_files import read_rows
 from ngd_ext.emotions import FER_CLASSES
+from ngd_ext.images import read_grey
 
 VOTE_COLUMNS = FER_CLASSES + ("unknown", "NF")
 SPLITS = ("train", "valid", "test")
@@ -190,8 +192,6 @@ def apply_rule(rows, split, training_labels="majority"):
 
 def load_ferplus(folder, training_labels="majority"):
     """{split: FerSplit} from either layout. training_labels: 'majority' or 'probability' (train only)."""
-    from PIL import Image
-
     rows = read_votes(folder)
     pixels_csv = os.path.join(folder, "fer2013.csv")
     usages = images = None
@@ -214,10 +214,10 @@ def load_ferplus(folder, training_labels="majority"):
             for i, row in enumerate(kept):
                 path = os.path.join(folder, FOLDER_SPLIT[split], row.name)
                 try:
-                    with Image.open(path) as image:
-                        split_images[i] = np.asarray(image.convert("L").resize((IMAGE_SIDE, IMAGE_SIDE)))
+                    grey = read_grey(path, upright=False)
                 except OSError as error:
-                    raise FerPlusError(f"{path}: unreadable image ({error})") from error
+                    raise FerPlusError(f"unreadable FERPlus image: {error}") from error
+                split_images[i] = np.asarray(Image.fromarray(grey).resize((IMAGE_SIDE, IMAGE_SIDE)))
         splits[split] = FerSplit(split_images, labels, targets, [row.name for row in kept])
     return splits
 

@@ -98,22 +98,30 @@ def example_rows(rng):
             ("PrivateTest", "fer4.png", [0, 0, 0, 7, 3, 0, 0, 0, 0, 0], image())]
 
 
-def test_both_layouts_load_the_same_images(tmp_path):
+def write_folder_layout(folder, rows, bits=8):
+    """FER2013{Train,Valid,Test}/ with label.csv and PNG images of `bits` bits per pixel (16: an 8-bit image widened,
+    v -> v * 257)."""
+    for usage, name, votes, image in rows:
+        if not name:
+            continue
+        split_folder = folder / {"Training": "FER2013Train", "PublicTest": "FER2013Valid",
+                                 "PrivateTest": "FER2013Test"}[usage]
+        split_folder.mkdir(parents=True, exist_ok=True)
+        pixels = image.astype(np.uint8) if bits == 8 else image.astype(np.uint16) * 257
+        Image.fromarray(pixels).save(split_folder / name)
+        with open(split_folder / "label.csv", "a", newline="") as handle:
+            csv.writer(handle).writerow([name, "(0, 0, 48, 48)", *votes])
+
+
+@pytest.mark.parametrize("bits", [8, 16])
+def test_both_layouts_load_the_same_images(tmp_path, bits):
     rows = example_rows(np.random.default_rng(0))
     write_csv_layout(str(tmp_path / "csv"), rows)
     from_csv = load_ferplus(str(tmp_path / "csv"))
     assert [len(from_csv[s].labels) for s in SPLITS] == [1, 1, 1]
     np.testing.assert_array_equal(from_csv["train"].images[0], rows[0][3])  # joined by position, not by name
     assert from_csv["valid"].labels.tolist() == [2] and from_csv["test"].labels.tolist() == [3]
-    folders = {"Training": "FER2013Train", "PublicTest": "FER2013Valid", "PrivateTest": "FER2013Test"}
-    for usage, name, votes, image in rows:
-        if not name:
-            continue
-        folder = tmp_path / "png" / folders[usage]
-        folder.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(image.astype(np.uint8)).save(folder / name)
-        with open(folder / "label.csv", "a", newline="") as handle:
-            csv.writer(handle).writerow([name, "(0, 0, 48, 48)", *votes])
+    write_folder_layout(tmp_path / "png", rows, bits)
     from_png = load_ferplus(str(tmp_path / "png"))
     for split in SPLITS:
         np.testing.assert_array_equal(from_png[split].images, from_csv[split].images)
@@ -133,6 +141,21 @@ def test_bad_rows_name_the_file_and_row(tmp_path, edit, message):
     edit(rows)
     write_csv_layout(str(tmp_path), rows)
     with pytest.raises(FerPlusError, match=message):
+        load_ferplus(str(tmp_path))
+
+
+@pytest.mark.parametrize("content,message", [
+    (b"\x89PNG\r\n\x1a\n not a PNG", r"FER2013Valid/fer3.png: not an image file PIL can decode"),
+    (None, r"FER2013Valid/fer3.png: a 32-bit floating-point image \(PIL mode F\)"),
+])
+def test_an_image_that_cannot_be_used_is_named(tmp_path, content, message):
+    write_folder_layout(tmp_path, example_rows(np.random.default_rng(3)))
+    path = tmp_path / "FER2013Valid" / "fer3.png"
+    if content is None:
+        Image.fromarray(np.full((48, 48), 0.5, np.float32)).save(path, format="TIFF")  # misnamed, as happens
+    else:
+        path.write_bytes(content)
+    with pytest.raises(FerPlusError, match=rf"unreadable FERPlus image: .*{message}"):
         load_ferplus(str(tmp_path))
 
 

@@ -1,0 +1,33 @@
+"""Image files as grey uint8 pixels: the one decoder behind every face image the stages read."""
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+# PIL's modes of 16-bit grey (PNG, TIFF, PGM). convert("L") clips them instead of scaling: a 16-bit photo would
+# become almost white.
+SIXTEEN_BIT_GREY = ("I;16", "I;16L", "I;16B", "I;16N")
+
+
+def grey_pixels(image, path):
+    """An open PIL image as grey uint8 pixels. 16-bit grey is scaled to 8 bits (v * 257 becomes v); 32-bit integer
+    and floating-point images are refused, since no convention fixes their range of values."""
+    if image.mode in SIXTEEN_BIT_GREY:
+        return np.rint(np.asarray(image, dtype=np.float64) / 257).astype(np.uint8)
+    if image.mode in ("I", "F"):
+        kind = "floating-point" if image.mode == "F" else "integer"
+        raise OSError(f"{path}: a 32-bit {kind} image (PIL mode {image.mode}), whose range of values no convention "
+                      "fixes; save it with 8 or 16 bits per sample")
+    return np.asarray(image.convert("L"))
+
+
+def read_grey(path, upright):
+    """A grey uint8 image; OSError (missing, undecodable, a mode with no fixed range) names the file. upright: turned
+    as its EXIF orientation says (a phone's photo taken sideways), for finding faces in it; False where a dataset's
+    face box refers to the pixels as stored."""
+    try:
+        with Image.open(path) as image:
+            return grey_pixels(ImageOps.exif_transpose(image) if upright else image, path)
+    except UnidentifiedImageError as error:
+        raise OSError(f"{path}: not an image file PIL can decode") from error
+    except (ValueError, SyntaxError) as error:  # PIL reports some truncated or corrupt files this way
+        raise OSError(f"{path}: corrupt image ({error})") from error
