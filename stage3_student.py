@@ -6,6 +6,7 @@ manifest. Writes RUN_DIR/stage3/data_summary.json and RUN_DIR/stage3/<name>/:
 
   best.pt         state_dict + config of the epoch with the best FERPlus-valid macro-F1
   history.jsonl   one line per epoch: every loss term, valid accuracy, macro-F1, bACC, learning rate, images/s
+                  (and with --amp fp16 the gradient scaler's loss scale)
   curves.png      losses and valid scores per epoch
   config.json, SHA256SUMS
 
@@ -27,9 +28,11 @@ import argparse
 import json
 import math
 import os
+import re
 import shutil
 import sys
 import time
+import warnings
 from typing import NamedTuple
 
 import matplotlib
@@ -143,6 +146,16 @@ def mixed_precision(choice, device):
             return None
         return torch.bfloat16 if torch.cuda.get_device_capability(device) >= (8, 0) else torch.float16
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[choice]
+
+
+def gradient_scaler(device, precision):
+    """torch's loss scaler for float16, or one whose calls pass straight through. It skips a step whose gradients
+    overflow, the first one too, and the learning-rate schedule counts that step all the same: torch's warning that
+    the scheduler then stepped before the optimizer points at nothing wrong, and is not shown."""
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == torch.float16)
+    if scaler.is_enabled():
+        warnings.filterwarnings("ignore", re.escape("Detected call of `lr_scheduler.step()` before `optimizer.step()`"))
+    return scaler
 
 
 def dgeo_ramp(epoch, start, end):
@@ -356,7 +369,7 @@ def main(argv=None):
         optimizer, lambda step: learning_rate_factor(step, warmup_steps, total_steps))
     precision = mixed_precision(args.amp, device)
     autocast = dict(device_type=device.type, dtype=precision or torch.bfloat16, enabled=precision is not None)
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == torch.float16)
+    scaler = gradient_scaler(device, precision)
 
     config = {key: value for key, value in vars(args).items() if key not in ("device", "resume", "run_dir")}
     config.update(embedding_size=int(bank.shape[1]), grid=grid, anchors=anchors, positive=list(DEFAULT_POSITIVE),
@@ -457,7 +470,8 @@ def main(argv=None):
             history.append({"epoch": epoch + 1, "lr": scheduler.get_last_lr()[0], "dgeo_ramp": ramp,
                             "train": {term: sums[term] / steps_per_epoch for term in terms},
                             "valid": {key: scores[key] for key in ("accuracy", "macro_f1", "balanced_accuracy")},
-                            "images_per_s": done * args.batch_size / elapsed})
+                            "images_per_s": done * args.batch_size / elapsed,
+                            **({"loss_scale": scaler.get_scale()} if scaler.is_enabled() else {})})
             print(f"epoch {epoch + 1}: loss {history[-1]['train']['total']:.4f}, valid macro-F1 "
                   f"{scores['macro_f1']:.3f}, acc {scores['accuracy']:.3f}, {history[-1]['images_per_s']:.0f} images/s")
             if scores["macro_f1"] > best_f1:

@@ -312,13 +312,30 @@ def test_mixed_precision_by_device():
         None, torch.bfloat16, torch.float16, None]
 
 
+def test_a_first_step_skipped_by_the_float16_scaler_sets_off_no_scheduler_warning(recwarn):
+    weight = torch.nn.Parameter(torch.ones(3))
+    optimizer = torch.optim.AdamW([weight])
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    scaler = stage3_student.gradient_scaler(torch.device("cpu"), torch.float16)
+    scaler.scale((weight * 1e36).sum()).backward()  # finite, but not once scaled by 65536
+    scaler.step(optimizer)
+    scaler.update()
+    scheduler.step()
+    assert scaler.get_scale() == 32768.0 and weight.detach().tolist() == [1.0, 1.0, 1.0]  # the step was skipped
+    assert [str(warning.message) for warning in recwarn] == []
+
+
 def test_float16_training_keeps_its_gradient_scaler_across_a_resume(run_with_bank, monkeypatch, capsys):
     """--amp fp16 (meant for GPUs without bfloat16, run here on the CPU): a gradient scaler scales the loss, skipping
     the steps whose gradients overflow, and lowering its scale then; a killed run continues with the scaler's state,
-    and so ends with the weights of a run never killed (with the scale reset, it would skip other steps)."""
+    and so ends with the weights of a run never killed (with the scale reset, it would skip other steps). The
+    history records the scale."""
     arguments = ["--run-dir", run_with_bank, "--variant", "B2", "--kd-weight", "0", *TINY, "--amp", "fp16",
                  "--checkpoint-every", "2", "--batch-size", "128", "--input-size", "16"]  # float16 is slow on a CPU
     stage3_student.main([*arguments, "--name", "straight_fp16"])
+    with open(os.path.join(run_with_bank, "stage3", "straight_fp16", "history.jsonl")) as handle:
+        (entry,) = [json.loads(line) for line in handle]
+    assert entry["loss_scale"] < 65536.0
 
     steps = []
 
