@@ -222,8 +222,8 @@ def print_table(results, device):
         def ratio(other):
             return f"{other['ms'] / fused['ms']:8.2f}" if fused and other else "       -"
 
-        line = f"{key[0]:9} {key[1]:6d} {key[2]:5d} {key[3]:7} {cell(fused, 9)} {cell(eager, 9)} {cell(compiled, 10)} " \
-               f"{ratio(eager)} {ratio(compiled):>9} {cell(fused, 10, 'gb_per_s')}"
+        line = (f"{key[0]:9} {key[1]:6d} {key[2]:5d} {key[3]:7} {cell(fused, 9)} {cell(eager, 9)} "
+                f"{cell(compiled, 10)} {ratio(eager)} {ratio(compiled):>9} {cell(fused, 10, 'gb_per_s')}")
         if device == "cuda":
             line += f" {cell(fused, 9, 'ms_cuda_graph')} {cell(fused, 9, 'copy_gb_per_s')}"
         print(line)

@@ -146,7 +146,8 @@ def main():
         signature = re.sub(r"\(anonymous namespace\)::|ngd_ext::|c10::", "", names[name]).split(">(")[0] + ">"
         rows.append(dict(kernel=signature, registers=registers, spill_bytes=spills, **counts))
     rows.sort(key=lambda row: row["kernel"])
-    print(f"{'kernel <scalar, acc, KMAX, M tiles, aligned>':58} {'regs':>5} {'spill':>6} {'loop':>5} {'span':>5} {'hmma':>5}")
+    print(f"{'kernel <scalar, acc, KMAX, M tiles, aligned>':58} {'regs':>5} {'spill':>6} {'loop':>5} {'span':>5} "
+          f"{'hmma':>5}")
     for row in rows:
         print(f"{row['kernel']:58} {row['registers']:5} {row['spill_bytes']:6} {row['loop']:5} {row['span']:5} "
               f"{row['hmma']:5}")

@@ -15,4 +15,5 @@ if [ "${NGD_NO_CUDA:-0}" != 1 ]; then
 fi
 export MAX_JOBS=${MAX_JOBS:-$(nproc)}
 .venv/bin/python -m pip install --quiet --disable-pip-version-check --no-build-isolation --no-deps -e .
-.venv/bin/python -c "import ngd_ext; print('ngd_ext fused op serves:', ', '.join(d for d in ('cpu', 'cuda') if ngd_ext.fused_available(d)) or 'nothing (reference only)')"
+.venv/bin/python -c "import ngd_ext; served = [d for d in ('cpu', 'cuda') if ngd_ext.fused_available(d)]
+print('ngd_ext fused op serves:', ', '.join(served) or 'nothing (reference only)')"

@@ -194,8 +194,9 @@ def test_manifest_labels_paths_and_boxes(tmp_path):
                     "e.png,8,,,,\n"
                     "\n", encoding="utf-8")
     records, dropped = manifest_records(str(path))
-    assert [(r.path, r.label, r.box) for r in records] == [
-        (str(tmp_path / "a.png"), 1, None), ("/abs/b.png", 3, (1, 2, 30, 40)), (str(tmp_path / "sub" / "c.png"), 4, None)]
+    assert [(r.path, r.label, r.box) for r in records] == [(str(tmp_path / "a.png"), 1, None),
+                                                           ("/abs/b.png", 3, (1, 2, 30, 40)),
+                                                           (str(tmp_path / "sub" / "c.png"), 4, None)]
     assert dropped == {"label 'confused' (not a FERPlus class)": 1, "label '8' (not a FERPlus class)": 1}
 
 

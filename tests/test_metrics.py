@@ -60,7 +60,8 @@ def test_against_scikit_learn_with_absent_classes(seed):
     precision, recall, f1, support = precision_recall_fscore_support(targets, predictions, labels=all_classes,
                                                                      zero_division=0)
     for c, row in enumerate(scores["per_class"]):
-        assert (row["precision"], row["recall"], row["f1"]) == pytest.approx((precision[c], recall[c], f1[c]), abs=1e-12)
+        expected = (precision[c], recall[c], f1[c])
+        assert (row["precision"], row["recall"], row["f1"]) == pytest.approx(expected, abs=1e-12)
         assert row["support"] == support[c]
 
     restricted = present[logits[:, present].argmax(axis=1)]

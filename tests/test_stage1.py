@@ -57,7 +57,8 @@ def test_interpolation_matrix(names):
 
 
 def test_split_holds_out_whole_subjects_of_each_dataset():
-    subjects = {"DREAMER": {f"dreamer-{i:02d}" for i in range(1, 13)}, "MAHNOB-HCI": {f"mahnob-{i}" for i in range(1, 9)}}
+    subjects = {"DREAMER": {f"dreamer-{i:02d}" for i in range(1, 13)},
+                "MAHNOB-HCI": {f"mahnob-{i}" for i in range(1, 9)}}
     held_out = stage1_teacher.split_subjects(subjects, 0.25, seed=3)
     assert len(held_out & subjects["DREAMER"]) == 3 and len(held_out & subjects["MAHNOB-HCI"]) == 2
     assert held_out == stage1_teacher.split_subjects(subjects, 0.25, seed=3)
@@ -87,7 +88,7 @@ def test_no_window_of_a_held_out_trial_is_trained_on(tmp_path):
     assert len(train[0]) + len(test[0]) == sum(len(t.entropy) for t in trials)
     assert not set(train[4]) & set(test[4])  # trial ids
     assert set(test[3]) == held_out
-    assert [dataset for dataset in test[5]] == ["DREAMER" if s.startswith("dreamer-") else "MAHNOB-HCI" for s in test[3]]
+    assert list(test[5]) == ["DREAMER" if s.startswith("dreamer-") else "MAHNOB-HCI" for s in test[3]]
 
 
 def test_features_in_worker_processes_equal_those_in_this_one(tmp_path):
@@ -145,7 +146,8 @@ def test_features_are_cached_by_the_recordings_content(tmp_path, monkeypatch):
     assert all(t.from_cache for t in again)
     for one, other in zip(first, again):
         np.testing.assert_array_equal(other.entropy, one.entropy)
-        assert (other.trial_id, other.ch_names, other.content_sha256) == (one.trial_id, one.ch_names, one.content_sha256)
+        for field in ("trial_id", "ch_names", "content_sha256"):
+            assert getattr(other, field) == getattr(one, field), field
 
     # Another recording under a session's name takes that recording's features, labelled as the session.
     sessions = [source for source in sources() if isinstance(source, MahnobSession)]
@@ -265,8 +267,8 @@ def test_stage1_resumes_after_a_crash_and_leaves_the_previous_teacher_whole(tmp_
     assert artifacts.verify_manifest(stage1, sorted(before)) == before
     assert not [name for name in os.listdir(run_dir) if name.startswith("stage1.")]
     monkeypatch.undo()
-    with pytest.raises(artifacts.ArtifactError,
-                       match=rf"{re.escape(checkpoint)} was written with other settings \(lr\); rerun without --resume"):
+    other_settings = rf"{re.escape(checkpoint)} was written with other settings \(lr\); rerun without --resume"
+    with pytest.raises(artifacts.ArtifactError, match=other_settings):
         run_tiny_stage1_in_this_process(run_dir, "--resume", "--lr", "0.01")
     capsys.readouterr()
     run_tiny_stage1_in_this_process(run_dir, "--resume")

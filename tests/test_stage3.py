@@ -162,7 +162,8 @@ def test_b0_then_b3_with_its_kd_teacher(run_with_bank):
     assert checkpoint["config"]["kd_teacher_sha256"] == artifacts.sha256_file(teacher)
     with open(os.path.join(run_dir, "stage3", "data_summary.json")) as handle:
         summary = json.load(handle)
-    assert summary["source"] == "synthetic" and sum(summary["train"]["per_class"].values()) == summary["train"]["images"]
+    assert summary["source"] == "synthetic"
+    assert sum(summary["train"]["per_class"].values()) == summary["train"]["images"]
 
 
 def test_kd_teacher_of_another_architecture_is_refused(run_with_bank, tmp_path):
@@ -474,9 +475,10 @@ def test_a_deterministic_run_repeats_bit_for_bit(run_with_bank, device):
     that has none stops the run, naming itself. Each run is a process of its own: cuBLAS reads its workspace setting
     once per process."""
     for name in ("deterministic_a", "deterministic_b"):
-        subprocess.run([sys.executable, os.path.join(ROOT, "stage3_student.py"), "--run-dir", run_with_bank, "--variant",
-                        "B3", "--kd-weight", "0", "--ramp-start", "0", "--ramp-end", "0", "--deterministic", "--name",
-                        name, *TINY[:-2], "--device", device], check=True, capture_output=True, cwd=ROOT)
+        subprocess.run([sys.executable, os.path.join(ROOT, "stage3_student.py"), "--run-dir", run_with_bank,
+                        "--variant", "B3", "--kd-weight", "0", "--ramp-start", "0", "--ramp-end", "0",
+                        "--deterministic", "--name", name, *TINY[:-2], "--device", device],
+                       check=True, capture_output=True, cwd=ROOT)
     first, second = (weights(os.path.join(run_with_bank, "stage3", name, "best.pt"))
                      for name in ("deterministic_a", "deterministic_b"))
     assert first.keys() == second.keys()

@@ -118,7 +118,8 @@ def test_prediction_mode(demo, tmp_path):
 
 def test_prediction_mode_needs_one_student(demo, tmp_path):
     run_dir, _ = demo
-    with pytest.raises(ValueError, match=r"--predict uses one student: name it with --variants \(found B3, kd_teacher\)"):
+    with pytest.raises(ValueError,
+                       match=r"--predict uses one student: name it with --variants \(found B3, kd_teacher\)"):
         stage4_eval.main(["--run-dir", run_dir, "--predict", str(tmp_path), "--variants", "B3", "kd_teacher"])
 
 

@@ -115,8 +115,10 @@ NGD_INLINE Simd<float> transposed_totals<float>(const Simd<float>* v) {
 
 template <>
 NGD_INLINE Simd<double> transposed_totals<double>(const Simd<double>* v) {
-  const Simd<double> a = __builtin_shufflevector(v[0], v[1], 0, 4, 2, 6) + __builtin_shufflevector(v[0], v[1], 1, 5, 3, 7);
-  const Simd<double> b = __builtin_shufflevector(v[2], v[3], 0, 4, 2, 6) + __builtin_shufflevector(v[2], v[3], 1, 5, 3, 7);
+  const Simd<double> a =
+      __builtin_shufflevector(v[0], v[1], 0, 4, 2, 6) + __builtin_shufflevector(v[0], v[1], 1, 5, 3, 7);
+  const Simd<double> b =
+      __builtin_shufflevector(v[2], v[3], 0, 4, 2, 6) + __builtin_shufflevector(v[2], v[3], 1, 5, 3, 7);
   return __builtin_shufflevector(a, b, 0, 1, 4, 5) + __builtin_shufflevector(a, b, 2, 3, 6, 7);
 }
 
@@ -168,8 +170,8 @@ NGD_INLINE Simd<float> softmax_exp(Simd<float> x) {
   const Simd<float> shifter = splat(12582912.0f);
   const Simd<float> n = (x * 1.44269504f + shifter) - shifter;
   const Simd<float> r = (x - n * 0.693145751953125f) - n * 1.428606765330187e-06f;
-  const Simd<float> p =
-      1.0f + r * (1.0f + r * (0.5f + r * (1.6666667e-1f + r * (4.1666668e-2f + r * (8.333334e-3f + r * 1.3888889e-3f)))));
+  const Simd<float> high_terms = 4.1666668e-2f + r * (8.333334e-3f + r * 1.3888889e-3f);
+  const Simd<float> p = 1.0f + r * (1.0f + r * (0.5f + r * (1.6666667e-1f + r * high_terms)));
   const Int32 bits = (__builtin_convertvector(n, Int32) + 127) << 23;
   Simd<float> scale;
   std::memcpy(&scale, &bits, sizeof(scale));
