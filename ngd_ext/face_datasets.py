@@ -242,8 +242,12 @@ def manifest_records(path):
             box = tuple(_integer(fields[i], path, number, header[i]) for i in box_columns)
             if box[2] <= 0 or box[3] <= 0:
                 raise DatasetError(f"{path}, row {number}: face box {box} has no area")
-        records.append(FaceRecord(os.path.join(base, fields[path_column].strip()), label, box,
-                                  f"{path}, row {number}"))
+        image_path = os.path.join(base, fields[path_column].strip())
+        if "\\" in image_path and not os.path.exists(image_path):
+            raise DatasetError(f"{path}, row {number}: no file {fields[path_column].strip()!r}, whose backslashes "
+                               "look like a Windows path; write the manifest's paths with / (relative to its folder, "
+                               "or absolute)")
+        records.append(FaceRecord(image_path, label, box, f"{path}, row {number}"))
     if not records:
         raise DatasetError(f"{path}: no row with a FERPlus label")
     return records, dict(dropped)

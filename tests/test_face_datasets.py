@@ -200,6 +200,15 @@ def test_manifest_labels_paths_and_boxes(tmp_path):
     assert dropped == {"label 'confused' (not a FERPlus class)": 1, "label '8' (not a FERPlus class)": 1}
 
 
+def test_manifest_paths_written_on_windows_are_named(tmp_path):
+    save(str(tmp_path / "images" / "a.png"), np.zeros((30, 30), np.uint8))
+    path = tmp_path / "faces.csv"
+    path.write_text("path,label\nimages/a.png,happy\nimages\\a.png,sad\n")
+    with pytest.raises(DatasetError, match=r"faces.csv, row 3: no file 'images\\\\a.png', whose backslashes look "
+                                           r"like a Windows path; write the manifest's paths with /"):
+        manifest_records(str(path))
+
+
 def test_manifest_header_is_checked(tmp_path):
     path = tmp_path / "faces.csv"
     with pytest.raises(DatasetError, match=r"faces.csv: no such file; expected a CSV with 'path' and 'label' columns"):
