@@ -344,9 +344,19 @@ def faces_in(path):
         return path, error
 
 
+def image_files(folder):
+    """The image files under folder, at any depth, in a fixed order. Hidden files and folders (names that start with
+    a dot: the ._ copies macOS leaves beside every file it copies, .thumbnails/) are left out, as glob leaves them."""
+    found = []
+    for root, folders, files in os.walk(folder):
+        folders[:] = [name for name in folders if not name.startswith(".")]
+        found += [os.path.join(root, name) for name in files
+                  if not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)]
+    return sorted(found)
+
+
 def predict_folder(args, model, config, name):
-    images = sorted(os.path.join(root, file) for root, _, files in os.walk(args.predict) for file in files
-                    if file.lower().endswith(IMAGE_EXTENSIONS))
+    images = image_files(args.predict)
     if not images:
         raise ValueError(f"--predict {args.predict}: no image files ({', '.join(IMAGE_EXTENSIONS)}) under it")
     faces, rows, unreadable = [], [], []

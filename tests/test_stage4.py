@@ -96,7 +96,7 @@ def test_summary_tables_cover_every_variant_and_dataset(demo):
     assert latex.count(r"\begin{tabular}") == 3 and r"B3 & \checkmark & \checkmark & \checkmark" in latex
 
 
-def test_prediction_mode(demo, tmp_path):
+def test_prediction_mode(demo, tmp_path, capsys):
     run_dir, _ = demo
     folder = tmp_path / "photos"
     os.makedirs(folder / "nested")
@@ -105,11 +105,17 @@ def test_prediction_mode(demo, tmp_path):
     Image.fromarray(frame).save(folder / "nested" / "face.png")
     Image.fromarray(np.full((50, 80, 3), 90, np.uint8)).save(folder / "wall.jpg")
     (folder / "broken.png").write_bytes(b"not a png")
+    (folder / "._wall.jpg").write_bytes(b"\x00\x05\x16\x07 macOS's resource fork")  # hidden: left out
+    os.makedirs(folder / ".thumbnails")
+    Image.fromarray(np.full((20, 20), 90, np.uint8)).save(folder / ".thumbnails" / "wall.png")
     output = str(tmp_path / "predictions.csv")
+    capsys.readouterr()
     stage4_eval.main(["--run-dir", run_dir, "--predict", str(folder), "--output", output, "--device", "cpu"])
     with open(output) as handle:
         rows = list(csv.DictReader(handle))
     assert [(row["path"], row["found_by"]) for row in rows] == [("nested/face.png", "detected"), ("wall.jpg", "centre")]
+    skipped = [line for line in capsys.readouterr().err.splitlines() if line.startswith("skipped unreadable image")]
+    assert len(skipped) == 1 and "broken.png" in skipped[0]
     assert [rows[1][key] for key in ("x", "y", "width", "height")] == ["15", "0", "50", "50"]
     for row in rows:
         p = [float(row[f"p_{name}"]) for name in FER_CLASSES]
