@@ -1,4 +1,5 @@
-"""The README and docs/ as rendered Markdown: the two opening commands, links that resolve, whole tables."""
+"""The README and docs/ as rendered Markdown: the two opening commands, links that resolve, whole tables; and the
+README's example of the loss in a training loop of one's own, run."""
 
 import glob
 import os
@@ -63,3 +64,32 @@ def test_tables_have_a_header_and_whole_rows(page):
                          for n, row in rest if cells(row) != cells(header)]
             table = []
     assert not problems, f"{page}: {problems}"
+
+
+def code_blocks(page, language):
+    with open(os.path.join(ROOT, page)) as handle:
+        return re.findall(rf"^```{language}\n(.*?)^```$", handle.read(), flags=re.S | re.M)
+
+
+def test_the_readme_example_of_the_loss_in_ones_own_training_runs(tmp_path, monkeypatch):
+    import numpy as np
+    import torch
+
+    from ngd_ext import artifacts, reference
+
+    (example,) = [block for block in code_blocks("README.md", "python") if "proto_kd_targets" in block]
+    stage2 = tmp_path / "runs" / "demo" / "stage2"
+    stage2.mkdir(parents=True)
+    bank = np.random.default_rng(0).normal(size=(25, 16)).astype(np.float32)
+    np.savez(stage2 / "prototypes.npz", bank=bank / np.linalg.norm(bank, axis=1, keepdims=True), G=5)
+    artifacts.write_manifest(str(stage2))
+    monkeypatch.chdir(tmp_path)
+    names = {}
+    exec(compile(example, "README.md", "exec"), names)
+    assert names["target"].shape == (8, 25)
+    torch.testing.assert_close(names["target"].sum(dim=1), torch.ones(8))
+    expected = reference.proto_dgeo_loss(names["z"].detach(), names["protos"], names["target"], names["labels"],
+                                         names["positive"], 0.9)
+    torch.testing.assert_close(torch.stack([names["proto_kd"], names["var_cap_loss"], names["margin_loss"]]).detach(),
+                               torch.stack(expected))
+    assert names["z"].grad is not None and names["z"].grad.abs().sum() > 0
