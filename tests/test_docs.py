@@ -7,6 +7,8 @@ import re
 
 import pytest
 
+from ngd_ext.emotions import FER_CLASSES
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PAGES = ["README.md", *sorted(os.path.relpath(path, ROOT) for path in glob.glob(os.path.join(ROOT, "docs", "*.md")))]
 
@@ -93,3 +95,30 @@ def test_the_readme_example_of_the_loss_in_ones_own_training_runs(tmp_path, monk
     torch.testing.assert_close(torch.stack([names["proto_kd"], names["var_cap_loss"], names["margin_loss"]]).detach(),
                                torch.stack(expected))
     assert names["z"].grad is not None and names["z"].grad.abs().sum() > 0
+
+
+def test_the_readme_example_of_prediction_from_python_runs(tmp_path, monkeypatch, capsys):
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from ngd_ext import artifacts
+    from ngd_ext.student_model import Student
+    from ngd_ext.synthetic_faces import EXPRESSIONS, draw_face, place_face
+
+    (example,) = [block for block in code_blocks("README.md", "python") if "load_student" in block]
+    student = tmp_path / "runs" / "demo" / "stage3" / "B3"
+    student.mkdir(parents=True)
+    torch.manual_seed(0)
+    torch.save({"state_dict": Student("resnet18", 8, 16).state_dict(),
+                "config": {"arch": "resnet18", "embedding_size": 16, "input_size": 48}}, student / "best.pt")
+    artifacts.write_manifest(str(student))
+    rng = np.random.default_rng(3)
+    frame, _ = place_face(rng, draw_face(rng, EXPRESSIONS["surprise"], "ckplus"), (200, 260), 110, "ckplus")
+    Image.fromarray(frame).convert("RGB").save(tmp_path / "photo.jpg")
+    monkeypatch.chdir(tmp_path)
+    names = {}
+    exec(compile(example, "README.md", "exec"), names)
+    printed = capsys.readouterr().out.splitlines()
+    assert names["logits"].shape == (len(names["faces"]), 8) and names["embeddings"].shape == (len(printed), 16)
+    assert printed[0].startswith("detected (") and printed[0].split()[-1] in FER_CLASSES
