@@ -27,6 +27,7 @@ import argparse
 import csv
 import os
 import sys
+from collections import Counter
 
 import matplotlib
 import numpy as np
@@ -345,18 +346,27 @@ def faces_in(path):
 
 
 def image_files(folder):
-    """The image files under folder, at any depth, in a fixed order. Hidden files and folders (names that start with
-    a dot: the ._ copies macOS leaves beside every file it copies, .thumbnails/) are left out, as glob leaves them."""
-    found = []
+    """(the image files under folder, at any depth, in a fixed order; a Counter of the other files' extensions).
+    Hidden files and folders (names that start with a dot: the ._ copies macOS leaves beside every file it copies,
+    .thumbnails/) are left out, as glob leaves them."""
+    images, others = [], Counter()
     for root, folders, files in os.walk(folder):
         folders[:] = [name for name in folders if not name.startswith(".")]
-        found += [os.path.join(root, name) for name in files
-                  if not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)]
-    return sorted(found)
+        for name in files:
+            if name.startswith("."):
+                continue
+            if name.lower().endswith(IMAGE_EXTENSIONS):
+                images.append(os.path.join(root, name))
+            else:
+                others[os.path.splitext(name)[1].lower() or "(no extension)"] += 1
+    return sorted(images), others
 
 
 def predict_folder(args, model, config, name):
-    images = image_files(args.predict)
+    images, others = image_files(args.predict)
+    if others:  # a phone's HEIC photos, say, which PIL does not decode
+        print(f"--predict: left out {sum(others.values())} files that are not {'/'.join(IMAGE_EXTENSIONS)} images: "
+              + ", ".join(f"{extension} {count}" for extension, count in others.most_common()), file=sys.stderr)
     if not images:
         raise ValueError(f"--predict {args.predict}: no image files ({', '.join(IMAGE_EXTENSIONS)}) under it")
     faces, rows, unreadable = [], [], []

@@ -108,14 +108,19 @@ def test_prediction_mode(demo, tmp_path, capsys):
     (folder / "._wall.jpg").write_bytes(b"\x00\x05\x16\x07 macOS's resource fork")  # hidden: left out
     os.makedirs(folder / ".thumbnails")
     Image.fromarray(np.full((20, 20), 90, np.uint8)).save(folder / ".thumbnails" / "wall.png")
+    for name in ("IMG_0001.HEIC", "IMG_0002.heic", "notes.txt"):  # PIL reads no HEIC: counted and named
+        (folder / "nested" / name).write_bytes(b"...")
     output = str(tmp_path / "predictions.csv")
     capsys.readouterr()
     stage4_eval.main(["--run-dir", run_dir, "--predict", str(folder), "--output", output, "--device", "cpu"])
     with open(output) as handle:
         rows = list(csv.DictReader(handle))
     assert [(row["path"], row["found_by"]) for row in rows] == [("nested/face.png", "detected"), ("wall.jpg", "centre")]
-    skipped = [line for line in capsys.readouterr().err.splitlines() if line.startswith("skipped unreadable image")]
+    errors = capsys.readouterr().err.splitlines()
+    skipped = [line for line in errors if line.startswith("skipped unreadable image")]
     assert len(skipped) == 1 and "broken.png" in skipped[0]
+    assert ("--predict: left out 3 files that are not .jpg/.jpeg/.png/.bmp/.tif/.tiff/.webp images: .heic 2, "
+            ".txt 1") in errors
     assert [rows[1][key] for key in ("x", "y", "width", "height")] == ["15", "0", "50", "50"]
     for row in rows:
         p = [float(row[f"p_{name}"]) for name in FER_CLASSES]
