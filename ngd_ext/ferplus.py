@@ -135,19 +135,21 @@ def read_votes(folder):
 
 
 def read_fer2013_pixels(path):
-    """fer2013.csv as (usage per row, uint8 images N x 48 x 48), every row checked."""
+    """fer2013.csv as (usage per row, uint8 images N x 48 x 48), every row checked. Columns are found by name, so
+    Kaggle's icml_face_data.csv (the same rows, its header "emotion, Usage, pixels") serves as well."""
     usages, images = [], []
     reader = read_rows(path, FerPlusError)
-    header = next(reader, None)
-    if header != ["emotion", "pixels", "Usage"]:
-        raise FerPlusError(f"{path}: header {header} is not emotion, pixels, Usage")
+    header = [name.strip() for name in next(reader, [])]
+    if sorted(header) != ["Usage", "emotion", "pixels"]:
+        raise FerPlusError(f"{path}: header {header} does not name the columns emotion, pixels and Usage")
+    pixels_column, usage_column = header.index("pixels"), header.index("Usage")
     for position, fields in enumerate(reader):
         row = position + 2
         if len(fields) != 3:
-            raise FerPlusError(f"{path}, row {row}: {len(fields)} fields, expected emotion, pixels, Usage "
+            raise FerPlusError(f"{path}, row {row}: {len(fields)} fields, expected {', '.join(header)} "
                                "(a truncated row?)")
         try:
-            pixels = np.array(fields[1].split(), dtype=np.int64)
+            pixels = np.array(fields[pixels_column].split(), dtype=np.int64)
         except ValueError:
             raise FerPlusError(f"{path}, row {row}: pixels must be integers separated by spaces") from None
         if len(pixels) != IMAGE_SIDE * IMAGE_SIDE:
@@ -155,7 +157,7 @@ def read_fer2013_pixels(path):
                                f"{IMAGE_SIDE * IMAGE_SIDE} (48 x 48)")
         if pixels.min() < 0 or pixels.max() > 255:
             raise FerPlusError(f"{path}, row {row}: pixel values must lie in 0..255")
-        usages.append(fields[2])
+        usages.append(fields[usage_column].strip())
         images.append(pixels.astype(np.uint8).reshape(IMAGE_SIDE, IMAGE_SIDE))
     return usages, np.stack(images) if images else np.empty((0, IMAGE_SIDE, IMAGE_SIDE), np.uint8)
 

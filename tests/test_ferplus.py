@@ -74,14 +74,16 @@ def test_official_votes_give_the_known_counts(layout, tmp_path):
         assert np.bincount(labels, minlength=8).tolist() == COUNTS[layout][split]
 
 
-def write_csv_layout(folder, rows):
-    """fer2013.csv + fer2013new.csv. rows: (usage, name, votes, image 48x48)."""
+def write_csv_layout(folder, rows, icml_columns=False):
+    """fer2013.csv + fer2013new.csv. rows: (usage, name, votes, image 48x48). icml_columns: fer2013.csv with the
+    columns of Kaggle's icml_face_data.csv, "emotion, Usage, pixels"."""
     os.makedirs(folder, exist_ok=True)
     with open(os.path.join(folder, "fer2013.csv"), "w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["emotion", "pixels", "Usage"])
+        writer.writerow(["emotion", " Usage", " pixels"] if icml_columns else ["emotion", "pixels", "Usage"])
         for usage, _, _, image in rows:
-            writer.writerow([0, " ".join(map(str, image.ravel())), usage])
+            pixels = " ".join(map(str, image.ravel()))
+            writer.writerow([0, usage, pixels] if icml_columns else [0, pixels, usage])
     with open(os.path.join(folder, "fer2013new.csv"), "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["Usage", "Image name", *FER_CLASSES, "unknown", "NF"])
@@ -128,6 +130,20 @@ def test_both_layouts_load_the_same_images(tmp_path, bits):
         np.testing.assert_array_equal(from_png[split].labels, from_csv[split].labels)
     summary = data_summary(from_png)
     assert summary["valid"] == {"images": 1, "per_class": {**{c: 0 for c in FER_CLASSES}, "surprise": 1}}
+
+
+def test_kaggles_icml_face_data_csv_serves_as_fer2013_csv(tmp_path):
+    rows = example_rows(np.random.default_rng(4))
+    write_csv_layout(str(tmp_path / "fer2013"), rows)
+    write_csv_layout(str(tmp_path / "icml"), rows, icml_columns=True)
+    expected, actual = load_ferplus(str(tmp_path / "fer2013")), load_ferplus(str(tmp_path / "icml"))
+    for split in SPLITS:
+        np.testing.assert_array_equal(actual[split].images, expected[split].images)
+        np.testing.assert_array_equal(actual[split].labels, expected[split].labels)
+    (tmp_path / "icml" / "fer2013.csv").write_text("emotion,Usage,image\n")
+    with pytest.raises(FerPlusError, match=r"fer2013.csv: header \['emotion', 'Usage', 'image'\] does not name the "
+                                           r"columns emotion, pixels and Usage"):
+        load_ferplus(str(tmp_path / "icml"))
 
 
 @pytest.mark.parametrize("edit,message", [
