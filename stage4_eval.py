@@ -66,9 +66,11 @@ def parse_args(argv=None):
                         help=f"run folder holding stage2/ and stage3/ (default {RUN_DIR})")
     parser.add_argument("--ferplus", help="FERPlus folder (default: the one the students were trained on)")
     parser.add_argument("--affectnet",
-                        help="AffectNet folder: validation.csv + Manually_Annotated_Images/, or class folders")
+                        help="AffectNet folder: validation.csv + Manually_Annotated_Images/, or the face-crop "
+                             "release's val_set/ (images/ + annotations/), or class folders")
     parser.add_argument("--affectnet-split", choices=("validation", "training"), default="validation",
-                        help="which AffectNet CSV to read (default validation)")
+                        help="which AffectNet split to read: validation.csv or val_set/ (default), training.csv or "
+                             "train_set/")
     parser.add_argument("--ckplus", help="CK+ folder: cohn-kanade-images/ and Emotion/")
     parser.add_argument("--manifest", action="append", default=[],
                         help="CSV with path and label columns (repeatable); its file name names the dataset")

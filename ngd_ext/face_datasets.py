@@ -6,8 +6,10 @@ and a count of what it dropped and why; `read_faces` then decodes and crops them
 - AffectNet: `training.csv` / `validation.csv` (in the folder or its `Manually_Annotated_file_lists/`, with
   or without the header row) whose `subDirectory_filePath` is relative to `Manually_Annotated_Images/`
   (or the folder itself); expression codes 0-7 remapped explicitly, 8-10 (None, Uncertain, No-Face) and any
-  other code dropped and counted; the CSV's face box is used. Or class-named image folders (`happy/`,
-  `Surprise/`, ... or AffectNet's codes `0/` ... `7/`); images in other folders are dropped and counted.
+  other code dropped and counted; the CSV's face box is used. Or AffectNet's later release of face crops:
+  `val_set/` and `train_set/`, each with `images/<n>.jpg` and `annotations/<n>_exp.npy` (the same codes, one per
+  file). Or class-named image folders (`happy/`, `Surprise/`, ... or AffectNet's codes `0/` ... `7/`); images in
+  other folders are dropped and counted.
 - CK+: `cohn-kanade-images/Sxxx/yyy/*.png` (or `extended-cohn-kanade-images/cohn-kanade-images/`) with
   `Emotion/Sxxx/yyy/*_emotion.txt` (or `Emotion_labels/Emotion/`). A labelled sequence gives its last 3 frames
   its label and its first frame `neutral` (a sequence of 3 frames or fewer gives no neutral frame); sequences
@@ -23,6 +25,7 @@ that lists it; with `skip_unreadable` they are counted, listed in the report and
 import glob
 import itertools
 import os
+import tokenize
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -90,8 +93,12 @@ def _integer(text, path, row, column):
 
 # AffectNet ---------------------------------------------------------------------------------------------------
 
+AFFECTNET_CROP_SETS = {"validation": "val_set", "training": "train_set"}
+
+
 def affectnet_records(folder, split="validation"):
-    """(records, dropped) of an AffectNet folder: its `<split>.csv` when there is one, else class folders."""
+    """(records, dropped) of an AffectNet folder: its `<split>.csv` when there is one; else the face-crop release's
+    `val_set/` or `train_set/` (or the folder itself, when it is one of them); else class folders."""
     for candidate in (os.path.join(folder, f"{split}.csv"),
                       os.path.join(folder, "Manually_Annotated_file_lists", f"{split}.csv")):
         if os.path.isfile(candidate):
@@ -99,6 +106,9 @@ def affectnet_records(folder, split="validation"):
                            os.path.join(folder, "Manually_Annotated", "Manually_Annotated_Images"))
             image_root = next((root for root in image_roots if os.path.isdir(root)), folder)
             return affectnet_csv_records(candidate, image_root)
+    for candidate in (os.path.join(folder, AFFECTNET_CROP_SETS[split]), folder):
+        if all(os.path.isdir(os.path.join(candidate, name)) for name in ("images", "annotations")):
+            return affectnet_crop_records(candidate)
     return affectnet_folder_records(folder, split)
 
 
@@ -136,6 +146,58 @@ def affectnet_csv_records(path, image_root):
         label = FER_CLASSES.index(AFFECTNET_CODES[code])
         records.append(FaceRecord(os.path.join(image_root, fields[columns["subDirectory_filePath"]]), label, box,
                                   f"{path}, row {number}"))
+    return records, dict(dropped)
+
+
+# What np.load, and taking the value out, raise for a damaged .npy file: its header is parsed as a Python literal,
+# and stored text that is not valid UTF-32 makes numpy raise SystemError.
+DAMAGED_NPY_ERRORS = (OSError, ValueError, EOFError, SyntaxError, TypeError, SystemError, tokenize.TokenError)
+
+
+def affectnet_expression_code(path):
+    """The expression code in one of the face-crop release's <n>_exp.npy files: a single value, stored as text
+    ('1') or as a number."""
+    try:
+        value = np.load(path, allow_pickle=False)
+        stored = value.reshape(()).item() if value.size == 1 else None
+    except DAMAGED_NPY_ERRORS as error:
+        raise DatasetError(f"{path}: not a readable .npy file ({type(error).__name__}: {error})") from error
+    if stored is None:
+        raise DatasetError(f"{path}: {value.size} values, expected one expression code")
+    try:
+        code = float(stored)
+    except (TypeError, ValueError):
+        code = float("nan")
+    if not np.isfinite(code) or code != int(code):
+        raise DatasetError(f"{path}: the expression code must be an integer, got {stored!r}")
+    return int(code)
+
+
+def affectnet_crop_records(folder):
+    """AffectNet's release of face crops: images/<n>.jpg, each with annotations/<n>_exp.npy (and the _val, _aro and
+    _lnd files, not needed here). The crops hold one face, found as in class folders; an image without its _exp.npy
+    is dropped and counted, and an _exp.npy without its image is reported missing when the images are read."""
+    records, dropped = [], Counter()
+    image_dir, annotation_dir = os.path.join(folder, "images"), os.path.join(folder, "annotations")
+    images = {os.path.splitext(name)[0]: os.path.join(image_dir, name) for name in os.listdir(image_dir)
+              if not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)}
+    suffix = "_exp.npy"
+    stems = sorted((name[:-len(suffix)] for name in os.listdir(annotation_dir)
+                    if name.endswith(suffix) and not name.startswith(".")),
+                   key=lambda stem: (not stem.isdigit(), int(stem) if stem.isdigit() else 0, stem))  # 2 before 10
+    for stem in stems:
+        path = os.path.join(annotation_dir, stem + suffix)
+        code = affectnet_expression_code(path)
+        if code not in AFFECTNET_CODES:
+            dropped[f"expression {code} ({AFFECTNET_UNUSABLE.get(code, 'unknown code')})"] += 1
+            continue
+        image = images.get(stem, os.path.join(image_dir, f"{stem}.jpg"))
+        records.append(FaceRecord(image, FER_CLASSES.index(AFFECTNET_CODES[code]), None, path))
+    unannotated = len(set(images) - set(stems))
+    if unannotated:
+        dropped[f"image without an {suffix} annotation"] = unannotated
+    if not stems:
+        raise DatasetError(f"{annotation_dir}: no <n>{suffix} annotation files (AffectNet's face-crop release)")
     return records, dict(dropped)
 
 

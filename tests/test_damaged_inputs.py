@@ -59,6 +59,12 @@ def files_and_readers(tmp_path):
         Image.fromarray(colour).save(images / f"face.{suffix}")
     manifest = images / "faces.csv"
     manifest.write_text("path,label,x,y,width,height\nface.png,happy,,,,\nface.jpg,2,1,2,30,40\n")
+    crops = tmp_path / "affectnet_crops" / "val_set"
+    for n in range(2):
+        (crops / "images").mkdir(parents=True, exist_ok=True)
+        (crops / "annotations").mkdir(exist_ok=True)
+        Image.fromarray(colour).save(crops / "images" / f"{n}.jpg")
+        np.save(crops / "annotations" / f"{n}_exp.npy", np.array(str(n + 1)))
     dreamer, mahnob = ensure_synthetic_eeg(str(tmp_path / "eeg"), 5, dreamer_subjects=2, dreamer_clips=2,
                                            dreamer_seconds=4, mahnob_subjects=1, mahnob_sessions_per_subject=1,
                                            mahnob_seconds=4)
@@ -89,6 +95,8 @@ def files_and_readers(tmp_path):
         ("session.xml", only_files(mahnob, "session.xml")[0], read_mahnob, EEGFormatError, mahnob),
         ("bdf", only_files(mahnob, ".bdf")[0], read_mahnob, EEGFormatError, mahnob),
         ("DREAMER.mat", dreamer, lambda: list(eeg_formats.iter_dreamer(dreamer)), EEGFormatError, dreamer),
+        ("AffectNet _exp.npy", str(crops / "annotations" / "1_exp.npy"),
+         lambda: face_datasets.affectnet_records(str(crops.parent)), DatasetError, str(crops)),
     ]
 
 
@@ -112,4 +120,4 @@ def test_damaged_files_are_read_or_named(tmp_path):
         with open(path, "wb") as handle:
             handle.write(original)
     assert not escaped, "\n".join(escaped)
-    assert refused > 200  # most damage is caught, not read as data (239 of the 300 damaged copies)
+    assert refused > 200  # most damage is caught, not read as data (264 of the 325 damaged copies)

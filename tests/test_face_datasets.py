@@ -126,6 +126,56 @@ def test_affectnet_class_folders(tmp_path):
     assert faces.crops == {"box": 0, "detected": 4, "centre": 0}
 
 
+def write_face_crop_set(folder, codes, frame):
+    """AffectNet's face-crop release: images/<n>.jpg and annotations/<n>_exp.npy, for n, code in codes.items()
+    (code None: an image without its annotation). Codes are stored as text for even n, as numbers for odd n."""
+    os.makedirs(folder / "annotations")
+    for n, code in codes.items():
+        save(str(folder / "images" / f"{n}.jpg"), frame)
+        if code is not None:
+            np.save(folder / "annotations" / f"{n}_exp.npy", np.array(str(code) if n % 2 == 0 else code))
+            np.save(folder / "annotations" / f"{n}_val.npy", np.array("0.25"))
+
+
+def test_affectnet_face_crop_release(tmp_path):
+    frame, _ = frame_with_face(0)
+    codes = {0: 1, 1: 1, 2: 3, 10: 7, 11: 9, 12: None}  # 9: Uncertain, dropped; 12: no annotation
+    write_face_crop_set(tmp_path / "val_set", codes, frame)
+    write_face_crop_set(tmp_path / "train_set", {0: 0}, frame)
+    records, dropped = affectnet_records(str(tmp_path))
+    assert [(os.path.basename(r.path), FER_CLASSES[r.label]) for r in records] == [
+        ("0.jpg", "happiness"), ("1.jpg", "happiness"), ("2.jpg", "surprise"), ("10.jpg", "contempt")]
+    assert records[0].origin == str(tmp_path / "val_set" / "annotations" / "0_exp.npy") and records[0].box is None
+    assert dropped == {"expression 9 (Uncertain)": 1, "image without an _exp.npy annotation": 1}
+    assert [FER_CLASSES[r.label] for r in affectnet_records(str(tmp_path), "training")[0]] == ["neutral"]
+    assert len(affectnet_records(str(tmp_path / "val_set"))[0]) == 4  # the set's own folder serves too
+    faces = read_faces("AffectNet", records, dropped)
+    assert faces.labels.tolist() == [1, 1, 2, 7] and faces.crops["detected"] == 4
+
+
+@pytest.mark.parametrize("content,message", [
+    (b"not numpy", r"2_exp.npy: not a readable .npy file"),
+    (np.array([1, 2]), r"2_exp.npy: 2 values, expected one expression code"),
+    (np.array("happy"), r"2_exp.npy: the expression code must be an integer, got 'happy'"),
+])
+def test_affectnet_face_crop_annotation_errors_name_the_file(tmp_path, content, message):
+    frame, _ = frame_with_face(0)
+    write_face_crop_set(tmp_path / "val_set", {1: 1, 2: 3}, frame)
+    path = tmp_path / "val_set" / "annotations" / "2_exp.npy"
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        np.save(path, content)
+    with pytest.raises(DatasetError, match=message):
+        affectnet_records(str(tmp_path))
+    path.unlink()
+    (tmp_path / "val_set" / "annotations" / "3_exp.npy").write_bytes((tmp_path / "val_set" / "annotations" /
+                                                                     "1_exp.npy").read_bytes())
+    records, _ = affectnet_records(str(tmp_path))
+    with pytest.raises(DatasetError, match=r"3.jpg \(listed in .*3_exp.npy\): missing"):
+        read_faces("AffectNet", records, {})
+
+
 def test_affectnet_folder_of_nothing_is_refused(tmp_path):
     os.makedirs(tmp_path / "misc")
     with pytest.raises(DatasetError, match=r"expected an AffectNet folder \(no validation.csv found\): subfolders "
