@@ -71,7 +71,8 @@ def parse_args(argv=None):
     parser.add_argument("--affectnet-split", choices=("validation", "training"), default="validation",
                         help="which AffectNet split to read: validation.csv or val_set/ (default), training.csv or "
                              "train_set/")
-    parser.add_argument("--ckplus", help="CK+ folder: cohn-kanade-images/ and Emotion/")
+    parser.add_argument("--ckplus", help="CK+ folder: cohn-kanade-images/ and Emotion/, or class folders of face "
+                                         "crops (as in CK+48)")
     parser.add_argument("--manifest", action="append", default=[],
                         help="CSV with path and label columns (repeatable); its file name names the dataset")
     parser.add_argument("--variants", nargs="+", help="stage-3 run names under stage3/ (default: every finished one)")

@@ -13,7 +13,8 @@ and a count of what it dropped and why; `read_faces` then decodes and crops them
 - CK+: `cohn-kanade-images/Sxxx/yyy/*.png` (or `extended-cohn-kanade-images/cohn-kanade-images/`) with
   `Emotion/Sxxx/yyy/*_emotion.txt` (or `Emotion_labels/Emotion/`). A labelled sequence gives its last 3 frames
   its label and its first frame `neutral` (a sequence of 3 frames or fewer gives no neutral frame); sequences
-  without an emotion file, and codes outside 1-7, are dropped and counted.
+  without an emotion file, and codes outside 1-7, are dropped and counted. Or, with no sequence tree, face crops
+  in class folders (`anger/`, `happy/`, ... or CK+'s codes `1/` ... `7/`), as in the CK+48 copies passed around.
 - A manifest: a CSV with a header naming a `path` column (relative to the CSV's folder, or absolute) and a
   `label` column (a class name, e.g. `happy`, or a FERPlus index 0-7), and optionally `x`, `y`, `width`,
   `height` for a face box; unknown labels are dropped and counted.
@@ -109,7 +110,8 @@ def affectnet_records(folder, split="validation"):
     for candidate in (os.path.join(folder, AFFECTNET_CROP_SETS[split]), folder):
         if all(os.path.isdir(os.path.join(candidate, name)) for name in ("images", "annotations")):
             return affectnet_crop_records(candidate)
-    return affectnet_folder_records(folder, split)
+    return class_folder_records(folder, AFFECTNET_CODES, f"an AffectNet folder (no {split}.csv, no "
+                                                        f"{AFFECTNET_CROP_SETS[split]}/ found)")
 
 
 def affectnet_csv_records(path, image_root):
@@ -201,9 +203,10 @@ def affectnet_crop_records(folder):
     return records, dict(dropped)
 
 
-def affectnet_folder_records(folder, split):
-    """Images in class-named subfolders (any alias of a FERPlus class, or AffectNet's numeric codes). Images
-    under other subfolders are dropped and counted."""
+def class_folder_records(folder, codes, expected):
+    """Images in class-named subfolders: any alias of a FERPlus class, or the dataset's numeric `codes` (AffectNet's
+    0-7, CK+'s 1-7). Images under other subfolders are dropped and counted. `expected` names what the folder should
+    be, for the error when it holds no such images."""
     if not os.path.isdir(folder):
         raise DatasetError(f"{folder}: not a folder")
     records, dropped = [], Counter()
@@ -211,10 +214,7 @@ def affectnet_folder_records(folder, split):
     for name in subfolders:
         files = sorted(path for path in glob.glob(os.path.join(folder, name, "*"))
                        if path.lower().endswith(IMAGE_EXTENSIONS))
-        if name.isdigit():
-            class_name = AFFECTNET_CODES.get(int(name))
-        else:
-            class_name = CLASS_ALIASES.get(name.lower())
+        class_name = codes.get(int(name)) if name.isdigit() else CLASS_ALIASES.get(name.lower())
         if class_name is None:
             if files:
                 dropped[f"folder {name}/"] += len(files)
@@ -222,9 +222,8 @@ def affectnet_folder_records(folder, split):
         label = FER_CLASSES.index(class_name)
         records += [FaceRecord(path, label, None, f"{folder}, class folder {name}/") for path in files]
     if not records:
-        raise DatasetError(f"{folder}: expected an AffectNet folder (no {split}.csv found): subfolders named by class "
-                           f"({', '.join(FER_CLASSES)}, or aliases such as happy, sad, angry) holding images; found "
-                           f"{subfolders or 'none'}")
+        raise DatasetError(f"{folder}: expected {expected}: subfolders named by class ({', '.join(FER_CLASSES)}, or "
+                           f"aliases such as happy, sad, angry) holding images; found {subfolders or 'none'}")
     return records, dict(dropped)
 
 
@@ -238,9 +237,16 @@ def _first_folder(folder, candidates, what):
     raise DatasetError(f"{folder}: no {what} folder (looked for {', '.join('/'.join(c) for c in candidates)})")
 
 
+CKPLUS_IMAGE_FOLDERS = [("cohn-kanade-images",), ("extended-cohn-kanade-images", "cohn-kanade-images")]
+
+
 def ckplus_records(folder):
-    images = _first_folder(folder, [("cohn-kanade-images",), ("extended-cohn-kanade-images", "cohn-kanade-images")],
-                           "CK+ image")
+    """(records, dropped) of CK+'s sequence tree; or, where the folder has none, of face crops sorted into class
+    folders (as in the CK+48 copies passed around, whose labels are those of the sequences' last frames)."""
+    if not any(os.path.isdir(os.path.join(folder, *candidate)) for candidate in CKPLUS_IMAGE_FOLDERS):
+        return class_folder_records(folder, CKPLUS_CODES, "a CK+ folder (cohn-kanade-images/ with Emotion/), or class "
+                                                          "folders")
+    images = _first_folder(folder, CKPLUS_IMAGE_FOLDERS, "CK+ image")
     emotions = _first_folder(folder, [("Emotion",), ("Emotion_labels", "Emotion")], "CK+ Emotion")
     records, dropped = [], Counter()
     neutral = FER_CLASSES.index("neutral")

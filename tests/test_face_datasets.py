@@ -178,8 +178,8 @@ def test_affectnet_face_crop_annotation_errors_name_the_file(tmp_path, content, 
 
 def test_affectnet_folder_of_nothing_is_refused(tmp_path):
     os.makedirs(tmp_path / "misc")
-    with pytest.raises(DatasetError, match=r"expected an AffectNet folder \(no validation.csv found\): subfolders "
-                                           r"named by class .*found \['misc'\]"):
+    with pytest.raises(DatasetError, match=r"expected an AffectNet folder \(no validation.csv, no val_set/ found\): "
+                                           r"subfolders named by class .*found \['misc'\]"):
         affectnet_records(str(tmp_path))
 
 
@@ -226,6 +226,20 @@ def test_ckplus_bad_emotion_file_is_named(tmp_path):
     with pytest.raises(DatasetError, match=r"S005_001_00000004_emotion.txt, row 1: the emotion code must be an "
                                            r"integer, got '5.0\ufffd'"):
         ckplus_records(root)
+
+
+def test_ckplus_face_crops_in_class_folders(tmp_path):
+    face = frame_with_face(2)[0][50:150, 80:180]
+    for name, count in (("anger", 2), ("happy", 1), ("7", 1), ("0", 1)):  # 7: CK+'s surprise; 0: no CK+ code
+        for i in range(count):
+            save(str(tmp_path / name / f"{i}.png"), face)
+    records, dropped = ckplus_records(str(tmp_path))
+    assert sorted(FER_CLASSES[r.label] for r in records) == ["anger", "anger", "happiness", "surprise"]
+    assert dropped == {"folder 0/": 1}
+    os.makedirs(tmp_path / "empty" / "misc")
+    with pytest.raises(DatasetError, match=r"empty: expected a CK\+ folder \(cohn-kanade-images/ with Emotion/\), "
+                                           r"or class folders: .*found \['misc'\]"):
+        ckplus_records(str(tmp_path / "empty"))
 
 
 def test_ckplus_needs_both_folders(tmp_path):
