@@ -21,13 +21,15 @@ def grey_pixels(image, path):
 
 
 def read_grey(path, upright):
-    """A grey uint8 image; OSError (missing, undecodable, a mode with no fixed range) names the file. upright: turned
-    as its EXIF orientation says (a phone's photo taken sideways), for finding faces in it; False where a dataset's
-    face box refers to the pixels as stored."""
+    """A grey uint8 image; OSError (missing, undecodable, too large to decode, a mode with no fixed range) names the
+    file. upright: turned as its EXIF orientation says (a phone's photo taken sideways), for finding faces in it;
+    False where a dataset's face box refers to the pixels as stored."""
     try:
         with Image.open(path) as image:
             return grey_pixels(ImageOps.exif_transpose(image) if upright else image, path)
     except UnidentifiedImageError as error:
         raise OSError(f"{path}: not an image file PIL can decode") from error
+    except Image.DecompressionBombError as error:  # a header claiming a vast image: damaged, or a giant panorama
+        raise OSError(f"{path}: {error}") from error
     except (ValueError, SyntaxError) as error:  # PIL reports some truncated or corrupt files this way
         raise OSError(f"{path}: corrupt image ({error})") from error

@@ -1,5 +1,8 @@
 """read_grey: grey pixels from every bit depth a face image comes in, or an error that names the file."""
 
+import struct
+import zlib
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -37,3 +40,17 @@ def test_images_without_a_fixed_range_are_refused(tmp_path, array, kind):
     Image.fromarray(array).save(path)
     with pytest.raises(OSError, match=f"{path}: a {kind}.*save it with 8 or 16 bits per sample"):
         read_grey(path, upright=False)
+
+
+def test_an_image_whose_header_claims_a_vast_size_is_refused(tmp_path):
+    """Pillow refuses to decode more than about 179 million pixels (a decompression bomb); a damaged header can claim
+    that many, and it was an error of Pillow's own type rather than the OSError every reader handles."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", 30000, 30000, 8, 0, 0, 0, 0)  # 900 million grey pixels
+    path = tmp_path / "vast.png"
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 30001))
+                     + chunk(b"IEND", b""))
+    with pytest.raises(OSError, match=rf"{path}: Image size \(900000000 pixels\) exceeds limit"):
+        read_grey(path, upright=True)
