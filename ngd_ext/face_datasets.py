@@ -8,8 +8,8 @@ and a count of what it dropped and why; `read_faces` then decodes and crops them
   (or the folder itself); expression codes 0-7 remapped explicitly, 8-10 (None, Uncertain, No-Face) and any
   other code dropped and counted; the CSV's face box is used. Or AffectNet's later release of face crops:
   `val_set/` and `train_set/`, each with `images/<n>.jpg` and `annotations/<n>_exp.npy` (the same codes, one per
-  file). Or class-named image folders (`happy/`, `Surprise/`, ... or AffectNet's codes `0/` ... `7/`); images in
-  other folders are dropped and counted.
+  file). Or class-named image folders (`happy/`, `Surprise/`, ... or AffectNet's codes `0/` ... `7/`), in the
+  folder or in its `val/` (or `train/`); images in other folders are dropped and counted.
 - CK+: `cohn-kanade-images/Sxxx/yyy/*.png` (or `extended-cohn-kanade-images/cohn-kanade-images/`) with
   `Emotion/Sxxx/yyy/*_emotion.txt` (or `Emotion_labels/Emotion/`). A labelled sequence gives its last 3 frames
   its label and its first frame `neutral` (a sequence of 3 frames or fewer gives no neutral frame); sequences
@@ -95,6 +95,7 @@ def _integer(text, path, row, column):
 # AffectNet ---------------------------------------------------------------------------------------------------
 
 AFFECTNET_CROP_SETS = {"validation": "val_set", "training": "train_set"}
+SPLIT_FOLDERS = {"validation": ("val", "validation", "valid"), "training": ("train", "training")}
 
 
 def affectnet_records(folder, split="validation"):
@@ -110,8 +111,11 @@ def affectnet_records(folder, split="validation"):
     for candidate in (os.path.join(folder, AFFECTNET_CROP_SETS[split]), folder):
         if all(os.path.isdir(os.path.join(candidate, name)) for name in ("images", "annotations")):
             return affectnet_crop_records(candidate)
-    return class_folder_records(folder, AFFECTNET_CODES, f"an AffectNet folder (no {split}.csv, no "
-                                                        f"{AFFECTNET_CROP_SETS[split]}/ found)")
+    # class folders, in the folder or in a subfolder named for the split (copies passed around as train/ and val/)
+    split_folder = next((os.path.join(folder, name) for name in SPLIT_FOLDERS[split]
+                         if os.path.isdir(os.path.join(folder, name))), folder)
+    return class_folder_records(split_folder, AFFECTNET_CODES, f"an AffectNet folder (no {split}.csv, no "
+                                                              f"{AFFECTNET_CROP_SETS[split]}/ found)")
 
 
 def affectnet_csv_records(path, image_root):

@@ -176,6 +176,15 @@ def test_affectnet_face_crop_annotation_errors_name_the_file(tmp_path, content, 
         read_faces("AffectNet", records, {})
 
 
+def test_affectnet_class_folders_under_split_folders(tmp_path):
+    frame, _ = frame_with_face(0)
+    for split, classes in (("train", ("0", "1")), ("val", ("2",)), ("test", ("3",))):
+        for name in classes:
+            save(str(tmp_path / split / name / "a.jpg"), frame)
+    assert [FER_CLASSES[r.label] for r in affectnet_records(str(tmp_path))[0]] == ["sadness"]
+    assert [FER_CLASSES[r.label] for r in affectnet_records(str(tmp_path), "training")[0]] == ["neutral", "happiness"]
+
+
 def test_affectnet_folder_of_nothing_is_refused(tmp_path):
     os.makedirs(tmp_path / "misc")
     with pytest.raises(DatasetError, match=r"expected an AffectNet folder \(no validation.csv, no val_set/ found\): "
