@@ -76,7 +76,7 @@ def class_index(value):
     """The FERPlus class of a label written as a class name (any alias, any case) or a FERPlus index 0-7;
     None when it is neither."""
     text = str(value).strip()
-    if text.isdigit():
+    if text.isdecimal():
         return int(text) if int(text) < len(FER_CLASSES) else None
     name = CLASS_ALIASES.get(text.lower())
     return FER_CLASSES.index(name) if name else None
@@ -190,7 +190,7 @@ def affectnet_crop_records(folder):
     suffix = "_exp.npy"
     stems = sorted((name[:-len(suffix)] for name in os.listdir(annotation_dir)
                     if name.endswith(suffix) and not name.startswith(".")),
-                   key=lambda stem: (not stem.isdigit(), int(stem) if stem.isdigit() else 0, stem))  # 2 before 10
+                   key=lambda stem: (not stem.isdecimal(), int(stem) if stem.isdecimal() else 0, stem))  # 2 before 10
     for stem in stems:
         path = os.path.join(annotation_dir, stem + suffix)
         code = affectnet_expression_code(path)
@@ -218,7 +218,7 @@ def class_folder_records(folder, codes, expected):
     for name in subfolders:
         files = sorted(path for path in glob.glob(os.path.join(folder, name, "*"))
                        if path.lower().endswith(IMAGE_EXTENSIONS))
-        class_name = codes.get(int(name)) if name.isdigit() else CLASS_ALIASES.get(name.lower())
+        class_name = codes.get(int(name)) if name.isdecimal() else CLASS_ALIASES.get(name.lower())
         if class_name is None:
             if files:
                 dropped[f"folder {name}/"] += len(files)

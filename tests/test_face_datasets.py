@@ -293,8 +293,8 @@ def test_manifest_header_is_checked(tmp_path):
 
 
 def test_class_index():
-    assert [class_index(v) for v in ("neutral", "HAPPY", " sad ", "7", "fearful", "8", "-1", "joy")] == \
-        [0, 1, 3, 7, 6, None, None, None]
+    assert [class_index(v) for v in ("neutral", "HAPPY", " sad ", "7", "fearful", "8", "-1", "joy", "²")] == \
+        [0, 1, 3, 7, 6, None, None, None, None]  # "²" is a digit to Python, but no number int() reads
 
 
 def test_missing_and_corrupt_images_stop_the_run_or_are_counted(tmp_path):
