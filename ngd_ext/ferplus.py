@@ -18,10 +18,10 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from ngd_ext.artifacts import atomic_path, read_cache_entry, sha256_file
+from ngd_ext import images as image_decoder
+from ngd_ext.artifacts import atomic_path, package_versions, read_cache_entry, sha256_file
 from ngd_ext.csv_files import read_rows
 from ngd_ext.emotions import FER_CLASSES
-from ngd_ext.images import read_grey
 
 VOTE_COLUMNS = FER_CLASSES + ("unknown", "NF")
 SPLITS = ("train", "valid", "test")
@@ -216,7 +216,7 @@ def load_ferplus(folder, training_labels="majority"):
             for i, row in enumerate(kept):
                 path = os.path.join(folder, FOLDER_SPLIT[split], row.name)
                 try:
-                    grey = read_grey(path, upright=False)
+                    grey = image_decoder.read_grey(path, upright=False)
                 except OSError as error:
                     raise FerPlusError(f"unreadable FERPlus image: {error}") from error
                 split_images[i] = np.asarray(Image.fromarray(grey).resize((IMAGE_SIDE, IMAGE_SIDE)))
@@ -235,14 +235,25 @@ def source_files(folder):
     return files
 
 
+def decoder_fingerprint():
+    """What the decoded arrays depend on besides the files and the label rule: the code that reads and decodes them,
+    and the packages it calls. A cache entry made by other code is not used."""
+    digest = hashlib.sha256()
+    for module_file in (__file__, image_decoder.__file__):
+        digest.update(sha256_file(module_file).encode())
+    digest.update(repr(sorted(package_versions(("numpy", "pillow")).items())).encode())
+    return digest.hexdigest()
+
+
 def load_ferplus_cached(folder, cache_dir, training_labels="majority"):
-    """load_ferplus, decoded once: the arrays are cached under cache_dir, keyed by the SHA-256 of every
-    source file and the label rule (a damaged entry is decoded anew and rewritten). Returns (splits, key)."""
+    """load_ferplus, decoded once: the arrays are cached under cache_dir, for the SHA-256 of every source file, the
+    label rule and the decoder (a damaged entry is decoded anew and rewritten). Returns (splits, key), key the
+    data's identity: the files and the label rule."""
     digest = hashlib.sha256(training_labels.encode())
     for path in source_files(folder):
         digest.update(os.path.relpath(path, folder).encode() + sha256_file(path).encode())
     key = digest.hexdigest()
-    cache = os.path.join(cache_dir, f"ferplus-{key[:16]}.npz")
+    cache = os.path.join(cache_dir, f"ferplus-{key[:16]}-{decoder_fingerprint()[:8]}.npz")
     cached = read_cache_entry(cache, lambda data: {
         split: FerSplit(data[f"{split}_images"], data[f"{split}_labels"], data[f"{split}_targets"],
                         data[f"{split}_names"].tolist()) for split in SPLITS})

@@ -224,6 +224,11 @@ def test_images_are_decoded_once_and_cached_by_content(tmp_path, monkeypatch):
     retaken, _ = load_ferplus_cached(folder, cache)
     np.testing.assert_array_equal(retaken["train"].images, first["train"].images)
     assert ferplus.read_cache_entry(str(entry), lambda data: data["train_images"].shape) == first["train"].images.shape
+    with monkeypatch.context() as patch:  # other decoding code: the same data, decoded anew into another entry
+        patch.setattr(ferplus, "decoder_fingerprint", lambda: "another decoder")
+        decoded_again, key_after = load_ferplus_cached(folder, cache)
+    assert key_after == key and len(list((tmp_path / "cache").glob("ferplus-*.npz"))) == 2
+    np.testing.assert_array_equal(decoded_again["train"].images, first["train"].images)
     rows = example_rows(np.random.default_rng(4))  # other pixels: another key, parsed anew
     write_csv_layout(folder, rows)
     changed, other_key = load_ferplus_cached(folder, cache)
