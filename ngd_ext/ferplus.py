@@ -136,7 +136,7 @@ def read_votes(folder):
 
 def read_fer2013_pixels(path):
     """fer2013.csv as (usage per row, uint8 images N x 48 x 48), every row checked. Columns are found by name, so
-    Kaggle's icml_face_data.csv (the same rows, its header "emotion, Usage, pixels") serves as well."""
+    Kaggle's icml_face_data.csv (said to hold the same rows; its header "emotion, Usage, pixels") serves as well."""
     usages, images = [], []
     reader = read_rows(path, FerPlusError)
     header = [name.strip() for name in next(reader, [])]
