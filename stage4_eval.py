@@ -7,14 +7,20 @@ the targets are the embedded synthetic CK+ tree and AffectNet set, drawn in othe
 faces. Faces in full frames are cropped by the dataset's box, else OpenCV's Haar cascade, else the centre
 (counted); see ngd_ext/face_datasets.py and ngd_ext/face_crop.py. Writes RUN_DIR/stage4/:
 
-  <variant>/<dataset>/metrics.json        8-way and present-only Acc, macro-F1, bACC, per-class P/R/F1,
-                                          confusion matrices, and what was read, dropped and how it was cropped
+  <variant>/<dataset>/metrics.json        8-way and present-only Acc, macro-F1, bACC with 95% bootstrap
+                                          intervals, per-class P/R/F1, confusion matrices, and what was read,
+                                          dropped and how it was cropped
   <variant>/<dataset>/confusion_*.png     counts and row-normalised, 8-way and present-only
   <variant>/<dataset>/tsne.png            t-SNE of the student's embeddings with the prototype bank
   <variant>/<dataset>/prototypes.png      where each class's embeddings land on the V/A prototype grid
   <variant>/<dataset>/predictions.csv     per image: label, prediction, class probabilities
-  summary.md, summary.tex, summary.json   the ablation table (variants x datasets) and the cross-dataset tables
+  summary.md, summary.tex, summary.json   the ablation table (variants x datasets), each student's difference
+                                          from the first (B0 where there is one) with its paired-bootstrap
+                                          interval, and the cross-dataset tables
   summary.png, config.json, SHA256SUMS
+
+The intervals resample the images (--bootstrap times): they show how much a score could move on another draw of
+as many images, not the spread over training seeds.
 
 The folder is written whole or not at all: a killed run leaves the previous stage4/ in place; rerun it.
 
@@ -45,7 +51,8 @@ from ngd_ext.face_datasets import (IMAGE_EXTENSIONS, DatasetError, FaceSet, affe
                                    ckplus_records, manifest_records, read_faces)
 from ngd_ext.ferplus import FerPlusError, load_ferplus_cached  # noqa: E402
 from ngd_ext.images import read_grey  # noqa: E402
-from ngd_ext.metrics import eight_way, present_only  # noqa: E402
+from ngd_ext.metrics import (BOOTSTRAP_LEVEL, PROTOCOLS, SCORES, bootstrap, eight_way, intervals,  # noqa: E402
+                             present_only)
 from ngd_ext.parallel import map_in_threads  # noqa: E402
 from ngd_ext.prototypes import bin_centres, unit_rows  # noqa: E402
 from ngd_ext.student_model import load_student, predict  # noqa: E402
@@ -55,6 +62,7 @@ from ngd_ext.synthetic_faces import synthetic_ferplus, write_synthetic_affectnet
 RUN_DIR = "runs/demo"
 SYNTHETIC_SIZES = {"demo": dict(sequences=80, per_class=50), "tiny": dict(sequences=16, per_class=8)}
 TSNE_POINTS = 500
+BOOTSTRAP_RESAMPLES = 1000
 SYNTHETIC_NOTE = "synthetic data: not the paper's numbers"
 LATEX_ESCAPES = {"&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{", "}": r"\}",
                  "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", "\\": r"\textbackslash{}", "✓": r"\checkmark"}
@@ -83,16 +91,20 @@ def parse_args(argv=None):
     parser.add_argument("--tsne-points", type=int, default=TSNE_POINTS,
                         help=f"images per t-SNE (default {TSNE_POINTS})")
     parser.add_argument("--batch-size", type=int, default=512, help="images per forward pass (default 512)")
+    parser.add_argument("--bootstrap", type=int, default=BOOTSTRAP_RESAMPLES,
+                        help=f"bootstrap resamples of the images behind every interval (default "
+                             f"{BOOTSTRAP_RESAMPLES}, at least 100)")
     parser.add_argument("--predict", metavar="FOLDER",
                         help="prediction mode: classify the faces in every image under FOLDER")
     parser.add_argument("--output",
                         help="prediction mode: the CSV to write (default RUN_DIR/predictions/<variant>.csv)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="where the students run (default cuda when present)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic targets and the t-SNE (default 0)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the synthetic targets, the bootstrap and the t-SNE (default 0)")
     args = parser.parse_args(argv)
-    if args.tsne_points < 10 or args.batch_size < 1:
-        parser.error("--tsne-points must be at least 10 and --batch-size at least 1")
+    if args.tsne_points < 10 or args.batch_size < 1 or args.bootstrap < 100:
+        parser.error("--tsne-points must be at least 10, --batch-size at least 1 and --bootstrap at least 100")
     if args.predict and not os.path.isdir(args.predict):
         parser.error(f"--predict {args.predict}: not a folder (give the folder that holds the images)")
     return args
@@ -296,10 +308,42 @@ def table(header, rows, caption):
     return "\n".join(markdown), "\n".join(latex)
 
 
-def summary_tables(results, variants, datasets, note):
-    """The ablation table (variants x datasets, 8-way and present-only macro-F1) and, per variant, the
-    cross-dataset table (datasets x both protocols' Acc, macro-F1, bACC). Returns (markdown, latex)."""
-    percent = lambda value: f"{100 * value:.1f}"  # noqa: E731
+def differences_from_reference(results, resampled, variants, datasets):
+    """Every student's scores minus the first student's (B0 where there is one), per dataset and protocol, with the
+    paired-bootstrap interval of each difference: both students were scored on the same resamples of the images.
+    Shaped as `results` is: {name: {dataset: {protocol: {score: difference, "interval": {score: [low, high]}}}}}."""
+    reference = variants[0][0]
+
+    def difference(name, key, protocol):
+        mine, theirs = results[name][key][protocol], results[reference][key][protocol]
+        spread = intervals(resampled[name][key][protocol] - resampled[reference][key][protocol])
+        return {**{score: mine[score] - theirs[score] for score in SCORES}, "interval": spread}
+
+    return {name: {key: {protocol: difference(name, key, protocol) for protocol in PROTOCOLS} for key, _, _ in datasets}
+            for name, _ in variants[1:]}
+
+
+def percent(value):
+    return f"{100 * value:.1f}"
+
+
+def with_interval(value, bounds, signed=False):
+    """A score in % (or a difference in points, with its sign) and its interval: '53.5 [48.2, 58.9]'."""
+    form = "+.1f" if signed else ".1f"
+    return f"{100 * value:{form}} [{100 * bounds[0]:{form}}, {100 * bounds[1]:{form}}]"
+
+
+def protocol_cells(scores):
+    """One protocol's Acc, macro-F1 with its interval, and bACC, in %."""
+    return [percent(scores["accuracy"]), with_interval(scores["macro_f1"], scores["interval"]["macro_f1"]),
+            percent(scores["balanced_accuracy"])]
+
+
+def summary_tables(results, differences, variants, datasets, note, resamples):
+    """The ablation table (variants x datasets, 8-way and present-only macro-F1), the differences from the first
+    variant (8-way macro-F1, with paired-bootstrap intervals) and, per variant, the cross-dataset table (datasets x
+    both protocols' Acc, macro-F1 with its interval, bACC). Returns (markdown, latex)."""
+    level = f"{100 * BOOTSTRAP_LEVEL:.0f}%"
     tables = []
     header = ["variant", "KD", "Proto-KD", "D-Geo", *(name for _, name, _ in datasets)]
     rows = []
@@ -309,16 +353,25 @@ def summary_tables(results, variants, datasets, note):
             f"{percent(results[name][key]['eight_way']['macro_f1'])} / "
             f"{percent(results[name][key]['present_only']['macro_f1'])}" for key, _, _ in datasets)])
     tables.append(table(header, rows, f"Ablation: macro-F1 (%), 8-way / present-only, by variant and dataset ({note})"))
+    if differences:
+        reference = label_of(*variants[0])
+        rows = [[label_of(name, config), *(with_interval(differences[name][key]["eight_way"]["macro_f1"],
+                                                         differences[name][key]["eight_way"]["interval"]["macro_f1"],
+                                                         signed=True) for key, _, _ in datasets)]
+                for name, config in variants[1:]]
+        tables.append(table(["variant", *(name for _, name, _ in datasets)], rows,
+                            f"Difference from {reference}: 8-way macro-F1, in points, with its {level} "
+                            f"paired-bootstrap interval over the images ({resamples} resamples; {note})"))
     for name, config in variants:
-        header = ["dataset", "images", "Acc", "macro-F1", "bACC", "present classes", "Acc (present)",
-                  "macro-F1 (present)", "bACC (present)"]
+        header = ["dataset", "images", "Acc", f"macro-F1 [{level}]", "bACC", "present classes", "Acc (present)",
+                  f"macro-F1 (present) [{level}]", "bACC (present)"]
         rows = []
         for key, dataset_name, data in datasets:
             eight, present = results[name][key]["eight_way"], results[name][key]["present_only"]
-            rows.append([dataset_name, str(len(data.labels)), *(percent(eight[s]) for s in (
-                "accuracy", "macro_f1", "balanced_accuracy")), str(len(present["classes"])), *(
-                percent(present[s]) for s in ("accuracy", "macro_f1", "balanced_accuracy"))])
-        tables.append(table(header, rows, f"Cross-dataset evaluation of {label_of(name, config)}, in % ({note})"))
+            rows.append([dataset_name, str(len(data.labels)), *protocol_cells(eight), str(len(present["classes"])),
+                         *protocol_cells(present)])
+        tables.append(table(header, rows, f"Cross-dataset evaluation of {label_of(name, config)}, in %, with "
+                                          f"bootstrap intervals over the images ({note})"))
     return ("\n\n".join(md for md, _ in tables) + "\n", "\n\n".join(tex for _, tex in tables) + "\n")
 
 
@@ -326,12 +379,15 @@ def plot_summary(results, variants, datasets, note, path):
     figure, ax = plt.subplots(figsize=(2 + 1.6 * len(datasets), 4))
     width = 0.8 / len(variants)
     for v, (name, config) in enumerate(variants):
-        scores = [results[name][key]["eight_way"]["macro_f1"] for key, _, _ in datasets]
-        bars = ax.bar(np.arange(len(datasets)) + (v - (len(variants) - 1) / 2) * width, scores, width,
-                      label=label_of(name, config))
-        ax.bar_label(bars, fmt="%.2f", fontsize=7)
+        scores = np.array([results[name][key]["eight_way"]["macro_f1"] for key, _, _ in datasets])
+        bounds = np.array([results[name][key]["eight_way"]["interval"]["macro_f1"] for key, _, _ in datasets])
+        centres = np.arange(len(datasets)) + (v - (len(variants) - 1) / 2) * width
+        ax.bar(centres, scores, width, yerr=[scores - bounds[:, 0], bounds[:, 1] - scores], capsize=2,
+               error_kw=dict(lw=0.8), label=label_of(name, config))
+        for x, score, top in zip(centres, scores, bounds[:, 1]):  # above the interval, clear of its whisker
+            ax.text(x, top + 0.01, f"{score:.2f}", ha="center", va="bottom", fontsize=7)
     ax.set_xticks(range(len(datasets)), [name for _, name, _ in datasets])
-    ax.set_ylabel("8-way macro-F1")
+    ax.set_ylabel(f"8-way macro-F1 ({100 * BOOTSTRAP_LEVEL:.0f}% bootstrap interval)")
     ax.set_ylim(0, 1)
     ax.legend(fontsize=8)
     ax.set_title(f"Students across datasets ({note})", fontsize=10)
@@ -427,21 +483,27 @@ def main(argv=None):
     datasets = load_datasets(args, configs, embedded)
 
     # Evaluation -------------------------------------------------------------------------------------------
-    results = {}
+    results, resampled = {}, {}
+    bootstrap_settings = {"resamples": args.bootstrap, "level": BOOTSTRAP_LEVEL, "seed": args.seed,
+                          "method": "percentile bootstrap over the images"}
     with artifacts.atomic_dir(os.path.join(args.run_dir, "stage4")) as out_dir:
         for name, (model, config, _) in students.items():
             model = model.to(args.device)
-            results[name] = {}
+            results[name], resampled[name] = {}, {}
             for key, dataset_name, data in tqdm(datasets, desc=f"evaluating {name}", unit="dataset"):
                 logits, embeddings = predict(model, data.images, config["input_size"], args.device, args.batch_size)
                 scores = {"eight_way": eight_way(logits, data.labels),
                           "present_only": present_only(logits, data.labels)}
+                resampled[name][key] = bootstrap(logits, data.labels, args.bootstrap, args.seed)
+                for protocol in PROTOCOLS:
+                    scores[protocol]["interval"] = intervals(resampled[name][key][protocol])
                 results[name][key] = scores
                 folder = os.path.join(out_dir, name, key)
                 title = f"{label_of(name, config)} on {dataset_name}, {note}"
                 artifacts.write_json(os.path.join(folder, "metrics.json"), {
                     "dataset": dataset_name, "variant": name, "preset": preset_of(config), "note": note,
-                    "classes": list(FER_CLASSES), "data": data.summary(), **scores})
+                    "classes": list(FER_CLASSES), "data": data.summary(), "bootstrap": bootstrap_settings,
+                    **scores})
                 plot_confusions(scores["eight_way"], f"8-way: {title}", os.path.join(folder, "confusion_8way.png"))
                 plot_confusions(scores["present_only"], f"present-only: {title}",
                                 os.path.join(folder, "confusion_present.png"))
@@ -452,16 +514,18 @@ def main(argv=None):
                 write_predictions(os.path.join(folder, "predictions.csv"), data, logits)
 
         variants = [(name, config) for name, (_, config, _) in students.items()]
-        markdown, latex = summary_tables(results, variants, datasets, note)
+        differences = differences_from_reference(results, resampled, variants, datasets)
+        markdown, latex = summary_tables(results, differences, variants, datasets, note, args.bootstrap)
         with open(os.path.join(out_dir, "summary.md"), "w") as handle:
             handle.write(f"# Stage 4 summary ({note})\n\n{markdown}")
         with open(os.path.join(out_dir, "summary.tex"), "w") as handle:
             handle.write(f"% Stage 4 summary ({note}); needs \\usepackage{{booktabs,amssymb}}\n{latex}")
         artifacts.write_json(os.path.join(out_dir, "summary.json"), {
-            "note": note, "datasets": {key: name for key, name, _ in datasets},
-            "results": {name: {key: {protocol: {s: scores[s] for s in ("accuracy", "macro_f1", "balanced_accuracy")}
+            "note": note, "datasets": {key: name for key, name, _ in datasets}, "bootstrap": bootstrap_settings,
+            "results": {name: {key: {protocol: {**{s: scores[s] for s in SCORES}, "interval": scores["interval"]}
                                      for protocol, scores in by_dataset.items()}
-                               for key, by_dataset in by_variant.items()} for name, by_variant in results.items()}})
+                               for key, by_dataset in by_variant.items()} for name, by_variant in results.items()},
+            "differences_from": variants[0][0], "differences": differences})
         plot_summary(results, variants, datasets, note, os.path.join(out_dir, "summary.png"))
         artifacts.write_config(out_dir, args, {"stage2/prototypes.npz": bank_hash, **{
             f"stage3/{name}/best.pt": checkpoint_hash for name, (_, _, checkpoint_hash) in students.items()}})

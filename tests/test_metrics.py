@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+from ngd_ext import metrics
 from ngd_ext.metrics import eight_way, present_only
 
 
@@ -75,3 +76,61 @@ def test_against_scikit_learn_with_absent_classes(seed):
     precision, recall, f1, _ = precision_recall_fscore_support(targets, restricted, labels=present, zero_division=0)
     assert [row["f1"] for row in scores["per_class"]] == pytest.approx(f1.tolist(), abs=1e-12)
     assert [row["precision"] for row in scores["per_class"]] == pytest.approx(precision.tolist(), abs=1e-12)
+
+
+def scores_by_hand(targets, predictions, labels):
+    """Accuracy, macro-F1 over `labels` and bACC over the classes present, by scikit-learn."""
+    from sklearn.metrics import accuracy_score, f1_score, recall_score
+
+    present = np.unique(targets)
+    return [accuracy_score(targets, predictions),
+            f1_score(targets, predictions, labels=labels, average="macro", zero_division=0),
+            recall_score(targets, predictions, labels=present, average="macro", zero_division=0)]
+
+
+def test_bootstrap_scores_each_resample_as_the_whole_set_is_scored(monkeypatch):
+    rng = np.random.default_rng(4)
+    targets = rng.choice([0, 1, 3, 4, 6], size=60)  # rare and absent classes, so resamples lose some
+    targets[:2] = 7
+    logits = rng.normal(size=(60, 8))
+    logits[np.arange(60), targets] += 0.8
+    monkeypatch.setattr(metrics, "BOOTSTRAP_BLOCK_DRAWS", 500)  # blocks of 8 resamples: the draws must not change
+    resampled = metrics.bootstrap(logits, targets, 40, seed=11)
+    draws = np.random.default_rng(11).integers(0, 60, size=(40, 60))
+    present = np.unique(targets)
+    restricted = present[logits[:, present].argmax(axis=1)]  # present-only keeps the whole set's label set
+    for i, draw in enumerate(draws):
+        np.testing.assert_allclose(resampled["eight_way"][i], scores_by_hand(
+            targets[draw], logits.argmax(axis=1)[draw], list(range(8))), atol=1e-12)
+        np.testing.assert_allclose(resampled["present_only"][i], scores_by_hand(
+            targets[draw], restricted[draw], present), atol=1e-12)
+
+
+def test_bootstrap_spread_of_accuracy_is_the_binomial_one():
+    """Accuracy over n images has standard error sqrt(p (1 - p) / n); the 95% interval spans about 3.92 of it."""
+    rng = np.random.default_rng(0)
+    n = 2000
+    targets = rng.integers(0, 8, n)
+    predictions = np.where(rng.random(n) < 0.7, targets, (targets + 1) % 8)
+    resampled = metrics.bootstrap(np.eye(8)[predictions], targets, 2000, seed=0)["eight_way"]
+    p = (predictions == targets).mean()
+    standard_error = np.sqrt(p * (1 - p) / n)
+    assert resampled[:, 0].std() == pytest.approx(standard_error, rel=0.08)
+    low, high = metrics.intervals(resampled)["accuracy"]
+    assert high - low == pytest.approx(2 * 1.96 * standard_error, rel=0.1)
+    assert low < p < high
+
+
+def test_two_students_share_the_resamples():
+    """Equal seeds and image counts give equal draws, so a student scored against itself differs by exactly 0 on
+    every resample, and a better student is better on every resample where it changes a prediction for the better."""
+    rng = np.random.default_rng(1)
+    targets = rng.integers(0, 8, 300)
+    worse = np.eye(8)[np.where(np.arange(300) < 150, targets, (targets + 1) % 8)]
+    better = worse.copy()
+    better[150:160] = np.eye(8)[targets[150:160]]  # ten more images right, nothing else changed
+    worse_scores = metrics.bootstrap(worse, targets, 200, seed=5)["eight_way"][:, 0]
+    better_scores = metrics.bootstrap(better, targets, 200, seed=5)["eight_way"][:, 0]
+    assert np.array_equal(metrics.bootstrap(worse, targets, 200, seed=5)["eight_way"][:, 0], worse_scores)
+    assert (better_scores >= worse_scores).all() and (better_scores > worse_scores).mean() > 0.99
+    assert not np.array_equal(metrics.bootstrap(worse, targets, 200, seed=6)["eight_way"][:, 0], worse_scores)

@@ -15,7 +15,7 @@ import stage1_teacher
 import stage2_prototypes
 import stage3_student
 import stage4_eval
-from ngd_ext import artifacts
+from ngd_ext import artifacts, metrics
 from ngd_ext.emotions import FER_CLASSES
 from ngd_ext.metrics import eight_way
 from ngd_ext.student_model import Student
@@ -93,7 +93,42 @@ def test_summary_tables_cover_every_variant_and_dataset(demo):
         == ["", "", ""]
     with open(os.path.join(out, "summary.tex")) as handle:
         latex = handle.read()
-    assert latex.count(r"\begin{tabular}") == 3 and r"B3 & \checkmark & \checkmark & \checkmark" in latex
+    assert latex.count(r"\begin{tabular}") == 4 and r"B3 & \checkmark & \checkmark & \checkmark" in latex
+
+
+def test_intervals_and_differences_come_from_the_predictions(demo):
+    """metrics.json's intervals are the bootstrap of predictions.csv's predictions, with stage 4's seed; summary's
+    difference of B3 from kd_teacher (B0) is that of their scores, and its interval that of the paired resamples."""
+    run_dir, _ = demo
+    out = os.path.join(run_dir, "stage4")
+    resampled = {}
+    for name in ("kd_teacher", "B3"):
+        with open(os.path.join(out, name, "affectnet", "metrics.json")) as handle:
+            scores = json.load(handle)
+        with open(os.path.join(out, name, "affectnet", "predictions.csv")) as handle:
+            rows = list(csv.DictReader(handle))
+        labels = np.array([FER_CLASSES.index(row["label"]) for row in rows])
+        probabilities = np.array([[float(row[f"p_{c}"]) for c in FER_CLASSES] for row in rows])
+        assert scores["bootstrap"] == {"resamples": 1000, "level": 0.95, "seed": 0,
+                                       "method": "percentile bootstrap over the images"}
+        resampled[name] = metrics.bootstrap(probabilities, labels, 1000, seed=0)
+        for protocol in metrics.PROTOCOLS:
+            assert scores[protocol]["interval"] == metrics.intervals(resampled[name][protocol])
+    with open(os.path.join(out, "summary.json")) as handle:
+        summary = json.load(handle)
+    assert summary["differences_from"] == "kd_teacher" and list(summary["differences"]) == ["B3"]
+    difference = summary["differences"]["B3"]["affectnet"]["eight_way"]
+    results = summary["results"]
+    assert difference["macro_f1"] == pytest.approx(results["B3"]["affectnet"]["eight_way"]["macro_f1"]
+                                                   - results["kd_teacher"]["affectnet"]["eight_way"]["macro_f1"])
+    paired = resampled["B3"]["eight_way"] - resampled["kd_teacher"]["eight_way"]
+    assert difference["interval"] == metrics.intervals(paired)
+    with open(os.path.join(out, "summary.md")) as handle:
+        markdown = handle.read()
+    low, high = difference["interval"]["macro_f1"]
+    cell = f"{100 * difference['macro_f1']:+.1f} [{100 * low:+.1f}, {100 * high:+.1f}]"
+    table = markdown.split("**Difference from kd_teacher (B0): 8-way macro-F1, in points")[1]
+    assert next(line for line in table.splitlines() if line.startswith("| B3 |")).endswith(f"| {cell} |")
 
 
 def test_prediction_mode(demo, tmp_path, capsys):
@@ -140,6 +175,12 @@ def test_latex_tables_typeset_names_literally():
     assert r"\caption{names with \$ and \textasciitilde{}}" in latex
     assert r"variant & R\&D\_set \\" in latex and r"r50 \#2 & 50\% \checkmark \\" in latex
     assert "| r50 #2 | 50% ✓ |" in markdown and r"| a\|b | x |" in markdown
+
+
+def test_too_few_bootstrap_resamples_are_refused(capsys):
+    with pytest.raises(SystemExit):
+        stage4_eval.parse_args(["--bootstrap", "99"])
+    assert "--bootstrap at least 100" in capsys.readouterr().err
 
 
 def test_prediction_mode_needs_a_folder(tmp_path, capsys):
