@@ -73,18 +73,18 @@ def bootstrap(logits, targets, resamples, seed):
     logits, targets = np.asarray(logits), np.asarray(targets)
     num_classes, count = logits.shape[1], len(targets)
     present = np.unique(targets)
-    views = {"eight_way": (logits.argmax(axis=1), list(range(num_classes))),
-             "present_only": (present_predictions(logits, present), present.tolist())}
-    cells = {protocol: targets * num_classes + predictions for protocol, (predictions, _) in views.items()}
+    protocols = {"eight_way": (logits.argmax(axis=1), list(range(num_classes))),
+                 "present_only": (present_predictions(logits, present), present.tolist())}
     scores = {protocol: np.empty((resamples, len(SCORES))) for protocol in PROTOCOLS}
     rng = np.random.default_rng(seed)
     block = max(1, BOOTSTRAP_BLOCK_DRAWS // count)
     for start in range(0, resamples, block):
         size = min(block, resamples - start)
-        draws = rng.integers(0, count, size=(size, count))
-        offsets = np.arange(size)[:, None] * num_classes ** 2
-        for protocol, (_, classes) in views.items():
-            matrices = np.bincount((offsets + cells[protocol][draws]).ravel(), minlength=size * num_classes ** 2)
+        draws = rng.integers(0, count, size=(size, count))  # row i: the images of resample start + i
+        for protocol, (predictions, classes) in protocols.items():
+            # every resample's confusion matrix at once: resample i counts into cells [i * C * C, (i + 1) * C * C)
+            cells = (targets * num_classes + predictions)[draws] + np.arange(size)[:, None] * num_classes ** 2
+            matrices = np.bincount(cells.ravel(), minlength=size * num_classes ** 2)
             for i, matrix in enumerate(matrices.reshape(size, num_classes, num_classes)):
                 resampled = scores_from_confusion(matrix, classes)
                 scores[protocol][start + i] = [resampled[name] for name in SCORES]
