@@ -48,6 +48,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import ngd_ext  # noqa: E402
 from ngd_ext import artifacts  # noqa: E402
 from ngd_ext.determinism import set_determinism  # noqa: E402
+from ngd_ext.distributed import gather_rows  # noqa: E402
 from ngd_ext.emotions import DEFAULT_ANCHORS, DEFAULT_POSITIVE, FER_CLASSES  # noqa: E402
 from ngd_ext.ferplus import FerPlusError, data_summary, load_ferplus_cached  # noqa: E402
 from ngd_ext.metrics import eight_way  # noqa: E402
@@ -231,36 +232,6 @@ def loss_terms(logits, z, labels, ce_target, teacher_logits, ramp, args, constan
     total = (ce + args.kd_weight * kd + args.proto_weight * proto_kd
              + args.dgeo_weight * ramp * (var_cap + margin))
     return {"total": total, "ce": ce, "kd": kd, "proto_kd": proto_kd, "var_cap": var_cap, "margin": margin}
-
-
-# torch 2.14 renamed these collectives, and the old names now warn; the GPU machines' torch 2.11 has only those.
-ALL_GATHER_SINGLE = getattr(dist, "all_gather_single", dist.all_gather_into_tensor)
-REDUCE_SCATTER_SINGLE = getattr(dist, "reduce_scatter_single", dist.reduce_scatter_tensor)
-
-
-class GatherRows(torch.autograd.Function):
-    """The rows of a tensor from every DDP process (each holding as many), in rank order. Its backward hands each
-    process the gradient of its own rows, summed over the processes. (torch.distributed.nn's all_gather does the
-    same, and is deprecated.)"""
-
-    @staticmethod
-    def forward(ctx, tensor):
-        gathered = tensor.new_empty((dist.get_world_size() * tensor.shape[0], *tensor.shape[1:]))
-        ALL_GATHER_SINGLE(gathered, tensor.contiguous())
-        return gathered
-
-    @staticmethod
-    def backward(ctx, grad_gathered):
-        grad = grad_gathered.new_empty((grad_gathered.shape[0] // dist.get_world_size(), *grad_gathered.shape[1:]))
-        REDUCE_SCATTER_SINGLE(grad, grad_gathered.contiguous(), op=dist.ReduceOp.SUM)
-        return grad
-
-
-def gather_rows(tensor):
-    """The rows of `tensor` from every DDP process, in rank order, differentiably (GatherRows). Every process computes
-    the same loss over the gathered batch, so DDP's average of the parameter gradients is the gradient of that loss,
-    as one process computes it."""
-    return GatherRows.apply(tensor)
 
 
 def gathered_order(batch, world):

@@ -15,6 +15,7 @@ import torch
 import stage2_prototypes
 import stage3_student
 from ngd_ext import artifacts
+from ngd_ext.distributed import gather_rows
 from ngd_ext.student_model import Student, load_student
 from test_prototypes import write_stage1
 
@@ -413,8 +414,8 @@ def ddp_loss_worker(rank, world, init_file, out_dir):
         model, inputs, labels, teacher_logits, constants, args = ddp_loss_problem()
         trained = torch.nn.parallel.DistributedDataParallel(model)
         part = slice(rank, None, world)
-        outputs = stage3_student.gather_rows(trained(inputs[part]))
-        teacher = stage3_student.gather_rows(teacher_logits[part])
+        outputs = gather_rows(trained(inputs[part]))
+        teacher = gather_rows(teacher_logits[part])
         y = labels[stage3_student.gathered_order(torch.arange(len(labels)), world)]
         values = stage3_student.loss_terms(outputs[:, :8], outputs[:, 8:], y, y, teacher, 1.0, args, constants)
         values["total"].backward()
