@@ -241,13 +241,14 @@ def gathered_order(batch, world):
 
 def load_teacher(path, device):
     """The logit-KD teacher, a best.pt of a finished stage-3 run, checked against that run's manifest; returns
-    (model, the SHA-256 of the file loaded)."""
+    (model, the input size it was trained at, the SHA-256 of the file loaded)."""
     if not os.path.isfile(path):
         raise artifacts.ArtifactError(f"--kd-teacher {path}: no such file (expected another stage-3 run's best.pt)")
     folder, name = os.path.split(os.path.abspath(path))
     try:
         sha256 = artifacts.verify_manifest(folder, [name])[name]
-        return load_student(path, len(FER_CLASSES))[0].to(device), sha256
+        model, config = load_student(path, len(FER_CLASSES))
+        return model.to(device), config["input_size"], sha256
     except artifacts.ArtifactError as error:
         raise artifacts.ArtifactError(f"--kd-teacher: {error}") from error
     except ValueError as error:
@@ -314,7 +315,7 @@ def main(argv=None):
         protos=torch.tensor(bank, dtype=torch.float32, device=device),
         target_table=torch.tensor(proto_kd_targets(bank, grid, anchors, args.tau), dtype=torch.float32, device=device),
         positive=torch.tensor([name in DEFAULT_POSITIVE for name in FER_CLASSES], device=device))
-    teacher, teacher_hash = load_teacher(args.kd_teacher, device) if args.kd_teacher else (None, None)
+    teacher, teacher_size, teacher_hash = load_teacher(args.kd_teacher, device) if args.kd_teacher else (None,) * 3
 
     # Model, optimiser, schedule -----------------------------------------------------------------------------
     torch.manual_seed(args.seed)
@@ -392,6 +393,14 @@ def main(argv=None):
     labels = torch.from_numpy(train.labels).to(device)
     soft_targets = torch.from_numpy(train.targets).to(device) if args.training_labels == "probability" else None
     terms = ("total", "ce", "kd", "proto_kd", "var_cap", "margin")
+
+    def network_input(batch, seed, size):
+        """This process's share of the batch, augmented by the draws of `seed`, at size x size: the same seed gives the
+        same crops, flips, turns and erasures at any size, so a KD teacher trained at another size sees the very
+        images the student sees, at its own size."""
+        x = augment(images[batch], torch.Generator().manual_seed(seed), size, part=slice(rank, None, world))
+        return x.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else x
+
     for epoch in range(start_epoch, args.epochs):
         trained.train()
         order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(args.seed * 1000 + epoch))
@@ -402,16 +411,17 @@ def main(argv=None):
                         desc=f"epoch {epoch + 1}/{args.epochs}", unit="step", leave=False)
         for step in progress:
             batch = order[step * args.batch_size:(step + 1) * args.batch_size]
-            generator = torch.Generator().manual_seed(args.seed * 1_000_003 + epoch * 10_007 + step)
-            x = augment(images[batch], generator, args.input_size, part=slice(rank, None, world))
-            if device.type == "cuda":
-                x = x.contiguous(memory_format=torch.channels_last)
+            step_seed = args.seed * 1_000_003 + epoch * 10_007 + step
+            x = network_input(batch, step_seed, args.input_size)
+            x_teacher = None
+            if teacher is not None and args.kd_weight > 0:
+                x_teacher = x if teacher_size == args.input_size else network_input(batch, step_seed, teacher_size)
             with torch.autocast(**autocast):
                 logits, z = trained(x)
                 teacher_logits = None
-                if teacher is not None and args.kd_weight > 0:
+                if x_teacher is not None:
                     with torch.no_grad():
-                        teacher_logits = teacher(x)[0]
+                        teacher_logits = teacher(x_teacher)[0]
             if distributed:  # every process takes the loss over the global batch, as one process would
                 logits, z = gather_rows(logits), gather_rows(z)
                 teacher_logits = None if teacher_logits is None else gather_rows(teacher_logits)

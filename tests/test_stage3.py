@@ -11,6 +11,7 @@ import time
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 import stage2_prototypes
 import stage3_student
@@ -110,6 +111,17 @@ def test_augment_gives_each_ddp_process_its_share_of_the_batch():
         torch.testing.assert_close(share, whole[rank::3], rtol=0, atol=0)
 
 
+def test_augment_draws_the_same_images_at_every_size():
+    """One seed at 96 and at 48 pixels: the 96-pixel images, averaged down to 48, are the 48-pixel ones but for the
+    interpolation (measured: 0.004 mean difference, against 0.12 for another seed)."""
+    blurred = F.avg_pool2d(torch.rand(16, 1, 52, 52, generator=torch.Generator().manual_seed(6)) * 255, 5, stride=1)
+    images = blurred[:, 0].to(torch.uint8)  # smooth, so that sampling at two resolutions can agree
+    large = F.avg_pool2d(stage3_student.augment(images, torch.Generator().manual_seed(7), 96), 2)
+    small = stage3_student.augment(images, torch.Generator().manual_seed(7), 48)
+    other = stage3_student.augment(images, torch.Generator().manual_seed(8), 48)
+    assert (large - small).abs().mean() < 0.1 * (other - small).abs().mean()
+
+
 @needs_gpu
 def test_augment_on_a_gpu_matches_the_cpu():
     images = torch.randint(0, 256, (64, 48, 48), dtype=torch.uint8, generator=torch.Generator().manual_seed(4))
@@ -165,6 +177,34 @@ def test_b0_then_b3_with_its_kd_teacher(run_with_bank):
         summary = json.load(handle)
     assert summary["source"] == "synthetic"
     assert sum(summary["train"]["per_class"].values()) == summary["train"]["images"]
+
+
+def test_a_kd_teacher_of_another_input_size_sees_the_students_images_at_its_own(run_with_bank, monkeypatch):
+    """A B0 teacher trained at 32 pixels, a B1 student at 48: every step augments the batch twice with the same
+    draws, at 48 for the student and at 32 for the teacher, and the teacher sees only the 32-pixel images."""
+    run_dir = run_with_bank
+    stage3_student.main(["--run-dir", run_dir, "--variant", "B0", "--name", "teacher32", "--input-size", "32", *TINY])
+    augmented, teacher_inputs = [], []
+    augment, load_teacher = stage3_student.augment, stage3_student.load_teacher
+
+    def recording_augment(images, generator, size, part=slice(None)):
+        augmented.append((generator.initial_seed(), size))
+        return augment(images, generator, size, part)
+
+    def recording_teacher(path, device):
+        model, size, sha256 = load_teacher(path, device)
+        model.register_forward_pre_hook(lambda module, inputs: teacher_inputs.append(tuple(inputs[0].shape)))
+        return model, size, sha256
+
+    monkeypatch.setattr(stage3_student, "augment", recording_augment)
+    monkeypatch.setattr(stage3_student, "load_teacher", recording_teacher)
+    stage3_student.main(["--run-dir", run_dir, "--variant", "B1", "--name", "student48", "--kd-teacher",
+                         os.path.join(run_dir, "stage3", "teacher32", "best.pt"), *TINY])
+    steps = len(teacher_inputs)
+    assert steps > 0 and set(teacher_inputs) == {(64, 1, 32, 32)}
+    assert len(augmented) == 2 * steps
+    assert augmented == [(seed, size) for seed, _ in augmented[::2] for size in (48, 32)]
+    assert len({seed for seed, _ in augmented}) == steps
 
 
 def test_kd_teacher_of_another_architecture_is_refused(run_with_bank, tmp_path):
