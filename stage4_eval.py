@@ -15,8 +15,9 @@ faces. Faces in full frames are cropped by the dataset's box, else OpenCV's Haar
   <variant>/<dataset>/prototypes.png      where each class's embeddings land on the V/A prototype grid
   <variant>/<dataset>/predictions.csv     per image: label, prediction, class probabilities
   summary.md, summary.tex, summary.json   the ablation table (variants x datasets), each student's difference
-                                          from the first (B0 where there is one) with its paired-bootstrap
-                                          interval, and the cross-dataset tables
+                                          from the reference student (--reference; by default the first, B0
+                                          where there is one) with its paired-bootstrap interval, and the
+                                          cross-dataset tables
   summary.png, config.json, SHA256SUMS
 
 The intervals resample the images (--bootstrap times): they show how much a score could move on another draw of
@@ -86,6 +87,9 @@ def parse_args(argv=None):
     parser.add_argument("--manifest", action="append", default=[],
                         help="CSV with path and label columns (repeatable); its file name names the dataset")
     parser.add_argument("--variants", nargs="+", help="stage-3 run names under stage3/ (default: every finished one)")
+    parser.add_argument("--reference",
+                        help="the student the others are compared with, image by image (default: the first in the "
+                             "tables, the B0 one where there is one); e.g. B2, to see what D-Geo adds in B3")
     parser.add_argument("--synthetic-size", choices=sorted(SYNTHETIC_SIZES), default="demo",
                         help="size of the embedded synthetic CK+ and AffectNet sets, used with no dataset flag")
     parser.add_argument("--skip-unreadable", action="store_true",
@@ -310,11 +314,10 @@ def table(header, rows, caption):
     return "\n".join(markdown), "\n".join(latex)
 
 
-def differences_from_reference(results, resampled, variants, datasets):
-    """Every student's scores minus the first student's (B0 where there is one), per dataset and protocol, with the
+def differences_from_reference(results, resampled, variants, datasets, reference):
+    """Every other student's scores minus the reference student's, per dataset and protocol, with the
     paired-bootstrap interval of each difference: both students were scored on the same resamples of the images.
     Shaped as `results` is: {name: {dataset: {protocol: {score: difference, "interval": {score: [low, high]}}}}}."""
-    reference = variants[0][0]
 
     def difference(name, key, protocol):
         mine, theirs = results[name][key][protocol], results[reference][key][protocol]
@@ -322,7 +325,7 @@ def differences_from_reference(results, resampled, variants, datasets):
         return {**{score: mine[score] - theirs[score] for score in SCORES}, "interval": spread}
 
     return {name: {key: {protocol: difference(name, key, protocol) for protocol in PROTOCOLS} for key, _, _ in datasets}
-            for name, _ in variants[1:]}
+            for name, _ in variants if name != reference}
 
 
 def percent(value):
@@ -341,9 +344,9 @@ def protocol_cells(scores):
             percent(scores["balanced_accuracy"])]
 
 
-def summary_tables(results, differences, variants, datasets, note, resamples):
-    """The ablation table (variants x datasets, 8-way and present-only macro-F1), the differences from the first
-    variant (8-way macro-F1, with paired-bootstrap intervals) and, per variant, the cross-dataset table (datasets x
+def summary_tables(results, differences, reference, variants, datasets, note, resamples):
+    """The ablation table (variants x datasets, 8-way and present-only macro-F1), the differences from the reference
+    student (8-way macro-F1, with paired-bootstrap intervals) and, per variant, the cross-dataset table (datasets x
     both protocols' Acc, macro-F1 with its interval, bACC). Returns (markdown, latex)."""
     level = f"{100 * BOOTSTRAP_LEVEL:.0f}%"
     tables = []
@@ -356,14 +359,14 @@ def summary_tables(results, differences, variants, datasets, note, resamples):
             f"{percent(results[name][key]['present_only']['macro_f1'])}" for key, _, _ in datasets)])
     tables.append(table(header, rows, f"Ablation: macro-F1 (%), 8-way / present-only, by variant and dataset ({note})"))
     if differences:
-        reference = label_of(*variants[0])
         rows = [[label_of(name, config), *(with_interval(differences[name][key]["eight_way"]["macro_f1"],
                                                          differences[name][key]["eight_way"]["interval"]["macro_f1"],
                                                          signed=True) for key, _, _ in datasets)]
-                for name, config in variants[1:]]
+                for name, config in variants if name in differences]
         tables.append(table(["variant", *(name for _, name, _ in datasets)], rows,
-                            f"Difference from {reference}: 8-way macro-F1, in points, with its {level} "
-                            f"paired-bootstrap interval over the images ({resamples} resamples; {note})"))
+                            f"Difference from {label_of(reference, dict(variants)[reference])}: 8-way macro-F1, in "
+                            f"points, with its {level} paired-bootstrap interval over the images ({resamples} "
+                            f"resamples; {note})"))
     for name, config in variants:
         header = ["dataset", "images", "Acc", f"macro-F1 [{level}]", "bACC", "present classes", "Acc (present)",
                   f"macro-F1 (present) [{level}]", "bACC (present)"]
@@ -478,6 +481,9 @@ def main(argv=None):
         bank, grid = saved["bank"].astype(np.float64), int(saved["G"])
     students = {name: load_checked_student(stage3_dir, name, (bank_hash, bank.shape[1])) for name in names}
     students = dict(sorted(students.items(), key=lambda item: (preset_of(item[1][1]), item[0])))  # B0 first
+    reference = args.reference or next(iter(students))
+    if reference not in students:
+        raise ValueError(f"--reference {reference}: not one of the students evaluated ({', '.join(students)})")
     configs = [config for _, config, _ in students.values()]
     embedded = not (args.ferplus or args.affectnet or args.ckplus or args.manifest)  # no dataset flag
     synthetic = embedded or any(config["source"] == "synthetic" for config in configs)
@@ -516,8 +522,8 @@ def main(argv=None):
                 write_predictions(os.path.join(folder, "predictions.csv"), data, logits)
 
         variants = [(name, config) for name, (_, config, _) in students.items()]
-        differences = differences_from_reference(results, resampled, variants, datasets)
-        markdown, latex = summary_tables(results, differences, variants, datasets, note, args.bootstrap)
+        differences = differences_from_reference(results, resampled, variants, datasets, reference)
+        markdown, latex = summary_tables(results, differences, reference, variants, datasets, note, args.bootstrap)
         with open(os.path.join(out_dir, "summary.md"), "w") as handle:
             handle.write(f"# Stage 4 summary ({note})\n\n{SELECTION_NOTE}\n\n{markdown}")
         with open(os.path.join(out_dir, "summary.tex"), "w") as handle:
@@ -528,7 +534,7 @@ def main(argv=None):
             "results": {name: {key: {protocol: {**{s: scores[s] for s in SCORES}, "interval": scores["interval"]}
                                      for protocol, scores in by_dataset.items()}
                                for key, by_dataset in by_variant.items()} for name, by_variant in results.items()},
-            "differences_from": variants[0][0], "differences": differences})
+            "differences_from": reference, "differences": differences})
         plot_summary(results, variants, datasets, note, os.path.join(out_dir, "summary.png"))
         artifacts.write_config(out_dir, args, {"stage2/prototypes.npz": bank_hash, **{
             f"stage3/{name}/best.pt": checkpoint_hash for name, (_, _, checkpoint_hash) in students.items()}})

@@ -247,3 +247,33 @@ def test_prediction_needs_no_prototype_bank(demo, tmp_path):
     with open(tmp_path / "run" / "predictions" / "B3.csv") as handle:
         rows = list(csv.DictReader(handle))
     assert [(row["path"], row["face"], row["found_by"]) for row in rows] == [("a.png", "0", "detected")]
+
+
+def test_another_reference_student(demo, tmp_path):
+    """--reference B3: the difference table compares kd_teacher with B3, by the same paired resamples, so each
+    difference and interval is the default's with the sign turned."""
+    run_dir, stage4 = demo
+    copy = str(tmp_path / "run")
+    shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns("stage4"))
+    stage4_eval.main([*stage4, "--run-dir", copy, "--variants", "kd_teacher", "B3", "--reference", "B3"])
+    summaries = []
+    for folder in (run_dir, copy):
+        with open(os.path.join(folder, "stage4", "summary.json")) as handle:
+            summaries.append(json.load(handle))
+    default, reversed_ = summaries
+    assert (default["differences_from"], reversed_["differences_from"]) == ("kd_teacher", "B3")
+    assert list(reversed_["differences"]) == ["kd_teacher"]
+    for key in DATASETS:
+        forward = default["differences"]["B3"][key]["eight_way"]
+        backward = reversed_["differences"]["kd_teacher"][key]["eight_way"]
+        assert backward["macro_f1"] == pytest.approx(-forward["macro_f1"], abs=1e-12)
+        low, high = forward["interval"]["macro_f1"]
+        assert backward["interval"]["macro_f1"] == pytest.approx([-high, -low], abs=1e-12)
+    with open(os.path.join(copy, "stage4", "summary.md")) as handle:
+        assert "**Difference from B3: 8-way macro-F1, in points" in handle.read()
+
+
+def test_an_unknown_reference_student_is_refused(demo):
+    run_dir, stage4 = demo
+    with pytest.raises(ValueError, match=r"^--reference B2: not one of the students evaluated \(kd_teacher, B3\)$"):
+        stage4_eval.main([*stage4, "--variants", "kd_teacher", "B3", "--reference", "B2"])
