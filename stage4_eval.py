@@ -20,8 +20,9 @@ faces. Faces in full frames are cropped by the dataset's box, else OpenCV's Haar
                                           cross-dataset tables
   summary.png, config.json, SHA256SUMS
 
-The intervals resample the images (--bootstrap times): they show how much a score could move on another draw of
-as many images, not the spread over training seeds.
+The intervals resample the images (--bootstrap times), or whole groups of them where images are not independent
+(a CK+ subject's frames; a manifest's group column): they show how much a score could move on another draw of as
+many images (or groups), not the spread over training seeds.
 
 The folder is written whole or not at all: a killed run leaves the previous stage4/ in place; rerun it.
 
@@ -365,18 +366,20 @@ def summary_tables(results, differences, reference, variants, datasets, note, re
                 for name, config in variants if name in differences]
         tables.append(table(["variant", *(name for _, name, _ in datasets)], rows,
                             f"Difference from {label_of(reference, dict(variants)[reference])}: 8-way macro-F1, in "
-                            f"points, with its {level} paired-bootstrap interval over the images ({resamples} "
-                            f"resamples; {note})"))
+                            f"points, with its {level} paired-bootstrap interval over the images or their groups "
+                            f"({resamples} resamples; {note})"))
     for name, config in variants:
         header = ["dataset", "images", "Acc", f"macro-F1 [{level}]", "bACC", "present classes", "Acc (present)",
                   f"macro-F1 (present) [{level}]", "bACC (present)"]
         rows = []
         for key, dataset_name, data in datasets:
             eight, present = results[name][key]["eight_way"], results[name][key]["present_only"]
-            rows.append([dataset_name, str(len(data.labels)), *protocol_cells(eight), str(len(present["classes"])),
+            groups = data.summary()["groups"]
+            images = f"{len(data.labels)}" + (f" ({groups} groups)" if groups is not None else "")
+            rows.append([dataset_name, images, *protocol_cells(eight), str(len(present["classes"])),
                          *protocol_cells(present)])
         tables.append(table(header, rows, f"Cross-dataset evaluation of {label_of(name, config)}, in %, with "
-                                          f"bootstrap intervals over the images ({note})"))
+                                          f"bootstrap intervals over the images, or their groups where given ({note})"))
     return ("\n\n".join(md for md, _ in tables) + "\n", "\n\n".join(tex for _, tex in tables) + "\n")
 
 
@@ -493,7 +496,7 @@ def main(argv=None):
     # Evaluation -------------------------------------------------------------------------------------------
     results, resampled = {}, {}
     bootstrap_settings = {"resamples": args.bootstrap, "level": BOOTSTRAP_LEVEL, "seed": args.seed,
-                          "method": "percentile bootstrap over the images"}
+                          "method": "percentile bootstrap over the images, or over their groups where they have them"}
     with artifacts.atomic_dir(os.path.join(args.run_dir, "stage4")) as out_dir:
         for name, (model, config, _) in students.items():
             model = model.to(args.device)
@@ -502,7 +505,7 @@ def main(argv=None):
                 logits, embeddings = predict(model, data.images, config["input_size"], args.device, args.batch_size)
                 scores = {"eight_way": eight_way(logits, data.labels),
                           "present_only": present_only(logits, data.labels)}
-                resampled[name][key] = bootstrap(logits, data.labels, args.bootstrap, args.seed)
+                resampled[name][key] = bootstrap(logits, data.labels, args.bootstrap, args.seed, data.groups)
                 for protocol in PROTOCOLS:
                     scores[protocol]["interval"] = intervals(resampled[name][key][protocol])
                 results[name][key] = scores

@@ -15,9 +15,11 @@ and a count of what it dropped and why; `read_faces` then decodes and crops them
   its label and its first frame `neutral` (a sequence of 3 frames or fewer gives no neutral frame); sequences
   without an emotion file, and codes outside 1-7, are dropped and counted. Or, with no sequence tree, face crops
   in class folders (`anger/`, `happy/`, ... or CK+'s codes `1/` ... `7/`), as in the CK+48 copies passed around.
+  A subject's frames are one group (its `Sxxx` folder, or the `Sxxx_` that begins a crop's file name).
 - A manifest: a CSV with a header naming a `path` column (relative to the CSV's folder, or absolute) and a
   `label` column (a class name, e.g. `happy`, or a FERPlus index 0-7), and optionally `x`, `y`, `width`,
-  `height` for a face box; unknown labels are dropped and counted.
+  `height` for a face box and `group` (e.g. the person: images of one group are not independent); unknown labels
+  are dropped and counted.
 
 Image files that are missing or cannot be decoded stop the run with a message naming the file and the row
 that lists it; with `skip_unreadable` they are counted, listed in the report and left out instead.
@@ -26,6 +28,7 @@ that lists it; with `skip_unreadable` they are counted, listed in the report and
 import glob
 import itertools
 import os
+import re
 import tokenize
 from collections import Counter
 from dataclasses import dataclass, field
@@ -53,6 +56,7 @@ class FaceRecord:
     label: int        # FERPlus class index
     box: tuple        # (x, y, width, height) from the dataset, or None: find the face
     origin: str       # where the record was read, for messages: "file, row n"
+    group: str = None  # images that are not independent, which a bootstrap draws together (a CK+ subject's frames)
 
 
 @dataclass
@@ -64,9 +68,10 @@ class FaceSet:
     dropped: dict        # {why: count} of labelled items left out by the label rules
     crops: dict = field(default_factory=dict)     # {how: count}, HOW of ngd_ext.face_crop
     unreadable: list = field(default_factory=list)  # image files skipped with skip_unreadable
+    groups: list = None  # per image, its FaceRecord.group (or its path, where it has none); None: no groups at all
 
     def summary(self):
-        return {"images": int(len(self.labels)),
+        return {"images": int(len(self.labels)), "groups": None if self.groups is None else len(set(self.groups)),
                 "per_class": {name: int((self.labels == c).sum()) for c, name in enumerate(FER_CLASSES)},
                 "dropped": dict(self.dropped), "crops": dict(self.crops),
                 "unreadable": {"count": len(self.unreadable), "files": self.unreadable[:20]}}
@@ -207,10 +212,10 @@ def affectnet_crop_records(folder):
     return records, dict(dropped)
 
 
-def class_folder_records(folder, codes, expected):
+def class_folder_records(folder, codes, expected, group_of=lambda path: None):
     """Images in class-named subfolders: any alias of a FERPlus class, or the dataset's numeric `codes` (AffectNet's
     0-7, CK+'s 1-7). Images under other subfolders are dropped and counted. `expected` names what the folder should
-    be, for the error when it holds no such images."""
+    be, for the error when it holds no such images; `group_of` gives an image's group from its path."""
     if not os.path.isdir(folder):
         raise DatasetError(f"{folder}: not a folder")
     records, dropped = [], Counter()
@@ -224,7 +229,7 @@ def class_folder_records(folder, codes, expected):
                 dropped[f"folder {name}/"] += len(files)
             continue
         label = FER_CLASSES.index(class_name)
-        records += [FaceRecord(path, label, None, f"{folder}, class folder {name}/") for path in files]
+        records += [FaceRecord(path, label, None, f"{folder}, class folder {name}/", group_of(path)) for path in files]
     if not records:
         raise DatasetError(f"{folder}: expected {expected}: subfolders named by class ({', '.join(FER_CLASSES)}, or "
                            f"aliases such as happy, sad, angry) holding images; found {subfolders or 'none'}")
@@ -242,6 +247,13 @@ def _first_folder(folder, candidates, what):
 
 
 CKPLUS_IMAGE_FOLDERS = [("cohn-kanade-images",), ("extended-cohn-kanade-images", "cohn-kanade-images")]
+CKPLUS_SUBJECT = re.compile(r"(S\d+)_")  # CK+'s frame names begin with the subject: S010_004_00000017.png
+
+
+def ckplus_subject(path):
+    """The CK+ subject whose frame a file is, by its name; None for a name CK+ did not give it."""
+    match = CKPLUS_SUBJECT.match(os.path.basename(path))
+    return match.group(1) if match else None
 
 
 def ckplus_records(folder):
@@ -249,7 +261,7 @@ def ckplus_records(folder):
     folders (as in the CK+48 copies passed around, whose labels are those of the sequences' last frames)."""
     if not any(os.path.isdir(os.path.join(folder, *candidate)) for candidate in CKPLUS_IMAGE_FOLDERS):
         return class_folder_records(folder, CKPLUS_CODES, "a CK+ folder (cohn-kanade-images/ with Emotion/), or class "
-                                                          "folders")
+                                                          "folders", group_of=ckplus_subject)
     images = _first_folder(folder, CKPLUS_IMAGE_FOLDERS, "CK+ image")
     emotions = _first_folder(folder, [("Emotion",), ("Emotion_labels", "Emotion")], "CK+ Emotion")
     records, dropped = [], Counter()
@@ -275,9 +287,10 @@ def ckplus_records(folder):
             dropped[f"emotion code {code} (unknown code)"] += 1
             continue
         label = FER_CLASSES.index(CKPLUS_CODES[code])
+        subject = relative.split(os.sep)[0]
         if len(frames) > 3:
-            records.append(FaceRecord(frames[0], neutral, None, f"{sequence_dir}, first frame"))
-        records += [FaceRecord(frame, label, None, f"{label_files[0]}, one of the last 3 frames")
+            records.append(FaceRecord(frames[0], neutral, None, f"{sequence_dir}, first frame", subject))
+        records += [FaceRecord(frame, label, None, f"{label_files[0]}, one of the last 3 frames", subject)
                     for frame in frames[-3:]]
     if not records:
         raise DatasetError(f"{folder}: no labelled CK+ sequence found under {images} and {emotions}")
@@ -299,6 +312,7 @@ def manifest_records(path):
     if box_columns and len(box_columns) != 4:
         raise DatasetError(f"{path}: a face box needs all four columns x, y, width, height")
     path_column, label_column = header.index("path"), header.index("label")
+    group_column = header.index("group") if "group" in header else None
     for number, fields in enumerate(rows, 2):
         if not any(field.strip() for field in fields):
             continue
@@ -319,7 +333,8 @@ def manifest_records(path):
             raise DatasetError(f"{path}, row {number}: no file {fields[path_column].strip()!r}, whose backslashes "
                                "look like a Windows path; write the manifest's paths with / (relative to its folder, "
                                "or absolute)")
-        records.append(FaceRecord(image_path, label, box, f"{path}, row {number}"))
+        group = fields[group_column].strip() if group_column is not None else ""
+        records.append(FaceRecord(image_path, label, box, f"{path}, row {number}", group or None))
     if not records:
         raise DatasetError(f"{path}: no row with a FERPlus label")
     return records, dict(dropped)
@@ -345,7 +360,7 @@ def _crop_record(record):
 
 def read_faces(name, records, dropped, skip_unreadable=False, workers=None):
     """Decode and crop every record into a FaceSet."""
-    images, labels, paths, unreadable, crops = [], [], [], [], Counter()
+    images, labels, paths, groups, unreadable, crops = [], [], [], [], [], Counter()
     for record, crop in map_in_threads(_crop_record, records, f"reading {name}", workers):
         if isinstance(crop, OSError):
             if not skip_unreadable:
@@ -359,7 +374,10 @@ def read_faces(name, records, dropped, skip_unreadable=False, workers=None):
         images.append(crop.face)
         labels.append(record.label)
         paths.append(record.path)
+        groups.append(record.group)
     if not images:
         raise DatasetError(f"{name}: no readable image among {len(records)} records")
+    grouped = any(group is not None for group in groups)
     return FaceSet(name, np.stack(images), np.array(labels, np.int64), paths, dict(dropped),
-                   {how: crops[how] for how in HOW}, unreadable)
+                   {how: crops[how] for how in HOW}, unreadable,
+                   [path if group is None else group for path, group in zip(paths, groups)] if grouped else None)

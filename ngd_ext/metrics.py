@@ -5,9 +5,11 @@
 - present-only: the classes present in the ground truth form the label set; prediction = argmax over their
   logits only; accuracy, macro-F1 and bACC over those classes.
 
-Their uncertainty comes from a percentile bootstrap over the images: each resample draws as many images as there
-are, with replacement, and is scored by the same rules. The draws depend only on the seed and the number of images,
-so students scored on one dataset share them, and the difference of two students is a paired bootstrap.
+Their uncertainty comes from a percentile bootstrap: each resample draws as many images as there are, with
+replacement, and is scored by the same rules. Where images come in groups that are not independent (the frames of a
+CK+ subject), whole groups are drawn instead, as many as there are. The draws depend only on the seed and the number
+of images or groups, so students scored on one dataset share them, and the difference of two students is a paired
+bootstrap.
 """
 
 import numpy as np
@@ -15,8 +17,8 @@ import numpy as np
 SCORES = ("accuracy", "macro_f1", "balanced_accuracy")
 PROTOCOLS = ("eight_way", "present_only")
 BOOTSTRAP_LEVEL = 0.95
-# Resamples are drawn in blocks of at most this many image draws, so that memory stays bounded however many images
-# a dataset has; the draws themselves do not depend on it.
+# Resamples are drawn in blocks of at most this many draws, so that memory stays bounded however many images a
+# dataset has; the draws themselves do not depend on it.
 BOOTSTRAP_BLOCK_DRAWS = 1 << 22
 
 
@@ -67,25 +69,34 @@ def present_only(logits, targets):
             "confusion": matrix.tolist()}
 
 
-def bootstrap(logits, targets, resamples, seed):
-    """Both protocols' scores on `resamples` bootstrap resamples of the images: {protocol: resamples x 3 array of
-    accuracy, macro-F1 and bACC}. Present-only keeps the label set of the whole ground truth."""
+def bootstrap(logits, targets, resamples, seed, groups=None):
+    """Both protocols' scores on `resamples` bootstrap resamples: {protocol: resamples x 3 array of accuracy, macro-F1
+    and bACC}. `groups` (one id per image) makes each resample draw whole groups; None: each image alone. Present-only
+    keeps the label set of the whole ground truth."""
     logits, targets = np.asarray(logits), np.asarray(targets)
     num_classes, count = logits.shape[1], len(targets)
+    unit_of = np.arange(count) if groups is None else np.unique(np.asarray(groups), return_inverse=True)[1].ravel()
+    num_units = int(unit_of.max()) + 1
     present = np.unique(targets)
-    protocols = {"eight_way": (logits.argmax(axis=1), list(range(num_classes))),
-                 "present_only": (present_predictions(logits, present), present.tolist())}
+    protocols = {}
+    for protocol, predictions, classes in (("eight_way", logits.argmax(axis=1), list(range(num_classes))),
+                                           ("present_only", present_predictions(logits, present), present.tolist())):
+        unit_counts = np.zeros((num_units, num_classes ** 2))  # each unit's confusion matrix, flattened
+        np.add.at(unit_counts, (unit_of, targets * num_classes + predictions), 1)
+        protocols[protocol] = unit_counts, classes
     scores = {protocol: np.empty((resamples, len(SCORES))) for protocol in PROTOCOLS}
     rng = np.random.default_rng(seed)
-    block = max(1, BOOTSTRAP_BLOCK_DRAWS // count)
+    block = max(1, BOOTSTRAP_BLOCK_DRAWS // num_units)
     for start in range(0, resamples, block):
         size = min(block, resamples - start)
-        draws = rng.integers(0, count, size=(size, count))  # row i: the images of resample start + i
-        for protocol, (predictions, classes) in protocols.items():
-            # every resample's confusion matrix at once: resample i counts into cells [i * C * C, (i + 1) * C * C)
-            cells = (targets * num_classes + predictions)[draws] + np.arange(size)[:, None] * num_classes ** 2
-            matrices = np.bincount(cells.ravel(), minlength=size * num_classes ** 2)
-            for i, matrix in enumerate(matrices.reshape(size, num_classes, num_classes)):
+        draws = rng.integers(0, num_units, size=(size, num_units))  # row i: the units of resample start + i
+        # how often each resample drew each unit; its confusion matrix is then a sum of units' matrices (exact in
+        # float64, whose integers are exact far beyond any dataset's size)
+        drawn = np.bincount((draws + np.arange(size)[:, None] * num_units).ravel(), minlength=size * num_units)
+        drawn = drawn.reshape(size, num_units).astype(np.float64)
+        for protocol, (unit_counts, classes) in protocols.items():
+            matrices = (drawn @ unit_counts).astype(np.int64).reshape(size, num_classes, num_classes)
+            for i, matrix in enumerate(matrices):
                 resampled = scores_from_confusion(matrix, classes)
                 scores[protocol][start + i] = [resampled[name] for name in SCORES]
     return scores

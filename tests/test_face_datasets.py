@@ -216,8 +216,10 @@ def test_ckplus_frame_rule_and_codes(tmp_path):
                      ("S005_002_00000001.png", "contempt"), ("S005_002_00000002.png", "contempt"),
                      ("S005_002_00000003.png", "contempt")]
     assert dropped == {"sequence without an emotion label": 1, "emotion code 9 (unknown code)": 1}
+    assert {r.group for r in records} == {"S005"}  # a subject's frames, of all its sequences, go together
     faces = read_faces("CK+", records, dropped, workers=3)
     assert faces.crops["detected"] == 7 and len(faces.labels) == 7
+    assert faces.groups == ["S005"] * 7 and faces.summary()["groups"] == 1
     serial = read_faces("CK+", records, dropped, workers=1)  # threads change nothing, order included
     np.testing.assert_array_equal(serial.images, faces.images)
     assert serial.paths == faces.paths == [r.path for r in records]
@@ -241,10 +243,16 @@ def test_ckplus_face_crops_in_class_folders(tmp_path):
     face = frame_with_face(2)[0][50:150, 80:180]
     for name, count in (("anger", 2), ("happy", 1), ("7", 1), ("0", 1)):  # 7: CK+'s surprise; 0: no CK+ code
         for i in range(count):
-            save(str(tmp_path / name / f"{i}.png"), face)
+            save(str(tmp_path / name / f"S{5 + i:03d}_001_0000001{i}.png"), face)
+    save(str(tmp_path / "happy" / "renamed.png"), face)  # a name CK+ did not give: the image alone
     records, dropped = ckplus_records(str(tmp_path))
-    assert sorted(FER_CLASSES[r.label] for r in records) == ["anger", "anger", "happiness", "surprise"]
+    assert sorted(FER_CLASSES[r.label] for r in records) == ["anger", "anger", "happiness", "happiness", "surprise"]
     assert dropped == {"folder 0/": 1}
+    assert sorted((os.path.basename(r.path), r.group) for r in records) == [
+        ("S005_001_00000010.png", "S005"), ("S005_001_00000010.png", "S005"), ("S005_001_00000010.png", "S005"),
+        ("S006_001_00000011.png", "S006"), ("renamed.png", None)]
+    faces = read_faces("CK+48", records, dropped)
+    assert faces.summary()["groups"] == 3  # S005, S006, and renamed.png on its own
     os.makedirs(tmp_path / "empty" / "misc")
     with pytest.raises(DatasetError, match=r"empty: expected a CK\+ folder \(cohn-kanade-images/ with Emotion/\), "
                                            r"or class folders: .*found \['misc'\]"):
@@ -259,17 +267,17 @@ def test_ckplus_needs_both_folders(tmp_path):
 
 def test_manifest_labels_paths_and_boxes(tmp_path):
     path = tmp_path / "faces.csv"
-    path.write_text("\ufeffPath,Label,x,y,width,height\n"  # with the byte-order mark of a spreadsheet's "UTF-8 CSV"
-                    "a.png,happy,,,,\n"
-                    "/abs/b.png,3,1,2,30,40\n"
-                    "sub/c.png,Angry,,,,\n"
-                    "d.png,confused,,,,\n"
-                    "e.png,8,,,,\n"
+    path.write_text("\ufeffPath,Label,x,y,width,height,Group\n"  # with the byte-order mark of a "UTF-8 CSV"
+                    "a.png,happy,,,,,p1\n"
+                    "/abs/b.png,3,1,2,30,40, p1 \n"
+                    "sub/c.png,Angry,,,,,\n"
+                    "d.png,confused,,,,,p2\n"
+                    "e.png,8,,,,,p2\n"
                     "\n", encoding="utf-8")
     records, dropped = manifest_records(str(path))
-    assert [(r.path, r.label, r.box) for r in records] == [(str(tmp_path / "a.png"), 1, None),
-                                                           ("/abs/b.png", 3, (1, 2, 30, 40)),
-                                                           (str(tmp_path / "sub" / "c.png"), 4, None)]
+    assert [(r.path, r.label, r.box, r.group) for r in records] == [(str(tmp_path / "a.png"), 1, None, "p1"),
+                                                                    ("/abs/b.png", 3, (1, 2, 30, 40), "p1"),
+                                                                    (str(tmp_path / "sub" / "c.png"), 4, None, None)]
     assert dropped == {"label 'confused' (not a FERPlus class)": 1, "label '8' (not a FERPlus class)": 1}
 
 

@@ -134,3 +134,49 @@ def test_two_students_share_the_resamples():
     assert np.array_equal(metrics.bootstrap(worse, targets, 200, seed=5)["eight_way"][:, 0], worse_scores)
     assert (better_scores >= worse_scores).all() and (better_scores > worse_scores).mean() > 0.99
     assert not np.array_equal(metrics.bootstrap(worse, targets, 200, seed=6)["eight_way"][:, 0], worse_scores)
+
+
+def test_grouped_bootstrap_draws_whole_groups(monkeypatch):
+    """Groups of 1 to 6 images (a CK+ subject's frames): each resample draws as many groups as there are, with
+    replacement, and scores every image of every group drawn, as often as it was drawn."""
+    rng = np.random.default_rng(9)
+    sizes = rng.integers(1, 7, size=15)
+    groups = np.repeat([f"S{100 + g}" for g in range(15)], sizes)
+    rng.shuffle(groups)  # a group's images need not be neighbours
+    targets = rng.integers(0, 8, len(groups))
+    targets[:3] = [0, 2, 4]
+    logits = rng.normal(size=(len(groups), 8))
+    logits[np.arange(len(groups)), targets] += 1.0
+    monkeypatch.setattr(metrics, "BOOTSTRAP_BLOCK_DRAWS", 40)  # blocks of 2 resamples
+    resampled = metrics.bootstrap(logits, targets, 30, seed=2, groups=groups)
+    draws = np.random.default_rng(2).integers(0, 15, size=(30, 15))
+    names = np.unique(groups)  # the ids in sorted order, as drawn
+    for i, draw in enumerate(draws):
+        images = np.concatenate([np.flatnonzero(groups == names[g]) for g in draw])
+        np.testing.assert_allclose(resampled["eight_way"][i], scores_by_hand(
+            targets[images], logits.argmax(axis=1)[images], list(range(8))), atol=1e-12)
+
+
+def test_groups_of_one_image_are_the_ungrouped_bootstrap():
+    rng = np.random.default_rng(3)
+    targets = rng.integers(0, 8, 50)
+    logits = rng.normal(size=(50, 8))
+    alone = metrics.bootstrap(logits, targets, 100, seed=4)
+    grouped = metrics.bootstrap(logits, targets, 100, seed=4, groups=np.arange(50))
+    assert all(np.array_equal(alone[protocol], grouped[protocol]) for protocol in metrics.PROTOCOLS)
+
+
+def test_grouped_intervals_are_wider_when_groups_hold_copies():
+    """Each image shown four times: the image bootstrap takes the copies for independent images and halves the
+    interval (1 / sqrt(4)); drawing the copies together gives back the interval of the images without copies."""
+    rng = np.random.default_rng(5)
+    targets = rng.integers(0, 8, 400)
+    predictions = np.where(rng.random(400) < 0.6, targets, (targets + 3) % 8)
+    logits = np.eye(8)[predictions]
+    once = metrics.intervals(metrics.bootstrap(logits, targets, 2000, seed=0)["eight_way"])["accuracy"]
+    copies = np.repeat(logits, 4, axis=0), np.repeat(targets, 4), np.repeat(np.arange(400), 4)
+    as_images = metrics.intervals(metrics.bootstrap(*copies[:2], 2000, seed=0)["eight_way"])["accuracy"]
+    as_groups = metrics.intervals(metrics.bootstrap(*copies[:2], 2000, seed=0, groups=copies[2])["eight_way"])
+    width = once[1] - once[0]
+    assert as_images[1] - as_images[0] == pytest.approx(width / 2, rel=0.15)
+    assert as_groups["accuracy"] == pytest.approx(once, abs=1e-12)

@@ -82,8 +82,9 @@ def test_summary_tables_cover_every_variant_and_dataset(demo):
         markdown = handle.read()
     with open(os.path.join(out, "summary.json")) as handle:
         summary = json.load(handle)
-    assert markdown.startswith("# Stage 4 summary (synthetic data: not the paper's numbers)\n\nEach student is the epoch "
-                               "of its best FERPlus-valid macro-F1, so its FERPlus-valid scores lean high;")
+    assert markdown.startswith("# Stage 4 summary (synthetic data: not the paper's numbers)\n\n"
+                               "Each student is the epoch of its best FERPlus-valid macro-F1, so its FERPlus-valid "
+                               "scores lean high;")
     header = "| variant | KD | Proto-KD | D-Geo | FERPlus valid | FERPlus test | CK+ | AffectNet |"
     assert header in markdown
     b3 = summary["results"]["B3"]["affectnet"]
@@ -99,23 +100,32 @@ def test_summary_tables_cover_every_variant_and_dataset(demo):
 
 
 def test_intervals_and_differences_come_from_the_predictions(demo):
-    """metrics.json's intervals are the bootstrap of predictions.csv's predictions, with stage 4's seed; summary's
-    difference of B3 from kd_teacher (B0) is that of their scores, and its interval that of the paired resamples."""
+    """metrics.json's intervals are the bootstrap of predictions.csv's predictions, with stage 4's seed, drawing
+    AffectNet's images one by one and CK+'s subjects whole; summary's difference of B3 from kd_teacher (B0) is that of
+    their scores, and its interval that of the paired resamples."""
     run_dir, _ = demo
     out = os.path.join(run_dir, "stage4")
     resampled = {}
-    for name in ("kd_teacher", "B3"):
-        with open(os.path.join(out, name, "affectnet", "metrics.json")) as handle:
-            scores = json.load(handle)
-        with open(os.path.join(out, name, "affectnet", "predictions.csv")) as handle:
-            rows = list(csv.DictReader(handle))
-        labels = np.array([FER_CLASSES.index(row["label"]) for row in rows])
-        probabilities = np.array([[float(row[f"p_{c}"]) for c in FER_CLASSES] for row in rows])
-        assert scores["bootstrap"] == {"resamples": 1000, "level": 0.95, "seed": 0,
-                                       "method": "percentile bootstrap over the images"}
-        resampled[name] = metrics.bootstrap(probabilities, labels, 1000, seed=0)
-        for protocol in metrics.PROTOCOLS:
-            assert scores[protocol]["interval"] == metrics.intervals(resampled[name][protocol])
+    for key in ("affectnet", "ckplus"):
+        for name in ("kd_teacher", "B3"):
+            with open(os.path.join(out, name, key, "metrics.json")) as handle:
+                scores = json.load(handle)
+            with open(os.path.join(out, name, key, "predictions.csv")) as handle:
+                rows = list(csv.DictReader(handle))
+            labels = np.array([FER_CLASSES.index(row["label"]) for row in rows])
+            probabilities = np.array([[float(row[f"p_{c}"]) for c in FER_CLASSES] for row in rows])
+            # cohn-kanade-images/<subject>/<sequence>/<frame>.png
+            subjects = [os.path.basename(os.path.dirname(os.path.dirname(row["path"]))) for row in rows]
+            assert key != "ckplus" or 1 < len(set(subjects)) < len(rows)
+            groups = subjects if key == "ckplus" else None
+            ckplus_subjects = len(set(subjects)) if key == "ckplus" else None
+            assert scores["data"]["groups"] == (len(set(subjects)) if key == "ckplus" else None)
+            assert scores["bootstrap"] == {"resamples": 1000, "level": 0.95, "seed": 0, "method": "percentile "
+                                           "bootstrap over the images, or over their groups where they have them"}
+            resampled[name, key] = metrics.bootstrap(probabilities, labels, 1000, seed=0, groups=groups)
+            for protocol in metrics.PROTOCOLS:
+                assert scores[protocol]["interval"] == metrics.intervals(resampled[name, key][protocol])
+    resampled = {name: resampled[name, "affectnet"] for name in ("kd_teacher", "B3")}
     with open(os.path.join(out, "summary.json")) as handle:
         summary = json.load(handle)
     assert summary["differences_from"] == "kd_teacher" and list(summary["differences"]) == ["B3"]
@@ -131,6 +141,8 @@ def test_intervals_and_differences_come_from_the_predictions(demo):
     cell = f"{100 * difference['macro_f1']:+.1f} [{100 * low:+.1f}, {100 * high:+.1f}]"
     table = markdown.split("**Difference from kd_teacher (B0): 8-way macro-F1, in points")[1]
     assert next(line for line in table.splitlines() if line.startswith("| B3 |")).endswith(f"| {cell} |")
+    ckplus_row = next(line for line in markdown.splitlines() if line.startswith("| CK+ |"))
+    assert ckplus_row.startswith(f"| CK+ | 64 ({ckplus_subjects} groups) |")
 
 
 def test_prediction_mode(demo, tmp_path, capsys):
