@@ -52,27 +52,32 @@ def test_outputs_and_manifest(demo, capsys):
     assert not [name for name in os.listdir(run_dir) if ".tmp-" in name or ".old-" in name]
 
 
-def test_metrics_agree_with_the_predictions_and_the_data(demo):
-    run_dir, _ = demo
-    folder = os.path.join(run_dir, "stage4", "B3", "ckplus")
+def read_evaluation(folder):
+    """A stage-4 dataset folder's metrics.json, and its predictions.csv as (rows, labels, class probabilities)."""
     with open(os.path.join(folder, "metrics.json")) as handle:
-        metrics = json.load(handle)
+        scores = json.load(handle)
     with open(os.path.join(folder, "predictions.csv")) as handle:
         rows = list(csv.DictReader(handle))
     labels = np.array([FER_CLASSES.index(row["label"]) for row in rows])
     probabilities = np.array([[float(row[f"p_{name}"]) for name in FER_CLASSES] for row in rows])
+    return scores, rows, labels, probabilities
+
+
+def test_metrics_agree_with_the_predictions_and_the_data(demo):
+    run_dir, _ = demo
+    scores, rows, labels, probabilities = read_evaluation(os.path.join(run_dir, "stage4", "B3", "ckplus"))
     np.testing.assert_allclose(probabilities.sum(axis=1), 1, atol=1e-4)
     recomputed = eight_way(probabilities, labels)
-    assert metrics["eight_way"]["accuracy"] == pytest.approx(recomputed["accuracy"], abs=1e-12)
-    assert metrics["eight_way"]["confusion"] == recomputed["confusion"]
+    assert scores["eight_way"]["accuracy"] == pytest.approx(recomputed["accuracy"], abs=1e-12)
+    assert scores["eight_way"]["confusion"] == recomputed["confusion"]
     # the tiny synthetic CK+ tree: 16 labelled sequences (3 apex frames and a neutral first frame each), and
     # 12 unlabelled sequences dropped and counted; every face found by the detector
-    data = metrics["data"]
+    data = scores["data"]
     assert data["images"] == len(rows) == 64 and data["per_class"]["neutral"] == 16
     assert data["dropped"] == {"sequence without an emotion label": 12}
     assert data["crops"]["detected"] + data["crops"]["centre"] == 64 and data["crops"]["box"] == 0
-    assert metrics["note"] == "synthetic data: not the paper's numbers"
-    assert metrics["present_only"]["classes"] == sorted({int(c) for c in labels})
+    assert scores["note"] == "synthetic data: not the paper's numbers"
+    assert scores["present_only"]["classes"] == sorted({int(c) for c in labels})
 
 
 def test_summary_tables_cover_every_variant_and_dataset(demo):
@@ -108,18 +113,13 @@ def test_intervals_and_differences_come_from_the_predictions(demo):
     resampled = {}
     for key in ("affectnet", "ckplus"):
         for name in ("kd_teacher", "B3"):
-            with open(os.path.join(out, name, key, "metrics.json")) as handle:
-                scores = json.load(handle)
-            with open(os.path.join(out, name, key, "predictions.csv")) as handle:
-                rows = list(csv.DictReader(handle))
-            labels = np.array([FER_CLASSES.index(row["label"]) for row in rows])
-            probabilities = np.array([[float(row[f"p_{c}"]) for c in FER_CLASSES] for row in rows])
-            # cohn-kanade-images/<subject>/<sequence>/<frame>.png
-            subjects = [os.path.basename(os.path.dirname(os.path.dirname(row["path"]))) for row in rows]
-            assert key != "ckplus" or 1 < len(set(subjects)) < len(rows)
-            groups = subjects if key == "ckplus" else None
-            ckplus_subjects = len(set(subjects)) if key == "ckplus" else None
-            assert scores["data"]["groups"] == (len(set(subjects)) if key == "ckplus" else None)
+            scores, rows, labels, probabilities = read_evaluation(os.path.join(out, name, key))
+            groups = None
+            if key == "ckplus":  # cohn-kanade-images/<subject>/<sequence>/<frame>.png
+                groups = [os.path.basename(os.path.dirname(os.path.dirname(row["path"]))) for row in rows]
+                ckplus_subjects = len(set(groups))
+                assert 1 < ckplus_subjects < len(rows)
+            assert scores["data"]["groups"] == (None if groups is None else ckplus_subjects)
             assert scores["bootstrap"] == {"resamples": 1000, "level": 0.95, "seed": 0, "method": "percentile "
                                            "bootstrap over the images, or over their groups where they have them"}
             resampled[name, key] = metrics.bootstrap(probabilities, labels, 1000, seed=0, groups=groups)
