@@ -7,8 +7,8 @@ the targets are the embedded synthetic CK+ tree and AffectNet set, drawn in othe
 faces. Faces in full frames are cropped by the dataset's box, else OpenCV's Haar cascade, else the centre
 (counted); see ngd_ext/face_datasets.py and ngd_ext/face_crop.py. Writes RUN_DIR/stage4/:
 
-  <variant>/<dataset>/metrics.json        8-way and present-only Acc, macro-F1, bACC with 95% bootstrap
-                                          intervals, per-class P/R/F1, confusion matrices, and what was read,
+  <variant>/<dataset>/metrics.json        8-way and present-only Acc, macro-F1, bACC and per-class P/R/F1, each
+                                          with its 95% bootstrap interval; confusion matrices; and what was read,
                                           dropped and how it was cropped
   <variant>/<dataset>/confusion_*.png     counts and row-normalised, 8-way and present-only
   <variant>/<dataset>/tsne.png            t-SNE of the student's embeddings with the prototype bank
@@ -16,8 +16,8 @@ faces. Faces in full frames are cropped by the dataset's box, else OpenCV's Haar
   <variant>/<dataset>/predictions.csv     per image: label, prediction, class probabilities
   summary.md, summary.tex, summary.json   the ablation table (variants x datasets), each student's difference
                                           from the reference student (--reference; by default the first, B0
-                                          where there is one) with its paired-bootstrap interval, and the
-                                          cross-dataset tables
+                                          where there is one) with its paired-bootstrap interval, the
+                                          cross-dataset tables, and each dataset's per-class F1 of every student
   summary.png, config.json, SHA256SUMS
 
 The intervals resample the images (--bootstrap times), or whole groups of them where images are not independent
@@ -53,8 +53,8 @@ from ngd_ext.face_datasets import (IMAGE_EXTENSIONS, DatasetError, FaceSet, affe
                                    ckplus_records, manifest_records, read_faces)
 from ngd_ext.ferplus import FerPlusError, load_ferplus_cached  # noqa: E402
 from ngd_ext.images import read_grey  # noqa: E402
-from ngd_ext.metrics import (BOOTSTRAP_LEVEL, PROTOCOLS, SCORES, bootstrap, eight_way, intervals,  # noqa: E402
-                             present_only)
+from ngd_ext.metrics import (BOOTSTRAP_LEVEL, PROTOCOLS, SCORES, attach_intervals, bootstrap,  # noqa: E402
+                             eight_way, intervals, present_only)
 from ngd_ext.parallel import map_in_threads  # noqa: E402
 from ngd_ext.prototypes import bin_centres, unit_rows  # noqa: E402
 from ngd_ext.student_model import load_student, predict  # noqa: E402
@@ -322,7 +322,8 @@ def differences_from_reference(results, resampled, variants, datasets, reference
 
     def difference(name, key, protocol):
         mine, theirs = results[name][key][protocol], results[reference][key][protocol]
-        spread = intervals(resampled[name][key][protocol] - resampled[reference][key][protocol])
+        mine_resampled, theirs_resampled = resampled[name][key][protocol], resampled[reference][key][protocol]
+        spread = intervals({score: mine_resampled[score] - theirs_resampled[score] for score in SCORES})
         return {**{score: mine[score] - theirs[score] for score in SCORES}, "interval": spread}
 
     return {name: {key: {protocol: difference(name, key, protocol) for protocol in PROTOCOLS} for key, _, _ in datasets}
@@ -347,8 +348,9 @@ def protocol_cells(scores):
 
 def summary_tables(results, differences, reference, variants, datasets, note, resamples):
     """The ablation table (variants x datasets, 8-way and present-only macro-F1), the differences from the reference
-    student (8-way macro-F1, with paired-bootstrap intervals) and, per variant, the cross-dataset table (datasets x
-    both protocols' Acc, macro-F1 with its interval, bACC). Returns (markdown, latex)."""
+    student (8-way macro-F1, with paired-bootstrap intervals), per variant the cross-dataset table (datasets x both
+    protocols' Acc, macro-F1 with its interval, bACC) and per dataset each class's 8-way F1 (classes x variants, with
+    intervals). Returns (markdown, latex)."""
     level = f"{100 * BOOTSTRAP_LEVEL:.0f}%"
     tables = []
     header = ["variant", "KD", "Proto-KD", "D-Geo", *(name for _, name, _ in datasets)]
@@ -380,6 +382,13 @@ def summary_tables(results, differences, reference, variants, datasets, note, re
                          *protocol_cells(present)])
         tables.append(table(header, rows, f"Cross-dataset evaluation of {label_of(name, config)}, in %, with "
                                           f"bootstrap intervals over the images, or their groups where given ({note})"))
+    for key, dataset_name, _ in datasets:
+        per_class = {name: results[name][key]["eight_way"]["per_class"] for name, _ in variants}
+        rows = [[FER_CLASSES[c], str(row["support"]), *(
+            with_interval(per_class[name][c]["f1"], per_class[name][c]["interval"]["f1"]) for name, _ in variants)]
+            for c, row in enumerate(per_class[reference])]
+        tables.append(table(["class", "images", *(label_of(name, config) for name, config in variants)], rows,
+                            f"Per-class F1 (%, 8-way) on {dataset_name}, with {level} bootstrap intervals ({note})"))
     return ("\n\n".join(md for md, _ in tables) + "\n", "\n\n".join(tex for _, tex in tables) + "\n")
 
 
@@ -507,7 +516,7 @@ def main(argv=None):
                           "present_only": present_only(logits, data.labels)}
                 resampled[name][key] = bootstrap(logits, data.labels, args.bootstrap, args.seed, data.groups)
                 for protocol in PROTOCOLS:
-                    scores[protocol]["interval"] = intervals(resampled[name][key][protocol])
+                    attach_intervals(scores[protocol], resampled[name][key][protocol])
                 results[name][key] = scores
                 folder = os.path.join(out_dir, name, key)
                 title = f"{label_of(name, config)} on {dataset_name}, {note}"
@@ -534,7 +543,8 @@ def main(argv=None):
                          f"% {SELECTION_NOTE}\n{latex}")
         artifacts.write_json(os.path.join(out_dir, "summary.json"), {
             "note": note, "datasets": {key: name for key, name, _ in datasets}, "bootstrap": bootstrap_settings,
-            "results": {name: {key: {protocol: {**{s: scores[s] for s in SCORES}, "interval": scores["interval"]}
+            "results": {name: {key: {protocol: {**{s: scores[s] for s in SCORES}, "interval": scores["interval"],
+                                                "per_class": scores["per_class"]}
                                      for protocol, scores in by_dataset.items()}
                                for key, by_dataset in by_variant.items()} for name, by_variant in results.items()},
             "differences_from": reference, "differences": differences})

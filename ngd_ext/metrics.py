@@ -15,6 +15,7 @@ bootstrap.
 import numpy as np
 
 SCORES = ("accuracy", "macro_f1", "balanced_accuracy")
+PER_CLASS = ("precision", "recall", "f1")
 PROTOCOLS = ("eight_way", "present_only")
 BOOTSTRAP_LEVEL = 0.95
 # Resamples are drawn in blocks of at most this many draws, so that memory stays bounded however many images a
@@ -33,20 +34,31 @@ def _ratio(numerator, denominator):
     return np.divide(numerator, denominator, out=np.zeros_like(numerator), where=denominator > 0)
 
 
+def score_matrices(matrices, classes):
+    """The scores of confusion matrices stacked along leading axes (... x n x n), each scored alone: accuracy,
+    macro-F1 over `classes`, bACC over the ones among them present in its ground truth (...), and each of `classes`'s
+    precision, recall, F1 and support (... x len(classes)). A ratio with a zero denominator counts 0."""
+    matrices = np.asarray(matrices, dtype=np.float64)
+    true_positive = np.diagonal(matrices, axis1=-2, axis2=-1)
+    support, predicted = matrices.sum(axis=-1), matrices.sum(axis=-2)
+    recall = _ratio(true_positive, support)
+    f1 = _ratio(2 * true_positive, support + predicted)[..., classes]
+    # an absent class's recall is 0, so summing over all of `classes` sums over the present ones
+    present = (support[..., classes] > 0).sum(axis=-1).astype(np.float64)
+    return {"accuracy": _ratio(true_positive.sum(axis=-1), support.sum(axis=-1)),
+            "macro_f1": f1.mean(axis=-1),
+            "balanced_accuracy": _ratio(recall[..., classes].sum(axis=-1), present),
+            "precision": _ratio(true_positive, predicted)[..., classes], "recall": recall[..., classes], "f1": f1,
+            "support": support[..., classes]}
+
+
 def scores_from_confusion(matrix, classes):
-    """Accuracy, macro-F1 over `classes`, bACC over the ones among them present in the ground truth, and
-    each class's precision, recall, F1 and support (a ratio with a zero denominator counts 0)."""
-    true_positive = np.diag(matrix).astype(np.float64)
-    support = matrix.sum(axis=1).astype(np.float64)
-    predicted = matrix.sum(axis=0).astype(np.float64)
-    precision, recall = _ratio(true_positive, predicted), _ratio(true_positive, support)
-    f1 = _ratio(2 * true_positive, support + predicted)
-    present = [c for c in classes if support[c] > 0]
-    return {"accuracy": float(true_positive.sum() / max(matrix.sum(), 1)),
-            "macro_f1": float(f1[classes].mean()),
-            "balanced_accuracy": float(recall[present].mean()) if present else 0.0,
-            "per_class": [{"class": int(c), "precision": float(precision[c]), "recall": float(recall[c]),
-                           "f1": float(f1[c]), "support": int(support[c])} for c in classes]}
+    """One confusion matrix's scores (see score_matrices): {accuracy, macro_f1, balanced_accuracy, per_class: [{class,
+    precision, recall, F1, support}, ...]}."""
+    scores = score_matrices(matrix, classes)
+    return {**{name: float(scores[name]) for name in SCORES},
+            "per_class": [{"class": int(c), **{name: float(scores[name][j]) for name in PER_CLASS},
+                           "support": int(scores["support"][j])} for j, c in enumerate(classes)]}
 
 
 def eight_way(logits, targets):
@@ -70,9 +82,10 @@ def present_only(logits, targets):
 
 
 def bootstrap(logits, targets, resamples, seed, groups=None):
-    """Both protocols' scores on `resamples` bootstrap resamples: {protocol: resamples x 3 array of accuracy, macro-F1
-    and bACC}. `groups` (one id per image) makes each resample draw whole groups; None: each image alone. Present-only
-    keeps the label set of the whole ground truth."""
+    """Both protocols' scores on `resamples` bootstrap resamples: {protocol: {score: array}}, an array of `resamples`
+    values for accuracy, macro-F1 and bACC, and `resamples` x classes for each class's precision, recall and F1 (the
+    classes of that protocol, in the order of its per_class rows). `groups` (one id per image) makes each resample
+    draw whole groups; None: each image alone. Present-only keeps the label set of the whole ground truth."""
     logits, targets = np.asarray(logits), np.asarray(targets)
     num_classes, count = logits.shape[1], len(targets)
     unit_of = np.arange(count) if groups is None else np.unique(np.asarray(groups), return_inverse=True)[1].ravel()
@@ -84,7 +97,9 @@ def bootstrap(logits, targets, resamples, seed, groups=None):
         unit_counts = np.zeros((num_units, num_classes ** 2))  # each unit's confusion matrix, flattened
         np.add.at(unit_counts, (unit_of, targets * num_classes + predictions), 1)
         protocols[protocol] = unit_counts, classes
-    scores = {protocol: np.empty((resamples, len(SCORES))) for protocol in PROTOCOLS}
+    samples = {protocol: {**{name: np.empty(resamples) for name in SCORES},
+                          **{name: np.empty((resamples, len(classes))) for name in PER_CLASS}}
+               for protocol, (_, classes) in protocols.items()}
     rng = np.random.default_rng(seed)
     block = max(1, BOOTSTRAP_BLOCK_DRAWS // num_units)
     for start in range(0, resamples, block):
@@ -95,16 +110,24 @@ def bootstrap(logits, targets, resamples, seed, groups=None):
         drawn = np.bincount((draws + np.arange(size)[:, None] * num_units).ravel(), minlength=size * num_units)
         drawn = drawn.reshape(size, num_units).astype(np.float64)
         for protocol, (unit_counts, classes) in protocols.items():
-            matrices = (drawn @ unit_counts).astype(np.int64).reshape(size, num_classes, num_classes)
-            for i, matrix in enumerate(matrices):
-                resampled = scores_from_confusion(matrix, classes)
-                scores[protocol][start + i] = [resampled[name] for name in SCORES]
-    return scores
+            resampled = score_matrices((drawn @ unit_counts).reshape(size, num_classes, num_classes), classes)
+            for name, values in samples[protocol].items():
+                values[start:start + size] = resampled[name]
+    return samples
 
 
 def intervals(samples, level=BOOTSTRAP_LEVEL):
-    """The central `level` percentile interval of bootstrap samples (resamples x 3, as bootstrap returns them), per
-    score: {score: [low, high]}."""
+    """The central `level` percentile interval of each score's bootstrap samples ({score: array}, as bootstrap returns
+    them per protocol): {score: [low, high]}, or a list of [low, high] per class for a per-class score."""
     tail = 100 * (1 - level) / 2
-    low, high = np.percentile(samples, [tail, 100 - tail], axis=0)
-    return {score: [float(low[i]), float(high[i])] for i, score in enumerate(SCORES)}
+    return {name: np.percentile(values, [tail, 100 - tail], axis=0).T.tolist() for name, values in samples.items()}
+
+
+def attach_intervals(scores, samples, level=BOOTSTRAP_LEVEL):
+    """Add to one protocol's scores (as eight_way or present_only return them) their bootstrap intervals: an
+    "interval" of accuracy, macro-F1 and bACC, and one in each per-class row, of its precision, recall and F1."""
+    bounds = intervals(samples, level)
+    scores["interval"] = {name: bounds[name] for name in SCORES}
+    for j, row in enumerate(scores["per_class"]):
+        row["interval"] = {name: bounds[name][j] for name in PER_CLASS}
+    return scores

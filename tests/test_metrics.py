@@ -79,13 +79,21 @@ def test_against_scikit_learn_with_absent_classes(seed):
 
 
 def scores_by_hand(targets, predictions, labels):
-    """Accuracy, macro-F1 over `labels` and bACC over the classes present, by scikit-learn."""
-    from sklearn.metrics import accuracy_score, f1_score, recall_score
+    """Accuracy, macro-F1 over `labels`, bACC over the classes present, and the precision, recall and F1 of each of
+    `labels`, by scikit-learn."""
+    from sklearn.metrics import accuracy_score, f1_score, precision_recall_fscore_support, recall_score
 
     present = np.unique(targets)
-    return [accuracy_score(targets, predictions),
-            f1_score(targets, predictions, labels=labels, average="macro", zero_division=0),
-            recall_score(targets, predictions, labels=present, average="macro", zero_division=0)]
+    precision, recall, f1, _ = precision_recall_fscore_support(targets, predictions, labels=labels, zero_division=0)
+    return {"accuracy": accuracy_score(targets, predictions),
+            "macro_f1": f1_score(targets, predictions, labels=labels, average="macro", zero_division=0),
+            "balanced_accuracy": recall_score(targets, predictions, labels=present, average="macro", zero_division=0),
+            "precision": precision, "recall": recall, "f1": f1}
+
+
+def assert_resample_scored(samples, i, expected):
+    for name, value in expected.items():
+        np.testing.assert_allclose(samples[name][i], value, atol=1e-12, err_msg=name)
 
 
 def test_bootstrap_scores_each_resample_as_the_whole_set_is_scored(monkeypatch):
@@ -100,10 +108,9 @@ def test_bootstrap_scores_each_resample_as_the_whole_set_is_scored(monkeypatch):
     present = np.unique(targets)
     restricted = present[logits[:, present].argmax(axis=1)]  # present-only keeps the whole set's label set
     for i, draw in enumerate(draws):
-        np.testing.assert_allclose(resampled["eight_way"][i], scores_by_hand(
-            targets[draw], logits.argmax(axis=1)[draw], list(range(8))), atol=1e-12)
-        np.testing.assert_allclose(resampled["present_only"][i], scores_by_hand(
-            targets[draw], restricted[draw], present), atol=1e-12)
+        assert_resample_scored(resampled["eight_way"], i, scores_by_hand(
+            targets[draw], logits.argmax(axis=1)[draw], list(range(8))))
+        assert_resample_scored(resampled["present_only"], i, scores_by_hand(targets[draw], restricted[draw], present))
 
 
 def test_bootstrap_spread_of_accuracy_is_the_binomial_one():
@@ -115,7 +122,7 @@ def test_bootstrap_spread_of_accuracy_is_the_binomial_one():
     resampled = metrics.bootstrap(np.eye(8)[predictions], targets, 2000, seed=0)["eight_way"]
     p = (predictions == targets).mean()
     standard_error = np.sqrt(p * (1 - p) / n)
-    assert resampled[:, 0].std() == pytest.approx(standard_error, rel=0.08)
+    assert resampled["accuracy"].std() == pytest.approx(standard_error, rel=0.08)
     low, high = metrics.intervals(resampled)["accuracy"]
     assert high - low == pytest.approx(2 * 1.96 * standard_error, rel=0.1)
     assert low < p < high
@@ -129,11 +136,11 @@ def test_two_students_share_the_resamples():
     worse = np.eye(8)[np.where(np.arange(300) < 150, targets, (targets + 1) % 8)]
     better = worse.copy()
     better[150:160] = np.eye(8)[targets[150:160]]  # ten more images right, nothing else changed
-    worse_scores = metrics.bootstrap(worse, targets, 200, seed=5)["eight_way"][:, 0]
-    better_scores = metrics.bootstrap(better, targets, 200, seed=5)["eight_way"][:, 0]
-    assert np.array_equal(metrics.bootstrap(worse, targets, 200, seed=5)["eight_way"][:, 0], worse_scores)
+    worse_scores = metrics.bootstrap(worse, targets, 200, seed=5)["eight_way"]["accuracy"]
+    better_scores = metrics.bootstrap(better, targets, 200, seed=5)["eight_way"]["accuracy"]
+    assert np.array_equal(metrics.bootstrap(worse, targets, 200, seed=5)["eight_way"]["accuracy"], worse_scores)
     assert (better_scores >= worse_scores).all() and (better_scores > worse_scores).mean() > 0.99
-    assert not np.array_equal(metrics.bootstrap(worse, targets, 200, seed=6)["eight_way"][:, 0], worse_scores)
+    assert not np.array_equal(metrics.bootstrap(worse, targets, 200, seed=6)["eight_way"]["accuracy"], worse_scores)
 
 
 def test_grouped_bootstrap_draws_whole_groups(monkeypatch):
@@ -153,8 +160,8 @@ def test_grouped_bootstrap_draws_whole_groups(monkeypatch):
     names = np.unique(groups)  # the ids in sorted order, as drawn
     for i, draw in enumerate(draws):
         images = np.concatenate([np.flatnonzero(groups == names[g]) for g in draw])
-        np.testing.assert_allclose(resampled["eight_way"][i], scores_by_hand(
-            targets[images], logits.argmax(axis=1)[images], list(range(8))), atol=1e-12)
+        assert_resample_scored(resampled["eight_way"], i, scores_by_hand(
+            targets[images], logits.argmax(axis=1)[images], list(range(8))))
 
 
 def test_groups_of_one_image_are_the_ungrouped_bootstrap():
@@ -163,7 +170,9 @@ def test_groups_of_one_image_are_the_ungrouped_bootstrap():
     logits = rng.normal(size=(50, 8))
     alone = metrics.bootstrap(logits, targets, 100, seed=4)
     grouped = metrics.bootstrap(logits, targets, 100, seed=4, groups=np.arange(50))
-    assert all(np.array_equal(alone[protocol], grouped[protocol]) for protocol in metrics.PROTOCOLS)
+    for protocol in metrics.PROTOCOLS:
+        assert alone[protocol].keys() == grouped[protocol].keys()
+        assert all(np.array_equal(alone[protocol][name], grouped[protocol][name]) for name in alone[protocol])
 
 
 def test_grouped_intervals_are_wider_when_groups_hold_copies():
@@ -180,3 +189,30 @@ def test_grouped_intervals_are_wider_when_groups_hold_copies():
     width = once[1] - once[0]
     assert as_images[1] - as_images[0] == pytest.approx(width / 2, rel=0.15)
     assert as_groups["accuracy"] == pytest.approx(once, abs=1e-12)
+
+
+def test_per_class_intervals_are_wider_for_a_rare_class():
+    """500 images of one class and 12 of another, each recognised 80% of the time: F1 of the rare class rests on a
+    handful of images and its interval is far wider. Classes never present nor predicted score 0 on every resample."""
+    rng = np.random.default_rng(6)
+    targets = np.repeat([0, 7], [500, 12])
+    predictions = np.where(rng.random(len(targets)) < 0.8, targets, 3)
+    logits = one_hot_logits(predictions)
+    resampled = metrics.bootstrap(logits, targets, 2000, seed=1)
+    eight = metrics.attach_intervals(eight_way(logits, targets), resampled["eight_way"])
+    common, rare = eight["per_class"][0], eight["per_class"][7]
+    assert rare["interval"]["f1"][1] - rare["interval"]["f1"][0] > 4 * (common["interval"]["f1"][1]
+                                                                        - common["interval"]["f1"][0])
+    for row in (common, rare):
+        for name in metrics.PER_CLASS:
+            low, high = row["interval"][name]
+            assert low <= row[name] <= high
+    assert common["interval"]["precision"] == [1.0, 1.0]  # nothing else is ever predicted as class 0
+    assert eight["per_class"][5]["interval"] == {name: [0.0, 0.0] for name in metrics.PER_CLASS}
+    assert eight["interval"]["accuracy"] == metrics.intervals(resampled["eight_way"])["accuracy"]
+
+    present = metrics.attach_intervals(present_only(logits, targets), resampled["present_only"])
+    assert [row["class"] for row in present["per_class"]] == [0, 7]
+    # class 0's mistakes were class 3, which present-only cannot predict: among classes 0 and 7, class 0 always wins
+    assert present["per_class"][0]["interval"]["recall"] == [1.0, 1.0]
+    assert common["interval"]["recall"][1] < 0.85

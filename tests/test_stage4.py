@@ -101,7 +101,7 @@ def test_summary_tables_cover_every_variant_and_dataset(demo):
     with open(os.path.join(out, "summary.tex")) as handle:
         latex = handle.read()
     assert latex.splitlines()[1] == f"% {stage4_eval.SELECTION_NOTE}"
-    assert latex.count(r"\begin{tabular}") == 4 and r"B3 & \checkmark & \checkmark & \checkmark" in latex
+    assert latex.count(r"\begin{tabular}") == 8 and r"B3 & \checkmark & \checkmark & \checkmark" in latex
 
 
 def test_intervals_and_differences_come_from_the_predictions(demo):
@@ -124,7 +124,9 @@ def test_intervals_and_differences_come_from_the_predictions(demo):
                                            "bootstrap over the images, or over their groups where they have them"}
             resampled[name, key] = metrics.bootstrap(probabilities, labels, 1000, seed=0, groups=groups)
             for protocol in metrics.PROTOCOLS:
-                assert scores[protocol]["interval"] == metrics.intervals(resampled[name, key][protocol])
+                bounds = metrics.intervals(resampled[name, key][protocol])
+                assert scores[protocol]["interval"] == {score: bounds[score] for score in metrics.SCORES}
+                assert [row["interval"]["f1"] for row in scores[protocol]["per_class"]] == bounds["f1"]
     resampled = {name: resampled[name, "affectnet"] for name in ("kd_teacher", "B3")}
     with open(os.path.join(out, "summary.json")) as handle:
         summary = json.load(handle)
@@ -133,7 +135,8 @@ def test_intervals_and_differences_come_from_the_predictions(demo):
     results = summary["results"]
     assert difference["macro_f1"] == pytest.approx(results["B3"]["affectnet"]["eight_way"]["macro_f1"]
                                                    - results["kd_teacher"]["affectnet"]["eight_way"]["macro_f1"])
-    paired = resampled["B3"]["eight_way"] - resampled["kd_teacher"]["eight_way"]
+    paired = {score: resampled["B3"]["eight_way"][score] - resampled["kd_teacher"]["eight_way"][score]
+              for score in metrics.SCORES}
     assert difference["interval"] == metrics.intervals(paired)
     with open(os.path.join(out, "summary.md")) as handle:
         markdown = handle.read()
@@ -143,6 +146,13 @@ def test_intervals_and_differences_come_from_the_predictions(demo):
     assert next(line for line in table.splitlines() if line.startswith("| B3 |")).endswith(f"| {cell} |")
     ckplus_row = next(line for line in markdown.splitlines() if line.startswith("| CK+ |"))
     assert ckplus_row.startswith(f"| CK+ | 64 ({ckplus_subjects} groups) |")
+    per_class = markdown.split("**Per-class F1 (%, 8-way) on CK+, with 95% bootstrap intervals")[1].split("**")[1]
+    assert "| class | images | kd_teacher (B0) | B3 |" in per_class
+    for c, name in enumerate(FER_CLASSES):
+        rows = [results[variant]["ckplus"]["eight_way"]["per_class"][c] for variant in ("kd_teacher", "B3")]
+        cells = [f"{100 * row['f1']:.1f} [{100 * row['interval']['f1'][0]:.1f}, {100 * row['interval']['f1'][1]:.1f}]"
+                 for row in rows]
+        assert f"| {name} | {rows[1]['support']} | {cells[0]} | {cells[1]} |" in per_class
 
 
 def test_prediction_mode(demo, tmp_path, capsys):
