@@ -388,7 +388,8 @@ def summary_tables(results, differences, reference, variants, datasets, note, re
             with_interval(per_class[name][c]["f1"], per_class[name][c]["interval"]["f1"]) for name, _ in variants)]
             for c, row in enumerate(per_class[reference])]
         tables.append(table(["class", "images", *(label_of(name, config) for name, config in variants)], rows,
-                            f"Per-class F1 (%, 8-way) on {dataset_name}, with {level} bootstrap intervals ({note})"))
+                            f"Per-class F1 (%, 8-way) on {dataset_name}, with {level} bootstrap intervals, which say "
+                            f"little for a class of very few images ({note})"))
     return ("\n\n".join(md for md, _ in tables) + "\n", "\n\n".join(tex for _, tex in tables) + "\n")
 
 
