@@ -167,13 +167,19 @@ def label_of(name, config):
 # Datasets ---------------------------------------------------------------------------------------------------
 
 def training_ferplus(configs, run_dir):
-    """The FERPlus folder the students were trained on (the synthetic one is rewritten if it is missing)."""
-    sources = {(c["source"], c["ferplus"], c["synthetic_size"], c["seed"]) for c in configs}
-    if len(sources) > 1:
-        raise ValueError(f"the students were trained on different FERPlus data {sorted(map(str, sources))}; "
+    """The FERPlus folder the students were trained on: the real copy given to stage 3, or the run's synthetic faces of
+    the students' size and seed (written again if missing). The seed draws other synthetic faces, while students of
+    different seeds trained on one real copy share it."""
+    def trained_on(config, write):
+        if config["source"] == "real":
+            return config["ferplus"]
+        return synthetic_ferplus(run_dir, config["synthetic_size"], config["seed"], write=write)
+
+    folders = {trained_on(config, write=False) for config in configs}
+    if len(folders) > 1:
+        raise ValueError(f"the students were trained on different FERPlus data ({', '.join(sorted(folders))}); "
                          "give --ferplus")
-    source, folder, size, seed = sources.pop()
-    return folder if source == "real" else synthetic_ferplus(run_dir, size, seed)
+    return trained_on(configs[0], write=True)
 
 
 def load_datasets(args, configs, embedded):

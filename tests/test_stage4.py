@@ -299,3 +299,19 @@ def test_an_unknown_reference_student_is_refused(demo):
     run_dir, stage4 = demo
     with pytest.raises(ValueError, match=r"^--reference B2: not one of the students evaluated \(kd_teacher, B3\)$"):
         stage4_eval.main([*stage4, "--variants", "kd_teacher", "B3", "--reference", "B2"])
+
+
+def test_students_of_several_seeds_share_one_real_ferplus_copy(tmp_path):
+    """Seeds on one real FERPlus copy are one training set; on the embedded default each seed draws its own faces,
+    and students of two seeds have no FERPlus to share."""
+    def config(source, seed, ferplus=None):
+        return {"source": source, "ferplus": ferplus, "synthetic_size": "tiny", "seed": seed}
+
+    real = [config("real", seed, "/data/FERPlus") for seed in (0, 1, 2)]
+    assert stage4_eval.training_ferplus(real, str(tmp_path)) == "/data/FERPlus"
+    with pytest.raises(ValueError, match="trained on different FERPlus data .*/data/FERPlus, /data/other"):
+        stage4_eval.training_ferplus([*real, config("real", 0, "/data/other")], str(tmp_path))
+    with pytest.raises(ValueError, match=r"synthetic_ferplus_tiny_seed0, .*synthetic_ferplus_tiny_seed1\); give "
+                                         r"--ferplus"):
+        stage4_eval.training_ferplus([config("synthetic", 0), config("synthetic", 1)], str(tmp_path))
+    assert not os.path.exists(os.path.join(tmp_path, "data"))  # nothing written for a refused set of students
