@@ -22,7 +22,8 @@ faces. Faces in full frames are cropped by the dataset's box, else OpenCV's Haar
 
 The intervals resample the images (--bootstrap times), or whole groups of them where images are not independent
 (a CK+ subject's frames; a manifest's group column): they show how much a score could move on another draw of as
-many images (or groups), not the spread over training seeds.
+many images (or groups), not the spread over training seeds. For that, train a recipe at several --seed values and
+name the students with --replicates GROUP=NAME,NAME,...: the summary adds each group's mean and standard deviation.
 
 The folder is written whole or not at all: a killed run leaves the previous stage4/ in place; rerun it.
 
@@ -69,7 +70,24 @@ SYNTHETIC_NOTE = "synthetic data: not the paper's numbers"
 SELECTION_NOTE = ("Each student is the epoch of its best FERPlus-valid macro-F1, so its FERPlus-valid scores lean "
                   "high; FERPlus test and the other sets took no part in training or in that choice.")
 LATEX_ESCAPES = {"&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{", "}": r"\}",
-                 "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", "\\": r"\textbackslash{}", "✓": r"\checkmark"}
+                 "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", "\\": r"\textbackslash{}", "✓": r"\checkmark",
+                 "±": r"$\pm$"}
+# What may differ between the students of one --replicates group: the seed and the run's name, the KD teacher (each
+# seed may have its own), and how the run was executed (what a resumed run may change, and --sync-bn,
+# --deterministic). On the embedded default the seed also draws the training faces, and with them the class weights.
+REPLICATES_MAY_DIFFER = frozenset({"name", "seed", "kd_teacher", "kd_teacher_sha256", "world_size", "checkpoint_every",
+                                   "amp", "precision", "sync_bn", "deterministic"})
+DRAWN_BY_SYNTHETIC_SEED = frozenset({"data_key", "class_weights"})
+
+
+def replicates_spec(text):
+    """--replicates GROUP=NAME,NAME,...: (group, [names])."""
+    group, _, members = text.partition("=")
+    names = [name.strip() for name in members.split(",") if name.strip()]
+    if not group.strip() or len(set(names)) < 2 or len(set(names)) != len(names):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected GROUP=NAME,NAME,... with at least two different "
+                                         "stage-3 run names, e.g. B3=B3_seed0,B3_seed1,B3_seed2")
+    return group.strip(), names
 
 
 def parse_args(argv=None):
@@ -91,6 +109,9 @@ def parse_args(argv=None):
     parser.add_argument("--reference",
                         help="the student the others are compared with, image by image (default: the first in the "
                              "tables, the B0 one where there is one); e.g. B2, to see what D-Geo adds in B3")
+    parser.add_argument("--replicates", action="append", default=[], type=replicates_spec, metavar="GROUP=NAME,NAME",
+                        help="students trained alike with different --seed (repeatable): the summary gives the mean "
+                             "and standard deviation of their scores, the spread over training seeds")
     parser.add_argument("--synthetic-size", choices=sorted(SYNTHETIC_SIZES), default="demo",
                         help="size of the embedded synthetic CK+ and AffectNet sets, used with no dataset flag")
     parser.add_argument("--skip-unreadable", action="store_true",
@@ -148,6 +169,38 @@ def load_checked_student(stage3_dir, name, bank=None):
         raise artifacts.ArtifactError(f"{path} was trained against another prototype bank than "
                                       "stage2/prototypes.npz of this run; evaluate it in its own run folder")
     return model, config, checkpoint_hash
+
+
+def check_replicates(replicates, students):
+    """--replicates' groups, {group: [student names]}, after checking that each group's students are among those
+    evaluated, in no other group, of different seeds, and trained alike in everything but REPLICATES_MAY_DIFFER."""
+    groups, grouped = {}, {}
+    for group, names in replicates:
+        if group in groups:
+            raise ValueError(f"--replicates {group}: named twice")
+        for name in names:
+            if name not in students:
+                raise ValueError(f"--replicates {group}: {name} is not one of the students evaluated "
+                                 f"({', '.join(students)})")
+            if name in grouped:
+                raise ValueError(f"--replicates {group}: {name} is already in --replicates {grouped[name]}")
+            grouped[name] = group
+        configs = [students[name][1] for name in names]
+        may_differ = REPLICATES_MAY_DIFFER
+        if all(config["source"] == "synthetic" for config in configs):
+            may_differ = may_differ | DRAWN_BY_SYNTHETIC_SEED
+        for key in sorted(set().union(*configs) - may_differ):
+            values = [config.get(key) for config in configs]
+            if any(value != values[0] for value in values):
+                raise ValueError(f"--replicates {group}: its students were not trained alike: {key} is " + ", ".join(
+                    f"{value!r} in {name}" for name, value in zip(names, values)) + " (only the seed, the name, the "
+                    "KD teacher and how the run was executed may differ)")
+        seeds = [config["seed"] for config in configs]
+        if len(set(seeds)) < len(seeds):
+            raise ValueError(f"--replicates {group}: seeds " + ", ".join(
+                f"{seed} ({name})" for name, seed in zip(names, seeds)) + ": replicates need different seeds")
+        groups[group] = names
+    return groups
 
 
 def preset_of(config):
@@ -336,6 +389,19 @@ def differences_from_reference(results, resampled, variants, datasets, reference
             for name, _ in variants if name != reference}
 
 
+def across_seeds(results, groups, variants, datasets):
+    """Each --replicates group's scores over its students: {group: {"students": [...], "seeds": [...], "datasets":
+    {dataset: {protocol: {score: {"mean", "sd", "values"}}}}}}; sd is the sample standard deviation (over n - 1)."""
+    configs = dict(variants)
+
+    def spread(values):
+        return {"mean": float(np.mean(values)), "sd": float(np.std(values, ddof=1)), "values": values}
+
+    return {group: {"students": names, "seeds": [configs[name]["seed"] for name in names], "datasets": {
+        key: {protocol: {score: spread([results[name][key][protocol][score] for name in names]) for score in SCORES}
+              for protocol in PROTOCOLS} for key, _, _ in datasets}} for group, names in groups.items()}
+
+
 def percent(value):
     return f"{100 * value:.1f}"
 
@@ -352,9 +418,10 @@ def protocol_cells(scores):
             percent(scores["balanced_accuracy"])]
 
 
-def summary_tables(results, differences, reference, variants, datasets, note, resamples):
+def summary_tables(results, differences, seeds, reference, variants, datasets, note, resamples):
     """The ablation table (variants x datasets, 8-way and present-only macro-F1), the differences from the reference
-    student (8-way macro-F1, with paired-bootstrap intervals), per variant the cross-dataset table (datasets x both
+    student (8-way macro-F1, with paired-bootstrap intervals), the --replicates groups' mean and standard deviation
+    over training seeds (8-way macro-F1), per variant the cross-dataset table (datasets x both
     protocols' Acc, macro-F1 with its interval, bACC) and per dataset each class's 8-way F1 (classes x variants, with
     intervals). Returns (markdown, latex)."""
     level = f"{100 * BOOTSTRAP_LEVEL:.0f}%"
@@ -376,6 +443,14 @@ def summary_tables(results, differences, reference, variants, datasets, note, re
                             f"Difference from {label_of(reference, dict(variants)[reference])}: 8-way macro-F1, in "
                             f"points, with its {level} paired-bootstrap interval over the images or their groups "
                             f"({resamples} resamples; {note})"))
+    if seeds:
+        rows = [[group, ", ".join(map(str, entry["seeds"])), *(
+            "{0:.1f} ± {1:.1f}".format(*(100 * entry["datasets"][key]["eight_way"]["macro_f1"][stat]
+                                          for stat in ("mean", "sd"))) for key, _, _ in datasets)]
+                for group, entry in seeds.items()]
+        tables.append(table(["replicates", "seeds", *(name for _, name, _ in datasets)], rows,
+                            f"Across training seeds: 8-way macro-F1 (%), mean ± standard deviation (n - 1) over each "
+                            f"--replicates group's students ({note})"))
     for name, config in variants:
         header = ["dataset", "images", "Acc", f"macro-F1 [{level}]", "bACC", "present classes", "Acc (present)",
                   f"macro-F1 (present) [{level}]", "bACC (present)"]
@@ -503,6 +578,7 @@ def main(argv=None):
     reference = args.reference or next(iter(students))
     if reference not in students:
         raise ValueError(f"--reference {reference}: not one of the students evaluated ({', '.join(students)})")
+    groups = check_replicates(args.replicates, students)
     configs = [config for _, config, _ in students.values()]
     embedded = not (args.ferplus or args.affectnet or args.ckplus or args.manifest)  # no dataset flag
     synthetic = embedded or any(config["source"] == "synthetic" for config in configs)
@@ -542,7 +618,9 @@ def main(argv=None):
 
         variants = [(name, config) for name, (_, config, _) in students.items()]
         differences = differences_from_reference(results, resampled, variants, datasets, reference)
-        markdown, latex = summary_tables(results, differences, reference, variants, datasets, note, args.bootstrap)
+        seeds = across_seeds(results, groups, variants, datasets)
+        markdown, latex = summary_tables(results, differences, seeds, reference, variants, datasets, note,
+                                         args.bootstrap)
         with open(os.path.join(out_dir, "summary.md"), "w") as handle:
             handle.write(f"# Stage 4 summary ({note})\n\n{SELECTION_NOTE}\n\n{markdown}")
         with open(os.path.join(out_dir, "summary.tex"), "w") as handle:
@@ -554,7 +632,7 @@ def main(argv=None):
                                                 "per_class": scores["per_class"]}
                                      for protocol, scores in by_dataset.items()}
                                for key, by_dataset in by_variant.items()} for name, by_variant in results.items()},
-            "differences_from": reference, "differences": differences})
+            "differences_from": reference, "differences": differences, "replicates": seeds})
         plot_summary(results, variants, datasets, note, os.path.join(out_dir, "summary.png"))
         artifacts.write_config(out_dir, args, {"stage2/prototypes.npz": bank_hash, **{
             f"stage3/{name}/best.pt": checkpoint_hash for name, (_, _, checkpoint_hash) in students.items()}})

@@ -315,3 +315,74 @@ def test_students_of_several_seeds_share_one_real_ferplus_copy(tmp_path):
                                          r"--ferplus"):
         stage4_eval.training_ferplus([config("synthetic", 0), config("synthetic", 1)], str(tmp_path))
     assert not os.path.exists(os.path.join(tmp_path, "data"))  # nothing written for a refused set of students
+
+
+def test_replicates_summarise_students_of_several_seeds(demo, tmp_path):
+    """Two more B0 students of seeds 1 and 2 beside kd_teacher (B0, seed 0): --replicates gives their mean and
+    standard deviation, from the scores each of them has alone. Each seed drew its own synthetic training faces, so
+    --ferplus names the copy to evaluate them on."""
+    run_dir, stage4 = demo
+    copy = str(tmp_path / "run")
+    shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns("stage4"))
+    for seed in (1, 2):
+        stage3_student.main(["--run-dir", copy, "--variant", "B0", "--name", f"B0_seed{seed}", "--seed", str(seed),
+                             *TINY3])
+    students = ["kd_teacher", "B0_seed1", "B0_seed2"]
+    ferplus = os.path.join(copy, "data", "synthetic_ferplus_tiny_seed0")
+    stage4_eval.main([*stage4, "--run-dir", copy, "--ferplus", ferplus, "--variants", *students,
+                      "--replicates", "B0=kd_teacher,B0_seed1,B0_seed2", "--bootstrap", "100"])
+    with open(os.path.join(copy, "stage4", "summary.json")) as handle:
+        summary = json.load(handle)
+    group = summary["replicates"]["B0"]
+    assert (group["students"], group["seeds"]) == (students, [0, 1, 2])
+    assert set(group["datasets"]) == {"ferplus_valid", "ferplus_test"}
+    scores = [summary["results"][name]["ferplus_test"]["eight_way"]["macro_f1"] for name in students]
+    assert len(set(scores)) > 1  # three seeds, three students
+    spread = group["datasets"]["ferplus_test"]["eight_way"]["macro_f1"]
+    assert spread["values"] == scores
+    assert spread["mean"] == pytest.approx(np.mean(scores), abs=1e-12)
+    assert spread["sd"] == pytest.approx(np.std(scores, ddof=1), abs=1e-12)
+    with open(os.path.join(copy, "stage4", "summary.md")) as handle:
+        markdown = handle.read()
+    table = markdown.split("**Across training seeds: 8-way macro-F1 (%), mean ± standard deviation (n - 1)")[1]
+    valid = group["datasets"]["ferplus_valid"]["eight_way"]["macro_f1"]
+    assert (f"| B0 | 0, 1, 2 | {100 * valid['mean']:.1f} ± {100 * valid['sd']:.1f} | "
+            f"{100 * spread['mean']:.1f} ± {100 * spread['sd']:.1f} |") in table
+    with open(os.path.join(copy, "stage4", "summary.tex")) as handle:
+        assert r"$\pm$" in handle.read()
+
+
+def fake_students(**differences):
+    """Students as stage 4 holds them ({name: (model, config, hash)}): B3 of seeds 0, 1 and 2 trained alike on a real
+    copy, each config changed by differences[name] (a dict)."""
+    base = {"source": "real", "ferplus": "/data/FERPlus", "variant": "B3", "lr": 2e-4, "data_key": "d0",
+            "world_size": 1, "amp": "auto", "kd_teacher": "runs/real/stage3/kd/best.pt"}
+    return {name: (None, {**base, "name": name, "seed": seed, **differences.get(name, {})}, "")
+            for seed, name in enumerate(("s0", "s1", "s2"))}
+
+
+def test_replicates_must_be_trained_alike_with_different_seeds():
+    check = stage4_eval.check_replicates
+    group = [("B3", ["s0", "s1", "s2"])]
+    run_differently = {"s1": {"world_size": 4, "amp": "bf16", "kd_teacher": "runs/real/stage3/kd_seed1/best.pt"}}
+    assert check(group, fake_students(**run_differently)) == {"B3": ["s0", "s1", "s2"]}
+    with pytest.raises(ValueError, match=r"^--replicates B3: its students were not trained alike: lr is 0.0002 in s0, "
+                                         r"0.0002 in s1, 0.001 in s2 \(only the seed"):
+        check(group, fake_students(s2={"lr": 1e-3}))
+    with pytest.raises(ValueError, match="not trained alike: data_key is 'd0' in s0, 'd1' in s1"):  # the copy changed
+        check(group, fake_students(s1={"data_key": "d1"}))
+    synthetic = {"source": "synthetic", "ferplus": None}  # there, the seed draws the faces
+    assert check(group, fake_students(s0=synthetic, s1={**synthetic, "data_key": "d1"}, s2=synthetic))
+    with pytest.raises(ValueError, match=r"^--replicates B3: seeds 0 \(s0\), 0 \(s1\), 2 \(s2\): replicates need"):
+        check(group, fake_students(s1={"seed": 0}))
+    with pytest.raises(ValueError, match=r"^--replicates B3: s9 is not one of the students evaluated \(s0, s1, s2\)$"):
+        check([("B3", ["s0", "s9"])], fake_students())
+    with pytest.raises(ValueError, match=r"^--replicates other: s1 is already in --replicates B3$"):
+        check([("B3", ["s0", "s1"]), ("other", ["s1", "s2"])], fake_students())
+
+
+@pytest.mark.parametrize("spec", ["B3=s0", "B3=s0,s0", "=s0,s1", "s0,s1"])
+def test_malformed_replicates_are_refused(spec, capsys):
+    with pytest.raises(SystemExit):
+        stage4_eval.parse_args(["--replicates", spec])
+    assert f"argument --replicates: {spec!r}: expected GROUP=NAME,NAME,... with at least two" in capsys.readouterr().err
