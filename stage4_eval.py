@@ -16,7 +16,8 @@ faces. Faces in full frames are cropped by the dataset's box, else OpenCV's Haar
   <variant>/<dataset>/predictions.csv     per image: label, prediction, class probabilities
   summary.md, summary.tex, summary.json   the ablation table (variants x datasets), each student's difference
                                           from the reference student (--reference; by default the first, B0
-                                          where there is one) with its paired-bootstrap interval, the
+                                          where there is one) with its paired-bootstrap interval, each
+                                          --replicates group's mean and standard deviation over its seeds, the
                                           cross-dataset tables, and each dataset's per-class F1 of every student
   summary.png, config.json, SHA256SUMS
 
@@ -418,12 +419,12 @@ def protocol_cells(scores):
             percent(scores["balanced_accuracy"])]
 
 
-def summary_tables(results, differences, seeds, reference, variants, datasets, note, resamples):
+def summary_tables(results, differences, replicates, reference, variants, datasets, note, resamples):
     """The ablation table (variants x datasets, 8-way and present-only macro-F1), the differences from the reference
     student (8-way macro-F1, with paired-bootstrap intervals), the --replicates groups' mean and standard deviation
-    over training seeds (8-way macro-F1), per variant the cross-dataset table (datasets x both
-    protocols' Acc, macro-F1 with its interval, bACC) and per dataset each class's 8-way F1 (classes x variants, with
-    intervals). Returns (markdown, latex)."""
+    over training seeds (8-way macro-F1), per variant the cross-dataset table (datasets x both protocols' Acc, macro-F1
+    with its interval, bACC) and per dataset each class's 8-way F1 (classes x variants, with intervals). Returns
+    (markdown, latex)."""
     level = f"{100 * BOOTSTRAP_LEVEL:.0f}%"
     tables = []
     header = ["variant", "KD", "Proto-KD", "D-Geo", *(name for _, name, _ in datasets)]
@@ -443,11 +444,11 @@ def summary_tables(results, differences, seeds, reference, variants, datasets, n
                             f"Difference from {label_of(reference, dict(variants)[reference])}: 8-way macro-F1, in "
                             f"points, with its {level} paired-bootstrap interval over the images or their groups "
                             f"({resamples} resamples; {note})"))
-    if seeds:
+    if replicates:
         rows = [[group, ", ".join(map(str, entry["seeds"])), *(
             "{0:.1f} ± {1:.1f}".format(*(100 * entry["datasets"][key]["eight_way"]["macro_f1"][stat]
                                           for stat in ("mean", "sd"))) for key, _, _ in datasets)]
-                for group, entry in seeds.items()]
+                for group, entry in replicates.items()]
         tables.append(table(["replicates", "seeds", *(name for _, name, _ in datasets)], rows,
                             f"Across training seeds: 8-way macro-F1 (%), mean ± standard deviation (n - 1) over each "
                             f"--replicates group's students ({note})"))
@@ -618,8 +619,8 @@ def main(argv=None):
 
         variants = [(name, config) for name, (_, config, _) in students.items()]
         differences = differences_from_reference(results, resampled, variants, datasets, reference)
-        seeds = across_seeds(results, groups, variants, datasets)
-        markdown, latex = summary_tables(results, differences, seeds, reference, variants, datasets, note,
+        replicates = across_seeds(results, groups, variants, datasets)
+        markdown, latex = summary_tables(results, differences, replicates, reference, variants, datasets, note,
                                          args.bootstrap)
         with open(os.path.join(out_dir, "summary.md"), "w") as handle:
             handle.write(f"# Stage 4 summary ({note})\n\n{SELECTION_NOTE}\n\n{markdown}")
@@ -632,7 +633,7 @@ def main(argv=None):
                                                 "per_class": scores["per_class"]}
                                      for protocol, scores in by_dataset.items()}
                                for key, by_dataset in by_variant.items()} for name, by_variant in results.items()},
-            "differences_from": reference, "differences": differences, "replicates": seeds})
+            "differences_from": reference, "differences": differences, "replicates": replicates})
         plot_summary(results, variants, datasets, note, os.path.join(out_dir, "summary.png"))
         artifacts.write_config(out_dir, args, {"stage2/prototypes.npz": bank_hash, **{
             f"stage3/{name}/best.pt": checkpoint_hash for name, (_, _, checkpoint_hash) in students.items()}})

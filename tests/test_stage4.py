@@ -379,6 +379,8 @@ def test_replicates_must_be_trained_alike_with_different_seeds():
         check([("B3", ["s0", "s9"])], fake_students())
     with pytest.raises(ValueError, match=r"^--replicates other: s1 is already in --replicates B3$"):
         check([("B3", ["s0", "s1"]), ("other", ["s1", "s2"])], fake_students())
+    with pytest.raises(ValueError, match=r"^--replicates B3: named twice$"):
+        check([("B3", ["s0", "s1"]), ("B3", ["s2", "s3"])], fake_students())
 
 
 @pytest.mark.parametrize("spec", ["B3=s0", "B3=s0,s0", "=s0,s1", "s0,s1"])
