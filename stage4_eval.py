@@ -19,7 +19,9 @@ faces. Faces in full frames are cropped by the dataset's box, else OpenCV's Haar
                                           where there is one) with its paired-bootstrap interval, each
                                           --replicates group's mean and standard deviation over its seeds, the
                                           cross-dataset tables, and each dataset's per-class F1 of every student
-  summary.png, config.json, SHA256SUMS
+  summary.png                             every student's 8-way macro-F1 per dataset, with its interval
+  replicates.png                          with --replicates: each group's mean, sd and students per dataset
+  config.json, SHA256SUMS
 
 The intervals resample the images (--bootstrap times), or whole groups of them where images are not independent
 (a CK+ subject's frames; a manifest's group column): they show how much a score could move on another draw of as
@@ -494,6 +496,28 @@ def plot_summary(results, variants, datasets, note, path):
     artifacts.save_figure(figure, path)
 
 
+def plot_replicates(replicates, datasets, note, path):
+    """Each --replicates group's 8-way macro-F1 per dataset: a bar at the mean, a whisker of one standard deviation
+    either side, and a dot per student."""
+    figure, ax = plt.subplots(figsize=(2 + 1.6 * len(datasets), 4))
+    width = 0.8 / len(replicates)
+    for g, (group, entry) in enumerate(replicates.items()):
+        spreads = [entry["datasets"][key]["eight_way"]["macro_f1"] for key, _, _ in datasets]
+        centres = np.arange(len(datasets)) + (g - (len(replicates) - 1) / 2) * width
+        seeds = ", ".join(map(str, entry["seeds"]))
+        ax.bar(centres, [spread["mean"] for spread in spreads], width, yerr=[spread["sd"] for spread in spreads],
+               capsize=2, error_kw=dict(lw=0.8), color=f"C{g}", alpha=0.6, label=f"{group} (seeds {seeds})")
+        for x, spread in zip(centres, spreads):
+            ax.plot([x] * len(spread["values"]), spread["values"], "o", ms=3, color=f"C{g}", markeredgecolor="black",
+                    markeredgewidth=0.5)
+    ax.set_xticks(range(len(datasets)), [name for _, name, _ in datasets])
+    ax.set_ylabel("8-way macro-F1 (mean ± sd; a dot per seed)")
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=8)
+    ax.set_title(f"Across training seeds ({note})", fontsize=10)
+    artifacts.save_figure(figure, path)
+
+
 # Prediction mode --------------------------------------------------------------------------------------------
 
 def faces_in(path):
@@ -635,6 +659,8 @@ def main(argv=None):
                                for key, by_dataset in by_variant.items()} for name, by_variant in results.items()},
             "differences_from": reference, "differences": differences, "replicates": replicates})
         plot_summary(results, variants, datasets, note, os.path.join(out_dir, "summary.png"))
+        if replicates:
+            plot_replicates(replicates, datasets, note, os.path.join(out_dir, "replicates.png"))
         artifacts.write_config(out_dir, args, {"stage2/prototypes.npz": bank_hash, **{
             f"stage3/{name}/best.pt": checkpoint_hash for name, (_, _, checkpoint_hash) in students.items()}})
         artifacts.write_manifest(out_dir)

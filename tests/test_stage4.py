@@ -350,6 +350,8 @@ def test_replicates_summarise_students_of_several_seeds(demo, tmp_path):
             f"{100 * spread['mean']:.1f} ± {100 * spread['sd']:.1f} |") in table
     with open(os.path.join(copy, "stage4", "summary.tex")) as handle:
         assert r"$\pm$" in handle.read()
+    assert "replicates.png" in artifacts.read_manifest(os.path.join(copy, "stage4"))
+    assert Image.open(os.path.join(copy, "stage4", "replicates.png")).size[0] > 300
 
 
 def fake_students(**differences):
