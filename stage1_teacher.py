@@ -12,6 +12,8 @@ out, so no window of a held-out subject is ever trained on. Writes RUN_DIR/stage
   metrics.json         held-out RMSE, Pearson r and CCC for valence and arousal, beside a mean baseline, over all
                        held-out windows and per dataset
   training_curve.png   training loss and held-out CCC per epoch
+  held_out.png         predicted against self-reported valence and arousal: each held-out window, and each trial's
+                       mean over its windows
   config.json, SHA256SUMS
 
     python stage1_teacher.py                                   # synthetic default, into runs/demo
@@ -292,6 +294,33 @@ def plot_curve(history, path, note):
     artifacts.save_figure(figure, path)
 
 
+def plot_held_out(prediction, targets, datasets, trials, metrics, path, note):
+    """Predicted against self-reported valence and arousal of the held-out windows. A trial's windows share its one
+    self-report, so they stand in a column; the large dot is the trial's mean prediction."""
+    trial_names, trial_of = np.unique(trials, return_inverse=True)
+    windows_per_trial = np.bincount(trial_of)
+    jitter = np.random.default_rng(0).uniform(-0.02, 0.02, len(trials))  # spreads a column's windows to be seen
+    figure, axes = plt.subplots(1, 2, figsize=(10, 4.6))
+    for column, (ax, name) in enumerate(zip(axes, ("valence", "arousal"))):
+        trial_mean = np.bincount(trial_of, weights=prediction[:, column]) / windows_per_trial
+        trial_target = np.bincount(trial_of, weights=targets[:, column]) / windows_per_trial
+        for d, dataset in enumerate(sorted(set(datasets))):
+            windows = datasets == dataset
+            of_dataset = np.isin(np.arange(len(trial_names)), trial_of[windows])
+            ax.scatter(targets[windows, column] + jitter[windows], prediction[windows, column], s=4, alpha=0.25,
+                       color=f"C{d}", linewidths=0)
+            ax.scatter(trial_target[of_dataset], trial_mean[of_dataset], s=28, color=f"C{d}", edgecolors="black",
+                       linewidths=0.5, label=f"{dataset}: {of_dataset.sum()} trials, CCC "
+                                             f"{metrics['by_dataset'][dataset]['held_out'][name]['ccc']:.2f}")
+        ax.plot([-1, 1], [-1, 1], color="grey", linestyle=":", linewidth=1)
+        ax.set(xlim=(-1.1, 1.1), ylim=(-1.1, 1.1), xlabel=f"self-reported {name} (scaled to [-1, 1])",
+               ylabel=f"predicted {name}")
+        ax.set_title(f"{name}: CCC {metrics['held_out'][name]['ccc']:.3f} over {len(trials)} windows", fontsize=10)
+        ax.legend(fontsize=7, loc="upper left")
+    figure.suptitle(f"EEG teacher on held-out subjects{note}", fontsize=10)
+    artifacts.save_figure(figure, path)
+
+
 def main(argv=None):
     args = parse_args(argv)
     set_determinism(args.deterministic)
@@ -421,6 +450,8 @@ def main(argv=None):
                         test_trial_ids, source)
         artifacts.write_json(os.path.join(staging, "metrics.json"), metrics)
         plot_curve(history, os.path.join(staging, "training_curve.png"), note)
+        plot_held_out(prediction, test_targets, test_datasets, test_trial_ids, metrics,
+                      os.path.join(staging, "held_out.png"), note)
         artifacts.write_config(staging, args, {
             "dreamer": artifacts.sha256_file(dreamer_path) if dreamer_path else None,
             "mahnob": {"root": mahnob_root, "bdf_sha256": bdf_hashes} if mahnob_root else None})

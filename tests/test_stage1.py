@@ -209,7 +209,7 @@ def test_stage1_then_stage2_end_to_end(tmp_path):
     run_dir = str(tmp_path)
     run_tiny_stage1(run_dir)
     stage1 = os.path.join(run_dir, "stage1")
-    names = {"teacher.pt", "embeddings.npz", "metrics.json", "training_curve.png", "config.json"}
+    names = {"teacher.pt", "embeddings.npz", "metrics.json", "training_curve.png", "held_out.png", "config.json"}
     assert set(artifacts.read_manifest(stage1)) == names
     artifacts.verify_manifest(stage1, sorted(names))
     assert not os.path.exists(os.path.join(run_dir, "stage1-checkpoint.pt"))
