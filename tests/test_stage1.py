@@ -1,5 +1,6 @@
 """Stage 1: features, the subject split, the synthetic default, and stage 1 then stage 2 end to end."""
 
+import collections
 import glob
 import itertools
 import json
@@ -232,6 +233,18 @@ def test_stage1_then_stage2_end_to_end(tmp_path):
         name: sum(subject.startswith(prefix) for subject in embeddings["subject"]) for name, prefix in prefixes.items()}
     for scores in metrics["by_dataset"].values():
         assert set(scores["held_out"]["valence"]) == {"rmse", "pearson_r", "ccc"}
+    # per subject: each held-out subject's windows and trials; where a dataset holds out one subject, that subject's
+    # figures are the dataset's
+    by_subject = metrics["by_subject"]
+    assert {subject: scores["windows"] for subject, scores in by_subject.items()} == dict(
+        collections.Counter(embeddings["subject"].tolist()))
+    assert {subject: scores["trials"] for subject, scores in by_subject.items()} == {
+        subject: len(set(embeddings["trial"][embeddings["subject"] == subject])) for subject in by_subject}
+    for name, prefix in prefixes.items():
+        subjects = [subject for subject in by_subject if subject.startswith(prefix)]
+        if len(subjects) == 1:
+            assert by_subject[subjects[0]]["held_out"] == metrics["by_dataset"][name]["held_out"]
+    assert any(len([s for s in by_subject if s.startswith(prefix)]) == 1 for prefix in prefixes.values())
     with open(os.path.join(stage1, "config.json")) as handle:
         inputs = json.load(handle)["inputs"]
     mahnob = inputs["mahnob"]["root"]
