@@ -138,6 +138,14 @@ def parse_args(argv=None):
         parser.error("--tsne-points must be at least 10, --batch-size at least 1 and --bootstrap at least 100")
     if args.predict and not os.path.isdir(args.predict):
         parser.error(f"--predict {args.predict}: not a folder (give the folder that holds the images)")
+    evaluation_only = [flag for flag, value in (
+        ("--ferplus", args.ferplus), ("--affectnet", args.affectnet), ("--ckplus", args.ckplus),
+        ("--manifest", args.manifest), ("--reference", args.reference), ("--replicates", args.replicates)) if value]
+    if args.predict and evaluation_only:
+        parser.error(f"{', '.join(evaluation_only)}: evaluation only, and --predict classifies the images of a folder "
+                     "with one student; leave them out")
+    if args.output and not args.predict:
+        parser.error("--output names the CSV of prediction mode: give it with --predict FOLDER")
     return args
 
 

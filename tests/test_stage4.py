@@ -213,6 +213,17 @@ def test_prediction_mode_needs_a_folder(tmp_path, capsys):
     assert "--predict " + str(tmp_path / "photo.jpg") + ": not a folder" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--predict", ".", "--reference", "B0"], "--reference: evaluation only, and --predict classifies"),
+    (["--predict", ".", "--ckplus", "ck", "--replicates", "B3=a,b"], "--ckplus, --replicates: evaluation only"),
+    (["--output", "out.csv"], "--output names the CSV of prediction mode: give it with --predict FOLDER"),
+])
+def test_flags_of_the_other_mode_are_refused(flags, message, capsys):
+    with pytest.raises(SystemExit):
+        stage4_eval.parse_args(flags)
+    assert message in capsys.readouterr().err
+
+
 def add_variant(run_dir, name, state_dict, config):
     folder = os.path.join(run_dir, "stage3", name)
     os.makedirs(folder)
