@@ -185,6 +185,10 @@ def load_checked_student(stage3_dir, name, bank=None):
 def check_replicates(replicates, students):
     """--replicates' groups, {group: [student names]}, after checking that each group's students are among those
     evaluated, in no other group, of different seeds, and trained alike in everything but REPLICATES_MAY_DIFFER."""
+    def shown(value):  # the class weights are a list of floats, too long to read in a message
+        text = repr(value)
+        return text if len(text) <= 40 else text[:37] + "..."
+
     groups, grouped = {}, {}
     for group, names in replicates:
         if group in groups:
@@ -200,12 +204,13 @@ def check_replicates(replicates, students):
         may_differ = REPLICATES_MAY_DIFFER
         if all(config["source"] == "synthetic" for config in configs):
             may_differ = may_differ | DRAWN_BY_SYNTHETIC_SEED
-        for key in sorted(set().union(*configs) - may_differ):
-            values = [config.get(key) for config in configs]
-            if any(value != values[0] for value in values):
-                raise ValueError(f"--replicates {group}: its students were not trained alike: {key} is " + ", ".join(
-                    f"{value!r} in {name}" for name, value in zip(names, values)) + " (only the seed, the name, the "
-                    "KD teacher and how the run was executed may differ)")
+        differing = [key for key in sorted(set().union(*configs) - may_differ)
+                     if any(config.get(key) != configs[0].get(key) for config in configs)]
+        if differing:
+            raise ValueError(f"--replicates {group}: its students were not trained alike: " + "; ".join(
+                f"{key} is " + ", ".join(f"{shown(config.get(key))} in {name}" for name, config in zip(names, configs))
+                for key in differing) + " (only the seed, the name, the KD teacher and how the run was executed may "
+                "differ)")
         seeds = [config["seed"] for config in configs]
         if len(set(seeds)) < len(seeds):
             raise ValueError(f"--replicates {group}: seeds " + ", ".join(

@@ -384,6 +384,11 @@ def test_replicates_must_be_trained_alike_with_different_seeds():
         check(group, fake_students(s2={"lr": 1e-3}))
     with pytest.raises(ValueError, match="not trained alike: data_key is 'd0' in s0, 'd1' in s1"):  # the copy changed
         check(group, fake_students(s1={"data_key": "d1"}))
+    other_copy = {"ferplus": "/data/FERPlus-2", "class_weights": [0.25 + i / 3 for i in range(8)]}
+    with pytest.raises(ValueError, match=r"trained alike: class_weights is None in s0, None in s1, \[0.25, "
+                                         r"0.5833333333333333, 0.91666666\.\.\. in s2; ferplus is '/data/FERPlus' in "
+                                         r"s0, '/data/FERPlus' in s1, '/data/FERPlus-2' in s2 \(only the seed"):
+        check(group, fake_students(s2=other_copy))
     synthetic = {"source": "synthetic", "ferplus": None}  # there, the seed draws the faces
     assert check(group, fake_students(s0=synthetic, s1={**synthetic, "data_key": "d1"}, s2=synthetic))
     with pytest.raises(ValueError, match=r"^--replicates B3: seeds 0 \(s0\), 0 \(s1\), 2 \(s2\): replicates need"):
