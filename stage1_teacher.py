@@ -297,7 +297,7 @@ def plot_curve(history, path, note):
 def plot_held_out(prediction, targets, datasets, trials, metrics, path, note):
     """Predicted against self-reported valence and arousal of the held-out windows. A trial's windows share its one
     self-report, so they stand in a column; the large dot is the trial's mean prediction."""
-    trial_names, trial_of = np.unique(trials, return_inverse=True)
+    trial_of = np.unique(trials, return_inverse=True)[1]
     windows_per_trial = np.bincount(trial_of)
     jitter = np.random.default_rng(0).uniform(-0.02, 0.02, len(trials))  # spreads a column's windows to be seen
     figure, axes = plt.subplots(1, 2, figsize=(10, 4.6))
@@ -306,11 +306,11 @@ def plot_held_out(prediction, targets, datasets, trials, metrics, path, note):
         trial_target = np.bincount(trial_of, weights=targets[:, column]) / windows_per_trial
         for d, dataset in enumerate(sorted(set(datasets))):
             windows = datasets == dataset
-            of_dataset = np.isin(np.arange(len(trial_names)), trial_of[windows])
+            of_dataset = np.unique(trial_of[windows])  # the dataset's trials, as indices of trial_mean
             ax.scatter(targets[windows, column] + jitter[windows], prediction[windows, column], s=4, alpha=0.25,
                        color=f"C{d}", linewidths=0)
             ax.scatter(trial_target[of_dataset], trial_mean[of_dataset], s=28, color=f"C{d}", edgecolors="black",
-                       linewidths=0.5, label=f"{dataset}: {of_dataset.sum()} trials, CCC "
+                       linewidths=0.5, label=f"{dataset}: {len(of_dataset)} trials, CCC "
                                              f"{metrics['by_dataset'][dataset]['held_out'][name]['ccc']:.2f}")
         ax.plot([-1, 1], [-1, 1], color="grey", linestyle=":", linewidth=1)
         ax.set(xlim=(-1.1, 1.1), ylim=(-1.1, 1.1), xlabel=f"self-reported {name} (scaled to [-1, 1])",

@@ -53,7 +53,8 @@ from ngd_ext.emotions import DEFAULT_ANCHORS, DEFAULT_POSITIVE, FER_CLASSES  # n
 from ngd_ext.ferplus import FerPlusError, data_summary, load_ferplus_cached  # noqa: E402
 from ngd_ext.metrics import eight_way  # noqa: E402
 from ngd_ext.prototypes import proto_kd_targets  # noqa: E402
-from ngd_ext.student_model import ARCHITECTURES, Student, load_backbone_weights, load_student, predict  # noqa: E402
+from ngd_ext.student_model import (ARCHITECTURES, EXECUTION_SETTINGS, Student, load_backbone_weights,  # noqa: E402
+                                   load_student, predict)
 from ngd_ext.synthetic_faces import FERPLUS_SIZES, synthetic_ferplus  # noqa: E402
 
 # Defaults ---------------------------------------------------------------------------------------------------
@@ -351,8 +352,7 @@ def main(argv=None):
     history, start_epoch, start_step, best_f1 = [], 0, 0, -1.0
     # Another process count continues the same run: every process takes its share of the same global batches, and
     # the loss is taken over the whole of each (only BatchNorm's per-process statistics differ).
-    checkpoint = artifacts.resume_checkpoint(checkpoint_path, config, args.resume,
-                                             may_change=("world_size", "checkpoint_every", "amp", "precision"))
+    checkpoint = artifacts.resume_checkpoint(checkpoint_path, config, args.resume, may_change=EXECUTION_SETTINGS)
     if checkpoint is not None:
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])

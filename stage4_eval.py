@@ -61,7 +61,7 @@ from ngd_ext.metrics import (BOOTSTRAP_LEVEL, PROTOCOLS, SCORES, attach_interval
                              eight_way, intervals, present_only)
 from ngd_ext.parallel import map_in_threads  # noqa: E402
 from ngd_ext.prototypes import bin_centres, unit_rows  # noqa: E402
-from ngd_ext.student_model import load_student, predict  # noqa: E402
+from ngd_ext.student_model import EXECUTION_SETTINGS, load_student, predict  # noqa: E402
 from ngd_ext.synthetic_faces import synthetic_ferplus, write_synthetic_affectnet, write_synthetic_ckplus  # noqa: E402
 
 # Defaults ---------------------------------------------------------------------------------------------------
@@ -78,8 +78,8 @@ LATEX_ESCAPES = {"&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{"
 # What may differ between the students of one --replicates group: the seed and the run's name, the KD teacher (each
 # seed may have its own), and how the run was executed (what a resumed run may change, and --sync-bn,
 # --deterministic). On the embedded default the seed also draws the training faces, and with them the class weights.
-REPLICATES_MAY_DIFFER = frozenset({"name", "seed", "kd_teacher", "kd_teacher_sha256", "world_size", "checkpoint_every",
-                                   "amp", "precision", "sync_bn", "deterministic"})
+REPLICATES_MAY_DIFFER = frozenset({"name", "seed", "kd_teacher", "kd_teacher_sha256", "sync_bn", "deterministic",
+                                   *EXECUTION_SETTINGS})
 DRAWN_BY_SYNTHETIC_SEED = frozenset({"data_key", "class_weights"})
 
 

@@ -8,6 +8,9 @@ import torch.nn.functional as F
 import torchvision
 
 ARCHITECTURES = {"resnet18": torchvision.models.resnet18, "resnet50": torchvision.models.resnet50}
+# The entries of a stage-3 config that say how the run was executed, not what it learned: a resumed run may change
+# them, and students that differ only in them (and in the seed) are replicates of one recipe.
+EXECUTION_SETTINGS = ("world_size", "checkpoint_every", "amp", "precision")
 
 
 class Student(nn.Module):
