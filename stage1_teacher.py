@@ -47,6 +47,7 @@ from ngd_ext.determinism import set_determinism  # noqa: E402
 from ngd_ext.eeg_features import BANDS, interpolation_matrix, recording_entropy, topographic_maps  # noqa: E402
 from ngd_ext.eeg_formats import (EEGFormatError, MahnobScan, MahnobSession, iter_dreamer,  # noqa: E402
                                  read_mahnob_trial, scan_mahnob)
+from ngd_ext.metrics import regression_metrics  # noqa: E402
 from ngd_ext.parallel import default_workers, map_in_processes  # noqa: E402
 from ngd_ext.synthetic_eeg import ensure_synthetic_eeg  # noqa: E402
 from ngd_ext.teacher_embeddings import save_embeddings  # noqa: E402
@@ -253,18 +254,6 @@ def ccc(prediction, target):
     covariance = ((prediction - mean_p) * (target - mean_t)).mean(0)
     return 2 * covariance / (prediction.var(0, unbiased=False) + target.var(0, unbiased=False)
                              + (mean_p - mean_t) ** 2 + 1e-8)
-
-
-def regression_metrics(prediction, target):
-    """RMSE, Pearson r and CCC per column (valence, arousal), computed once over all held-out windows."""
-    prediction, target = np.asarray(prediction, np.float64), np.asarray(target, np.float64)
-    out = {}
-    for column, name in enumerate(("valence", "arousal")):
-        p, t = prediction[:, column], target[:, column]
-        pearson = float(np.corrcoef(p, t)[0, 1]) if p.std() > 0 and t.std() > 0 else 0.0
-        concordance = 2 * np.cov(p, t, bias=True)[0, 1] / (p.var() + t.var() + (p.mean() - t.mean()) ** 2 + 1e-12)
-        out[name] = {"rmse": float(np.sqrt(np.mean((p - t) ** 2))), "pearson_r": pearson, "ccc": float(concordance)}
-    return out
 
 
 def predict(model, maps, device, batch_size):

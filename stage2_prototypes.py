@@ -26,7 +26,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from ngd_ext import artifacts  # noqa: E402
-from ngd_ext.prototypes import BankError, build_bank  # noqa: E402
+from ngd_ext.prototypes import BankError, bin_centres, build_bank  # noqa: E402
 from ngd_ext.teacher_embeddings import EmbeddingsError, load_embeddings  # noqa: E402
 
 # Defaults ---------------------------------------------------------------------------------------------------
@@ -55,7 +55,7 @@ def parse_args(argv=None):
 def plot_occupancy(bank, path, title):
     grid = bank.grid
     counts = bank.counts.reshape(grid, grid)  # rows: valence bin, columns: arousal bin
-    centres = np.linspace(-0.8, 0.8, grid)
+    centres = bin_centres(grid)
     figure, axes = plt.subplots(figsize=(1.1 * grid + 2, 1.1 * grid + 1))
     image = axes.imshow(counts.T, origin="lower", cmap="viridis")
     for i in range(grid):

@@ -13,12 +13,15 @@ faces. Faces in full frames are cropped by the dataset's box, else OpenCV's Haar
   <variant>/<dataset>/confusion_*.png     counts and row-normalised, 8-way and present-only
   <variant>/<dataset>/tsne.png            t-SNE of the student's embeddings with the prototype bank
   <variant>/<dataset>/prototypes.png      where each class's embeddings land on the V/A prototype grid
+  <variant>/<dataset>/valence_arousal.png on a set with valence/arousal ratings (AffectNet's): the student's
+                                          readouts of them against the ratings
   <variant>/<dataset>/predictions.csv     per image: label, prediction, class probabilities
   summary.md, summary.tex, summary.json   the ablation table (variants x datasets), each student's difference
                                           from the reference student (--reference; by default the first, B0
                                           where there is one) with its paired-bootstrap interval, each
                                           --replicates group's mean and standard deviation over its seeds, the
-                                          cross-dataset tables, and each dataset's per-class F1 of every student
+                                          cross-dataset tables, each dataset's per-class F1 of every student, and
+                                          the valence/arousal readouts' CCC on rated sets
   summary.png                             every student's 8-way macro-F1 per dataset, with its interval
   replicates.png                          with --replicates: each group's mean, sd and students per dataset
   config.json, SHA256SUMS
@@ -27,6 +30,11 @@ The intervals resample the images (--bootstrap times), or whole groups of them w
 (a CK+ subject's frames; a manifest's group column): they show how much a score could move on another draw of as
 many images (or groups), not the spread over training seeds. For that, train a recipe at several --seed values and
 name the students with --replicates GROUP=NAME,NAME,...: the summary adds each group's mean and standard deviation.
+
+Valence and arousal, beyond the paper's protocol: where a set rates its images (AffectNet), each student's reading of
+them is scored by CCC, Pearson's r and RMSE, with intervals: the class readout weighs the classes' V/A anchors by the
+student's class probabilities; the prototype readout (students trained with Proto-KD) takes the V/A bin of the
+image's nearest prototype.
 
 The folder is written whole or not at all: a killed run leaves the previous stage4/ in place; rerun it.
 
@@ -57,10 +65,10 @@ from ngd_ext.face_datasets import (IMAGE_EXTENSIONS, DatasetError, FaceSet, affe
                                    ckplus_records, manifest_records, read_faces)
 from ngd_ext.ferplus import FerPlusError, load_ferplus_cached  # noqa: E402
 from ngd_ext.images import read_grey  # noqa: E402
-from ngd_ext.metrics import (BOOTSTRAP_LEVEL, PROTOCOLS, SCORES, attach_intervals, bootstrap,  # noqa: E402
-                             eight_way, intervals, present_only)
+from ngd_ext.metrics import (BOOTSTRAP_LEVEL, PROTOCOLS, SCORES, VA_DIMENSIONS, attach_intervals,  # noqa: E402
+                             bootstrap, eight_way, intervals, present_only, regression_bootstrap, regression_metrics)
 from ngd_ext.parallel import map_in_threads  # noqa: E402
-from ngd_ext.prototypes import bin_centres, unit_rows  # noqa: E402
+from ngd_ext.prototypes import bin_centres, grid_centres, unit_rows  # noqa: E402
 from ngd_ext.student_model import EXECUTION_SETTINGS, load_student, predict  # noqa: E402
 from ngd_ext.synthetic_faces import synthetic_ferplus, write_synthetic_affectnet, write_synthetic_ckplus  # noqa: E402
 
@@ -290,6 +298,46 @@ def load_datasets(args, configs, embedded):
     return datasets
 
 
+# Valence and arousal ----------------------------------------------------------------------------------------
+
+READOUTS = {"prototype": "the V/A bin of the nearest prototype",
+            "class": "the class probabilities over the classes' V/A anchors"}
+
+
+def class_readout(logits, anchors):
+    """Each image's (valence, arousal): its class probabilities' weighted mean of the classes' V/A anchors."""
+    return class_probabilities(logits).astype(np.float64) @ np.asarray(anchors, np.float64)
+
+
+def prototype_readout(embeddings, bank, centres, filled_from):
+    """Each image's (valence, arousal): the centre of the V/A bin of its nearest prototype (cosine), as
+    prototypes.png counts them. A bin stage 2 filled from a neighbour holds the neighbour's prototype, and stands for
+    the neighbour's V/A, where the EEG trials behind that prototype lie."""
+    nearest = (unit_rows(embeddings) @ unit_rows(bank).T).argmax(axis=1)
+    return np.asarray(centres, np.float64)[np.asarray(filled_from)[nearest]]
+
+
+def valence_arousal(data, logits, embeddings, config, prototypes, resamples, seed):
+    """A student's readouts of the rated images' valence and arousal, scored against the ratings with bootstrap
+    intervals (over the images, or their groups): ({"images", "readouts": {readout: {dimension: {score, ...,
+    "interval"}}}}, {readout: N x 2 values}, the ratings). The prototype readout is left out for a student trained
+    without Proto-KD, whose projection head nothing trained."""
+    rated = ~np.isnan(data.va[:, 0])
+    ratings = data.va[rated]
+    groups = None if data.groups is None else [group for group, kept in zip(data.groups, rated) if kept]
+    readouts = {}
+    if config["proto_weight"] > 0:
+        readouts["prototype"] = prototype_readout(embeddings[rated], *prototypes)
+    readouts["class"] = class_readout(logits[rated], config["anchors"])
+    scored = {}
+    for readout, values in readouts.items():
+        scored[readout] = regression_metrics(values, ratings)
+        samples = regression_bootstrap(values, ratings, resamples, seed, groups)
+        for dimension in VA_DIMENSIONS:
+            scored[readout][dimension]["interval"] = intervals(samples[dimension])
+    return {"images": int(rated.sum()), "readouts": scored}, readouts, ratings
+
+
 # Pictures and tables ----------------------------------------------------------------------------------------
 
 def plot_confusions(view, title, path):
@@ -352,6 +400,27 @@ def plot_prototype_occupancy(embeddings, labels, bank, grid, title, path):
         ax.set_xlabel("valence", fontsize=8)
         ax.set_ylabel("arousal", fontsize=8)
     figure.suptitle(f"{title}: nearest prototype per image (star: the class's V/A anchor)", fontsize=10)
+    artifacts.save_figure(figure, path)
+
+
+def plot_valence_arousal(ratings, readouts, scores, title, path, seed, points=2000):
+    """Each readout of valence and of arousal against the ratings, for (a seeded sample of) the rated images."""
+    chosen = np.random.default_rng(seed).permutation(len(ratings))[:points]
+    figure, axes = plt.subplots(len(readouts), 2, figsize=(8, 3.8 * len(readouts)), squeeze=False)
+    for row, (readout, values) in zip(axes, readouts.items()):
+        for d, (ax, dimension) in enumerate(zip(row, VA_DIMENSIONS)):
+            ax.scatter(ratings[chosen, d], values[chosen, d], s=6, alpha=0.4)
+            ax.plot([-1, 1], [-1, 1], color="grey", lw=0.8)
+            ax.set_xlim(-1.05, 1.05)
+            ax.set_ylim(-1.05, 1.05)
+            ax.set_aspect("equal")
+            ax.set_xlabel(f"rated {dimension}", fontsize=8)
+            ax.set_ylabel(f"{readout} readout", fontsize=8)
+            got = scores[readout][dimension]
+            ax.set_title(f"{dimension}: CCC {got['ccc']:.2f}, r {got['pearson_r']:.2f}, RMSE {got['rmse']:.2f}",
+                         fontsize=9)
+    shown = f"{len(chosen)} of {len(ratings)}" if len(chosen) < len(ratings) else f"{len(ratings)}"
+    figure.suptitle(f"{title}: V/A read out from the student ({shown} rated images)", fontsize=10)
     artifacts.save_figure(figure, path)
 
 
@@ -438,8 +507,8 @@ def summary_tables(results, differences, replicates, reference, variants, datase
     """The ablation table (variants x datasets, 8-way and present-only macro-F1), the differences from the reference
     student (8-way macro-F1, with paired-bootstrap intervals), the --replicates groups' mean and standard deviation
     over training seeds (8-way macro-F1), per variant the cross-dataset table (datasets x both protocols' Acc, macro-F1
-    with its interval, bACC) and per dataset each class's 8-way F1 (classes x variants, with intervals). Returns
-    (markdown, latex)."""
+    with its interval, bACC), per dataset each class's 8-way F1 (classes x variants, with intervals), and on the sets
+    with valence/arousal ratings the CCC of each student's readouts. Returns (markdown, latex)."""
     level = f"{100 * BOOTSTRAP_LEVEL:.0f}%"
     tables = []
     header = ["variant", "KD", "Proto-KD", "D-Geo", *(name for _, name, _ in datasets)]
@@ -487,7 +556,37 @@ def summary_tables(results, differences, replicates, reference, variants, datase
         tables.append(table(["class", "images", *(label_of(name, config) for name, config in variants)], rows,
                             f"Per-class F1 (%, 8-way) on {dataset_name}, with {level} bootstrap intervals, which say "
                             f"little for a class of very few images ({note})"))
+    rated = [(key, dataset_name) for key, dataset_name, _ in datasets if "valence_arousal" in results[reference][key]]
+    if rated:
+        def cell(scores):
+            low, high = scores["interval"]["ccc"]
+            return f"{scores['ccc']:.2f} [{low:.2f}, {high:.2f}] (r {scores['pearson_r']:.2f})"
+
+        rows = []
+        for name, config in variants:
+            for readout in READOUTS:
+                scored = [results[name][key]["valence_arousal"]["readouts"].get(readout) for key, _ in rated]
+                if scored[0] is not None:
+                    rows.append([label_of(name, config), readout, *(
+                        cell(scores[dimension]) for scores in scored for dimension in VA_DIMENSIONS)])
+        counts = ", ".join(f"{dataset_name} {results[reference][key]['valence_arousal']['images']}"
+                           for key, dataset_name in rated)
+        tables.append(table(["student", "readout", *(f"{dataset_name} {dimension}" for _, dataset_name in rated
+                                                     for dimension in VA_DIMENSIONS)], rows,
+                            f"Valence and arousal read out from the students, beyond the paper's protocol: CCC with "
+                            f"its {level} bootstrap interval, and Pearson's r, against the ratings of the rated images "
+                            f"({counts}); prototype: {READOUTS['prototype']}, class: {READOUTS['class']} ({note})"))
     return ("\n\n".join(md for md, _ in tables) + "\n", "\n\n".join(tex for _, tex in tables) + "\n")
+
+
+def summary_scores(scores):
+    """One student's scores on one dataset as summary.json keeps them: metrics.json's, without the confusion
+    matrices."""
+    kept = {protocol: {**{score: scores[protocol][score] for score in SCORES}, "interval": scores[protocol]["interval"],
+                       "per_class": scores[protocol]["per_class"]} for protocol in PROTOCOLS}
+    if "valence_arousal" in scores:
+        kept["valence_arousal"] = scores["valence_arousal"]
+    return kept
 
 
 def plot_summary(results, variants, datasets, note, path):
@@ -610,7 +709,8 @@ def main(argv=None):
     # Students and data ------------------------------------------------------------------------------------
     bank_hash = artifacts.verify_manifest(stage2_dir, ["prototypes.npz"])["prototypes.npz"]
     with np.load(os.path.join(stage2_dir, "prototypes.npz")) as saved:
-        bank, grid = saved["bank"].astype(np.float64), int(saved["G"])
+        bank, grid, filled_from = saved["bank"].astype(np.float64), int(saved["G"]), saved["filled_from"]
+    prototypes = (bank, grid_centres(grid), filled_from)
     students = {name: load_checked_student(stage3_dir, name, (bank_hash, bank.shape[1])) for name in names}
     students = dict(sorted(students.items(), key=lambda item: (preset_of(item[1][1]), item[0])))  # B0 first
     reference = args.reference or next(iter(students))
@@ -638,9 +738,14 @@ def main(argv=None):
                 resampled[name][key] = bootstrap(logits, data.labels, args.bootstrap, args.seed, data.groups)
                 for protocol in PROTOCOLS:
                     attach_intervals(scores[protocol], resampled[name][key][protocol])
-                results[name][key] = scores
                 folder = os.path.join(out_dir, name, key)
                 title = f"{label_of(name, config)} on {dataset_name}, {note}"
+                if data.va is not None:
+                    scores["valence_arousal"], readouts, ratings = valence_arousal(
+                        data, logits, embeddings, config, prototypes, args.bootstrap, args.seed)
+                    plot_valence_arousal(ratings, readouts, scores["valence_arousal"]["readouts"], title,
+                                         os.path.join(folder, "valence_arousal.png"), args.seed)
+                results[name][key] = scores
                 artifacts.write_json(os.path.join(folder, "metrics.json"), {
                     "dataset": dataset_name, "variant": name, "preset": preset_of(config), "note": note,
                     "classes": list(FER_CLASSES), "data": data.summary(), "bootstrap": bootstrap_settings,
@@ -666,10 +771,8 @@ def main(argv=None):
                          f"% {SELECTION_NOTE}\n{latex}")
         artifacts.write_json(os.path.join(out_dir, "summary.json"), {
             "note": note, "datasets": {key: name for key, name, _ in datasets}, "bootstrap": bootstrap_settings,
-            "results": {name: {key: {protocol: {**{s: scores[s] for s in SCORES}, "interval": scores["interval"],
-                                                "per_class": scores["per_class"]}
-                                     for protocol, scores in by_dataset.items()}
-                               for key, by_dataset in by_variant.items()} for name, by_variant in results.items()},
+            "results": {name: {key: summary_scores(scores) for key, scores in by_variant.items()}
+                        for name, by_variant in results.items()},
             "differences_from": reference, "differences": differences, "replicates": replicates})
         plot_summary(results, variants, datasets, note, os.path.join(out_dir, "summary.png"))
         if replicates:

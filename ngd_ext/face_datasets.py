@@ -9,7 +9,8 @@ and a count of what it dropped and why; `read_faces` then decodes and crops them
   other code dropped and counted; the CSV's face box is used. Or AffectNet's later release of face crops:
   `val_set/` and `train_set/`, each with `images/<n>.jpg` and `annotations/<n>_exp.npy` (the same codes, one per
   file). Or class-named image folders (`happy/`, `Surprise/`, ... or AffectNet's codes `0/` ... `7/`), in the
-  folder or in its `val/` (or `train/`); images in other folders are dropped and counted.
+  folder or in its `val/` (or `train/`); images in other folders are dropped and counted. The CSV's `valence` and
+  `arousal` columns, and the face-crop release's `<n>_val.npy` and `<n>_aro.npy`, give each image's rating.
 - CK+: `cohn-kanade-images/Sxxx/yyy/*.png` (or `extended-cohn-kanade-images/cohn-kanade-images/`) with
   `Emotion/Sxxx/yyy/*_emotion.txt` (or `Emotion_labels/Emotion/`). A labelled sequence gives its last 3 frames
   its label and its first frame `neutral` (a sequence of 3 frames or fewer gives no neutral frame); sequences
@@ -18,8 +19,11 @@ and a count of what it dropped and why; `read_faces` then decodes and crops them
   A subject's frames are one group (its `Sxxx` folder, or the `Sxxx_` that begins a crop's file name).
 - A manifest: a CSV with a header naming a `path` column (relative to the CSV's folder, or absolute) and a
   `label` column (a class name, e.g. `happy`, or a FERPlus index 0-7), and optionally `x`, `y`, `width`,
-  `height` for a face box and `group` (e.g. the person: images of one group are not independent); unknown labels
-  are dropped and counted.
+  `height` for a face box, `group` (e.g. the person: images of one group are not independent) and `valence`,
+  `arousal`; unknown labels are dropped and counted.
+
+Valence and arousal lie in [-1, 1]; an empty field, or AffectNet's -2, means that the image has no rating, and an
+image has one only where both are given. Any other value stops the run naming the file and row.
 
 Image files that are missing or cannot be decoded stop the run with a message naming the file and the row
 that lists it; with `skip_unreadable` they are counted, listed in the report and left out instead.
@@ -57,6 +61,7 @@ class FaceRecord:
     box: tuple        # (x, y, width, height) from the dataset, or None: find the face
     origin: str       # where the record was read, for messages: "file, row n"
     group: str = None  # images that are not independent, which a bootstrap draws together (a CK+ subject's frames)
+    va: tuple = None   # (valence, arousal) in [-1, 1], where the dataset rates the image
 
 
 @dataclass
@@ -69,9 +74,11 @@ class FaceSet:
     crops: dict = field(default_factory=dict)     # {how: count}, HOW of ngd_ext.face_crop
     unreadable: list = field(default_factory=list)  # image files skipped with skip_unreadable
     groups: list = None  # per image, its FaceRecord.group (or its path, where it has none); None: no groups at all
+    va: np.ndarray = None  # N x 2 (valence, arousal), NaN for an image without a rating; None: no image has one
 
     def summary(self):
         return {"images": int(len(self.labels)), "groups": None if self.groups is None else len(set(self.groups)),
+                "rated_valence_arousal": 0 if self.va is None else int((~np.isnan(self.va[:, 0])).sum()),
                 "per_class": {name: int((self.labels == c).sum()) for c, name in enumerate(FER_CLASSES)},
                 "dropped": dict(self.dropped), "crops": dict(self.crops),
                 "unreadable": {"count": len(self.unreadable), "files": self.unreadable[:20]}}
@@ -95,6 +102,32 @@ def _integer(text, path, row, column):
     if not np.isfinite(value) or value != int(value):
         raise DatasetError(f"{path}, row {row}: {column} must be an integer, got {text!r}")
     return int(value)
+
+
+AFFECTNET_NOT_RATED = -2.0  # AffectNet's valence and arousal of an image without a rating (codes 8-10 among others)
+
+
+def _rating(text, where, column):
+    """A valence or arousal written as text: its value in [-1, 1], or None where there is none (an empty field, or
+    AffectNet's -2)."""
+    text = str(text).strip()
+    if not text:
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if value == AFFECTNET_NOT_RATED:
+        return None
+    if not -1 <= value <= 1:
+        raise DatasetError(f"{where}: {column} must lie in [-1, 1] (or be empty, or -2, for an image without a "
+                           f"rating), got {text!r}")
+    return value
+
+
+def _rated(valence, arousal):
+    """(valence, arousal), or None unless both are given."""
+    return None if valence is None or arousal is None else (valence, arousal)
 
 
 # AffectNet ---------------------------------------------------------------------------------------------------
@@ -155,8 +188,11 @@ def affectnet_csv_records(path, image_root):
             if box[2] <= 0 or box[3] <= 0:
                 raise DatasetError(f"{path}, row {number}: face box {box} has no area")
         label = FER_CLASSES.index(AFFECTNET_CODES[code])
+        where = f"{path}, row {number}"
+        va = _rated(*(_rating(fields[columns[name]], where, name) for name in ("valence", "arousal"))) if {
+            "valence", "arousal"} <= columns.keys() else None
         records.append(FaceRecord(os.path.join(image_root, fields[columns["subDirectory_filePath"]]), label, box,
-                                  f"{path}, row {number}"))
+                                  where, va=va))
     return records, dict(dropped)
 
 
@@ -165,16 +201,21 @@ def affectnet_csv_records(path, image_root):
 DAMAGED_NPY_ERRORS = (OSError, ValueError, EOFError, SyntaxError, TypeError, SystemError, tokenize.TokenError)
 
 
-def affectnet_expression_code(path):
-    """The expression code in one of the face-crop release's <n>_exp.npy files: a single value, stored as text
-    ('1') or as a number."""
+def _npy_value(path, what):
+    """The single value in one of the face-crop release's annotation files, stored as text ('1') or as a number."""
     try:
         value = np.load(path, allow_pickle=False)
         stored = value.reshape(()).item() if value.size == 1 else None
     except DAMAGED_NPY_ERRORS as error:
         raise DatasetError(f"{path}: not a readable .npy file ({type(error).__name__}: {error})") from error
     if stored is None:
-        raise DatasetError(f"{path}: {value.size} values, expected one expression code")
+        raise DatasetError(f"{path}: {value.size} values, expected one {what}")
+    return stored
+
+
+def affectnet_expression_code(path):
+    """The expression code in one of the face-crop release's <n>_exp.npy files."""
+    stored = _npy_value(path, "expression code")
     try:
         code = float(stored)
     except (TypeError, ValueError):
@@ -185,9 +226,10 @@ def affectnet_expression_code(path):
 
 
 def affectnet_crop_records(folder):
-    """AffectNet's release of face crops: images/<n>.jpg, each with annotations/<n>_exp.npy (and the _val, _aro and
-    _lnd files, not needed here). The crops hold one face, found as in class folders; an image without its _exp.npy
-    is dropped and counted, and an _exp.npy without its image is reported missing when the images are read."""
+    """AffectNet's release of face crops: images/<n>.jpg, each with annotations/<n>_exp.npy, <n>_val.npy and
+    <n>_aro.npy (and _lnd.npy, not needed here). The crops hold one face, found as in class folders; an image without
+    its _exp.npy is dropped and counted, one without _val.npy or _aro.npy has no rating, and an _exp.npy without its
+    image is reported missing when the images are read."""
     records, dropped = [], Counter()
     image_dir, annotation_dir = os.path.join(folder, "images"), os.path.join(folder, "annotations")
     images = {os.path.splitext(name)[0]: os.path.join(image_dir, name) for name in os.listdir(image_dir)
@@ -203,7 +245,10 @@ def affectnet_crop_records(folder):
             dropped[f"expression {code} ({AFFECTNET_UNUSABLE.get(code, 'unknown code')})"] += 1
             continue
         image = images.get(stem, os.path.join(image_dir, f"{stem}.jpg"))
-        records.append(FaceRecord(image, FER_CLASSES.index(AFFECTNET_CODES[code]), None, path))
+        ratings = [os.path.join(annotation_dir, f"{stem}_{kind}.npy") for kind in ("val", "aro")]
+        va = _rated(*(_rating(_npy_value(rating, name), rating, name) for rating, name in zip(
+            ratings, ("valence", "arousal")))) if all(map(os.path.isfile, ratings)) else None
+        records.append(FaceRecord(image, FER_CLASSES.index(AFFECTNET_CODES[code]), None, path, va=va))
     unannotated = len(set(images) - set(stems))
     if unannotated:
         dropped[f"image without an {suffix} annotation"] = unannotated
@@ -311,6 +356,9 @@ def manifest_records(path):
     box_columns = [header.index(name) for name in ("x", "y", "width", "height") if name in header]
     if box_columns and len(box_columns) != 4:
         raise DatasetError(f"{path}: a face box needs all four columns x, y, width, height")
+    rating_columns = [header.index(name) for name in ("valence", "arousal") if name in header]
+    if len(rating_columns) == 1:
+        raise DatasetError(f"{path}: a rating needs both columns valence and arousal")
     path_column, label_column = header.index("path"), header.index("label")
     group_column = header.index("group") if "group" in header else None
     for number, fields in enumerate(rows, 2):
@@ -334,7 +382,9 @@ def manifest_records(path):
                                "look like a Windows path; write the manifest's paths with / (relative to its folder, "
                                "or absolute)")
         group = fields[group_column].strip() if group_column is not None else ""
-        records.append(FaceRecord(image_path, label, box, f"{path}, row {number}", group or None))
+        where = f"{path}, row {number}"
+        va = _rated(*(_rating(fields[i], where, header[i]) for i in rating_columns)) if rating_columns else None
+        records.append(FaceRecord(image_path, label, box, where, group or None, va))
     if not records:
         raise DatasetError(f"{path}: no row with a FERPlus label")
     return records, dict(dropped)
@@ -360,7 +410,7 @@ def _crop_record(record):
 
 def read_faces(name, records, dropped, skip_unreadable=False, workers=None):
     """Decode and crop every record into a FaceSet."""
-    images, labels, paths, groups, unreadable, crops = [], [], [], [], [], Counter()
+    images, labels, paths, groups, ratings, unreadable, crops = [], [], [], [], [], [], Counter()
     for record, crop in map_in_threads(_crop_record, records, f"reading {name}", workers):
         if isinstance(crop, OSError):
             if not skip_unreadable:
@@ -375,9 +425,12 @@ def read_faces(name, records, dropped, skip_unreadable=False, workers=None):
         labels.append(record.label)
         paths.append(record.path)
         groups.append(record.group)
+        ratings.append((np.nan, np.nan) if record.va is None else record.va)
     if not images:
         raise DatasetError(f"{name}: no readable image among {len(records)} records")
     grouped = any(group is not None for group in groups)
+    ratings = np.array(ratings, np.float64)
     return FaceSet(name, np.stack(images), np.array(labels, np.int64), paths, dict(dropped),
                    {how: crops[how] for how in HOW}, unreadable,
-                   [path if group is None else group for path, group in zip(paths, groups)] if grouped else None)
+                   [path if group is None else group for path, group in zip(paths, groups)] if grouped else None,
+                   ratings if not np.isnan(ratings).all() else None)

@@ -1,9 +1,13 @@
-"""Classification metrics of SPEC section 5, computed once over a whole prediction vector.
+"""The metrics of SPEC section 5, computed once over a whole prediction vector: classification, and the regression
+of valence and arousal.
 
 - 8-way: prediction = argmax over all logits; accuracy; macro-F1 = mean F1 over all classes (a class never
   predicted and absent counts 0); bACC = mean recall over the classes present in the ground truth.
 - present-only: the classes present in the ground truth form the label set; prediction = argmax over their
   logits only; accuracy, macro-F1 and bACC over those classes.
+
+Valence and arousal (stage 1's teacher, stage 4's readouts from a student) are each scored by RMSE, Pearson's r and
+Lin's concordance correlation coefficient (CCC).
 
 Their uncertainty comes from a percentile bootstrap: each resample draws as many images as there are, with
 replacement, and is scored by the same rules. Where images come in groups that are not independent (the frames of a
@@ -15,6 +19,8 @@ bootstrap.
 import numpy as np
 
 SCORES = ("accuracy", "macro_f1", "balanced_accuracy")
+REGRESSION_SCORES = ("rmse", "pearson_r", "ccc")
+VA_DIMENSIONS = ("valence", "arousal")
 PER_CLASS = ("precision", "recall", "f1")
 PROTOCOLS = ("eight_way", "present_only")
 BOOTSTRAP_LEVEL = 0.95
@@ -81,15 +87,33 @@ def present_only(logits, targets):
             "confusion": matrix.tolist()}
 
 
+def _units(count, groups):
+    """(the unit each of `count` images belongs to, the number of units): the image itself, or its group."""
+    unit_of = np.arange(count) if groups is None else np.unique(np.asarray(groups), return_inverse=True)[1].ravel()
+    return unit_of, int(unit_of.max()) + 1
+
+
+def _resampled_unit_counts(num_units, resamples, seed):
+    """The bootstrap's draws, in blocks: (start, counts), counts[i, u] how often resample start + i drew unit u (as
+    float64, whose integers are exact far beyond any dataset's size). Each resample draws num_units units with
+    replacement; the draws depend only on the seed and num_units."""
+    rng = np.random.default_rng(seed)
+    block = max(1, BOOTSTRAP_BLOCK_DRAWS // num_units)
+    for start in range(0, resamples, block):
+        size = min(block, resamples - start)
+        draws = rng.integers(0, num_units, size=(size, num_units))  # row i: the units of resample start + i
+        drawn = np.bincount((draws + np.arange(size)[:, None] * num_units).ravel(), minlength=size * num_units)
+        yield start, drawn.reshape(size, num_units).astype(np.float64)
+
+
 def bootstrap(logits, targets, resamples, seed, groups=None):
     """Both protocols' scores on `resamples` bootstrap resamples: {protocol: {score: array}}, an array of `resamples`
     values for accuracy, macro-F1 and bACC, and `resamples` x classes for each class's precision, recall and F1 (the
     classes of that protocol, in the order of its per_class rows). `groups` (one id per image) makes each resample
     draw whole groups; None: each image alone. Present-only keeps the label set of the whole ground truth."""
     logits, targets = np.asarray(logits), np.asarray(targets)
-    num_classes, count = logits.shape[1], len(targets)
-    unit_of = np.arange(count) if groups is None else np.unique(np.asarray(groups), return_inverse=True)[1].ravel()
-    num_units = int(unit_of.max()) + 1
+    num_classes = logits.shape[1]
+    unit_of, num_units = _units(len(targets), groups)
     present = np.unique(targets)
     protocols = {}
     for protocol, predictions, classes in (("eight_way", logits.argmax(axis=1), list(range(num_classes))),
@@ -100,19 +124,63 @@ def bootstrap(logits, targets, resamples, seed, groups=None):
     samples = {protocol: {**{name: np.empty(resamples) for name in SCORES},
                           **{name: np.empty((resamples, len(classes))) for name in PER_CLASS}}
                for protocol, (_, classes) in protocols.items()}
-    rng = np.random.default_rng(seed)
-    block = max(1, BOOTSTRAP_BLOCK_DRAWS // num_units)
-    for start in range(0, resamples, block):
-        size = min(block, resamples - start)
-        draws = rng.integers(0, num_units, size=(size, num_units))  # row i: the units of resample start + i
-        # how often each resample drew each unit; its confusion matrix is then a sum of units' matrices (exact in
-        # float64, whose integers are exact far beyond any dataset's size)
-        drawn = np.bincount((draws + np.arange(size)[:, None] * num_units).ravel(), minlength=size * num_units)
-        drawn = drawn.reshape(size, num_units).astype(np.float64)
+    for start, drawn in _resampled_unit_counts(num_units, resamples, seed):
+        # a resample's confusion matrix is the sum of its units' matrices, each as often as it was drawn
         for protocol, (unit_counts, classes) in protocols.items():
-            resampled = score_matrices((drawn @ unit_counts).reshape(size, num_classes, num_classes), classes)
+            resampled = score_matrices((drawn @ unit_counts).reshape(len(drawn), num_classes, num_classes), classes)
             for name, values in samples[protocol].items():
-                values[start:start + size] = resampled[name]
+                values[start:start + len(drawn)] = resampled[name]
+    return samples
+
+
+def _regression_moments(prediction, target, unit_of, num_units):
+    """units x 2 (valence, arousal) x 8 sums of each unit's rows: the count; p and t, p^2, t^2 and p t, where p and t
+    are shifted by each column's first value (so that the variances are not differences of large numbers, and a
+    constant column's are exactly 0); p - t and (p - t)^2, unshifted."""
+    prediction, target = np.asarray(prediction, np.float64), np.asarray(target, np.float64)
+    if prediction.shape != target.shape or prediction.shape[1:] != (len(VA_DIMENSIONS),) or len(prediction) == 0:
+        raise ValueError(f"expected predictions and targets of valence and arousal, N x 2 each, N >= 1; got "
+                         f"{prediction.shape} and {target.shape}")
+    p, t = prediction - prediction[:1], target - target[:1]
+    error = prediction - target
+    per_row = np.stack([np.ones_like(p), p, t, p * p, t * t, p * t, error, error ** 2], axis=-1)
+    moments = np.zeros((num_units, *per_row.shape[1:]))
+    np.add.at(moments, unit_of, per_row)
+    return moments
+
+
+def _regression_scores(moments):
+    """RMSE, Pearson's r and CCC from sums as _regression_moments gives them (... x 8), each over the leading axes. A
+    constant prediction or target has r = 0 and CCC = 0."""
+    count, sum_p, sum_t, sum_pp, sum_tt, sum_pt, sum_error, sum_squared_error = np.moveaxis(moments, -1, 0)
+    mean_p, mean_t = sum_p / count, sum_t / count
+    var_p, var_t = np.maximum(sum_pp / count - mean_p ** 2, 0), np.maximum(sum_tt / count - mean_t ** 2, 0)
+    covariance = sum_pt / count - mean_p * mean_t
+    return {"rmse": np.sqrt(sum_squared_error / count),
+            "pearson_r": _ratio(covariance, np.sqrt(var_p * var_t)),
+            "ccc": _ratio(2 * covariance, var_p + var_t + (sum_error / count) ** 2)}
+
+
+def regression_metrics(prediction, target):
+    """RMSE, Pearson's r and CCC of valence and arousal (N x 2 each), computed once over all rows:
+    {dimension: {score: value}}."""
+    moments = _regression_moments(prediction, target, np.zeros(len(prediction), np.int64), 1)[0]
+    scores = _regression_scores(moments)
+    return {dimension: {name: float(scores[name][d]) for name in REGRESSION_SCORES}
+            for d, dimension in enumerate(VA_DIMENSIONS)}
+
+
+def regression_bootstrap(prediction, target, resamples, seed, groups=None):
+    """regression_metrics on `resamples` bootstrap resamples of the rows, or of their groups, drawn as `bootstrap`
+    draws them: {dimension: {score: array of `resamples` values}}."""
+    unit_of, num_units = _units(len(prediction), groups)
+    moments = _regression_moments(prediction, target, unit_of, num_units).reshape(num_units, -1)
+    samples = {dimension: {name: np.empty(resamples) for name in REGRESSION_SCORES} for dimension in VA_DIMENSIONS}
+    for start, drawn in _resampled_unit_counts(num_units, resamples, seed):
+        scores = _regression_scores((drawn @ moments).reshape(len(drawn), len(VA_DIMENSIONS), -1))
+        for d, dimension in enumerate(VA_DIMENSIONS):
+            for name in REGRESSION_SCORES:
+                samples[dimension][name][start:start + len(drawn)] = scores[name][:, d]
     return samples
 
 

@@ -19,6 +19,12 @@ def bin_centres(grid):
     return np.linspace(GRID_LOW, GRID_HIGH, grid)
 
 
+def grid_centres(grid):
+    """G^2 x 2: the (valence, arousal) centre of each bin, in prototype order k = i_valence * G + i_arousal."""
+    axis = bin_centres(grid)
+    return np.stack(np.meshgrid(axis, axis, indexing="ij"), axis=-1).reshape(-1, 2)
+
+
 def axis_bins(values, grid):
     """Index of the nearest centre for each value; an exact tie goes to the lower index.
 
@@ -50,8 +56,7 @@ class PrototypeBank:
     @property
     def centres(self):
         """K x 2 (valence, arousal) centre of each bin, in prototype order."""
-        axis = bin_centres(self.grid)
-        return np.stack(np.meshgrid(axis, axis, indexing="ij"), axis=-1).reshape(-1, 2)
+        return grid_centres(self.grid)
 
 
 def build_bank(embeddings, valence, arousal, grid=5):
@@ -75,7 +80,7 @@ def build_bank(embeddings, valence, arousal, grid=5):
     bank = np.zeros_like(sums)
     bank[occupied] = unit_rows(sums[occupied] / counts[occupied, None])
 
-    centres = PrototypeBank(bank, counts, None, grid).centres
+    centres = grid_centres(grid)
     distance = np.linalg.norm(centres[:, None, :] - centres[None, occupied, :], axis=-1)
     nearest = occupied[np.round(distance, 12).argmin(axis=1)]  # occupied is ascending: ties go low
     filled_from = np.where(counts > 0, np.arange(size), nearest)

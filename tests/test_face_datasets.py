@@ -61,7 +61,7 @@ def test_affectnet_csv_remaps_every_code_and_counts_the_dropped(tmp_path, header
     assert [r.label for r in records] == [0, 1, 3, 2, 6, 5, 4, 7]
     assert dropped == {"expression 8 (None)": 1, "expression 9 (Uncertain)": 1, "expression 10 (No-Face)": 2}
     assert records[3].path == os.path.join(folder, "Manually_Annotated_Images", "7", "3.png")
-    assert records[0].box == (10, 5, 20, 20)
+    assert records[0].box == (10, 5, 20, 20) and records[0].va == (0.5, -0.2)
     faces = read_faces("AffectNet", records, dropped)
     assert faces.crops == {"box": 8, "detected": 0, "centre": 0}
     # the crop is the box widened by CROP_MARGIN: white in the middle, black at the corners
@@ -83,6 +83,34 @@ def test_affectnet_csv_errors_name_the_row(tmp_path):
     write_affectnet_csv(folder, rows)
     with pytest.raises(DatasetError, match=r"row 3: face box \(10, 5, 0, 20\) has no area"):
         affectnet_records(folder)
+
+
+def test_affectnet_csv_ratings(tmp_path):
+    """Valence and arousal in [-1, 1]; AffectNet's -2, or an empty field, for an image without a rating; an image has
+    one only where both are given; any other value is refused naming the row and the column."""
+    folder = str(tmp_path)
+    rows = affectnet_rows(folder, [1, 2, 3, 4, 8])
+    rows[1][7:9] = ["-2", "-2"]
+    rows[2][7:9] = ["", "0.3"]
+    rows[3][7:9] = ["-1", "1.0"]
+    write_affectnet_csv(folder, rows)
+    records, _ = affectnet_records(folder)
+    assert [r.va for r in records] == [(0.5, -0.2), None, None, (-1.0, 1.0)]
+    faces = read_faces("AffectNet", records, {})
+    np.testing.assert_array_equal(faces.va, [[0.5, -0.2], [np.nan, np.nan], [np.nan, np.nan], [-1, 1]])
+    assert faces.summary()["rated_valence_arousal"] == 2
+    for value in ("1.01", "nan", "high"):
+        rows[2][7] = value
+        path = write_affectnet_csv(folder, rows)
+        with pytest.raises(DatasetError, match=rf"{path}, row 4: valence must lie in \[-1, 1\] \(or be empty, or -2, "
+                                               rf"for an image without a rating\), got '{value}'"):
+            affectnet_records(folder)
+    unrated = [row[:7] for row in rows[:2]]  # a CSV of its own whose header names no valence and arousal
+    with open(path, "w", newline="") as handle:
+        csv.writer(handle).writerows([AFFECTNET_COLUMNS[:7], *unrated])
+    records, _ = affectnet_records(folder)
+    assert len(records) == 2 and all(r.va is None for r in records)
+    assert read_faces("AffectNet", records, {}).va is None
 
 
 def test_affectnet_csv_saved_by_a_spreadsheet(tmp_path):
@@ -124,17 +152,19 @@ def test_affectnet_class_folders(tmp_path):
     assert dropped == {"folder none/": 2}
     faces = read_faces("AffectNet", records, dropped)
     assert faces.crops == {"box": 0, "detected": 4, "centre": 0}
+    assert faces.va is None and faces.summary()["rated_valence_arousal"] == 0
 
 
 def write_face_crop_set(folder, codes, frame):
     """AffectNet's face-crop release: images/<n>.jpg and annotations/<n>_exp.npy, for n, code in codes.items()
-    (code None: an image without its annotation). Codes are stored as text for even n, as numbers for odd n."""
+    (code None: an image without its annotation), with valence n / 100 in _val.npy and arousal -0.5 in _aro.npy.
+    Values are stored as text for even n, as numbers for odd n."""
     os.makedirs(folder / "annotations")
     for n, code in codes.items():
         save(str(folder / "images" / f"{n}.jpg"), frame)
         if code is not None:
-            np.save(folder / "annotations" / f"{n}_exp.npy", np.array(str(code) if n % 2 == 0 else code))
-            np.save(folder / "annotations" / f"{n}_val.npy", np.array("0.25"))
+            for kind, value in (("exp", code), ("val", n / 100), ("aro", -0.5)):
+                np.save(folder / "annotations" / f"{n}_{kind}.npy", np.array(str(value) if n % 2 == 0 else value))
 
 
 def test_affectnet_face_crop_release(tmp_path):
@@ -149,19 +179,28 @@ def test_affectnet_face_crop_release(tmp_path):
     assert dropped == {"expression 9 (Uncertain)": 1, "image without an _exp.npy annotation": 1}
     assert [FER_CLASSES[r.label] for r in affectnet_records(str(tmp_path), "training")[0]] == ["neutral"]
     assert len(affectnet_records(str(tmp_path / "val_set"))[0]) == 4  # the set's own folder serves too
+    assert [r.va for r in records] == [(0.0, -0.5), (0.01, -0.5), (0.02, -0.5), (0.1, -0.5)]
     faces = read_faces("AffectNet", records, dropped)
     assert faces.labels.tolist() == [1, 1, 2, 7] and faces.crops["detected"] == 4
+    assert faces.va.tolist() == [[0.0, -0.5], [0.01, -0.5], [0.02, -0.5], [0.1, -0.5]]
+    os.remove(tmp_path / "val_set" / "annotations" / "2_aro.npy")  # a rating needs both files
+    np.save(tmp_path / "val_set" / "annotations" / "10_val.npy", np.array("-2"))  # AffectNet's mark for none
+    assert [r.va for r in affectnet_records(str(tmp_path))[0]] == [(0.0, -0.5), (0.01, -0.5), None, None]
 
 
-@pytest.mark.parametrize("content,message", [
-    (b"not numpy", r"2_exp.npy: not a readable .npy file"),
-    (np.array([1, 2]), r"2_exp.npy: 2 values, expected one expression code"),
-    (np.array("happy"), r"2_exp.npy: the expression code must be an integer, got 'happy'"),
+@pytest.mark.parametrize("kind,content,message", [
+    ("exp", b"not numpy", r"2_exp.npy: not a readable .npy file"),
+    ("exp", np.array([1, 2]), r"2_exp.npy: 2 values, expected one expression code"),
+    ("exp", np.array("happy"), r"2_exp.npy: the expression code must be an integer, got 'happy'"),
+    ("val", np.array([0.1, 0.2]), r"2_val.npy: 2 values, expected one valence"),
+    ("aro", np.array("high"), r"2_aro.npy: arousal must lie in \[-1, 1\] \(or be empty, or -2, for an image without "
+                              r"a rating\), got 'high'"),
+    ("val", np.array(1.5), r"2_val.npy: valence must lie in \[-1, 1\] .*, got '1.5'"),
 ])
-def test_affectnet_face_crop_annotation_errors_name_the_file(tmp_path, content, message):
+def test_affectnet_face_crop_annotation_errors_name_the_file(tmp_path, kind, content, message):
     frame, _ = frame_with_face(0)
     write_face_crop_set(tmp_path / "val_set", {1: 1, 2: 3}, frame)
-    path = tmp_path / "val_set" / "annotations" / "2_exp.npy"
+    path = tmp_path / "val_set" / "annotations" / f"2_{kind}.npy"
     if isinstance(content, bytes):
         path.write_bytes(content)
     else:
@@ -279,6 +318,18 @@ def test_manifest_labels_paths_and_boxes(tmp_path):
                                                                     ("/abs/b.png", 3, (1, 2, 30, 40), "p1"),
                                                                     (str(tmp_path / "sub" / "c.png"), 4, None, None)]
     assert dropped == {"label 'confused' (not a FERPlus class)": 1, "label '8' (not a FERPlus class)": 1}
+
+
+def test_manifest_ratings(tmp_path):
+    path = tmp_path / "faces.csv"
+    path.write_text("path,label,Valence,arousal\na.png,happy,0.6,0.3\nb.png,sad,,\nc.png,anger,-0.6,-2\n")
+    assert [r.va for r in manifest_records(str(path))[0]] == [(0.6, 0.3), None, None]
+    path.write_text("path,label,valence,arousal\na.png,happy,0.6,0.3\nc.png,anger,-0.6,2\n")
+    with pytest.raises(DatasetError, match=r"faces.csv, row 3: arousal must lie in \[-1, 1\] .*, got '2'"):
+        manifest_records(str(path))
+    path.write_text("path,label,valence\na.png,happy,0.6\n")
+    with pytest.raises(DatasetError, match=r"faces.csv: a rating needs both columns valence and arousal"):
+        manifest_records(str(path))
 
 
 def test_manifest_paths_written_on_windows_are_named(tmp_path):

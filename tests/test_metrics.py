@@ -216,3 +216,78 @@ def test_per_class_intervals_are_wider_for_a_rare_class():
     # class 0's mistakes were class 3, which present-only cannot predict: among classes 0 and 7, class 0 always wins
     assert present["per_class"][0]["interval"]["recall"] == [1.0, 1.0]
     assert common["interval"]["recall"][1] < 0.85
+
+
+def regression_by_hand(prediction, target):
+    """RMSE, Pearson's r and CCC of each column, from their textbook definitions."""
+    out = {}
+    for d, dimension in enumerate(metrics.VA_DIMENSIONS):
+        p, t = prediction[:, d], target[:, d]
+        covariance = np.mean((p - p.mean()) * (t - t.mean()))
+        out[dimension] = {"rmse": np.sqrt(np.mean((p - t) ** 2)), "pearson_r": np.corrcoef(p, t)[0, 1],
+                          "ccc": 2 * covariance / (p.var() + t.var() + (p.mean() - t.mean()) ** 2)}
+    return out
+
+
+def assert_regression_scores(got, expected):
+    for dimension in metrics.VA_DIMENSIONS:
+        for name in metrics.REGRESSION_SCORES:
+            assert got[dimension][name] == pytest.approx(expected[dimension][name], abs=1e-12), (dimension, name)
+
+
+def test_regression_metrics_by_hand():
+    rng = np.random.default_rng(7)
+    target = rng.uniform(-1, 1, (300, 2))
+    prediction = 0.4 * target + rng.normal(0, 0.3, (300, 2)) + [0.2, -0.1]  # shrunk and shifted: CCC < r
+    scores = metrics.regression_metrics(prediction, target)
+    assert_regression_scores(scores, regression_by_hand(prediction, target))
+    assert all(scores[d]["ccc"] < scores[d]["pearson_r"] for d in metrics.VA_DIMENSIONS)
+    assert_regression_scores(metrics.regression_metrics(target, target),
+                             {d: {"rmse": 0, "pearson_r": 1, "ccc": 1} for d in metrics.VA_DIMENSIONS})
+
+
+def test_a_constant_prediction_has_no_correlation():
+    """The mean baseline of stage 1: r and CCC exactly 0 (not a rounding error's worth either side), RMSE the
+    target's spread about the constant."""
+    target = np.random.default_rng(8).uniform(-1, 1, (101, 2))
+    constant = np.broadcast_to(target.mean(axis=0) + 0.1, target.shape)
+    scores = metrics.regression_metrics(constant, target)
+    for d, dimension in enumerate(metrics.VA_DIMENSIONS):
+        assert scores[dimension]["pearson_r"] == 0.0 and scores[dimension]["ccc"] == 0.0
+        assert scores[dimension]["rmse"] == pytest.approx(np.sqrt(np.mean((target[:, d] - constant[:, d]) ** 2)))
+
+
+@pytest.mark.parametrize("shapes", [((5, 2), (5, 3)), ((5, 3), (5, 3)), ((0, 2), (0, 2)), ((5,), (5,))])
+def test_regression_metrics_need_valence_and_arousal_columns(shapes):
+    with pytest.raises(ValueError, match=r"valence and arousal, N x 2 each, N >= 1; got"):
+        metrics.regression_metrics(np.zeros(shapes[0]), np.zeros(shapes[1]))
+
+
+def test_regression_bootstrap_scores_each_resample_as_the_whole_set_is_scored(monkeypatch):
+    rng = np.random.default_rng(10)
+    target = rng.uniform(-1, 1, (40, 2))
+    prediction = 0.5 * target + rng.normal(0, 0.4, (40, 2))
+    monkeypatch.setattr(metrics, "BOOTSTRAP_BLOCK_DRAWS", 120)  # blocks of 3 resamples: the draws must not change
+    resampled = metrics.regression_bootstrap(prediction, target, 25, seed=3)
+    draws = np.random.default_rng(3).integers(0, 40, size=(25, 40))  # the classification bootstrap's draws
+    for i, draw in enumerate(draws):
+        assert_regression_scores({d: {name: resampled[d][name][i] for name in metrics.REGRESSION_SCORES}
+                                  for d in metrics.VA_DIMENSIONS}, regression_by_hand(prediction[draw], target[draw]))
+
+
+def test_regression_bootstrap_draws_groups_of_copies_as_one():
+    """Each rated image four times over: drawn as groups, the copies give the intervals of the images without copies
+    (scores of means and variances do not change when every row is repeated alike); drawn one by one, narrower ones."""
+    rng = np.random.default_rng(11)
+    target = rng.uniform(-1, 1, (200, 2))
+    prediction = 0.6 * target + rng.normal(0, 0.3, (200, 2))
+    once = metrics.regression_bootstrap(prediction, target, 1000, seed=1)
+    copies = np.repeat(prediction, 4, axis=0), np.repeat(target, 4, axis=0)
+    as_groups = metrics.regression_bootstrap(*copies, 1000, seed=1, groups=np.repeat(np.arange(200), 4))
+    as_images = metrics.regression_bootstrap(*copies, 1000, seed=1)
+    for dimension in metrics.VA_DIMENSIONS:
+        bounds = metrics.intervals(once[dimension])
+        grouped = metrics.intervals(as_groups[dimension])
+        assert all(grouped[name] == pytest.approx(bounds[name], abs=1e-9) for name in metrics.REGRESSION_SCORES)
+        low, high = metrics.intervals(as_images[dimension])["ccc"]
+        assert high - low == pytest.approx((bounds["ccc"][1] - bounds["ccc"][0]) / 2, rel=0.2)

@@ -17,8 +17,10 @@ import stage3_student
 import stage4_eval
 from ngd_ext import artifacts, metrics
 from ngd_ext.emotions import FER_CLASSES
+from ngd_ext.face_datasets import affectnet_records, read_faces
 from ngd_ext.metrics import eight_way
-from ngd_ext.student_model import Student
+from ngd_ext.prototypes import grid_centres
+from ngd_ext.student_model import Student, load_student, predict
 from ngd_ext.synthetic_faces import EXPRESSIONS, draw_face, place_face
 
 TINY3 = ["--synthetic-size", "tiny", "--epochs", "1", "--batch-size", "64", "--device", "cpu"]
@@ -47,6 +49,7 @@ def test_outputs_and_manifest(demo, capsys):
     expected = {"summary.md", "summary.tex", "summary.json", "summary.png", "config.json"}
     expected |= {f"{variant}/{dataset}/{name}" for variant in ("B3", "kd_teacher") for dataset in DATASETS
                  for name in PER_DATASET}
+    expected |= {f"{variant}/affectnet/valence_arousal.png" for variant in ("B3", "kd_teacher")}  # the rated set
     assert set(artifacts.read_manifest(out)) == expected
     artifacts.verify_manifest(out, sorted(expected))
     assert not [name for name in os.listdir(run_dir) if ".tmp-" in name or ".old-" in name]
@@ -101,7 +104,7 @@ def test_summary_tables_cover_every_variant_and_dataset(demo):
     with open(os.path.join(out, "summary.tex")) as handle:
         latex = handle.read()
     assert latex.splitlines()[1] == f"% {stage4_eval.SELECTION_NOTE}"
-    assert latex.count(r"\begin{tabular}") == 8 and r"B3 & \checkmark & \checkmark & \checkmark" in latex
+    assert latex.count(r"\begin{tabular}") == 9 and r"B3 & \checkmark & \checkmark & \checkmark" in latex
 
 
 def test_intervals_and_differences_come_from_the_predictions(demo):
@@ -153,6 +156,67 @@ def test_intervals_and_differences_come_from_the_predictions(demo):
         cells = [f"{100 * row['f1']:.1f} [{100 * row['interval']['f1'][0]:.1f}, {100 * row['interval']['f1'][1]:.1f}]"
                  for row in rows]
         assert f"| {name} | {rows[1]['support']} | {cells[0]} | {cells[1]} |" in per_class
+
+
+def test_valence_and_arousal_readouts_come_from_the_students(demo):
+    """On the rated set (the synthetic AffectNet's 64 images of codes 0-7, each with a rating), metrics.json's scores
+    are those of the readouts recomputed from the student, the bank and the ratings in validation.csv: the class
+    readout for both students, the prototype readout for B3 alone (kd_teacher, B0, has no Proto-KD); the summary's
+    table shows them."""
+    run_dir, _ = demo
+    out = os.path.join(run_dir, "stage4")
+    affectnet = os.path.join(run_dir, "data", "synthetic_affectnet_tiny_seed0")
+    with open(os.path.join(affectnet, "Manually_Annotated_file_lists", "validation.csv")) as handle:
+        ratings = np.array([[float(row["valence"]), float(row["arousal"])] for row in csv.DictReader(handle)
+                            if int(row["expression"]) <= 7])
+    assert len(ratings) == 64
+    data = read_faces("AffectNet", *affectnet_records(affectnet))
+    with np.load(os.path.join(run_dir, "stage2", "prototypes.npz")) as saved:
+        prototypes = saved["bank"].astype(np.float64), grid_centres(int(saved["G"])), saved["filled_from"]
+    with open(os.path.join(out, "summary.json")) as handle:
+        summary = json.load(handle)
+    with open(os.path.join(out, "summary.md")) as handle:
+        table = handle.read().split("**Valence and arousal read out from the students")[1]
+    assert "against the ratings of the rated images (AffectNet 64)" in table
+    for name, readouts in (("kd_teacher", ["class"]), ("B3", ["prototype", "class"])):
+        model, config = load_student(os.path.join(run_dir, "stage3", name, "best.pt"))
+        logits, embeddings = predict(model, data.images, config["input_size"], "cpu")
+        values = {"class": stage4_eval.class_readout(logits, config["anchors"]),
+                  "prototype": stage4_eval.prototype_readout(embeddings, *prototypes)}
+        with open(os.path.join(out, name, "affectnet", "metrics.json")) as handle:
+            scores = json.load(handle)
+        assert scores["data"]["rated_valence_arousal"] == scores["valence_arousal"]["images"] == 64
+        assert sorted(scores["valence_arousal"]["readouts"]) == sorted(readouts)
+        assert summary["results"][name]["affectnet"]["valence_arousal"] == scores["valence_arousal"]
+        label = "kd_teacher (B0)" if name == "kd_teacher" else name
+        for readout in readouts:
+            got = scores["valence_arousal"]["readouts"][readout]
+            expected = metrics.regression_metrics(values[readout], ratings)
+            resampled = metrics.regression_bootstrap(values[readout], ratings, 1000, seed=0)
+            for dimension in metrics.VA_DIMENSIONS:
+                for score in metrics.REGRESSION_SCORES:
+                    assert got[dimension][score] == pytest.approx(expected[dimension][score], abs=1e-6)
+                    assert got[dimension]["interval"][score] == pytest.approx(
+                        metrics.intervals(resampled[dimension])[score], abs=1e-6)
+            cells = [f"{got[d]['ccc']:.2f} [{got[d]['interval']['ccc'][0]:.2f}, {got[d]['interval']['ccc'][1]:.2f}] "
+                     f"(r {got[d]['pearson_r']:.2f})" for d in metrics.VA_DIMENSIONS]
+            assert f"| {label} | {readout} | {cells[0]} | {cells[1]} |" in table
+    with open(os.path.join(out, "B3", "ckplus", "metrics.json")) as handle:
+        assert "valence_arousal" not in json.load(handle)  # CK+ rates no valence or arousal
+
+
+def test_readouts_by_hand():
+    """The class readout weighs the anchors by the class probabilities; the prototype readout takes the centre of the
+    nearest prototype's bin, and for a bin stage 2 filled from a neighbour (bin 0, from bin 1 here), the neighbour's."""
+    anchors = [(0.0, 0.0), (0.8, 0.4), (-0.7, -0.4)]
+    logits = np.log(np.array([[1.0, 1.0, 2.0], [1.0, 0.0 + 1e-300, 0.0 + 1e-300]]))
+    np.testing.assert_allclose(stage4_eval.class_readout(logits, anchors), [[(0.8 - 1.4) / 4, (0.4 - 0.8) / 4],
+                                                                            [0.0, 0.0]], atol=1e-12)
+    bank = np.array([[1.0, 0.0, 0.0], [1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])  # G = 2; bin 0 is bin 1's
+    centres = grid_centres(2)  # (-0.8, -0.8), (-0.8, 0.8), (0.8, -0.8), (0.8, 0.8)
+    embeddings = np.array([[5.0, 0.1, 0.0], [0.0, 0.2, -3.0], [0.1, 0.0, 2.0], [0.0, 3.0, 2.9]])
+    readout = stage4_eval.prototype_readout(embeddings, bank, centres, np.array([1, 1, 2, 3]))
+    np.testing.assert_array_equal(readout, [[-0.8, 0.8], [0.8, -0.8], [0.8, 0.8], [0.8, -0.8]])
 
 
 def test_prediction_mode(demo, tmp_path, capsys):
