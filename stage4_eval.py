@@ -39,8 +39,8 @@ image's nearest prototype.
 The folder is written whole or not at all: a killed run leaves the previous stage4/ in place; rerun it.
 
 Prediction: --predict FOLDER runs one student (--variants NAME; default B3) on every image under FOLDER and
-writes a CSV with one row per face found (its box and the class probabilities), or one centre-crop row for an
-image where none is found.
+writes a CSV with one row per face found (its box, the class probabilities and the class readout of valence and
+arousal), or one centre-crop row for an image where none is found.
 """
 
 import argparse
@@ -682,9 +682,9 @@ def predict_folder(args, model, config, name):
         with open(temporary, "w", newline="") as handle:
             writer = csv.writer(handle)
             writer.writerow(["path", "face", "found_by", "x", "y", "width", "height", "predicted",
-                             *(f"p_{c}" for c in FER_CLASSES)])
-            for row, p in zip(rows, probabilities):
-                writer.writerow([*row, FER_CLASSES[int(p.argmax())], *(f"{value:.5f}" for value in p)])
+                             *(f"p_{c}" for c in FER_CLASSES), *(f"{d}_from_classes" for d in VA_DIMENSIONS)])
+            for row, p, va in zip(rows, probabilities, class_readout(logits, config["anchors"])):
+                writer.writerow([*row, FER_CLASSES[int(p.argmax())], *(f"{value:.5f}" for value in (*p, *va))])
     centre = sum(row[2] == "centre" for row in rows)
     print(f"{len(rows)} faces in {len(images) - len(unreadable)} images ({centre} images with no face found: "
           f"centre crop) -> {output}")

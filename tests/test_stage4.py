@@ -16,7 +16,7 @@ import stage2_prototypes
 import stage3_student
 import stage4_eval
 from ngd_ext import artifacts, metrics
-from ngd_ext.emotions import FER_CLASSES
+from ngd_ext.emotions import DEFAULT_ANCHORS, FER_CLASSES
 from ngd_ext.face_datasets import affectnet_records, read_faces
 from ngd_ext.metrics import eight_way
 from ngd_ext.prototypes import grid_centres
@@ -245,9 +245,12 @@ def test_prediction_mode(demo, tmp_path, capsys):
     assert ("--predict: left out 3 files that are not .jpg/.jpeg/.png/.bmp/.tif/.tiff/.webp images: .heic 2, "
             ".txt 1") in errors
     assert [rows[1][key] for key in ("x", "y", "width", "height")] == ["15", "0", "50", "50"]
+    anchors = np.array([DEFAULT_ANCHORS[name] for name in FER_CLASSES])  # the student's, as trained by default
     for row in rows:
         p = [float(row[f"p_{name}"]) for name in FER_CLASSES]
         assert sum(p) == pytest.approx(1, abs=1e-4) and row["predicted"] == FER_CLASSES[int(np.argmax(p))]
+        assert [float(row["valence_from_classes"]), float(row["arousal_from_classes"])] == pytest.approx(
+            p @ anchors, abs=1e-4)
 
 
 def test_prediction_mode_needs_one_student(demo, tmp_path):
