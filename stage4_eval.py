@@ -15,7 +15,8 @@ faces. Faces in full frames are cropped by the dataset's box, else OpenCV's Haar
   <variant>/<dataset>/prototypes.png      where each class's embeddings land on the V/A prototype grid
   <variant>/<dataset>/valence_arousal.png on a set with valence/arousal ratings (AffectNet's): the student's
                                           readouts of them against the ratings
-  <variant>/<dataset>/predictions.csv     per image: label, prediction, class probabilities
+  <variant>/<dataset>/predictions.csv     per image: label, prediction, class probabilities, V/A readouts, and
+                                          the V/A rating where the set has one
   summary.md, summary.tex, summary.json   the ablation table (variants x datasets), each student's difference
                                           from the reference student (--reference; by default the first, B0
                                           where there is one) with its paired-bootstrap interval, each
@@ -317,25 +318,28 @@ def prototype_readout(embeddings, bank, centres, filled_from):
     return np.asarray(centres, np.float64)[np.asarray(filled_from)[nearest]]
 
 
-def valence_arousal(data, logits, embeddings, config, prototypes, resamples, seed):
-    """A student's readouts of the rated images' valence and arousal, scored against the ratings with bootstrap
-    intervals (over the images, or their groups): ({"images", "readouts": {readout: {dimension: {score, ...,
-    "interval"}}}}, {readout: N x 2 values}, the ratings). The prototype readout is left out for a student trained
-    without Proto-KD, whose projection head nothing trained."""
-    rated = ~np.isnan(data.va[:, 0])
-    ratings = data.va[rated]
-    groups = None if data.groups is None else [group for group, kept in zip(data.groups, rated) if kept]
+def readouts_of(logits, embeddings, config, prototypes):
+    """{readout: N x 2 (valence, arousal)} of a student's images: the class readout, and the prototype readout for a
+    student trained with Proto-KD (nothing trains the projection head of the others)."""
     readouts = {}
     if config["proto_weight"] > 0:
-        readouts["prototype"] = prototype_readout(embeddings[rated], *prototypes)
-    readouts["class"] = class_readout(logits[rated], config["anchors"])
+        readouts["prototype"] = prototype_readout(embeddings, *prototypes)
+    readouts["class"] = class_readout(logits, config["anchors"])
+    return readouts
+
+
+def score_readouts(readouts, data, resamples, seed):
+    """The readouts scored against the ratings of the set's rated images, with bootstrap intervals over the images, or
+    their groups: {"images", "readouts": {readout: {dimension: {score, ..., "interval"}}}}."""
+    rated = ~np.isnan(data.va[:, 0])
+    groups = None if data.groups is None else [group for group, kept in zip(data.groups, rated) if kept]
     scored = {}
     for readout, values in readouts.items():
-        scored[readout] = regression_metrics(values, ratings)
-        samples = regression_bootstrap(values, ratings, resamples, seed, groups)
+        scored[readout] = regression_metrics(values[rated], data.va[rated])
+        samples = regression_bootstrap(values[rated], data.va[rated], resamples, seed, groups)
         for dimension in VA_DIMENSIONS:
             scored[readout][dimension]["interval"] = intervals(samples[dimension])
-    return {"images": int(rated.sum()), "readouts": scored}, readouts, ratings
+    return {"images": int(rated.sum()), "readouts": scored}
 
 
 # Pictures and tables ----------------------------------------------------------------------------------------
@@ -404,8 +408,10 @@ def plot_prototype_occupancy(embeddings, labels, bank, grid, title, path):
 
 
 def plot_valence_arousal(ratings, readouts, scores, title, path, seed, points=2000):
-    """Each readout of valence and of arousal against the ratings, for (a seeded sample of) the rated images."""
-    chosen = np.random.default_rng(seed).permutation(len(ratings))[:points]
+    """Each readout of valence and of arousal against the ratings (N x 2, NaN for an unrated image), for (a seeded
+    sample of) the rated images."""
+    rated = np.flatnonzero(~np.isnan(ratings[:, 0]))
+    chosen = rated[np.random.default_rng(seed).permutation(len(rated))[:points]]
     figure, axes = plt.subplots(len(readouts), 2, figsize=(8, 3.8 * len(readouts)), squeeze=False)
     for row, (readout, values) in zip(axes, readouts.items()):
         for d, (ax, dimension) in enumerate(zip(row, VA_DIMENSIONS)):
@@ -419,7 +425,7 @@ def plot_valence_arousal(ratings, readouts, scores, title, path, seed, points=20
             got = scores[readout][dimension]
             ax.set_title(f"{dimension}: CCC {got['ccc']:.2f}, r {got['pearson_r']:.2f}, RMSE {got['rmse']:.2f}",
                          fontsize=9)
-    shown = f"{len(chosen)} of {len(ratings)}" if len(chosen) < len(ratings) else f"{len(ratings)}"
+    shown = f"{len(chosen)} of {len(rated)}" if len(chosen) < len(rated) else f"{len(rated)}"
     figure.suptitle(f"{title}: V/A read out from the student ({shown} rated images)", fontsize=10)
     artifacts.save_figure(figure, path)
 
@@ -428,14 +434,26 @@ def class_probabilities(logits):
     return torch.softmax(torch.from_numpy(logits), dim=1).numpy()
 
 
-def write_predictions(path, data, logits):
+def readout_columns(readouts):
+    """The CSV columns of V/A readouts: valence_from_class, arousal_from_class, ..."""
+    return [f"{dimension}_from_{readout}" for readout in readouts for dimension in VA_DIMENSIONS]
+
+
+def write_predictions(path, data, logits, readouts):
+    """Per image: its path, label, predicted class, class probabilities and V/A readouts, and its rating where the set
+    has them (empty for an unrated image)."""
     probabilities = class_probabilities(logits)
+    readout_values = np.concatenate(list(readouts.values()), axis=1)
+    ratings = [] if data.va is None else [f"rated_{dimension}" for dimension in VA_DIMENSIONS]
     with artifacts.atomic_path(path) as temporary:
         with open(temporary, "w", newline="") as handle:
             writer = csv.writer(handle)
-            writer.writerow(["path", "label", "predicted", *(f"p_{name}" for name in FER_CLASSES)])
-            for name, label, row in zip(data.paths, data.labels, probabilities):
-                writer.writerow([name, FER_CLASSES[label], FER_CLASSES[int(row.argmax())], *(f"{p:.5f}" for p in row)])
+            writer.writerow(["path", "label", "predicted", *(f"p_{name}" for name in FER_CLASSES),
+                             *readout_columns(readouts), *ratings])
+            for i, (name, label, row) in enumerate(zip(data.paths, data.labels, probabilities)):
+                rating = [] if data.va is None else ["" if np.isnan(value) else f"{value:.6f}" for value in data.va[i]]
+                writer.writerow([name, FER_CLASSES[label], FER_CLASSES[int(row.argmax())],
+                                 *(f"{value:.5f}" for value in (*row, *readout_values[i])), *rating])
 
 
 def latex_escape(text):
@@ -677,13 +695,14 @@ def predict_folder(args, model, config, name):
     model = model.to(args.device)
     logits = predict(model, np.stack(faces), config["input_size"], args.device, args.batch_size)[0]
     probabilities = class_probabilities(logits)
+    readouts = {"class": class_readout(logits, config["anchors"])}  # the prototype readout would need the bank
     output = args.output or os.path.join(args.run_dir, "predictions", f"{name}.csv")
     with artifacts.atomic_path(output) as temporary:
         with open(temporary, "w", newline="") as handle:
             writer = csv.writer(handle)
             writer.writerow(["path", "face", "found_by", "x", "y", "width", "height", "predicted",
-                             *(f"p_{c}" for c in FER_CLASSES), *(f"{d}_from_classes" for d in VA_DIMENSIONS)])
-            for row, p, va in zip(rows, probabilities, class_readout(logits, config["anchors"])):
+                             *(f"p_{c}" for c in FER_CLASSES), *readout_columns(readouts)])
+            for row, p, va in zip(rows, probabilities, readouts["class"]):
                 writer.writerow([*row, FER_CLASSES[int(p.argmax())], *(f"{value:.5f}" for value in (*p, *va))])
     centre = sum(row[2] == "centre" for row in rows)
     print(f"{len(rows)} faces in {len(images) - len(unreadable)} images ({centre} images with no face found: "
@@ -740,10 +759,10 @@ def main(argv=None):
                     attach_intervals(scores[protocol], resampled[name][key][protocol])
                 folder = os.path.join(out_dir, name, key)
                 title = f"{label_of(name, config)} on {dataset_name}, {note}"
+                readouts = readouts_of(logits, embeddings, config, prototypes)
                 if data.va is not None:
-                    scores["valence_arousal"], readouts, ratings = valence_arousal(
-                        data, logits, embeddings, config, prototypes, args.bootstrap, args.seed)
-                    plot_valence_arousal(ratings, readouts, scores["valence_arousal"]["readouts"], title,
+                    scores["valence_arousal"] = score_readouts(readouts, data, args.bootstrap, args.seed)
+                    plot_valence_arousal(data.va, readouts, scores["valence_arousal"]["readouts"], title,
                                          os.path.join(folder, "valence_arousal.png"), args.seed)
                 results[name][key] = scores
                 artifacts.write_json(os.path.join(folder, "metrics.json"), {
@@ -757,7 +776,7 @@ def main(argv=None):
                           args.seed)
                 plot_prototype_occupancy(embeddings, data.labels, bank, grid, title,
                                          os.path.join(folder, "prototypes.png"))
-                write_predictions(os.path.join(folder, "predictions.csv"), data, logits)
+                write_predictions(os.path.join(folder, "predictions.csv"), data, logits, readouts)
 
         variants = [(name, config) for name, (_, config, _) in students.items()]
         differences = differences_from_reference(results, resampled, variants, datasets, reference)

@@ -183,9 +183,15 @@ def test_valence_and_arousal_readouts_come_from_the_students(demo):
         logits, embeddings = predict(model, data.images, config["input_size"], "cpu")
         values = {"class": stage4_eval.class_readout(logits, config["anchors"]),
                   "prototype": stage4_eval.prototype_readout(embeddings, *prototypes)}
-        with open(os.path.join(out, name, "affectnet", "metrics.json")) as handle:
-            scores = json.load(handle)
+        scores, rows, _, _ = read_evaluation(os.path.join(out, name, "affectnet"))
         assert scores["data"]["rated_valence_arousal"] == scores["valence_arousal"]["images"] == 64
+        assert np.array([[float(row["rated_valence"]), float(row["rated_arousal"])] for row in rows]).tolist() == \
+            ratings.tolist()
+        assert ("valence_from_prototype" in rows[0]) == ("prototype" in readouts)
+        for readout in readouts:
+            written = np.array([[float(row[f"valence_from_{readout}"]), float(row[f"arousal_from_{readout}"])]
+                                for row in rows])
+            np.testing.assert_allclose(written, values[readout], atol=1e-5)
         assert sorted(scores["valence_arousal"]["readouts"]) == sorted(readouts)
         assert summary["results"][name]["affectnet"]["valence_arousal"] == scores["valence_arousal"]
         label = "kd_teacher (B0)" if name == "kd_teacher" else name
@@ -201,8 +207,9 @@ def test_valence_and_arousal_readouts_come_from_the_students(demo):
             cells = [f"{got[d]['ccc']:.2f} [{got[d]['interval']['ccc'][0]:.2f}, {got[d]['interval']['ccc'][1]:.2f}] "
                      f"(r {got[d]['pearson_r']:.2f})" for d in metrics.VA_DIMENSIONS]
             assert f"| {label} | {readout} | {cells[0]} | {cells[1]} |" in table
-    with open(os.path.join(out, "B3", "ckplus", "metrics.json")) as handle:
-        assert "valence_arousal" not in json.load(handle)  # CK+ rates no valence or arousal
+    scores, rows, _, _ = read_evaluation(os.path.join(out, "B3", "ckplus"))
+    assert "valence_arousal" not in scores and "rated_valence" not in rows[0]  # CK+ rates no valence or arousal
+    assert "valence_from_prototype" in rows[0] and "valence_from_class" in rows[0]
 
 
 def test_readouts_by_hand():
@@ -249,7 +256,7 @@ def test_prediction_mode(demo, tmp_path, capsys):
     for row in rows:
         p = [float(row[f"p_{name}"]) for name in FER_CLASSES]
         assert sum(p) == pytest.approx(1, abs=1e-4) and row["predicted"] == FER_CLASSES[int(np.argmax(p))]
-        assert [float(row["valence_from_classes"]), float(row["arousal_from_classes"])] == pytest.approx(
+        assert [float(row["valence_from_class"]), float(row["arousal_from_class"])] == pytest.approx(
             p @ anchors, abs=1e-4)
 
 
