@@ -294,7 +294,9 @@ def load_datasets(args, configs, embedded):
         counts = ", ".join(f"{c} {n}" for c, n in summary["per_class"].items())
         extra = "".join(f"; {what}: {count}" for what, count in {**data.dropped, **{
             f"crop by {how}": n for how, n in data.crops.items() if n}}.items())
+        rated = summary["rated_valence_arousal"]
         print(f"{name}: {summary['images']} images ({counts}){extra}"
+              + (f"; {rated} with valence/arousal ratings" if rated else "")
               + (f"; {len(data.unreadable)} unreadable, left out" if data.unreadable else ""))
     return datasets
 
