@@ -47,6 +47,7 @@ from ngd_ext.determinism import set_determinism  # noqa: E402
 from ngd_ext.eeg_features import BANDS, interpolation_matrix, recording_entropy, topographic_maps  # noqa: E402
 from ngd_ext.eeg_formats import (EEGFormatError, MahnobScan, MahnobSession, iter_dreamer,  # noqa: E402
                                  read_mahnob_trial, scan_mahnob)
+from ngd_ext.emotions import VA_DIMENSIONS  # noqa: E402
 from ngd_ext.metrics import regression_metrics  # noqa: E402
 from ngd_ext.parallel import default_workers, map_in_processes  # noqa: E402
 from ngd_ext.synthetic_eeg import ensure_synthetic_eeg  # noqa: E402
@@ -273,7 +274,7 @@ def plot_curve(history, path, note):
     left.plot(epochs, [h["train_loss"] for h in history])
     left.set_xlabel("epoch")
     left.set_ylabel("training loss")
-    for name in ("valence", "arousal"):
+    for name in VA_DIMENSIONS:
         right.plot(epochs, [h["held_out"][name]["ccc"] for h in history], label=name)
     right.axhline(0.0, color="grey", linestyle=":", label="mean baseline")
     right.set_xlabel("epoch")
@@ -290,7 +291,7 @@ def plot_held_out(prediction, targets, datasets, trials, metrics, path, note):
     windows_per_trial = np.bincount(trial_of)
     jitter = np.random.default_rng(0).uniform(-0.02, 0.02, len(trials))  # spreads a column's windows to be seen
     figure, axes = plt.subplots(1, 2, figsize=(10, 4.6))
-    for column, (ax, name) in enumerate(zip(axes, ("valence", "arousal"))):
+    for column, (ax, name) in enumerate(zip(axes, VA_DIMENSIONS)):
         trial_mean = np.bincount(trial_of, weights=prediction[:, column]) / windows_per_trial
         trial_target = np.bincount(trial_of, weights=targets[:, column]) / windows_per_trial
         for d, dataset in enumerate(sorted(set(datasets))):
@@ -453,7 +454,7 @@ def main(argv=None):
         artifacts.write_manifest(staging)
     os.remove(checkpoint_path)
 
-    for name in ("valence", "arousal"):
+    for name in VA_DIMENSIONS:
         got, base = metrics["held_out"][name], metrics["mean_baseline"][name]
         print(f"held-out {name}: CCC {got['ccc']:.3f} (mean baseline {base['ccc']:.3f}), r {got['pearson_r']:.3f}, "
               f"RMSE {got['rmse']:.3f} (baseline {base['rmse']:.3f}){note}")
@@ -461,7 +462,7 @@ def main(argv=None):
         print(f"  {dataset} ({scores['windows']} windows): CCC valence {scores['held_out']['valence']['ccc']:.3f}, "
               f"arousal {scores['held_out']['arousal']['ccc']:.3f}{note}")
     spans = {name: [scores["held_out"][name]["ccc"] for scores in by_subject.values()]
-             for name in ("valence", "arousal")}
+             for name in VA_DIMENSIONS}
     print(f"  subject by subject ({len(by_subject)} held out; metrics.json by_subject): CCC valence "
           f"{min(spans['valence']):.2f} to {max(spans['valence']):.2f}, arousal {min(spans['arousal']):.2f} to "
           f"{max(spans['arousal']):.2f}{note}")

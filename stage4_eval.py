@@ -60,14 +60,14 @@ from sklearn.manifold import TSNE  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from ngd_ext import artifacts  # noqa: E402
-from ngd_ext.emotions import DEFAULT_ANCHORS, FER_CLASSES  # noqa: E402
+from ngd_ext.emotions import DEFAULT_ANCHORS, FER_CLASSES, VA_DIMENSIONS  # noqa: E402
 from ngd_ext.face_crop import thread_cropper  # noqa: E402
 from ngd_ext.face_datasets import (IMAGE_EXTENSIONS, DatasetError, FaceSet, affectnet_records,  # noqa: E402
                                    ckplus_records, manifest_records, read_faces)
 from ngd_ext.ferplus import FerPlusError, load_ferplus_cached  # noqa: E402
 from ngd_ext.images import read_grey  # noqa: E402
-from ngd_ext.metrics import (BOOTSTRAP_LEVEL, PROTOCOLS, SCORES, VA_DIMENSIONS, attach_intervals,  # noqa: E402
-                             bootstrap, eight_way, intervals, present_only, regression_bootstrap, regression_metrics)
+from ngd_ext.metrics import (BOOTSTRAP_LEVEL, PROTOCOLS, SCORES, attach_intervals, bootstrap,  # noqa: E402
+                             eight_way, intervals, present_only, regression_bootstrap, regression_metrics)
 from ngd_ext.parallel import map_in_threads  # noqa: E402
 from ngd_ext.prototypes import bin_centres, grid_centres, unit_rows  # noqa: E402
 from ngd_ext.student_model import EXECUTION_SETTINGS, load_student, predict  # noqa: E402

@@ -2,6 +2,9 @@
 
 FER_CLASSES = ("neutral", "happiness", "surprise", "sadness", "anger", "disgust", "fear", "contempt")
 
+# The two affect dimensions, in the order every (valence, arousal) pair and N x 2 array keeps them.
+VA_DIMENSIONS = ("valence", "arousal")
+
 # Approximate positions on Russell's circumplex, (valence, arousal) in [-1, 1].
 DEFAULT_ANCHORS = {
     "neutral": (0.0, 0.0),

@@ -40,7 +40,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ngd_ext.csv_files import read_rows
-from ngd_ext.emotions import AFFECTNET_CODES, AFFECTNET_UNUSABLE, CKPLUS_CODES, CLASS_ALIASES, FER_CLASSES
+from ngd_ext.emotions import (AFFECTNET_CODES, AFFECTNET_UNUSABLE, CKPLUS_CODES, CLASS_ALIASES, FER_CLASSES,
+                              VA_DIMENSIONS)
 from ngd_ext.face_crop import HOW, thread_cropper
 from ngd_ext.images import read_grey
 from ngd_ext.parallel import map_in_threads
@@ -104,7 +105,7 @@ def _integer(text, path, row, column):
     return int(value)
 
 
-AFFECTNET_NOT_RATED = -2.0  # AffectNet's valence and arousal of an image without a rating (codes 8-10 among others)
+AFFECTNET_NOT_RATED = -2.0  # AffectNet's valence and arousal of an image without a rating (its codes 8-10 have it)
 
 
 def _rating(text, where, column):
@@ -172,6 +173,7 @@ def affectnet_csv_records(path, image_root):
     else:  # AffectNet's CSVs are also passed around without their header row: the official column order
         columns = {name: i for i, name in enumerate(AFFECTNET_COLUMNS)}
     body = rows if has_header else itertools.chain([(number, first)], rows)
+    rated = all(name in columns for name in VA_DIMENSIONS)  # a header may leave them out
     width = max(columns.values()) + 1
     for number, fields in body:
         if len(fields) < width:
@@ -189,8 +191,7 @@ def affectnet_csv_records(path, image_root):
                 raise DatasetError(f"{path}, row {number}: face box {box} has no area")
         label = FER_CLASSES.index(AFFECTNET_CODES[code])
         where = f"{path}, row {number}"
-        va = _rated(*(_rating(fields[columns[name]], where, name) for name in ("valence", "arousal"))) if {
-            "valence", "arousal"} <= columns.keys() else None
+        va = _rated(*(_rating(fields[columns[name]], where, name) for name in VA_DIMENSIONS)) if rated else None
         records.append(FaceRecord(os.path.join(image_root, fields[columns["subDirectory_filePath"]]), label, box,
                                   where, va=va))
     return records, dict(dropped)
@@ -245,9 +246,11 @@ def affectnet_crop_records(folder):
             dropped[f"expression {code} ({AFFECTNET_UNUSABLE.get(code, 'unknown code')})"] += 1
             continue
         image = images.get(stem, os.path.join(image_dir, f"{stem}.jpg"))
-        ratings = [os.path.join(annotation_dir, f"{stem}_{kind}.npy") for kind in ("val", "aro")]
-        va = _rated(*(_rating(_npy_value(rating, name), rating, name) for rating, name in zip(
-            ratings, ("valence", "arousal")))) if all(map(os.path.isfile, ratings)) else None
+        rating_files = [os.path.join(annotation_dir, f"{stem}_{kind}.npy") for kind in ("val", "aro")]
+        va = None
+        if all(map(os.path.isfile, rating_files)):
+            va = _rated(*(_rating(_npy_value(file, name), file, name)
+                          for file, name in zip(rating_files, VA_DIMENSIONS)))
         records.append(FaceRecord(image, FER_CLASSES.index(AFFECTNET_CODES[code]), None, path, va=va))
     unannotated = len(set(images) - set(stems))
     if unannotated:
@@ -356,7 +359,7 @@ def manifest_records(path):
     box_columns = [header.index(name) for name in ("x", "y", "width", "height") if name in header]
     if box_columns and len(box_columns) != 4:
         raise DatasetError(f"{path}: a face box needs all four columns x, y, width, height")
-    rating_columns = [header.index(name) for name in ("valence", "arousal") if name in header]
+    rating_columns = [header.index(name) for name in VA_DIMENSIONS if name in header]
     if len(rating_columns) == 1:
         raise DatasetError(f"{path}: a rating needs both columns valence and arousal")
     path_column, label_column = header.index("path"), header.index("label")

@@ -18,9 +18,10 @@ bootstrap.
 
 import numpy as np
 
+from ngd_ext.emotions import VA_DIMENSIONS
+
 SCORES = ("accuracy", "macro_f1", "balanced_accuracy")
 REGRESSION_SCORES = ("rmse", "pearson_r", "ccc")
-VA_DIMENSIONS = ("valence", "arousal")
 PER_CLASS = ("precision", "recall", "f1")
 PROTOCOLS = ("eight_way", "present_only")
 BOOTSTRAP_LEVEL = 0.95

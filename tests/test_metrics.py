@@ -1,9 +1,10 @@
-"""SPEC section 5 metrics against hand computations."""
+"""SPEC section 5 metrics, and those of valence and arousal, against hand computations."""
 
 import numpy as np
 import pytest
 
 from ngd_ext import metrics
+from ngd_ext.emotions import VA_DIMENSIONS
 from ngd_ext.metrics import eight_way, present_only
 
 
@@ -221,7 +222,7 @@ def test_per_class_intervals_are_wider_for_a_rare_class():
 def regression_by_hand(prediction, target):
     """RMSE, Pearson's r and CCC of each column, from their textbook definitions."""
     out = {}
-    for d, dimension in enumerate(metrics.VA_DIMENSIONS):
+    for d, dimension in enumerate(VA_DIMENSIONS):
         p, t = prediction[:, d], target[:, d]
         covariance = np.mean((p - p.mean()) * (t - t.mean()))
         out[dimension] = {"rmse": np.sqrt(np.mean((p - t) ** 2)), "pearson_r": np.corrcoef(p, t)[0, 1],
@@ -230,7 +231,7 @@ def regression_by_hand(prediction, target):
 
 
 def assert_regression_scores(got, expected):
-    for dimension in metrics.VA_DIMENSIONS:
+    for dimension in VA_DIMENSIONS:
         for name in metrics.REGRESSION_SCORES:
             assert got[dimension][name] == pytest.approx(expected[dimension][name], abs=1e-12), (dimension, name)
 
@@ -241,9 +242,9 @@ def test_regression_metrics_by_hand():
     prediction = 0.4 * target + rng.normal(0, 0.3, (300, 2)) + [0.2, -0.1]  # shrunk and shifted: CCC < r
     scores = metrics.regression_metrics(prediction, target)
     assert_regression_scores(scores, regression_by_hand(prediction, target))
-    assert all(scores[d]["ccc"] < scores[d]["pearson_r"] for d in metrics.VA_DIMENSIONS)
+    assert all(scores[d]["ccc"] < scores[d]["pearson_r"] for d in VA_DIMENSIONS)
     assert_regression_scores(metrics.regression_metrics(target, target),
-                             {d: {"rmse": 0, "pearson_r": 1, "ccc": 1} for d in metrics.VA_DIMENSIONS})
+                             {d: {"rmse": 0, "pearson_r": 1, "ccc": 1} for d in VA_DIMENSIONS})
 
 
 def test_a_constant_prediction_has_no_correlation():
@@ -252,7 +253,7 @@ def test_a_constant_prediction_has_no_correlation():
     target = np.random.default_rng(8).uniform(-1, 1, (101, 2))
     constant = np.broadcast_to(target.mean(axis=0) + 0.1, target.shape)
     scores = metrics.regression_metrics(constant, target)
-    for d, dimension in enumerate(metrics.VA_DIMENSIONS):
+    for d, dimension in enumerate(VA_DIMENSIONS):
         assert scores[dimension]["pearson_r"] == 0.0 and scores[dimension]["ccc"] == 0.0
         assert scores[dimension]["rmse"] == pytest.approx(np.sqrt(np.mean((target[:, d] - constant[:, d]) ** 2)))
 
@@ -272,7 +273,7 @@ def test_regression_bootstrap_scores_each_resample_as_the_whole_set_is_scored(mo
     draws = np.random.default_rng(3).integers(0, 40, size=(25, 40))  # the classification bootstrap's draws
     for i, draw in enumerate(draws):
         assert_regression_scores({d: {name: resampled[d][name][i] for name in metrics.REGRESSION_SCORES}
-                                  for d in metrics.VA_DIMENSIONS}, regression_by_hand(prediction[draw], target[draw]))
+                                  for d in VA_DIMENSIONS}, regression_by_hand(prediction[draw], target[draw]))
 
 
 def test_regression_bootstrap_draws_groups_of_copies_as_one():
@@ -285,7 +286,7 @@ def test_regression_bootstrap_draws_groups_of_copies_as_one():
     copies = np.repeat(prediction, 4, axis=0), np.repeat(target, 4, axis=0)
     as_groups = metrics.regression_bootstrap(*copies, 1000, seed=1, groups=np.repeat(np.arange(200), 4))
     as_images = metrics.regression_bootstrap(*copies, 1000, seed=1)
-    for dimension in metrics.VA_DIMENSIONS:
+    for dimension in VA_DIMENSIONS:
         bounds = metrics.intervals(once[dimension])
         grouped = metrics.intervals(as_groups[dimension])
         assert all(grouped[name] == pytest.approx(bounds[name], abs=1e-9) for name in metrics.REGRESSION_SCORES)

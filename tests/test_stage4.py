@@ -16,7 +16,7 @@ import stage2_prototypes
 import stage3_student
 import stage4_eval
 from ngd_ext import artifacts, metrics
-from ngd_ext.emotions import DEFAULT_ANCHORS, FER_CLASSES
+from ngd_ext.emotions import DEFAULT_ANCHORS, FER_CLASSES, VA_DIMENSIONS
 from ngd_ext.face_datasets import affectnet_records, read_faces
 from ngd_ext.metrics import eight_way
 from ngd_ext.prototypes import grid_centres
@@ -199,13 +199,13 @@ def test_valence_and_arousal_readouts_come_from_the_students(demo):
             got = scores["valence_arousal"]["readouts"][readout]
             expected = metrics.regression_metrics(values[readout], ratings)
             resampled = metrics.regression_bootstrap(values[readout], ratings, 1000, seed=0)
-            for dimension in metrics.VA_DIMENSIONS:
+            for dimension in VA_DIMENSIONS:
                 for score in metrics.REGRESSION_SCORES:
                     assert got[dimension][score] == pytest.approx(expected[dimension][score], abs=1e-6)
                     assert got[dimension]["interval"][score] == pytest.approx(
                         metrics.intervals(resampled[dimension])[score], abs=1e-6)
             cells = [f"{got[d]['ccc']:.2f} [{got[d]['interval']['ccc'][0]:.2f}, {got[d]['interval']['ccc'][1]:.2f}] "
-                     f"(r {got[d]['pearson_r']:.2f})" for d in metrics.VA_DIMENSIONS]
+                     f"(r {got[d]['pearson_r']:.2f})" for d in VA_DIMENSIONS]
             assert f"| {label} | {readout} | {cells[0]} | {cells[1]} |" in table
     scores, rows, _, _ = read_evaluation(os.path.join(out, "B3", "ckplus"))
     assert "valence_arousal" not in scores and "rated_valence" not in rows[0]  # CK+ rates no valence or arousal
