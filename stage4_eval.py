@@ -586,7 +586,7 @@ def summary_tables(results, differences, replicates, reference, variants, datase
         for name, config in variants:
             for readout in READOUTS:
                 scored = [results[name][key]["valence_arousal"]["readouts"].get(readout) for key, _ in rated]
-                if scored[0] is not None:
+                if scored[0] is not None:  # a student has the same readouts on every set
                     rows.append([label_of(name, config), readout, *(
                         cell(scores[dimension]) for scores in scored for dimension in VA_DIMENSIONS)])
         counts = ", ".join(f"{dataset_name} {results[reference][key]['valence_arousal']['images']}"
