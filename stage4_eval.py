@@ -66,8 +66,8 @@ from ngd_ext.face_datasets import (IMAGE_EXTENSIONS, DatasetError, FaceSet, affe
                                    ckplus_records, manifest_records, read_faces)
 from ngd_ext.ferplus import FerPlusError, load_ferplus_cached  # noqa: E402
 from ngd_ext.images import read_grey  # noqa: E402
-from ngd_ext.metrics import (BOOTSTRAP_LEVEL, PROTOCOLS, SCORES, attach_intervals, bootstrap,  # noqa: E402
-                             eight_way, intervals, present_only, regression_bootstrap, regression_metrics)
+from ngd_ext.metrics import (BOOTSTRAP_LEVEL, PROTOCOLS, REGRESSION_SCORES, SCORES, attach_intervals,  # noqa: E402
+                             bootstrap, eight_way, intervals, present_only, regression_bootstrap, regression_metrics)
 from ngd_ext.parallel import map_in_threads  # noqa: E402
 from ngd_ext.prototypes import bin_centres, grid_centres, unit_rows  # noqa: E402
 from ngd_ext.student_model import EXECUTION_SETTINGS, load_student, predict  # noqa: E402
@@ -496,15 +496,27 @@ def differences_from_reference(results, resampled, variants, datasets, reference
 
 def across_seeds(results, groups, variants, datasets):
     """Each --replicates group's scores over its students: {group: {"students": [...], "seeds": [...], "datasets":
-    {dataset: {protocol: {score: {"mean", "sd", "values"}}}}}}; sd is the sample standard deviation (over n - 1)."""
+    {dataset: {protocol: {score: {"mean", "sd", "values"}}, and on a rated set "valence_arousal": {readout:
+    {dimension: {score: {"mean", "sd", "values"}}}}}}}}; sd is the sample standard deviation (over n - 1)."""
     configs = dict(variants)
 
     def spread(values):
         return {"mean": float(np.mean(values)), "sd": float(np.std(values, ddof=1)), "values": values}
 
-    return {group: {"students": names, "seeds": [configs[name]["seed"] for name in names], "datasets": {
-        key: {protocol: {score: spread([results[name][key][protocol][score] for name in names]) for score in SCORES}
-              for protocol in PROTOCOLS} for key, _, _ in datasets}} for group, names in groups.items()}
+    def on_dataset(names, key):
+        scores = [results[name][key] for name in names]
+        entry = {protocol: {score: spread([mine[protocol][score] for mine in scores]) for score in SCORES}
+                 for protocol in PROTOCOLS}
+        if "valence_arousal" in scores[0]:  # students trained alike have the same readouts
+            readouts = [mine["valence_arousal"]["readouts"] for mine in scores]
+            entry["valence_arousal"] = {readout: {dimension: {
+                score: spread([mine[readout][dimension][score] for mine in readouts]) for score in REGRESSION_SCORES}
+                for dimension in VA_DIMENSIONS} for readout in readouts[0]}
+        return entry
+
+    return {group: {"students": names, "seeds": [configs[name]["seed"] for name in names],
+                    "datasets": {key: on_dataset(names, key) for key, _, _ in datasets}}
+            for group, names in groups.items()}
 
 
 def percent(value):

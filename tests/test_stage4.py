@@ -404,8 +404,8 @@ def test_students_of_several_seeds_share_one_real_ferplus_copy(tmp_path):
 
 def test_replicates_summarise_students_of_several_seeds(demo, tmp_path):
     """Two more B0 students of seeds 1 and 2 beside kd_teacher (B0, seed 0): --replicates gives their mean and
-    standard deviation, from the scores each of them has alone. Each seed drew its own synthetic training faces, so
-    --ferplus names the copy to evaluate them on."""
+    standard deviation, from the scores each of them has alone, and so for their V/A readouts on AffectNet. Each seed
+    drew its own synthetic training faces, so --ferplus names the copy to evaluate them on."""
     run_dir, stage4 = demo
     copy = str(tmp_path / "run")
     shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns("stage4"))
@@ -413,20 +413,26 @@ def test_replicates_summarise_students_of_several_seeds(demo, tmp_path):
         stage3_student.main(["--run-dir", copy, "--variant", "B0", "--name", f"B0_seed{seed}", "--seed", str(seed),
                              *TINY3])
     students = ["kd_teacher", "B0_seed1", "B0_seed2"]
-    ferplus = os.path.join(copy, "data", "synthetic_ferplus_tiny_seed0")
-    stage4_eval.main([*stage4, "--run-dir", copy, "--ferplus", ferplus, "--variants", *students,
-                      "--replicates", "B0=kd_teacher,B0_seed1,B0_seed2", "--bootstrap", "100"])
+    ferplus, affectnet = (os.path.join(copy, "data", f"synthetic_{name}_tiny_seed0")
+                          for name in ("ferplus", "affectnet"))
+    stage4_eval.main([*stage4, "--run-dir", copy, "--ferplus", ferplus, "--affectnet", affectnet, "--variants",
+                      *students, "--replicates", "B0=kd_teacher,B0_seed1,B0_seed2", "--bootstrap", "100"])
     with open(os.path.join(copy, "stage4", "summary.json")) as handle:
         summary = json.load(handle)
     group = summary["replicates"]["B0"]
     assert (group["students"], group["seeds"]) == (students, [0, 1, 2])
-    assert set(group["datasets"]) == {"ferplus_valid", "ferplus_test"}
+    assert set(group["datasets"]) == {"ferplus_valid", "ferplus_test", "affectnet"}
     scores = [summary["results"][name]["ferplus_test"]["eight_way"]["macro_f1"] for name in students]
     assert len(set(scores)) > 1  # three seeds, three students
     spread = group["datasets"]["ferplus_test"]["eight_way"]["macro_f1"]
     assert spread["values"] == scores
     assert spread["mean"] == pytest.approx(np.mean(scores), abs=1e-12)
     assert spread["sd"] == pytest.approx(np.std(scores, ddof=1), abs=1e-12)
+    ccc = [summary["results"][name]["affectnet"]["valence_arousal"]["readouts"]["class"]["arousal"]["ccc"]
+           for name in students]
+    va_spread = group["datasets"]["affectnet"]["valence_arousal"]
+    assert list(va_spread) == ["class"] and va_spread["class"]["arousal"]["ccc"]["values"] == ccc  # B0: no prototype
+    assert va_spread["class"]["arousal"]["ccc"]["sd"] == pytest.approx(np.std(ccc, ddof=1), abs=1e-12)
     with open(os.path.join(copy, "stage4", "summary.md")) as handle:
         markdown = handle.read()
     table = markdown.split("**Across training seeds: 8-way macro-F1 (%), mean ± standard deviation (n - 1)")[1]
