@@ -25,6 +25,7 @@ faces. Faces in full frames are cropped by the dataset's box, else OpenCV's Haar
                                           the valence/arousal readouts' CCC on rated sets
   summary.png                             every student's 8-way macro-F1 per dataset, with its interval
   replicates.png                          with --replicates: each group's mean, sd and students per dataset
+  summary_valence_arousal.png             on rated sets: every student's readouts' CCC, with its interval
   config.json, SHA256SUMS
 
 The intervals resample the images (--bootstrap times), or whole groups of them where images are not independent
@@ -535,6 +536,18 @@ def protocol_cells(scores):
             percent(scores["balanced_accuracy"])]
 
 
+def rated_sets(results, reference, datasets):
+    """[(key, display name)] of the datasets whose images carry valence/arousal ratings."""
+    return [(key, dataset_name) for key, dataset_name, _ in datasets if "valence_arousal" in results[reference][key]]
+
+
+def readout_rows(results, variants, rated):
+    """[(name, config, readout)]: every student's V/A readouts, in READOUTS' order (a student has the same readouts
+    on every set)."""
+    return [(name, config, readout) for name, config in variants for readout in READOUTS
+            if readout in results[name][rated[0][0]]["valence_arousal"]["readouts"]]
+
+
 def summary_tables(results, differences, replicates, reference, variants, datasets, note, resamples):
     """The ablation table (variants x datasets, 8-way and present-only macro-F1), the differences from the reference
     student (8-way macro-F1, with paired-bootstrap intervals), the --replicates groups' mean and standard deviation
@@ -588,19 +601,15 @@ def summary_tables(results, differences, replicates, reference, variants, datase
         tables.append(table(["class", "images", *(label_of(name, config) for name, config in variants)], rows,
                             f"Per-class F1 (%, 8-way) on {dataset_name}, with {level} bootstrap intervals, which say "
                             f"little for a class of very few images ({note})"))
-    rated = [(key, dataset_name) for key, dataset_name, _ in datasets if "valence_arousal" in results[reference][key]]
+    rated = rated_sets(results, reference, datasets)
     if rated:
         def cell(scores):
             low, high = scores["interval"]["ccc"]
             return f"{scores['ccc']:.2f} [{low:.2f}, {high:.2f}] (r {scores['pearson_r']:.2f})"
 
-        rows = []
-        for name, config in variants:
-            for readout in READOUTS:
-                scored = [results[name][key]["valence_arousal"]["readouts"].get(readout) for key, _ in rated]
-                if scored[0] is not None:  # a student has the same readouts on every set
-                    rows.append([label_of(name, config), readout, *(
-                        cell(scores[dimension]) for scores in scored for dimension in VA_DIMENSIONS)])
+        rows = [[label_of(name, config), readout, *(
+            cell(results[name][key]["valence_arousal"]["readouts"][readout][dimension]) for key, _ in rated
+            for dimension in VA_DIMENSIONS)] for name, config, readout in readout_rows(results, variants, rated)]
         counts = ", ".join(f"{dataset_name} {results[reference][key]['valence_arousal']['images']}"
                            for key, dataset_name in rated)
         tables.append(table(["student", "readout", *(f"{dataset_name} {dimension}" for _, dataset_name in rated
@@ -621,17 +630,27 @@ def summary_scores(scores):
     return kept
 
 
+def bar_centres(bars, ticks):
+    """Where `bars` bars stand side by side at each of `ticks` ticks: one array of x per bar, and their width."""
+    width = 0.8 / bars
+    return [np.arange(ticks) + (b - (bars - 1) / 2) * width for b in range(bars)], width
+
+
+def bars_with_intervals(ax, centres, width, scores, bounds, label):
+    """Bars at `scores`, whiskers to their interval `bounds` (n x 2), each score written above its whisker."""
+    ax.bar(centres, scores, width, yerr=[scores - bounds[:, 0], bounds[:, 1] - scores], capsize=2,
+           error_kw=dict(lw=0.8), label=label)
+    for x, score, top in zip(centres, scores, bounds[:, 1]):
+        ax.text(x, top + 0.01, f"{score:.2f}", ha="center", va="bottom", fontsize=7)
+
+
 def plot_summary(results, variants, datasets, note, path):
     figure, ax = plt.subplots(figsize=(2 + 1.6 * len(datasets), 4))
-    width = 0.8 / len(variants)
-    for v, (name, config) in enumerate(variants):
+    all_centres, width = bar_centres(len(variants), len(datasets))
+    for centres, (name, config) in zip(all_centres, variants):
         scores = np.array([results[name][key]["eight_way"]["macro_f1"] for key, _, _ in datasets])
         bounds = np.array([results[name][key]["eight_way"]["interval"]["macro_f1"] for key, _, _ in datasets])
-        centres = np.arange(len(datasets)) + (v - (len(variants) - 1) / 2) * width
-        ax.bar(centres, scores, width, yerr=[scores - bounds[:, 0], bounds[:, 1] - scores], capsize=2,
-               error_kw=dict(lw=0.8), label=label_of(name, config))
-        for x, score, top in zip(centres, scores, bounds[:, 1]):  # above the interval, clear of its whisker
-            ax.text(x, top + 0.01, f"{score:.2f}", ha="center", va="bottom", fontsize=7)
+        bars_with_intervals(ax, centres, width, scores, bounds, label_of(name, config))
     ax.set_xticks(range(len(datasets)), [name for _, name, _ in datasets])
     ax.set_ylabel(f"8-way macro-F1 ({100 * BOOTSTRAP_LEVEL:.0f}% bootstrap interval)")
     ax.set_ylim(0, 1)
@@ -644,10 +663,9 @@ def plot_replicates(replicates, datasets, note, path):
     """Each --replicates group's 8-way macro-F1 per dataset: a bar at the mean, a whisker of one standard deviation
     either side, and a dot per student."""
     figure, ax = plt.subplots(figsize=(2 + 1.6 * len(datasets), 4))
-    width = 0.8 / len(replicates)
-    for g, (group, entry) in enumerate(replicates.items()):
+    all_centres, width = bar_centres(len(replicates), len(datasets))
+    for g, (centres, (group, entry)) in enumerate(zip(all_centres, replicates.items())):
         spreads = [entry["datasets"][key]["eight_way"]["macro_f1"] for key, _, _ in datasets]
-        centres = np.arange(len(datasets)) + (g - (len(replicates) - 1) / 2) * width
         seeds = ", ".join(map(str, entry["seeds"]))
         ax.bar(centres, [spread["mean"] for spread in spreads], width, yerr=[spread["sd"] for spread in spreads],
                capsize=2, error_kw=dict(lw=0.8), color=f"C{g}", alpha=0.6, label=f"{group} (seeds {seeds})")
@@ -659,6 +677,26 @@ def plot_replicates(replicates, datasets, note, path):
     ax.set_ylim(0, 1)
     ax.legend(fontsize=8)
     ax.set_title(f"Across training seeds ({note})", fontsize=10)
+    artifacts.save_figure(figure, path)
+
+
+def plot_readout_summary(results, rows, rated, note, path):
+    """Each student's readouts' CCC per rated set and dimension, with its interval; rows as readout_rows gives them."""
+    ticks = [(key, f"{dataset_name}\n{dimension}", dimension) for key, dataset_name in rated
+             for dimension in VA_DIMENSIONS]
+    figure, ax = plt.subplots(figsize=(max(6.5, 2 + 1.6 * len(ticks)), 4.3))
+    all_centres, width = bar_centres(len(rows), len(ticks))
+    for centres, (name, config, readout) in zip(all_centres, rows):
+        scores = [results[name][key]["valence_arousal"]["readouts"][readout][dimension] for key, _, dimension in ticks]
+        ccc = np.array([mine["ccc"] for mine in scores])
+        bounds = np.array([mine["interval"]["ccc"] for mine in scores])
+        bars_with_intervals(ax, centres, width, ccc, bounds, f"{label_of(name, config)}, {readout}")
+    ax.axhline(0, color="grey", lw=0.8)
+    ax.set_xticks(range(len(ticks)), [label for _, label, _ in ticks])
+    ax.set_ylabel(f"CCC ({100 * BOOTSTRAP_LEVEL:.0f}% bootstrap interval)")
+    ax.set_ylim(min(-0.1, ax.get_ylim()[0]), 1)
+    ax.legend(fontsize=8)
+    ax.set_title(f"Valence and arousal read out from the students, against the ratings\n({note})", fontsize=10)
     artifacts.save_figure(figure, path)
 
 
@@ -810,6 +848,10 @@ def main(argv=None):
         plot_summary(results, variants, datasets, note, os.path.join(out_dir, "summary.png"))
         if replicates:
             plot_replicates(replicates, datasets, note, os.path.join(out_dir, "replicates.png"))
+        rated = rated_sets(results, reference, datasets)
+        if rated:
+            plot_readout_summary(results, readout_rows(results, variants, rated), rated, note,
+                                 os.path.join(out_dir, "summary_valence_arousal.png"))
         artifacts.write_config(out_dir, args, {"stage2/prototypes.npz": bank_hash, **{
             f"stage3/{name}/best.pt": checkpoint_hash for name, (_, _, checkpoint_hash) in students.items()}})
         artifacts.write_manifest(out_dir)

@@ -50,6 +50,7 @@ def test_outputs_and_manifest(demo, capsys):
     expected |= {f"{variant}/{dataset}/{name}" for variant in ("B3", "kd_teacher") for dataset in DATASETS
                  for name in PER_DATASET}
     expected |= {f"{variant}/affectnet/valence_arousal.png" for variant in ("B3", "kd_teacher")}  # the rated set
+    expected.add("summary_valence_arousal.png")
     assert set(artifacts.read_manifest(out)) == expected
     artifacts.verify_manifest(out, sorted(expected))
     assert not [name for name in os.listdir(run_dir) if ".tmp-" in name or ".old-" in name]
@@ -210,6 +211,23 @@ def test_valence_and_arousal_readouts_come_from_the_students(demo):
     scores, rows, _, _ = read_evaluation(os.path.join(out, "B3", "ckplus"))
     assert "valence_arousal" not in scores and "rated_valence" not in rows[0]  # CK+ rates no valence or arousal
     assert "valence_from_prototype" in rows[0] and "valence_from_class" in rows[0]
+
+
+def test_a_run_without_rated_sets_writes_no_readout_scores(demo, tmp_path):
+    """FERPlus and CK+ rate no valence or arousal: no scores, table or picture of the readouts, while predictions.csv
+    still carries the readouts themselves."""
+    run_dir, stage4 = demo
+    copy = str(tmp_path / "run")
+    shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns("stage4"))
+    stage4_eval.main([*stage4, "--run-dir", copy, "--ckplus", os.path.join(copy, "data", "synthetic_ckplus_tiny_seed0"),
+                      "--variants", "B3", "--bootstrap", "100"])
+    out = os.path.join(copy, "stage4")
+    assert not [name for name in artifacts.read_manifest(out) if "valence_arousal" in name]
+    with open(os.path.join(out, "summary.md")) as handle:
+        assert "Valence and arousal" not in handle.read()
+    scores, rows, _, _ = read_evaluation(os.path.join(out, "B3", "ckplus"))
+    assert "valence_arousal" not in scores and scores["data"]["rated_valence_arousal"] == 0
+    assert {"valence_from_prototype", "valence_from_class"} <= rows[0].keys() and "rated_valence" not in rows[0]
 
 
 def test_readouts_by_hand():
