@@ -461,8 +461,7 @@ def main(argv=None):
     for dataset, scores in by_dataset.items():
         print(f"  {dataset} ({scores['windows']} windows): CCC valence {scores['held_out']['valence']['ccc']:.3f}, "
               f"arousal {scores['held_out']['arousal']['ccc']:.3f}{note}")
-    spans = {name: [scores["held_out"][name]["ccc"] for scores in by_subject.values()]
-             for name in VA_DIMENSIONS}
+    spans = {name: [scores["held_out"][name]["ccc"] for scores in by_subject.values()] for name in VA_DIMENSIONS}
     print(f"  subject by subject ({len(by_subject)} held out; metrics.json by_subject): CCC valence "
           f"{min(spans['valence']):.2f} to {max(spans['valence']):.2f}, arousal {min(spans['arousal']):.2f} to "
           f"{max(spans['arousal']):.2f}{note}")

@@ -70,7 +70,7 @@ from ngd_ext.images import read_grey  # noqa: E402
 from ngd_ext.metrics import (BOOTSTRAP_LEVEL, PROTOCOLS, REGRESSION_SCORES, SCORES, attach_intervals,  # noqa: E402
                              bootstrap, eight_way, intervals, present_only, regression_bootstrap, regression_metrics)
 from ngd_ext.parallel import map_in_threads  # noqa: E402
-from ngd_ext.prototypes import bin_centres, grid_centres, unit_rows  # noqa: E402
+from ngd_ext.prototypes import bin_centres, grid_centres, nearest_prototypes, unit_rows  # noqa: E402
 from ngd_ext.student_model import EXECUTION_SETTINGS, load_student, predict  # noqa: E402
 from ngd_ext.synthetic_faces import synthetic_ferplus, write_synthetic_affectnet, write_synthetic_ckplus  # noqa: E402
 
@@ -317,8 +317,7 @@ def prototype_readout(embeddings, bank, centres, filled_from):
     """Each image's (valence, arousal): the centre of the V/A bin of its nearest prototype (cosine), as
     prototypes.png counts them. A bin stage 2 filled from a neighbour holds the neighbour's prototype, and stands for
     the neighbour's V/A, where the EEG trials behind that prototype lie."""
-    nearest = (unit_rows(embeddings) @ unit_rows(bank).T).argmax(axis=1)
-    return np.asarray(centres, np.float64)[np.asarray(filled_from)[nearest]]
+    return np.asarray(centres, np.float64)[np.asarray(filled_from)[nearest_prototypes(embeddings, bank)]]
 
 
 def readouts_of(logits, embeddings, config, prototypes):
@@ -393,7 +392,7 @@ def plot_prototype_occupancy(embeddings, labels, bank, grid, title, path):
     """Per class, the share of its images whose nearest prototype (cosine) is each bin of the V/A grid, with
     the class's anchor marked. A bin stage 2 filled from a neighbour holds the same prototype; ties between
     equal prototypes go to the lower index."""
-    nearest = (unit_rows(embeddings) @ unit_rows(bank).T).argmax(axis=1)
+    nearest = nearest_prototypes(embeddings, bank)
     centres = bin_centres(grid)
     figure, axes = plt.subplots(2, 4, figsize=(12, 6.2))
     for c, (name, ax) in enumerate(zip(FER_CLASSES, axes.flat)):

@@ -46,6 +46,12 @@ def unit_rows(matrix):
     return matrix / np.maximum(np.linalg.norm(matrix, axis=1, keepdims=True), 1e-8)
 
 
+def nearest_prototypes(embeddings, bank):
+    """Each embedding's nearest prototype by cosine, as an index into the bank; of equal prototypes (a bin stage 2
+    filled from a neighbour, and that neighbour) the lower index."""
+    return (unit_rows(embeddings) @ unit_rows(bank).T).argmax(axis=1)
+
+
 @dataclass
 class PrototypeBank:
     bank: np.ndarray          # K x E, unit rows, K = G * G
