@@ -81,7 +81,10 @@ def parse_args(argv=None):
                         help="size of the embedded synthetic default, used when no dataset is given (default demo)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="torch device (default cuda when available)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the split, the model and the synthetic data")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the held-out split and the model (default 0)")
+    parser.add_argument("--data-seed", type=int, default=0,
+                        help="seed of the embedded synthetic default, used when no dataset is given (default 0); "
+                             "--seed leaves the data as they are")
     parser.add_argument("--deterministic", action="store_true",
                         help="deterministic GPU algorithms only, so that a run repeats bit for bit (default: cuDNN's "
                              "fastest; CPU runs repeat either way)")
@@ -322,7 +325,7 @@ def main(argv=None):
         dreamer_path, mahnob_root, source = args.dreamer, args.mahnob, "real"
     else:
         dreamer_path, mahnob_root = ensure_synthetic_eeg(os.path.join(args.run_dir, "data", "synthetic_eeg"),
-                                                         args.seed, **SYNTHETIC_SIZES[args.synthetic_size])
+                                                         args.data_seed, **SYNTHETIC_SIZES[args.synthetic_size])
         source = "synthetic"
     note = " (synthetic data: not the paper's numbers)" if source == "synthetic" else ""
     scan = scan_mahnob(mahnob_root) if mahnob_root else MahnobScan([], [], [])

@@ -116,7 +116,10 @@ def parse_args(argv=None):
                         help="deterministic GPU algorithms only, so that a run repeats bit for bit (default: cuDNN's "
                              "fastest; CPU runs repeat either way)")
     parser.add_argument("--seed", type=int, default=0,
-                        help="seed of the model, the batch order, the augmentation and the synthetic faces (default 0)")
+                        help="seed of the model, the batch order and the augmentation (default 0)")
+    parser.add_argument("--data-seed", type=int, default=0,
+                        help="seed of the embedded synthetic faces, used without --ferplus (default 0): students of "
+                             "several --seed values train on the same faces")
     args = parser.parse_args(argv)
     schedule = SCHEDULES["synthetic" if args.ferplus is None else "paper"]
     for key, value in schedule.items():
@@ -295,7 +298,7 @@ def main(argv=None):
     if args.ferplus:
         ferplus_dir, source = args.ferplus, "real"
     else:
-        ferplus_dir = synthetic_ferplus(args.run_dir, args.synthetic_size, args.seed, write=rank == 0)
+        ferplus_dir = synthetic_ferplus(args.run_dir, args.synthetic_size, args.data_seed, write=rank == 0)
         source = "synthetic"
         if distributed:
             dist.barrier()

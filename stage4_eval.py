@@ -87,10 +87,9 @@ LATEX_ESCAPES = {"&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{"
                  "±": r"$\pm$"}
 # What may differ between the students of one --replicates group: the seed and the run's name, the KD teacher (each
 # seed may have its own), and how the run was executed (what a resumed run may change, and --sync-bn,
-# --deterministic). On the embedded default the seed also draws the training faces, and with them the class weights.
+# --deterministic). The training faces may not: on the embedded default they are drawn by --data-seed.
 REPLICATES_MAY_DIFFER = frozenset({"name", "seed", "kd_teacher", "kd_teacher_sha256", "sync_bn", "deterministic",
                                    *EXECUTION_SETTINGS})
-DRAWN_BY_SYNTHETIC_SEED = frozenset({"data_key", "class_weights"})
 
 
 def replicates_spec(text):
@@ -141,8 +140,10 @@ def parse_args(argv=None):
                         help="prediction mode: the CSV to write (default RUN_DIR/predictions/<variant>.csv)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="where the students run (default cuda when present)")
-    parser.add_argument("--seed", type=int, default=0,
-                        help="seed of the synthetic targets, the bootstrap and the t-SNE (default 0)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the bootstrap and the t-SNE (default 0)")
+    parser.add_argument("--data-seed", type=int, default=0,
+                        help="seed of the embedded synthetic CK+ and AffectNet sets, used with no dataset flag "
+                             "(default 0)")
     args = parser.parse_args(argv)
     if args.tsne_points < 10 or args.batch_size < 1 or args.bootstrap < 100:
         parser.error("--tsne-points must be at least 10, --batch-size at least 1 and --bootstrap at least 100")
@@ -211,10 +212,7 @@ def check_replicates(replicates, students):
                 raise ValueError(f"--replicates {group}: {name} is already in --replicates {grouped[name]}")
             grouped[name] = group
         configs = [students[name][1] for name in names]
-        may_differ = REPLICATES_MAY_DIFFER
-        if all(config["source"] == "synthetic" for config in configs):
-            may_differ = may_differ | DRAWN_BY_SYNTHETIC_SEED
-        differing = [key for key in sorted(set().union(*configs) - may_differ)
+        differing = [key for key in sorted(set().union(*configs) - REPLICATES_MAY_DIFFER)
                      if any(config.get(key) != configs[0].get(key) for config in configs)]
         if differing:
             raise ValueError(f"--replicates {group}: its students were not trained alike: " + "; ".join(
@@ -247,12 +245,12 @@ def label_of(name, config):
 
 def training_ferplus(configs, run_dir):
     """The FERPlus folder the students were trained on: the real copy given to stage 3, or the run's synthetic faces of
-    the students' size and seed (written again if missing). The seed draws other synthetic faces, while students of
-    different seeds trained on one real copy share it."""
+    the students' size and data seed (written again if missing)."""
     def trained_on(config, write):
         if config["source"] == "real":
             return config["ferplus"]
-        return synthetic_ferplus(run_dir, config["synthetic_size"], config["seed"], write=write)
+        data_seed = config.get("data_seed", config["seed"])  # students trained before --data-seed drew with --seed
+        return synthetic_ferplus(run_dir, config["synthetic_size"], data_seed, write=write)
 
     folders = {trained_on(config, write=False) for config in configs}
     if len(folders) > 1:
@@ -273,12 +271,12 @@ def load_datasets(args, configs, embedded):
     if embedded:
         size = SYNTHETIC_SIZES[args.synthetic_size]
         data_dir = os.path.join(args.run_dir, "data")
-        args.ckplus = os.path.join(data_dir, f"synthetic_ckplus_{args.synthetic_size}_seed{args.seed}")
-        args.affectnet = os.path.join(data_dir, f"synthetic_affectnet_{args.synthetic_size}_seed{args.seed}")
+        args.ckplus = os.path.join(data_dir, f"synthetic_ckplus_{args.synthetic_size}_seed{args.data_seed}")
+        args.affectnet = os.path.join(data_dir, f"synthetic_affectnet_{args.synthetic_size}_seed{args.data_seed}")
         if not os.path.isdir(args.ckplus):
-            write_synthetic_ckplus(args.ckplus, args.seed, sequences=size["sequences"])
+            write_synthetic_ckplus(args.ckplus, args.data_seed, sequences=size["sequences"])
         if not os.path.isdir(args.affectnet):
-            write_synthetic_affectnet(args.affectnet, args.seed, per_class=size["per_class"])
+            write_synthetic_affectnet(args.affectnet, args.data_seed, per_class=size["per_class"])
     if args.ckplus:
         targets.append(("ckplus", "CK+", ckplus_records(args.ckplus)))
     if args.affectnet:

@@ -404,11 +404,11 @@ def test_an_unknown_reference_student_is_refused(demo):
         stage4_eval.main([*stage4, "--variants", "kd_teacher", "B3", "--reference", "B2"])
 
 
-def test_students_of_several_seeds_share_one_real_ferplus_copy(tmp_path):
-    """Seeds on one real FERPlus copy are one training set; on the embedded default each seed draws its own faces,
-    and students of two seeds have no FERPlus to share."""
-    def config(source, seed, ferplus=None):
-        return {"source": source, "ferplus": ferplus, "synthetic_size": "tiny", "seed": seed}
+def test_students_of_several_seeds_share_their_training_faces(tmp_path):
+    """Students of several --seed values share the FERPlus they were trained on: one real copy, or on the embedded
+    default the faces of one --data-seed. Students of two data seeds have no FERPlus to share."""
+    def config(source, seed, ferplus=None, data_seed=0):
+        return {"source": source, "ferplus": ferplus, "synthetic_size": "tiny", "seed": seed, "data_seed": data_seed}
 
     real = [config("real", seed, "/data/FERPlus") for seed in (0, 1, 2)]
     assert stage4_eval.training_ferplus(real, str(tmp_path)) == "/data/FERPlus"
@@ -416,14 +416,19 @@ def test_students_of_several_seeds_share_one_real_ferplus_copy(tmp_path):
         stage4_eval.training_ferplus([*real, config("real", 0, "/data/other")], str(tmp_path))
     with pytest.raises(ValueError, match=r"synthetic_ferplus_tiny_seed0, .*synthetic_ferplus_tiny_seed1\); give "
                                          r"--ferplus"):
-        stage4_eval.training_ferplus([config("synthetic", 0), config("synthetic", 1)], str(tmp_path))
+        stage4_eval.training_ferplus([config("synthetic", 0), config("synthetic", 0, data_seed=1)], str(tmp_path))
     assert not os.path.exists(os.path.join(tmp_path, "data"))  # nothing written for a refused set of students
+    folder = stage4_eval.training_ferplus([config("synthetic", seed, data_seed=3) for seed in (0, 1)], str(tmp_path))
+    assert folder == os.path.join(tmp_path, "data", "synthetic_ferplus_tiny_seed3")
+    assert os.path.isfile(os.path.join(folder, "fer2013new.csv"))  # written again, as it was missing
+    before_data_seed = {key: value for key, value in config("synthetic", 4).items() if key != "data_seed"}
+    assert stage4_eval.training_ferplus([before_data_seed], str(tmp_path)).endswith("synthetic_ferplus_tiny_seed4")
 
 
 def test_replicates_summarise_students_of_several_seeds(demo, tmp_path):
-    """Two more B0 students of seeds 1 and 2 beside kd_teacher (B0, seed 0): --replicates gives their mean and
-    standard deviation, from the scores each of them has alone, and so for their V/A readouts on AffectNet. Each seed
-    drew its own synthetic training faces, so --ferplus names the copy to evaluate them on."""
+    """Two more B0 students of seeds 1 and 2 beside kd_teacher (B0, seed 0), trained on the same synthetic faces:
+    --replicates gives their mean and standard deviation, from the scores each of them has alone, and so for their
+    V/A readouts on AffectNet."""
     run_dir, stage4 = demo
     copy = str(tmp_path / "run")
     shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns("stage4"))
@@ -431,15 +436,16 @@ def test_replicates_summarise_students_of_several_seeds(demo, tmp_path):
         stage3_student.main(["--run-dir", copy, "--variant", "B0", "--name", f"B0_seed{seed}", "--seed", str(seed),
                              *TINY3])
     students = ["kd_teacher", "B0_seed1", "B0_seed2"]
-    ferplus, affectnet = (os.path.join(copy, "data", f"synthetic_{name}_tiny_seed0")
-                          for name in ("ferplus", "affectnet"))
-    stage4_eval.main([*stage4, "--run-dir", copy, "--ferplus", ferplus, "--affectnet", affectnet, "--variants",
-                      *students, "--replicates", "B0=kd_teacher,B0_seed1,B0_seed2", "--bootstrap", "100"])
+    configs = [torch.load(os.path.join(copy, "stage3", name, "best.pt"), weights_only=True)["config"]
+               for name in students]
+    assert len({config["data_key"] for config in configs}) == 1 and len({config["seed"] for config in configs}) == 3
+    stage4_eval.main([*stage4, "--run-dir", copy, "--variants", *students, "--replicates",
+                      "B0=kd_teacher,B0_seed1,B0_seed2", "--bootstrap", "100"])
     with open(os.path.join(copy, "stage4", "summary.json")) as handle:
         summary = json.load(handle)
     group = summary["replicates"]["B0"]
     assert (group["students"], group["seeds"]) == (students, [0, 1, 2])
-    assert set(group["datasets"]) == {"ferplus_valid", "ferplus_test", "affectnet"}
+    assert set(group["datasets"]) == set(DATASETS)
     scores = [summary["results"][name]["ferplus_test"]["eight_way"]["macro_f1"] for name in students]
     assert len(set(scores)) > 1  # three seeds, three students
     spread = group["datasets"]["ferplus_test"]["eight_way"]["macro_f1"]
@@ -487,8 +493,11 @@ def test_replicates_must_be_trained_alike_with_different_seeds():
                                          r"0.5833333333333333, 0.91666666\.\.\. in s2; ferplus is '/data/FERPlus' in "
                                          r"s0, '/data/FERPlus' in s1, '/data/FERPlus-2' in s2 \(only the seed"):
         check(group, fake_students(s2=other_copy))
-    synthetic = {"source": "synthetic", "ferplus": None}  # there, the seed draws the faces
-    assert check(group, fake_students(s0=synthetic, s1={**synthetic, "data_key": "d1"}, s2=synthetic))
+    synthetic = {"source": "synthetic", "ferplus": None, "data_seed": 0}
+    assert check(group, fake_students(s0=synthetic, s1=synthetic, s2=synthetic))
+    with pytest.raises(ValueError, match=r"trained alike: data_key is 'd0' in s0, 'd1' in s1, 'd0' in s2; data_seed "
+                                         r"is 0 in s0, 1 in s1, 0 in s2 \(only the seed"):
+        check(group, fake_students(s0=synthetic, s1={**synthetic, "data_seed": 1, "data_key": "d1"}, s2=synthetic))
     with pytest.raises(ValueError, match=r"^--replicates B3: seeds 0 \(s0\), 0 \(s1\), 2 \(s2\): replicates need"):
         check(group, fake_students(s1={"seed": 0}))
     with pytest.raises(ValueError, match=r"^--replicates B3: s9 is not one of the students evaluated \(s0, s1, s2\)$"):

@@ -1,7 +1,8 @@
 """The interface every stage shares (SPEC section 7): --run-dir, --device and --seed, and a --help that explains
-every flag."""
+every flag; and --data-seed, which draws the embedded default of the stages that read data."""
 
 import argparse
+import os
 
 import pytest
 
@@ -9,6 +10,7 @@ import stage1_teacher
 import stage2_prototypes
 import stage3_student
 import stage4_eval
+from ngd_ext.synthetic_faces import write_synthetic_ferplus
 
 STAGES = [stage1_teacher, stage2_prototypes, stage3_student, stage4_eval]
 
@@ -32,3 +34,33 @@ def test_help_explains_every_flag(stage, monkeypatch):
     parser = stage_parser(stage, monkeypatch)
     assert [action.option_strings for action in parser._actions if not action.help] == []
     assert {"--run-dir", "--device", "--seed", "--help"} <= set(parser._option_string_actions)
+
+
+class Drawn(Exception):
+    """Raised in place of writing a synthetic set: its arguments are all that the test needs."""
+
+
+def test_data_seed_alone_draws_the_embedded_default(monkeypatch, tmp_path):
+    """--seed seeds training (stages 1 and 3) or the bootstrap (stage 4); the embedded default's data are drawn by
+    --data-seed, so that students of several seeds learn from the same data."""
+    def draw(*args, **kwargs):
+        raise Drawn(args)
+
+    run_dir = str(tmp_path)
+    monkeypatch.setattr(stage1_teacher, "ensure_synthetic_eeg", draw)
+    with pytest.raises(Drawn) as drawn:
+        stage1_teacher.main(["--run-dir", run_dir, "--seed", "5", "--data-seed", "2", "--device", "cpu"])
+    assert drawn.value.args[0] == (os.path.join(run_dir, "data", "synthetic_eeg"), 2)
+    monkeypatch.setattr(stage3_student, "synthetic_ferplus", draw)
+    with pytest.raises(Drawn) as drawn:
+        stage3_student.main(["--run-dir", run_dir, "--variant", "B0", "--seed", "5", "--data-seed", "3",
+                             "--synthetic-size", "tiny", "--device", "cpu"])
+    assert drawn.value.args[0] == (run_dir, "tiny", 3)
+    ferplus = str(tmp_path / "ferplus")
+    write_synthetic_ferplus(ferplus, seed=0, train=8, valid=8, test=8)
+    monkeypatch.setattr(stage4_eval, "write_synthetic_ckplus", draw)
+    args = stage4_eval.parse_args(["--run-dir", run_dir, "--seed", "5", "--data-seed", "4", "--synthetic-size", "tiny",
+                                   "--ferplus", ferplus])
+    with pytest.raises(Drawn) as drawn:
+        stage4_eval.load_datasets(args, [], embedded=True)  # the target sets of a run with no dataset flag
+    assert drawn.value.args[0] == (os.path.join(run_dir, "data", "synthetic_ckplus_tiny_seed4"), 4)
