@@ -46,7 +46,7 @@ from ngd_ext import artifacts, eeg_features, eeg_formats  # noqa: E402
 from ngd_ext.determinism import set_determinism  # noqa: E402
 from ngd_ext.eeg_features import BANDS, interpolation_matrix, recording_entropy, topographic_maps  # noqa: E402
 from ngd_ext.eeg_formats import (EEGFormatError, MahnobScan, MahnobSession, iter_dreamer,  # noqa: E402
-                                 read_mahnob_trial, scan_mahnob)
+                                 read_mahnob_trial, scan_mahnob, without_constant_channels)
 from ngd_ext.emotions import VA_DIMENSIONS  # noqa: E402
 from ngd_ext.metrics import regression_metrics  # noqa: E402
 from ngd_ext.parallel import default_workers, map_in_processes  # noqa: E402
@@ -148,6 +148,7 @@ class TrialEntropy:
     subject: str
     trial_id: str
     ch_names: tuple
+    constant_channels: tuple  # left out (eeg_formats.without_constant_channels): ch_names are the others
     valence: float
     arousal: float
     recording: str       # the file it came from
@@ -172,9 +173,10 @@ def dreamer_clip_sha256(trial):
 
 
 def read_cached_entropy(path):
-    """(entropy, ch_names) from a cache entry, or None where there is none or it cannot be read (then it is taken
-    anew and rewritten)."""
-    return artifacts.read_cache_entry(path, lambda entry: (entry["entropy"], tuple(entry["ch_names"].tolist())))
+    """(entropy, ch_names, constant_channels) from a cache entry, or None where there is none or it cannot be read
+    (then it is taken anew and rewritten)."""
+    return artifacts.read_cache_entry(path, lambda entry: (entry["entropy"], tuple(entry["ch_names"].tolist()),
+                                                           tuple(entry["constant_channels"].tolist())))
 
 
 def trial_entropy(source, window_s, step_s, cache_dir):
@@ -196,9 +198,9 @@ def trial_entropy(source, window_s, step_s, cache_dir):
     cache_path = os.path.join(cache_dir, f"{source.dataset}-{hashlib.sha256(key.encode()).hexdigest()[:32]}.npz")
     cached = read_cached_entropy(cache_path)
     if cached is not None:
-        entropy, ch_names = cached
+        entropy, ch_names, constant = cached
     else:
-        trial = trial or read_mahnob_trial(source)
+        trial, constant = without_constant_channels(trial or read_mahnob_trial(source))
         entropy = recording_entropy(trial.signal, trial.baseline, trial.sfreq, SFREQ, window_s, step_s)
         ch_names = trial.ch_names
         if not len(entropy):
@@ -206,9 +208,10 @@ def trial_entropy(source, window_s, step_s, cache_dir):
                                  f"{window_s:g} s window")
         with artifacts.atomic_path(cache_path) as temporary:
             with open(temporary, "wb") as handle:
-                np.savez(handle, entropy=entropy, ch_names=np.array(ch_names, dtype=str))
+                np.savez(handle, entropy=entropy, ch_names=np.array(ch_names, dtype=str),
+                         constant_channels=np.array(constant, dtype=str))
     return TrialEntropy(entropy, source.dataset, source.subject, f"{source.subject}/{source.trial}", ch_names,
-                        source.valence, source.arousal, recording, content, from_cache=cached is not None)
+                        constant, source.valence, source.arousal, recording, content, from_cache=cached is not None)
 
 
 def trial_entropy_or_skip(source, **settings):
@@ -341,8 +344,14 @@ def main(argv=None):
     trials = [trial for trial in trials if not isinstance(trial, str)]
     for reason in skipped:
         print(f"skipped (--skip-unreadable): {reason}", file=sys.stderr)
+    constant_channels = {trial.trial_id: list(trial.constant_channels) for trial in trials if trial.constant_channels}
+    for trial in trials:
+        if trial.constant_channels:
+            print(f"{trial.recording}: {trial.trial_id}: constant channels left out, their places on the maps "
+                  f"interpolated from the other channels: {', '.join(trial.constant_channels)}", file=sys.stderr)
     print(f"features of {len(trials)} trials, {sum(t.from_cache for t in trials)} of them from {cache_dir}/"
-          + (f"; {len(skipped)} left out, their recordings unusable" if skipped else ""))
+          + (f"; {len(skipped)} left out, their recordings unusable" if skipped else "")
+          + (f"; {len(constant_channels)} with constant channels left out" if constant_channels else ""))
     subjects_by_dataset = {}
     for trial in trials:
         subjects_by_dataset.setdefault(trial.dataset, set()).add(trial.subject)
@@ -436,7 +445,7 @@ def main(argv=None):
                "mean_baseline": regression_metrics(baseline, test_targets), "by_dataset": by_dataset,
                "by_subject": by_subject,
                "held_out_subjects": sorted(held_out), "windows": {"train": len(train_maps), "held_out": len(test_maps)},
-               "skipped_trials": skipped, "source": source}
+               "skipped_trials": skipped, "constant_channels": constant_channels, "source": source}
     if source == "synthetic":
         metrics["note"] = "synthetic EEG: these numbers are not the paper's"
     norms = np.maximum(np.linalg.norm(embeddings, axis=1, keepdims=True), 1e-8)

@@ -9,6 +9,9 @@ default and the tests use so that they go through the very readers real data go 
 - MAHNOB-HCI: Sessions/<id>/session.xml (attributes feltVlnc, feltArsl, 1..9; sessions without them are
   skipped and counted) and Part_*_S_Trial*_emotion.bdf (32 EEG channels, picked by name; the sampling rate
   read from the file; the trial lies between the first two Status events, with 30 s before it as baseline).
+
+A channel that holds one value throughout a trial's stimulus or baseline recorded nothing there (an electrode off the
+scalp, a channel a conversion filled with zeros); `without_constant_channels` leaves it out of that trial.
 """
 
 import glob
@@ -16,7 +19,7 @@ import os
 import re
 import xml.etree.ElementTree as ElementTree
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import ClassVar
 
 import numpy as np
@@ -30,6 +33,7 @@ MAHNOB_EEG = ("Fp1", "AF3", "F3", "F7", "FC5", "FC1", "C3", "T7", "CP5", "CP1", 
               "Fp2", "AF4", "Fz", "F4", "F8", "FC6", "FC2", "Cz", "C4", "T8", "CP6", "CP2", "P4", "P8", "PO4", "O2")
 MAHNOB_BASELINE_S = 30.0
 MICROVOLT = 1e-6
+MAX_CONSTANT_SHARE = 0.25  # of a trial's channels: with more constant, the scalp map would be mostly interpolation
 
 
 class EEGFormatError(ValueError):
@@ -48,6 +52,24 @@ class Trial:
     valence: float                            # [-1, 1]
     arousal: float                            # [-1, 1]
     source: str                               # the file it came from
+
+
+def without_constant_channels(trial):
+    """(the trial without its constant channels, their names). A constant channel carries no EEG, and its band
+    entropy, the logarithm of a zero variance, would put on the scalp map a value no recording gives; left out, its
+    place on the map is filled by the interpolation from the other channels. A trial with more than
+    MAX_CONSTANT_SHARE of its channels constant is refused (EEGFormatError, naming the file and the channels)."""
+    constant = (np.ptp(trial.signal, axis=1) == 0) | (np.ptp(trial.baseline, axis=1) == 0)
+    names = tuple(name for name, flat in zip(trial.ch_names, constant) if flat)
+    if len(names) > MAX_CONSTANT_SHARE * len(trial.ch_names):
+        raise EEGFormatError(f"{trial.source}: {trial.subject} trial {trial.trial} has {len(names)} of its "
+                             f"{len(trial.ch_names)} channels constant in its stimulus or baseline "
+                             f"({', '.join(names)}): more than {MAX_CONSTANT_SHARE:.0%} recorded nothing")
+    if not names:
+        return trial, names
+    kept = ~constant
+    return replace(trial, ch_names=tuple(name for name in trial.ch_names if name not in names),
+                   signal=trial.signal[kept], baseline=trial.baseline[kept]), names
 
 
 # DREAMER ----------------------------------------------------------------------------------------------------

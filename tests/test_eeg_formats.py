@@ -8,7 +8,7 @@ import pytest
 import scipy.io
 
 from ngd_ext.eeg_formats import (DREAMER_ELECTRODES, MAHNOB_EEG, EEGFormatError, iter_dreamer, read_mahnob_trial,
-                                 scan_mahnob, write_bdf, write_dreamer, write_session_xml)
+                                 scan_mahnob, without_constant_channels, write_bdf, write_dreamer, write_session_xml)
 
 
 def dreamer_subjects(rng, subjects=2, clips=2, seconds=3, sfreq=128):
@@ -117,7 +117,7 @@ def test_read_dreamer_score_out_of_range_and_unreadable_file(tmp_path):
 
 
 def write_mahnob_session(root, session, subject, felt=(7, 3), sfreq=256, seconds=4, baseline=31, order=None,
-                         rng=None, events=2, drop=()):
+                         rng=None, events=2, drop=(), constant=()):
     rng = rng or np.random.default_rng(session)
     folder = os.path.join(root, "Sessions", str(session))
     os.makedirs(folder)
@@ -125,6 +125,7 @@ def write_mahnob_session(root, session, subject, felt=(7, 3), sfreq=256, seconds
     names = [name for name in (order or MAHNOB_EEG) if name not in drop] + ["EXG1"]
     samples = (baseline + seconds + 2) * sfreq
     signals = rng.normal(0, 30, (len(names), samples))
+    signals[[names.index(name) for name in constant]] = 150.0  # microvolts, throughout
     status = np.zeros(samples)
     start, stop = baseline * sfreq, (baseline + seconds) * sfreq
     for onset in [start, stop][:events]:
@@ -189,3 +190,35 @@ def test_read_mahnob_errors_name_the_file(tmp_path):
         scan_mahnob(root)
     with pytest.raises(EEGFormatError, match=r"no Sessions/ folder"):
         scan_mahnob(str(tmp_path / "nothing"))
+
+
+def test_constant_channels_are_left_out_up_to_a_quarter(tmp_path):
+    root = str(tmp_path / "T7")
+    write_mahnob_session(root, 1, 1, constant=("T7",))
+    trial = read_only_session(root)
+    kept, constant = without_constant_channels(trial)
+    t7 = MAHNOB_EEG.index("T7")
+    assert constant == ("T7",) and kept.ch_names == MAHNOB_EEG[:t7] + MAHNOB_EEG[t7 + 1:]
+    np.testing.assert_array_equal(kept.signal, np.delete(trial.signal, t7, axis=0))
+    np.testing.assert_array_equal(kept.baseline, np.delete(trial.baseline, t7, axis=0))
+    assert (kept.subject, kept.trial, kept.valence, kept.source) == (trial.subject, trial.trial, trial.valence,
+                                                                     trial.source)
+    assert without_constant_channels(kept)[0] is kept
+    root = str(tmp_path / "eight")
+    write_mahnob_session(root, 1, 1, constant=MAHNOB_EEG[:8])  # a quarter of 32
+    assert without_constant_channels(read_only_session(root))[1] == MAHNOB_EEG[:8]
+    root = str(tmp_path / "nine")
+    write_mahnob_session(root, 1, 1, constant=MAHNOB_EEG[:9])
+    with pytest.raises(EEGFormatError, match=r"Part_1_S_Trial1_emotion.bdf: mahnob-1 trial 1 has 9 of its 32 channels "
+                                             r"constant in its stimulus or baseline \(Fp1, AF3, F3, F7, FC5, FC1, C3, "
+                                             r"T7, CP5\): more than 25% recorded nothing"):
+        without_constant_channels(read_only_session(root))
+    # a channel constant in its baseline alone, as DREAMER stores it (samples x channels, microvolts)
+    subjects = dreamer_subjects(np.random.default_rng(5), subjects=1)
+    subjects[0]["baseline"][0][:, DREAMER_ELECTRODES.index("FC5")] = 4200.0
+    path = str(tmp_path / "DREAMER.mat")
+    write_dreamer(path, subjects)
+    first, second = iter_dreamer(path)
+    kept, constant = without_constant_channels(first)
+    assert constant == ("FC5",) and len(kept.ch_names) == 13 and kept.signal.shape == (13, 3 * 128)
+    assert without_constant_channels(second)[1] == ()

@@ -16,10 +16,10 @@ import torch
 import stage1_teacher
 import stage2_prototypes
 from ngd_ext import artifacts
-from ngd_ext.eeg_features import (band_entropy, differential_entropy, interpolation_matrix, preprocess,
+from ngd_ext.eeg_features import (BANDS, band_entropy, differential_entropy, interpolation_matrix, preprocess,
                                   topographic_maps, windows)
 from ngd_ext.eeg_formats import (DREAMER_ELECTRODES, MAHNOB_EEG, EEGFormatError, MahnobSession, iter_dreamer,
-                                 scan_mahnob)
+                                 scan_mahnob, write_dreamer)
 from ngd_ext.parallel import map_in_processes
 from ngd_ext.synthetic_eeg import ensure_synthetic_eeg, write_synthetic_dreamer
 from ngd_ext.teacher_embeddings import load_embeddings
@@ -129,6 +129,39 @@ def test_unusable_recordings_are_left_out_and_listed_with_skip_unreadable(tmp_pa
     assert reason.startswith(f"{damaged}: unreadable BDF")
     with open(tmp_path / "stage1" / "config.json") as handle:
         assert os.path.relpath(damaged, mahnob) not in json.load(handle)["inputs"]["mahnob"]["bdf_sha256"]
+
+
+def test_constant_channels_are_left_out_of_their_trial_and_listed(tmp_path, capsys):
+    """A channel constant in one clip is left out of that clip alone, whose maps interpolate the other 13 over its
+    place; a clip with more than a quarter of its channels constant is refused, or left out with --skip-unreadable."""
+    rng = np.random.default_rng(8)
+    subjects = [dict(stimuli=[rng.normal(4200, 20, (4 * 128, 14)) for _ in range(2)],
+                     baseline=[rng.normal(4200, 20, (2 * 128, 14)) for _ in range(2)],
+                     valence=[1 + s, 5 - s], arousal=[2, 4]) for s in range(4)]
+    subjects[0]["baseline"][1][:, DREAMER_ELECTRODES.index("T7")] = 4200.0
+    subjects[2]["stimuli"][0][:, :4] = 4100.0  # AF3, F7, F3 and FC5: 4 of 14
+    dreamer = str(tmp_path / "DREAMER.mat")
+    write_dreamer(dreamer, subjects)
+    arguments = ["--run-dir", str(tmp_path), "--dreamer", dreamer, "--epochs", "1", "--workers", "1", "--device",
+                 "cpu"]
+    with pytest.raises(EEGFormatError, match=rf"^{re.escape(dreamer)}: dreamer-03 trial 1 has 4 of its 14 channels "
+                                             r"constant in its stimulus or baseline \(AF3, F7, F3, FC5\): more than "
+                                             r"25% recorded nothing$"):
+        stage1_teacher.main(arguments)
+    stage1_teacher.main([*arguments, "--skip-unreadable"])
+    out, err = capsys.readouterr()
+    assert "features of 7 trials, 4 of them from" in out  # the clips before the refused one, cached by the first run
+    assert "; 1 left out, their recordings unusable; 1 with constant channels left out" in out
+    assert (f"{dreamer}: dreamer-01/2: constant channels left out, their places on the maps interpolated from the "
+            "other channels: T7") in err
+    with open(tmp_path / "stage1" / "metrics.json") as handle:
+        metrics = json.load(handle)
+    assert metrics["constant_channels"] == {"dreamer-01/2": ["T7"]} and len(metrics["skipped_trials"]) == 1
+    assert metrics["windows"]["train"] + metrics["windows"]["held_out"] == 7 * 3  # 4 s clips, 2 s windows every 1 s
+    features = features_cached_in(tmp_path / "cache" / "eeg_features")
+    clip = features(list(iter_dreamer(dreamer))[1])  # as the run cached it
+    assert clip.from_cache and clip.constant_channels == ("T7",) and clip.entropy.shape == (3, len(BANDS), 13)
+    assert clip.ch_names == tuple(name for name in DREAMER_ELECTRODES if name != "T7")
 
 
 def test_features_are_cached_by_the_recordings_content(tmp_path, monkeypatch):
