@@ -50,6 +50,7 @@ from ngd_ext.eeg_formats import (EEGFormatError, MahnobScan, MahnobSession, iter
 from ngd_ext.emotions import VA_DIMENSIONS  # noqa: E402
 from ngd_ext.metrics import regression_metrics  # noqa: E402
 from ngd_ext.parallel import default_workers, map_in_processes  # noqa: E402
+from ngd_ext.synthetic_default import add_synthetic_flags, settle_synthetic_flags  # noqa: E402
 from ngd_ext.synthetic_eeg import ensure_synthetic_eeg  # noqa: E402
 from ngd_ext.teacher_embeddings import save_embeddings  # noqa: E402
 
@@ -77,14 +78,10 @@ def parse_args(argv=None):
     parser.add_argument("--run-dir", default=RUN_DIR, help=f"run folder (default {RUN_DIR})")
     parser.add_argument("--dreamer", help="path of DREAMER.mat")
     parser.add_argument("--mahnob", help="MAHNOB-HCI folder holding Sessions/")
-    parser.add_argument("--synthetic-size", choices=sorted(SYNTHETIC_SIZES), default="demo",
-                        help="size of the embedded synthetic default, used when no dataset is given (default demo)")
+    add_synthetic_flags(parser, SYNTHETIC_SIZES, "the embedded synthetic EEG")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="torch device (default cuda when available)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the held-out split and the model (default 0)")
-    parser.add_argument("--data-seed", type=int, default=0,
-                        help="seed of the embedded synthetic default, used when no dataset is given (default 0); "
-                             "--seed leaves the data as they are")
     parser.add_argument("--deterministic", action="store_true",
                         help="deterministic GPU algorithms only, so that a run repeats bit for bit (default: cuDNN's "
                              "fastest; CPU runs repeat either way)")
@@ -114,6 +111,7 @@ def parse_args(argv=None):
                         help="processes that read trials and take their features; 1: all in this process "
                              "(default: the CPUs this process may run on, at most 8)")
     args = parser.parse_args(argv)
+    settle_synthetic_flags(parser, args, ["--dreamer", "--mahnob"])
     if not 0 < args.held_out_fraction < 1:
         parser.error(f"--held-out-fraction must be in (0, 1), got {args.held_out_fraction}")
     for name in ("epochs", "batch_size", "embedding_size", "map_size", "workers"):

@@ -55,6 +55,7 @@ from ngd_ext.metrics import eight_way  # noqa: E402
 from ngd_ext.prototypes import proto_kd_targets  # noqa: E402
 from ngd_ext.student_model import (ARCHITECTURES, EXECUTION_SETTINGS, Student, load_backbone_weights,  # noqa: E402
                                    load_student, predict)
+from ngd_ext.synthetic_default import add_synthetic_flags, settle_synthetic_flags  # noqa: E402
 from ngd_ext.synthetic_faces import FERPLUS_SIZES, synthetic_ferplus  # noqa: E402
 
 # Defaults ---------------------------------------------------------------------------------------------------
@@ -73,8 +74,7 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run-dir", default=RUN_DIR, help=f"run folder holding stage2/ (default {RUN_DIR})")
     parser.add_argument("--ferplus", help="FERPlus folder (default: the embedded synthetic faces)")
-    parser.add_argument("--synthetic-size", choices=sorted(FERPLUS_SIZES), default="demo",
-                        help="size of the embedded synthetic default, used without --ferplus (default demo)")
+    add_synthetic_flags(parser, FERPLUS_SIZES, "the embedded synthetic faces")
     parser.add_argument("--variant", choices=sorted(PRESETS), default="B3", help="loss preset (default B3)")
     parser.add_argument("--name", help="output folder under stage3/ (default: the variant)")
     parser.add_argument("--arch", choices=sorted(ARCHITECTURES), default="resnet18",
@@ -116,11 +116,10 @@ def parse_args(argv=None):
                         help="deterministic GPU algorithms only, so that a run repeats bit for bit (default: cuDNN's "
                              "fastest; CPU runs repeat either way)")
     parser.add_argument("--seed", type=int, default=0,
-                        help="seed of the model, the batch order and the augmentation (default 0)")
-    parser.add_argument("--data-seed", type=int, default=0,
-                        help="seed of the embedded synthetic faces, used without --ferplus (default 0): students of "
-                             "several --seed values train on the same faces")
+                        help="seed of the model, the batch order and the augmentation (default 0); students of "
+                             "several seeds train on the same faces")
     args = parser.parse_args(argv)
+    settle_synthetic_flags(parser, args, ["--ferplus"])
     schedule = SCHEDULES["synthetic" if args.ferplus is None else "paper"]
     for key, value in schedule.items():
         if getattr(args, key) is None:

@@ -72,6 +72,7 @@ from ngd_ext.metrics import (BOOTSTRAP_LEVEL, PROTOCOLS, REGRESSION_SCORES, SCOR
 from ngd_ext.parallel import map_in_threads  # noqa: E402
 from ngd_ext.prototypes import bin_centres, grid_centres, nearest_prototypes, unit_rows  # noqa: E402
 from ngd_ext.student_model import EXECUTION_SETTINGS, load_student, predict  # noqa: E402
+from ngd_ext.synthetic_default import add_synthetic_flags, settle_synthetic_flags  # noqa: E402
 from ngd_ext.synthetic_faces import synthetic_ferplus, write_synthetic_affectnet, write_synthetic_ckplus  # noqa: E402
 
 # Defaults ---------------------------------------------------------------------------------------------------
@@ -124,8 +125,7 @@ def parse_args(argv=None):
     parser.add_argument("--replicates", action="append", default=[], type=replicates_spec, metavar="GROUP=NAME,NAME",
                         help="students trained alike with different --seed (repeatable): the summary gives the mean "
                              "and standard deviation of their scores, the spread over training seeds")
-    parser.add_argument("--synthetic-size", choices=sorted(SYNTHETIC_SIZES), default="demo",
-                        help="size of the embedded synthetic CK+ and AffectNet sets, used with no dataset flag")
+    add_synthetic_flags(parser, SYNTHETIC_SIZES, "the embedded synthetic CK+ and AffectNet sets")
     parser.add_argument("--skip-unreadable", action="store_true",
                         help="count and leave out missing or undecodable images instead of stopping")
     parser.add_argument("--tsne-points", type=int, default=TSNE_POINTS,
@@ -141,10 +141,8 @@ def parse_args(argv=None):
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="where the students run (default cuda when present)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the bootstrap and the t-SNE (default 0)")
-    parser.add_argument("--data-seed", type=int, default=0,
-                        help="seed of the embedded synthetic CK+ and AffectNet sets, used with no dataset flag "
-                             "(default 0)")
     args = parser.parse_args(argv)
+    settle_synthetic_flags(parser, args, ["--ferplus", "--affectnet", "--ckplus", "--manifest"])
     if args.tsne_points < 10 or args.batch_size < 1 or args.bootstrap < 100:
         parser.error("--tsne-points must be at least 10, --batch-size at least 1 and --bootstrap at least 100")
     if args.predict and not os.path.isdir(args.predict):

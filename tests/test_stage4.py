@@ -219,8 +219,8 @@ def test_a_run_without_rated_sets_writes_no_readout_scores(demo, tmp_path):
     run_dir, stage4 = demo
     copy = str(tmp_path / "run")
     shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns("stage4"))
-    stage4_eval.main([*stage4, "--run-dir", copy, "--ckplus", os.path.join(copy, "data", "synthetic_ckplus_tiny_seed0"),
-                      "--variants", "B3", "--bootstrap", "100"])
+    stage4_eval.main(["--run-dir", copy, "--ckplus", os.path.join(copy, "data", "synthetic_ckplus_tiny_seed0"),
+                      "--variants", "B3", "--bootstrap", "100", "--tsne-points", "60", "--device", "cpu"])
     out = os.path.join(copy, "stage4")
     assert not [name for name in artifacts.read_manifest(out) if "valence_arousal" in name]
     with open(os.path.join(out, "summary.md")) as handle:

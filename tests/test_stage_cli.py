@@ -59,8 +59,24 @@ def test_data_seed_alone_draws_the_embedded_default(monkeypatch, tmp_path):
     ferplus = str(tmp_path / "ferplus")
     write_synthetic_ferplus(ferplus, seed=0, train=8, valid=8, test=8)
     monkeypatch.setattr(stage4_eval, "write_synthetic_ckplus", draw)
-    args = stage4_eval.parse_args(["--run-dir", run_dir, "--seed", "5", "--data-seed", "4", "--synthetic-size", "tiny",
-                                   "--ferplus", ferplus])
+    args = stage4_eval.parse_args(["--run-dir", run_dir, "--seed", "5", "--data-seed", "4", "--synthetic-size", "tiny"])
+    args.ferplus = ferplus  # the students' training faces, which stage 4 would otherwise find through their configs
     with pytest.raises(Drawn) as drawn:
-        stage4_eval.load_datasets(args, [], embedded=True)  # the target sets of a run with no dataset flag
+        stage4_eval.load_datasets(args, [], embedded=True)
     assert drawn.value.args[0] == (os.path.join(run_dir, "data", "synthetic_ckplus_tiny_seed4"), 4)
+
+
+@pytest.mark.parametrize("stage, needed, arguments, message", [
+    (stage1_teacher, [], ["--dreamer", "DREAMER.mat", "--data-seed", "1"],
+     "--data-seed shapes the embedded synthetic default, which --dreamer replaces: leave it out"),
+    (stage3_student, ["--variant", "B0"], ["--ferplus", "FERPlus", "--synthetic-size", "tiny", "--data-seed", "0"],
+     "--synthetic-size and --data-seed shape the embedded synthetic default, which --ferplus replaces: leave them out"),
+    (stage4_eval, [], ["--ckplus", "CK+", "--manifest", "faces.csv", "--synthetic-size", "demo"],
+     "--synthetic-size shapes the embedded synthetic default, which --ckplus and --manifest replace: leave it out"),
+], ids=["stage1", "stage3", "stage4"])
+def test_synthetic_flags_beside_a_dataset_flag_are_refused(stage, needed, arguments, message, capsys):
+    with pytest.raises(SystemExit):
+        stage.parse_args([*needed, *arguments])
+    assert capsys.readouterr().err.strip().endswith(f"error: {message}")
+    args = stage.parse_args([*needed, "--data-seed", "3"])
+    assert (args.synthetic_size, args.data_seed) == ("demo", 3)
