@@ -142,7 +142,7 @@ def parse_args(argv=None):
                         help="where the students run (default cuda when present)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the bootstrap and the t-SNE (default 0)")
     args = parser.parse_args(argv)
-    settle_synthetic_flags(parser, args, ["--ferplus", "--affectnet", "--ckplus", "--manifest"])
+    settle_synthetic_flags(parser, args, ["--ferplus", "--affectnet", "--ckplus", "--manifest", "--predict"])
     if args.tsne_points < 10 or args.batch_size < 1 or args.bootstrap < 100:
         parser.error("--tsne-points must be at least 10, --batch-size at least 1 and --bootstrap at least 100")
     if args.predict and not os.path.isdir(args.predict):

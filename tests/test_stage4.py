@@ -309,6 +309,8 @@ def test_prediction_mode_needs_a_folder(tmp_path, capsys):
     (["--predict", ".", "--reference", "B0"], "--reference: evaluation only, and --predict classifies"),
     (["--predict", ".", "--ckplus", "ck", "--replicates", "B3=a,b"], "--ckplus, --replicates: evaluation only"),
     (["--output", "out.csv"], "--output names the CSV of prediction mode: give it with --predict FOLDER"),
+    (["--predict", ".", "--data-seed", "2"], "--data-seed shapes the embedded synthetic default, which --predict "
+                                             "replaces: leave it out"),
 ])
 def test_flags_of_the_other_mode_are_refused(flags, message, capsys):
     with pytest.raises(SystemExit):
