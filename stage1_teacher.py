@@ -81,7 +81,7 @@ def parse_args(argv=None):
     add_synthetic_flags(parser, SYNTHETIC_SIZES, "the embedded synthetic EEG")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="torch device (default cuda when available)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the held-out split and the model (default 0)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the held-out split and the training (default 0)")
     parser.add_argument("--deterministic", action="store_true",
                         help="deterministic GPU algorithms only, so that a run repeats bit for bit (default: cuDNN's "
                              "fastest; CPU runs repeat either way)")
