@@ -42,7 +42,8 @@ The folder is written whole or not at all: a killed run leaves the previous stag
 
 Prediction: --predict FOLDER runs one student (--variants NAME; default B3) on every image under FOLDER and
 writes a CSV with one row per face found (its box, the class probabilities and the class readout of valence and
-arousal), or one centre-crop row for an image where none is found.
+arousal, and the prototype readout where the run holds the student's bank), or one centre-crop row for an image where
+none is found.
 """
 
 import argparse
@@ -176,6 +177,13 @@ def finished_variants(stage3_dir, names):
     if not found:
         raise artifacts.ArtifactError(f"{stage3_dir}: no finished stage-3 run; run stage3_student.py first")
     return found
+
+
+def load_bank(stage2_dir):
+    """Stage 2's prototype bank after its manifest check: (its SHA-256, bank K x E, grid side G, filled_from)."""
+    bank_hash = artifacts.verify_manifest(stage2_dir, ["prototypes.npz"])["prototypes.npz"]
+    with np.load(os.path.join(stage2_dir, "prototypes.npz")) as saved:
+        return bank_hash, saved["bank"].astype(np.float64), int(saved["G"]), saved["filled_from"]
 
 
 def load_checked_student(stage3_dir, name, bank=None):
@@ -317,10 +325,11 @@ def prototype_readout(embeddings, bank, centres, filled_from):
 
 
 def readouts_of(logits, embeddings, config, prototypes):
-    """{readout: N x 2 (valence, arousal)} of a student's images: the class readout, and the prototype readout for a
-    student trained with Proto-KD (nothing trains the projection head of the others)."""
+    """{readout: N x 2 (valence, arousal)} of a student's images: the class readout, and, given the prototypes (bank,
+    centres, filled_from), the prototype readout for a student trained with Proto-KD (nothing trains the projection
+    head of the others)."""
     readouts = {}
-    if config["proto_weight"] > 0:
+    if config["proto_weight"] > 0 and prototypes is not None:
         readouts["prototype"] = prototype_readout(embeddings, *prototypes)
     readouts["class"] = class_readout(logits, config["anchors"])
     return readouts
@@ -722,7 +731,24 @@ def image_files(folder):
     return sorted(images), others
 
 
-def predict_folder(args, model, config, name):
+def prediction_prototypes(stage2_dir, config):
+    """The prototypes (bank, centres, filled_from) for the prototype readout in prediction mode, which runs without
+    them where it must: None, with a note saying why, where the run has no bank, or not the one the student was
+    trained against. A bank that is there is checked against its manifest, as in evaluation."""
+    if config["proto_weight"] <= 0:
+        return None
+    if not os.path.isfile(os.path.join(stage2_dir, "prototypes.npz")):
+        print(f"--predict: no prototype readout, as {stage2_dir}/ holds no prototypes.npz", file=sys.stderr)
+        return None
+    bank_hash, bank, grid, filled_from = load_bank(stage2_dir)
+    if bank_hash != config.get("prototypes_sha256"):
+        print(f"--predict: no prototype readout, as {stage2_dir}/prototypes.npz is not the bank the student was "
+              "trained against", file=sys.stderr)
+        return None
+    return bank, grid_centres(grid), filled_from
+
+
+def predict_folder(args, model, config, name, prototypes):
     images, others = image_files(args.predict)
     if others:  # a phone's HEIC photos, say, which PIL does not decode
         print(f"--predict: left out {sum(others.values())} files that are not {'/'.join(IMAGE_EXTENSIONS)} images: "
@@ -740,16 +766,17 @@ def predict_folder(args, model, config, name):
     if not faces:
         raise ValueError(f"--predict {args.predict}: none of its {len(images)} image files could be read")
     model = model.to(args.device)
-    logits = predict(model, np.stack(faces), config["input_size"], args.device, args.batch_size)[0]
+    logits, embeddings = predict(model, np.stack(faces), config["input_size"], args.device, args.batch_size)
     probabilities = class_probabilities(logits)
-    readouts = {"class": class_readout(logits, config["anchors"])}  # the prototype readout would need the bank
+    readouts = readouts_of(logits, embeddings, config, prototypes)
+    readout_values = np.concatenate(list(readouts.values()), axis=1)
     output = args.output or os.path.join(args.run_dir, "predictions", f"{name}.csv")
     with artifacts.atomic_path(output) as temporary:
         with open(temporary, "w", newline="") as handle:
             writer = csv.writer(handle)
             writer.writerow(["path", "face", "found_by", "x", "y", "width", "height", "predicted",
                              *(f"p_{c}" for c in FER_CLASSES), *readout_columns(readouts)])
-            for row, p, va in zip(rows, probabilities, readouts["class"]):
+            for row, p, va in zip(rows, probabilities, readout_values):
                 writer.writerow([*row, FER_CLASSES[int(p.argmax())], *(f"{value:.5f}" for value in (*p, *va))])
     centre = sum(row[2] == "centre" for row in rows)
     print(f"{len(rows)} faces in {len(images) - len(unreadable)} images ({centre} images with no face found: "
@@ -763,19 +790,17 @@ def main(argv=None):
     stage2_dir, stage3_dir = os.path.join(args.run_dir, "stage2"), os.path.join(args.run_dir, "stage3")
     names = finished_variants(stage3_dir, args.variants)
 
-    if args.predict:  # only the image model runs: no prototype bank needed
+    if args.predict:  # only the image model runs; the run's prototype bank, where it has one, adds a readout
         if len(names) > 1:
             if "B3" not in names or args.variants:
                 raise ValueError(f"--predict uses one student: name it with --variants (found {', '.join(names)})")
             names = ["B3"]
         model, config, _ = load_checked_student(stage3_dir, names[0])
-        predict_folder(args, model, config, names[0])
+        predict_folder(args, model, config, names[0], prediction_prototypes(stage2_dir, config))
         return
 
     # Students and data ------------------------------------------------------------------------------------
-    bank_hash = artifacts.verify_manifest(stage2_dir, ["prototypes.npz"])["prototypes.npz"]
-    with np.load(os.path.join(stage2_dir, "prototypes.npz")) as saved:
-        bank, grid, filled_from = saved["bank"].astype(np.float64), int(saved["G"]), saved["filled_from"]
+    bank_hash, bank, grid, filled_from = load_bank(stage2_dir)
     prototypes = (bank, grid_centres(grid), filled_from)
     students = {name: load_checked_student(stage3_dir, name, (bank_hash, bank.shape[1])) for name in names}
     students = dict(sorted(students.items(), key=lambda item: (preset_of(item[1][1]), item[0])))  # B0 first

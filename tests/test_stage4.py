@@ -271,11 +271,15 @@ def test_prediction_mode(demo, tmp_path, capsys):
             ".txt 1") in errors
     assert [rows[1][key] for key in ("x", "y", "width", "height")] == ["15", "0", "50", "50"]
     anchors = np.array([DEFAULT_ANCHORS[name] for name in FER_CLASSES])  # the student's, as trained by default
+    with np.load(os.path.join(run_dir, "stage2", "prototypes.npz")) as saved:
+        bin_centres = {tuple(centre) for centre in grid_centres(int(saved["G"]))[saved["filled_from"]].round(5)}
     for row in rows:
         p = [float(row[f"p_{name}"]) for name in FER_CLASSES]
         assert sum(p) == pytest.approx(1, abs=1e-4) and row["predicted"] == FER_CLASSES[int(np.argmax(p))]
         assert [float(row["valence_from_class"]), float(row["arousal_from_class"])] == pytest.approx(
             p @ anchors, abs=1e-4)
+        # B3 was trained with Proto-KD against the run's bank: its nearest prototype's bin centre
+        assert (float(row["valence_from_prototype"]), float(row["arousal_from_prototype"])) in bin_centres
 
 
 def test_prediction_mode_needs_one_student(demo, tmp_path):
@@ -362,18 +366,31 @@ def test_a_failed_run_leaves_the_previous_results(demo, monkeypatch):
     assert not [name for name in os.listdir(run_dir) if ".tmp-" in name or ".old-" in name]
 
 
-def test_prediction_needs_no_prototype_bank(demo, tmp_path):
+def test_prediction_needs_no_prototype_bank(demo, tmp_path, capsys):
+    """A student copied alone, or into a run with another bank, predicts all the same, with the class readout of
+    valence and arousal but not the prototype readout, and a note saying why."""
     run_dir, _ = demo
-    os.makedirs(tmp_path / "run")
-    shutil.copytree(os.path.join(run_dir, "stage3", "B3"), tmp_path / "run" / "stage3" / "B3")
+    run = tmp_path / "run"
+    shutil.copytree(os.path.join(run_dir, "stage3", "B3"), run / "stage3" / "B3")
     rng = np.random.default_rng(4)
     frame, _ = place_face(rng, draw_face(rng, EXPRESSIONS["anger"], "ckplus"), (200, 260), 110, "ckplus")
     os.makedirs(tmp_path / "photos")
     Image.fromarray(frame).save(tmp_path / "photos" / "a.png")
-    stage4_eval.main(["--run-dir", str(tmp_path / "run"), "--predict", str(tmp_path / "photos"), "--device", "cpu"])
-    with open(tmp_path / "run" / "predictions" / "B3.csv") as handle:
+    predict = ["--run-dir", str(run), "--predict", str(tmp_path / "photos"), "--device", "cpu"]
+    capsys.readouterr()
+    stage4_eval.main(predict)
+    assert f"--predict: no prototype readout, as {run}/stage2/ holds no prototypes.npz" in capsys.readouterr().err
+    with open(run / "predictions" / "B3.csv") as handle:
         rows = list(csv.DictReader(handle))
     assert [(row["path"], row["face"], row["found_by"]) for row in rows] == [("a.png", "0", "detected")]
+    assert "valence_from_class" in rows[0] and "valence_from_prototype" not in rows[0]
+    shutil.copytree(os.path.join(run_dir, "stage1"), run / "stage1")
+    stage2_prototypes.main(["--run-dir", str(run), "--grid", "3", "--min-count", "1"])  # another bank
+    stage4_eval.main(predict)
+    assert (f"--predict: no prototype readout, as {run}/stage2/prototypes.npz is not the bank the student was trained "
+            "against") in capsys.readouterr().err
+    with open(run / "predictions" / "B3.csv") as handle:
+        assert "valence_from_prototype" not in next(csv.DictReader(handle))
 
 
 def test_another_reference_student(demo, tmp_path):
