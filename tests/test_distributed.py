@@ -1,12 +1,11 @@
 """ngd_ext.distributed.gather_rows: the fused loss over the global batch under DDP, as the README shows it, on two
 gloo processes against one process."""
 
-import os
-
 import pytest
 import torch
 
 import ngd_ext
+from helpers import run_under_gloo
 from ngd_ext.distributed import gather_rows
 
 BATCH, FEATURES, EMBEDDING, CLASSES, PROTOS = 24, 10, 6, 8, 25
@@ -31,20 +30,16 @@ def loss(z, labels, constants, positive):
     return proto_kd, var_cap_loss, margin_loss, proto_kd + var_cap_loss + margin_loss
 
 
-def worker(rank, world, init_file, out_dir):
-    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        model, inputs, labels, constants, positive = problem()
-        trained = torch.nn.parallel.DistributedDataParallel(model)
-        share = slice(rank * BATCH // world, (rank + 1) * BATCH // world)  # contiguous shares: rank order = batch order
-        z, gathered_labels = gather_rows(trained(inputs[share])), gather_rows(labels[share])
-        terms = loss(z, gathered_labels, constants, positive)
-        terms[-1].backward()
-        torch.save({"labels": gathered_labels, "terms": torch.stack(terms).detach(),
-                    "grads": {name: p.grad for name, p in model.named_parameters()}},
-                   os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        torch.distributed.destroy_process_group()
+def worker(rank, world):
+    """One process: its share of the batch through DDP, the gathered embeddings and labels, the loss, backward."""
+    model, inputs, labels, constants, positive = problem()
+    trained = torch.nn.parallel.DistributedDataParallel(model)
+    share = slice(rank * BATCH // world, (rank + 1) * BATCH // world)  # contiguous shares: rank order = batch order
+    z, gathered_labels = gather_rows(trained(inputs[share])), gather_rows(labels[share])
+    terms = loss(z, gathered_labels, constants, positive)
+    terms[-1].backward()
+    return {"labels": gathered_labels, "terms": torch.stack(terms).detach(),
+            "grads": {name: p.grad for name, p in model.named_parameters()}}
 
 
 def test_gathered_loss_and_gradient_are_the_one_process_ones(tmp_path):
@@ -59,9 +54,7 @@ def test_gathered_loss_and_gradient_are_the_one_process_ones(tmp_path):
               for part in (slice(0, BATCH // 2), slice(BATCH // 2, None))]
     assert min(abs(half - expected[2].item()) for half in halves) > 0.01 * expected[2].item()
 
-    torch.multiprocessing.spawn(worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2)
-    for rank in (0, 1):
-        result = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+    for result in run_under_gloo(worker, tmp_path):
         assert torch.equal(result["labels"], labels)
         torch.testing.assert_close(result["terms"], torch.stack(expected).detach(), rtol=1e-5, atol=0)
         for name, parameter in model.named_parameters():

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 import stage2_prototypes
 import stage3_student
+from helpers import run_under_gloo
 from ngd_ext import artifacts
 from ngd_ext.distributed import gather_rows
 from ngd_ext.student_model import Student, load_student
@@ -447,23 +448,18 @@ def ddp_loss_problem():
     return model, inputs, labels, teacher_logits, constants, args
 
 
-def ddp_loss_worker(rank, world, init_file, out_dir):
+def ddp_loss_worker(rank, world):
     """One process of a DDP run of stage 3's loss: its share of the batch, the gathered global batch, backward."""
-    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        model, inputs, labels, teacher_logits, constants, args = ddp_loss_problem()
-        trained = torch.nn.parallel.DistributedDataParallel(model)
-        part = slice(rank, None, world)
-        outputs = gather_rows(trained(inputs[part]))
-        teacher = gather_rows(teacher_logits[part])
-        y = labels[stage3_student.gathered_order(torch.arange(len(labels)), world)]
-        values = stage3_student.loss_terms(outputs[:, :8], outputs[:, 8:], y, y, teacher, 1.0, args, constants)
-        values["total"].backward()
-        torch.save({"values": {term: value.item() for term, value in values.items()},
-                    "grads": {name: p.grad for name, p in model.named_parameters()}},
-                   os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        torch.distributed.destroy_process_group()
+    model, inputs, labels, teacher_logits, constants, args = ddp_loss_problem()
+    trained = torch.nn.parallel.DistributedDataParallel(model)
+    part = slice(rank, None, world)
+    outputs = gather_rows(trained(inputs[part]))
+    teacher = gather_rows(teacher_logits[part])
+    y = labels[stage3_student.gathered_order(torch.arange(len(labels)), world)]
+    values = stage3_student.loss_terms(outputs[:, :8], outputs[:, 8:], y, y, teacher, 1.0, args, constants)
+    values["total"].backward()
+    return {"values": {term: value.item() for term, value in values.items()},
+            "grads": {name: p.grad for name, p in model.named_parameters()}}
 
 
 def test_ddp_loss_is_the_one_process_loss(tmp_path):
@@ -477,9 +473,7 @@ def test_ddp_loss_is_the_one_process_loss(tmp_path):
     expected["total"].backward()
     assert min(expected[term].item() for term in ("kd", "proto_kd", "var_cap", "margin")) > 0.1  # every term acts
 
-    torch.multiprocessing.spawn(ddp_loss_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2)
-    for rank in (0, 1):
-        result = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+    for rank, result in enumerate(run_under_gloo(ddp_loss_worker, tmp_path)):
         for term, value in expected.items():
             assert result["values"][term] == pytest.approx(value.item(), rel=1e-5), (rank, term)
         for name, parameter in model.named_parameters():
