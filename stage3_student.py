@@ -132,6 +132,10 @@ def parse_args(argv=None):
     if args.kd_weight > 0 and not args.kd_teacher:
         parser.error(f"--variant {args.variant} uses logit KD (weight {args.kd_weight}): give --kd-teacher (a "
                      "stage-3 best.pt, e.g. of a B0 run) or --kd-weight 0")
+    if args.kd_teacher and args.kd_weight == 0:
+        parser.error(f"--kd-teacher {args.kd_teacher}: the logit-KD weight is 0 (--variant {args.variant}"
+                     f"{', --kd-weight 0' if args.variant != 'B0' else ''}), so the teacher would go unused; leave it "
+                     "out, or give a positive --kd-weight")
     if args.sync_bn and not args.device.startswith("cuda"):
         parser.error(f"--sync-bn needs CUDA devices (torch's SyncBatchNorm does not run on {args.device!r})")
     if args.epochs < 1 or args.batch_size < 1 or args.checkpoint_every < 1 or args.input_size < 16:

@@ -79,8 +79,8 @@ from ngd_ext.synthetic_faces import synthetic_ferplus, write_synthetic_affectnet
 # Defaults ---------------------------------------------------------------------------------------------------
 RUN_DIR = "runs/demo"
 SYNTHETIC_SIZES = {"demo": dict(sequences=80, per_class=50), "tiny": dict(sequences=16, per_class=8)}
-TSNE_POINTS = 500
-BOOTSTRAP_RESAMPLES = 1000
+# The settings that only evaluation reads; they take these values after parsing, so that --predict can refuse them.
+EVALUATION_DEFAULTS = {"affectnet_split": "validation", "tsne_points": 500, "bootstrap": 1000, "seed": 0}
 SYNTHETIC_NOTE = "synthetic data: not the paper's numbers"
 SELECTION_NOTE = ("Each student is the epoch of its best FERPlus-valid macro-F1, so its FERPlus-valid scores lean "
                   "high; FERPlus test and the other sets took no part in training or in that choice.")
@@ -112,7 +112,7 @@ def parse_args(argv=None):
     parser.add_argument("--affectnet",
                         help="AffectNet folder: validation.csv + Manually_Annotated_Images/, or the face-crop "
                              "release's val_set/ (images/ + annotations/), or class folders")
-    parser.add_argument("--affectnet-split", choices=("validation", "training"), default="validation",
+    parser.add_argument("--affectnet-split", choices=("validation", "training"),
                         help="which AffectNet split to read: validation.csv or val_set/ (default), training.csv or "
                              "train_set/")
     parser.add_argument("--ckplus", help="CK+ folder: cohn-kanade-images/ and Emotion/, or class folders of face "
@@ -129,33 +129,38 @@ def parse_args(argv=None):
     add_synthetic_flags(parser, SYNTHETIC_SIZES, "the embedded synthetic CK+ and AffectNet sets")
     parser.add_argument("--skip-unreadable", action="store_true",
                         help="count and leave out missing or undecodable images instead of stopping")
-    parser.add_argument("--tsne-points", type=int, default=TSNE_POINTS,
-                        help=f"images per t-SNE (default {TSNE_POINTS})")
+    parser.add_argument("--tsne-points", type=int,
+                        help=f"images per t-SNE (default {EVALUATION_DEFAULTS['tsne_points']})")
     parser.add_argument("--batch-size", type=int, default=512, help="images per forward pass (default 512)")
-    parser.add_argument("--bootstrap", type=int, default=BOOTSTRAP_RESAMPLES,
+    parser.add_argument("--bootstrap", type=int,
                         help=f"bootstrap resamples of the images behind every interval (default "
-                             f"{BOOTSTRAP_RESAMPLES}, at least 100)")
+                             f"{EVALUATION_DEFAULTS['bootstrap']}, at least 100)")
     parser.add_argument("--predict", metavar="FOLDER",
                         help="prediction mode: classify the faces in every image under FOLDER")
     parser.add_argument("--output",
                         help="prediction mode: the CSV to write (default RUN_DIR/predictions/<variant>.csv)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="where the students run (default cuda when present)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the bootstrap and the t-SNE (default 0)")
+    parser.add_argument("--seed", type=int, help="seed of the bootstrap and the t-SNE (default 0)")
     args = parser.parse_args(argv)
     settle_synthetic_flags(parser, args, ["--ferplus", "--affectnet", "--ckplus", "--manifest", "--predict"])
-    if args.tsne_points < 10 or args.batch_size < 1 or args.bootstrap < 100:
-        parser.error("--tsne-points must be at least 10, --batch-size at least 1 and --bootstrap at least 100")
     if args.predict and not os.path.isdir(args.predict):
         parser.error(f"--predict {args.predict}: not a folder (give the folder that holds the images)")
-    evaluation_only = [flag for flag, value in (
-        ("--ferplus", args.ferplus), ("--affectnet", args.affectnet), ("--ckplus", args.ckplus),
-        ("--manifest", args.manifest), ("--reference", args.reference), ("--replicates", args.replicates)) if value]
+    evaluation_only = [flag for flag in ("--ferplus", "--affectnet", "--ckplus", "--manifest", "--reference",
+                                         "--replicates", "--affectnet-split", "--tsne-points", "--bootstrap", "--seed")
+                       if getattr(args, flag[2:].replace("-", "_")) not in (None, [])]
     if args.predict and evaluation_only:
         parser.error(f"{', '.join(evaluation_only)}: evaluation only, and --predict classifies the images of a folder "
                      "with one student; leave them out")
     if args.output and not args.predict:
         parser.error("--output names the CSV of prediction mode: give it with --predict FOLDER")
+    if args.affectnet_split and not args.affectnet:
+        parser.error("--affectnet-split chooses the split of --affectnet FOLDER: give it with --affectnet")
+    for name, default in EVALUATION_DEFAULTS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, default)
+    if args.tsne_points < 10 or args.batch_size < 1 or args.bootstrap < 100:
+        parser.error("--tsne-points must be at least 10, --batch-size at least 1 and --bootstrap at least 100")
     return args
 
 

@@ -69,6 +69,16 @@ def test_kd_variant_without_teacher_is_refused(capsys):
     assert "--variant B3 uses logit KD (weight 0.3): give --kd-teacher" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("flags, why", [(["--variant", "B0"], "--variant B0"),
+                                        (["--variant", "B3", "--kd-weight", "0"], "--variant B3, --kd-weight 0")])
+def test_kd_teacher_without_kd_is_refused(capsys, flags, why):
+    """A teacher that the loss would not use is refused, not loaded and recorded in the student's config."""
+    with pytest.raises(SystemExit):
+        stage3_student.parse_args([*flags, "--kd-teacher", "t.pt"])
+    assert (f"--kd-teacher t.pt: the logit-KD weight is 0 ({why}), so the teacher would go unused; leave it out, or "
+            "give a positive --kd-weight" in capsys.readouterr().err)
+
+
 def augment_image_by_image(images, generator, size):
     """stage3_student.augment written as a loop over the images, each cropped and erased by slicing."""
     n = len(images)

@@ -312,7 +312,11 @@ def test_prediction_mode_needs_a_folder(tmp_path, capsys):
 @pytest.mark.parametrize("flags, message", [
     (["--predict", ".", "--reference", "B0"], "--reference: evaluation only, and --predict classifies"),
     (["--predict", ".", "--ckplus", "ck", "--replicates", "B3=a,b"], "--ckplus, --replicates: evaluation only"),
+    (["--predict", ".", "--bootstrap", "200", "--seed", "0"], "--bootstrap, --seed: evaluation only"),
+    (["--predict", ".", "--tsne-points", "50"], "--tsne-points: evaluation only"),
     (["--output", "out.csv"], "--output names the CSV of prediction mode: give it with --predict FOLDER"),
+    (["--affectnet-split", "training"], "--affectnet-split chooses the split of --affectnet FOLDER: give it with "
+                                        "--affectnet"),
     (["--predict", ".", "--data-seed", "2"], "--data-seed shapes the embedded synthetic default, which --predict "
                                              "replaces: leave it out"),
 ])
