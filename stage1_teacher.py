@@ -10,7 +10,8 @@ out, so no window of a held-out subject is ever trained on. Writes RUN_DIR/stage
   teacher.pt           state_dict + config (+ the feature standardisation), torch.load(weights_only=True)
   embeddings.npz       L2-normalised embeddings of the held-out windows, with valence, arousal, subject, trial
   metrics.json         held-out RMSE, Pearson r and CCC for valence and arousal, beside a mean baseline, over all
-                       held-out windows, per dataset and per held-out subject
+                       held-out windows, per dataset and per held-out subject; the first two with 95% bootstrap
+                       intervals over the held-out subjects
   training_curve.png   training loss and held-out CCC per epoch
   held_out.png         predicted against self-reported valence and arousal: each held-out window, and each trial's
                        mean over its windows
@@ -48,7 +49,7 @@ from ngd_ext.eeg_features import BANDS, interpolation_matrix, recording_entropy,
 from ngd_ext.eeg_formats import (EEGFormatError, MahnobScan, MahnobSession, iter_dreamer,  # noqa: E402
                                  read_mahnob_trial, scan_mahnob, without_constant_channels)
 from ngd_ext.emotions import VA_DIMENSIONS  # noqa: E402
-from ngd_ext.metrics import regression_metrics  # noqa: E402
+from ngd_ext.metrics import BOOTSTRAP_LEVEL, intervals, regression_bootstrap, regression_metrics  # noqa: E402
 from ngd_ext.parallel import default_workers, map_in_processes  # noqa: E402
 from ngd_ext.synthetic_default import add_synthetic_flags, settle_synthetic_flags  # noqa: E402
 from ngd_ext.synthetic_eeg import ensure_synthetic_eeg  # noqa: E402
@@ -65,6 +66,7 @@ BATCH_SIZE = 64
 LEARNING_RATE = 2e-3
 WEIGHT_DECAY = 1e-2
 HELD_OUT_FRACTION = 0.25
+BOOTSTRAP_RESAMPLES = 1000
 SYNTHETIC_SIZES = {  # subjects, clips/sessions per subject and seconds per clip of the embedded default
     "demo": dict(dreamer_subjects=12, dreamer_clips=8, dreamer_seconds=20,
                  mahnob_subjects=8, mahnob_sessions_per_subject=5, mahnob_seconds=20),
@@ -87,6 +89,9 @@ def parse_args(argv=None):
                              "fastest; CPU runs repeat either way)")
     parser.add_argument("--held-out-fraction", type=float, default=HELD_OUT_FRACTION,
                         help=f"share of each dataset's subjects held out (at least one; default {HELD_OUT_FRACTION})")
+    parser.add_argument("--bootstrap", type=int, default=BOOTSTRAP_RESAMPLES,
+                        help=f"resamples of the held-out subjects behind the intervals of the held-out scores, "
+                             f"seeded by --seed (default {BOOTSTRAP_RESAMPLES}, at least 100)")
     parser.add_argument("--epochs", type=int, default=EPOCHS, help=f"training epochs (default {EPOCHS})")
     parser.add_argument("--batch-size", type=int, default=BATCH_SIZE, help=f"windows per batch (default {BATCH_SIZE})")
     parser.add_argument("--lr", type=float, default=LEARNING_RATE,
@@ -117,6 +122,8 @@ def parse_args(argv=None):
     for name in ("epochs", "batch_size", "embedding_size", "map_size", "workers"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.bootstrap < 100:
+        parser.error(f"--bootstrap must be at least 100, got {args.bootstrap}")
     if round(args.window_s * SFREQ) < 2 or round(args.step_s * SFREQ) < 1:
         parser.error(f"--window-s must span at least 2 samples and --step-s 1 at the features' {SFREQ} Hz (got "
                      f"{args.window_s:g} s and {args.step_s:g} s)")
@@ -261,6 +268,23 @@ def ccc(prediction, target):
                              + (mean_p - mean_t) ** 2 + 1e-8)
 
 
+def held_out_scores(prediction, targets, subjects, resamples, seed):
+    """regression_metrics of the windows, each dimension with the percentile-bootstrap intervals of its scores over
+    the subjects: a subject's windows share its headset fit and its way of rating, so they are drawn whole. With one
+    subject every resample would be the same, and the interval is None."""
+    scores = regression_metrics(prediction, targets)
+    samples = regression_bootstrap(prediction, targets, resamples, seed, subjects) if len(set(subjects)) > 1 else None
+    for dimension in VA_DIMENSIONS:
+        scores[dimension]["interval"] = intervals(samples[dimension]) if samples else None
+    return scores
+
+
+def with_interval(scores, name):
+    """A score as text, with its interval where it has one: "0.879 [0.712, 0.934]"."""
+    interval = scores["interval"]
+    return f"{scores[name]:.3f}" + (f" [{interval[name][0]:.3f}, {interval[name][1]:.3f}]" if interval else "")
+
+
 def predict(model, maps, device, batch_size):
     model.eval()
     outputs, embeddings = [], []
@@ -309,7 +333,10 @@ def plot_held_out(prediction, targets, datasets, trials, metrics, path, note):
         ax.plot([-1, 1], [-1, 1], color="grey", linestyle=":", linewidth=1)
         ax.set(xlim=(-1.1, 1.1), ylim=(-1.1, 1.1), xlabel=f"self-reported {name} (scaled to [-1, 1])",
                ylabel=f"predicted {name}")
-        ax.set_title(f"{name}: CCC {metrics['held_out'][name]['ccc']:.3f} over {len(trials)} windows", fontsize=10)
+        subjects = len(metrics["by_subject"])
+        ax.set_title(f"{name}: CCC {with_interval(metrics['held_out'][name], 'ccc')} over {len(trials)} windows\n"
+                     + (f"({BOOTSTRAP_LEVEL:.0%} interval over the {subjects} held-out subjects)" if subjects > 1
+                        else "(one held-out subject: no interval)"), fontsize=10)
         ax.legend(fontsize=7, loc="upper left")
     figure.suptitle(f"EEG teacher on held-out subjects{note}", fontsize=10)
     artifacts.save_figure(figure, path)
@@ -379,7 +406,7 @@ def main(argv=None):
     model = Teacher(len(BANDS), args.embedding_size).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     config = {name: value for name, value in vars(args).items()
-              if name not in ("device", "run_dir", "workers", "resume")}
+              if name not in ("device", "run_dir", "workers", "resume", "bootstrap")}
     config.update(source=source, bands=list(BANDS), sfreq=SFREQ)
     # Beside the stage folder, not in it: the manifest lists the folder's files, and must never list this one.
     checkpoint_path = os.path.join(args.run_dir, "stage1-checkpoint.pt")
@@ -430,19 +457,24 @@ def main(argv=None):
     prediction, embeddings = predict(model, test_maps, device, 256)
     baseline = np.broadcast_to(train_targets.mean(axis=0), test_targets.shape)
     # Papers report each dataset on its own; the two differ in headset, stimuli and rating scale.
-    by_dataset = {name: {"windows": int(mask.sum()),
-                         "held_out": regression_metrics(prediction[mask], test_targets[mask]),
+    by_dataset = {name: {"windows": int(mask.sum()), "subjects": len(set(test_subjects[mask])),
+                         "held_out": held_out_scores(prediction[mask], test_targets[mask], test_subjects[mask],
+                                                     args.bootstrap, args.seed),
                          "mean_baseline": regression_metrics(baseline[mask], test_targets[mask])}
                   for name in sorted(set(test_datasets)) for mask in [test_datasets == name]}
     # A quarter of each dataset's subjects are held out, few in number, and a teacher may read some far better than
     # others: the pooled figures alone would hide it.
     by_subject = {subject: {"windows": int(mask.sum()), "trials": len(set(test_trial_ids[mask])),
-                            "held_out": regression_metrics(prediction[mask], test_targets[mask])}
+                            "held_out": held_out_scores(prediction[mask], test_targets[mask], test_subjects[mask],
+                                                        args.bootstrap, args.seed)}
                   for subject in sorted(set(test_subjects)) for mask in [test_subjects == subject]}
-    metrics = {"held_out": regression_metrics(prediction, test_targets),
+    metrics = {"held_out": held_out_scores(prediction, test_targets, test_subjects, args.bootstrap, args.seed),
                "mean_baseline": regression_metrics(baseline, test_targets), "by_dataset": by_dataset,
                "by_subject": by_subject,
                "held_out_subjects": sorted(held_out), "windows": {"train": len(train_maps), "held_out": len(test_maps)},
+               "bootstrap": {"resamples": args.bootstrap, "level": BOOTSTRAP_LEVEL, "seed": args.seed,
+                             "method": "percentile bootstrap over the held-out subjects, each drawn with all its "
+                                       "windows; none where one subject is held out"},
                "skipped_trials": skipped, "constant_channels": constant_channels, "source": source}
     if source == "synthetic":
         metrics["note"] = "synthetic EEG: these numbers are not the paper's"
@@ -464,13 +496,18 @@ def main(argv=None):
         artifacts.write_manifest(staging)
     os.remove(checkpoint_path)
 
+    print(f"held-out scores, with their {BOOTSTRAP_LEVEL:.0%} intervals over the {len(by_subject)} held-out subjects:"
+          if len(by_subject) > 1 else "held-out scores (one held-out subject: no intervals):")
     for name in VA_DIMENSIONS:
         got, base = metrics["held_out"][name], metrics["mean_baseline"][name]
-        print(f"held-out {name}: CCC {got['ccc']:.3f} (mean baseline {base['ccc']:.3f}), r {got['pearson_r']:.3f}, "
-              f"RMSE {got['rmse']:.3f} (baseline {base['rmse']:.3f}){note}")
+        print(f"  {name}: CCC {with_interval(got, 'ccc')} (mean baseline {base['ccc']:.3f}), r "
+              f"{with_interval(got, 'pearson_r')}, RMSE {with_interval(got, 'rmse')} "
+              f"(baseline {base['rmse']:.3f}){note}")
     for dataset, scores in by_dataset.items():
-        print(f"  {dataset} ({scores['windows']} windows): CCC valence {scores['held_out']['valence']['ccc']:.3f}, "
-              f"arousal {scores['held_out']['arousal']['ccc']:.3f}{note}")
+        subjects = f"{scores['subjects']} subject" + ("s" if scores["subjects"] > 1 else "")
+        print(f"  {dataset} ({scores['windows']} windows of {subjects}): CCC valence "
+              f"{with_interval(scores['held_out']['valence'], 'ccc')}, arousal "
+              f"{with_interval(scores['held_out']['arousal'], 'ccc')}{note}")
     spans = {name: [scores["held_out"][name]["ccc"] for scores in by_subject.values()] for name in VA_DIMENSIONS}
     print(f"  subject by subject ({len(by_subject)} held out; metrics.json by_subject): CCC valence "
           f"{min(spans['valence']):.2f} to {max(spans['valence']):.2f}, arousal {min(spans['arousal']):.2f} to "

@@ -258,14 +258,15 @@ def test_stage1_then_stage2_end_to_end(tmp_path):
     assert metrics["windows"]["held_out"] == len(embeddings["embeddings"])
     assert metrics["source"] == "synthetic" and "not the paper's" in metrics["note"]
     for name in ("valence", "arousal"):
-        assert set(metrics["held_out"][name]) == {"rmse", "pearson_r", "ccc"}
+        assert set(metrics["held_out"][name]) == {"rmse", "pearson_r", "ccc", "interval"}
         assert metrics["mean_baseline"][name]["ccc"] == 0.0
     # per dataset: each held-out window counted once, under the dataset its subject belongs to
     prefixes = {"DREAMER": "dreamer-", "MAHNOB-HCI": "mahnob-"}
     assert {name: scores["windows"] for name, scores in metrics["by_dataset"].items()} == {
         name: sum(subject.startswith(prefix) for subject in embeddings["subject"]) for name, prefix in prefixes.items()}
-    for scores in metrics["by_dataset"].values():
-        assert set(scores["held_out"]["valence"]) == {"rmse", "pearson_r", "ccc"}
+    for name, scores in metrics["by_dataset"].items():
+        assert set(scores["held_out"]["valence"]) == {"rmse", "pearson_r", "ccc", "interval"}
+        assert scores["subjects"] == len({s for s in embeddings["subject"] if s.startswith(prefixes[name])})
     # per subject: each held-out subject's windows and trials; where a dataset holds out one subject, that subject's
     # figures are the dataset's
     by_subject = metrics["by_subject"]
@@ -278,6 +279,20 @@ def test_stage1_then_stage2_end_to_end(tmp_path):
         if len(subjects) == 1:
             assert by_subject[subjects[0]]["held_out"] == metrics["by_dataset"][name]["held_out"]
     assert any(len([s for s in by_subject if s.startswith(prefix)]) == 1 for prefix in prefixes.values())
+    # Intervals are drawn over whole subjects. The tiny default holds out one subject of each dataset: a dataset's
+    # one subject gets none, and every resample of the two is both (the pooled scores) or one of them twice (that
+    # subject's scores, since repeating each window changes no score), so the 95% interval spans exactly the three.
+    assert metrics["bootstrap"] == {"resamples": 1000, "level": 0.95, "seed": 0, "method": (
+        "percentile bootstrap over the held-out subjects, each drawn with all its windows; none where one subject is "
+        "held out")}
+    assert all(scores["held_out"][name]["interval"] is None
+               for scores in metrics["by_dataset"].values() for name in ("valence", "arousal"))
+    assert len(by_subject) == 2
+    for name in ("valence", "arousal"):
+        for score in ("rmse", "pearson_r", "ccc"):
+            values = [metrics["held_out"][name][score]] + [s["held_out"][name][score] for s in by_subject.values()]
+            assert metrics["held_out"][name]["interval"][score] == pytest.approx([min(values), max(values)],
+                                                                                 rel=1e-9, abs=1e-12)
     with open(os.path.join(stage1, "config.json")) as handle:
         inputs = json.load(handle)["inputs"]
     mahnob = inputs["mahnob"]["root"]
@@ -343,6 +358,7 @@ def test_stage1_deterministic_runs_repeat_bit_for_bit(tmp_path):
     (["--step-s", "0.001"], "--window-s must span at least 2 samples and --step-s 1 at the features' 128 Hz (got 2 s "
                             "and 0.001 s)"),
     (["--lr", "-1"], "--lr must be positive and --weight-decay not negative (got -1 and 0.01)"),
+    (["--bootstrap", "99"], "--bootstrap must be at least 100, got 99"),
 ])
 def test_settings_out_of_range_are_refused(capsys, arguments, message):
     with pytest.raises(SystemExit):
