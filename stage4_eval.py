@@ -20,7 +20,8 @@ faces. Faces in full frames are cropped by the dataset's box, else OpenCV's Haar
   summary.md, summary.tex, summary.json   the ablation table (variants x datasets), each student's difference
                                           from the reference student (--reference; by default the first, B0
                                           where there is one) with its paired-bootstrap interval, each
-                                          --replicates group's mean and standard deviation over its seeds, the
+                                          --replicates group's mean and standard deviation over its seeds and
+                                          its difference from the reference's group paired by seed, the
                                           cross-dataset tables, each dataset's per-class F1 of every student, and
                                           the valence/arousal readouts' CCC on rated sets
   summary.png                             every student's 8-way macro-F1 per dataset, with its interval
@@ -31,7 +32,8 @@ faces. Faces in full frames are cropped by the dataset's box, else OpenCV's Haar
 The intervals resample the images (--bootstrap times), or whole groups of them where images are not independent
 (a CK+ subject's frames; a manifest's group column): they show how much a score could move on another draw of as
 many images (or groups), not the spread over training seeds. For that, train a recipe at several --seed values and
-name the students with --replicates GROUP=NAME,NAME,...: the summary adds each group's mean and standard deviation.
+name the students with --replicates GROUP=NAME,NAME,...: the summary adds each group's mean and standard deviation,
+and each group's difference from the group of the --reference student, seed by seed, with a t-interval.
 
 Valence and arousal, beyond the paper's protocol: where a set rates its images (AffectNet), each student's reading of
 them is scored by CCC, Pearson's r and RMSE, with intervals: the class readout weighs the classes' V/A anchors by the
@@ -54,6 +56,7 @@ from collections import Counter
 
 import matplotlib
 import numpy as np
+import scipy.stats
 import torch
 
 matplotlib.use("Agg")
@@ -122,10 +125,13 @@ def parse_args(argv=None):
     parser.add_argument("--variants", nargs="+", help="stage-3 run names under stage3/ (default: every finished one)")
     parser.add_argument("--reference",
                         help="the student the others are compared with, image by image (default: the first in the "
-                             "tables, the B0 one where there is one); e.g. B2, to see what D-Geo adds in B3")
+                             "tables, the B0 one where there is one); e.g. B2, to see what D-Geo adds in B3. Its "
+                             "--replicates group, if it has one, is the one the other groups are compared with, seed "
+                             "by seed")
     parser.add_argument("--replicates", action="append", default=[], type=replicates_spec, metavar="GROUP=NAME,NAME",
                         help="students trained alike with different --seed (repeatable): the summary gives the mean "
-                             "and standard deviation of their scores, the spread over training seeds")
+                             "and standard deviation of their scores, the spread over training seeds, and each "
+                             "group's differences from the --reference student's group, seed by seed")
     add_synthetic_flags(parser, SYNTHETIC_SIZES, "the embedded synthetic CK+ and AffectNet sets")
     parser.add_argument("--skip-unreadable", action="store_true",
                         help="count and leave out missing or undecodable images instead of stopping")
@@ -529,6 +535,37 @@ def across_seeds(results, groups, variants, datasets):
             for group, names in groups.items()}
 
 
+def paired_across_seeds(replicates, reference_group):
+    """Each other --replicates group's scores minus the reference group's, paired by training seed: {group: {"from",
+    "seeds", "datasets": {dataset: {protocol: {score: {"mean", "sd", "interval", "above_zero", "values"}}}}}}, over
+    the seeds both groups have (a group sharing fewer than two with the reference is left out). A seed fixes the
+    initial weights, the batch order and the augmentation, so a seed's two students differ chiefly by their recipe.
+    The interval is Student's t interval of the mean difference (n - 1 degrees of freedom), which takes the seeds'
+    differences as normal."""
+    reference = replicates[reference_group]
+
+    def paired(differences):
+        n, mean, sd = len(differences), float(np.mean(differences)), float(np.std(differences, ddof=1))
+        half_width = scipy.stats.t.ppf((1 + BOOTSTRAP_LEVEL) / 2, n - 1) * sd / np.sqrt(n)
+        return {"mean": mean, "sd": sd, "interval": [mean - half_width, mean + half_width],
+                "above_zero": sum(difference > 0 for difference in differences), "values": differences}
+
+    paired_groups = {}
+    for group, entry in replicates.items():
+        seeds = sorted(set(entry["seeds"]) & set(reference["seeds"]))
+        if group == reference_group or len(seeds) < 2:
+            continue
+        pairs = [(entry["seeds"].index(seed), reference["seeds"].index(seed)) for seed in seeds]
+        datasets = {}
+        for key, on_dataset in entry["datasets"].items():
+            datasets[key] = {protocol: {score: paired([on_dataset[protocol][score]["values"][mine]
+                                                       - reference["datasets"][key][protocol][score]["values"][theirs]
+                                                       for mine, theirs in pairs]) for score in SCORES}
+                             for protocol in PROTOCOLS}
+        paired_groups[group] = {"from": reference_group, "seeds": seeds, "datasets": datasets}
+    return paired_groups
+
+
 def percent(value):
     return f"{100 * value:.1f}"
 
@@ -557,12 +594,13 @@ def readout_rows(results, variants, rated):
             if readout in results[name][rated[0][0]]["valence_arousal"]["readouts"]]
 
 
-def summary_tables(results, differences, replicates, reference, variants, datasets, note, resamples):
+def summary_tables(results, differences, replicates, paired, reference, variants, datasets, note, resamples):
     """The ablation table (variants x datasets, 8-way and present-only macro-F1), the differences from the reference
     student (8-way macro-F1, with paired-bootstrap intervals), the --replicates groups' mean and standard deviation
-    over training seeds (8-way macro-F1), per variant the cross-dataset table (datasets x both protocols' Acc, macro-F1
-    with its interval, bACC), per dataset each class's 8-way F1 (classes x variants, with intervals), and on the sets
-    with valence/arousal ratings the CCC of each student's readouts. Returns (markdown, latex)."""
+    over training seeds and their differences from the reference's group paired by seed (8-way macro-F1), per variant
+    the cross-dataset table (datasets x both protocols' Acc, macro-F1 with its interval, bACC), per dataset each
+    class's 8-way F1 (classes x variants, with intervals), and on the sets with valence/arousal ratings the CCC of each
+    student's readouts. Returns (markdown, latex)."""
     level = f"{100 * BOOTSTRAP_LEVEL:.0f}%"
     tables = []
     header = ["variant", "KD", "Proto-KD", "D-Geo", *(name for _, name, _ in datasets)]
@@ -590,6 +628,19 @@ def summary_tables(results, differences, replicates, reference, variants, datase
         tables.append(table(["replicates", "seeds", *(name for _, name, _ in datasets)], rows,
                             f"Across training seeds: 8-way macro-F1 (%), mean ± standard deviation (n - 1) over each "
                             f"--replicates group's students ({note})"))
+    if paired:
+        def cell(difference):
+            return (f"{with_interval(difference['mean'], difference['interval'], signed=True)}, "
+                    f"{difference['above_zero']} of {len(difference['values'])} above 0")
+
+        rows = [[group, ", ".join(map(str, entry["seeds"])), *(
+            cell(entry["datasets"][key]["eight_way"]["macro_f1"]) for key, _, _ in datasets)]
+            for group, entry in paired.items()]
+        tables.append(table(["replicates", "seeds", *(name for _, name, _ in datasets)], rows,
+                            f"Paired by training seed: each group's 8-way macro-F1 minus that of "
+                            f"{next(iter(paired.values()))['from']}'s student of the same seed, in points: the mean "
+                            f"over the seeds, its {level} t-interval (n - 1 degrees of freedom), and how many seeds' "
+                            f"differences are above 0 ({note})"))
     for name, config in variants:
         header = ["dataset", "images", "Acc", f"macro-F1 [{level}]", "bACC", "present classes", "Acc (present)",
                   f"macro-F1 (present) [{level}]", "bACC (present)"]
@@ -858,8 +909,10 @@ def main(argv=None):
         variants = [(name, config) for name, (_, config, _) in students.items()]
         differences = differences_from_reference(results, resampled, variants, datasets, reference)
         replicates = across_seeds(results, groups, variants, datasets)
-        markdown, latex = summary_tables(results, differences, replicates, reference, variants, datasets, note,
-                                         args.bootstrap)
+        reference_group = next((group for group, names in groups.items() if reference in names), None)
+        paired = paired_across_seeds(replicates, reference_group) if reference_group else {}
+        markdown, latex = summary_tables(results, differences, replicates, paired, reference, variants, datasets,
+                                         note, args.bootstrap)
         with open(os.path.join(out_dir, "summary.md"), "w") as handle:
             handle.write(f"# Stage 4 summary ({note})\n\n{SELECTION_NOTE}\n\n{markdown}")
         with open(os.path.join(out_dir, "summary.tex"), "w") as handle:
@@ -869,7 +922,8 @@ def main(argv=None):
             "note": note, "datasets": {key: name for key, name, _ in datasets}, "bootstrap": bootstrap_settings,
             "results": {name: {key: summary_scores(scores) for key, scores in by_variant.items()}
                         for name, by_variant in results.items()},
-            "differences_from": reference, "differences": differences, "replicates": replicates})
+            "differences_from": reference, "differences": differences, "replicates": replicates,
+            "paired_across_seeds": paired})
         plot_summary(results, variants, datasets, note, os.path.join(out_dir, "summary.png"))
         if replicates:
             plot_replicates(replicates, datasets, note, os.path.join(out_dir, "replicates.png"))

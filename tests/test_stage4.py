@@ -8,6 +8,7 @@ import shutil
 
 import numpy as np
 import pytest
+import scipy.stats
 import torch
 from PIL import Image
 
@@ -18,7 +19,7 @@ import stage4_eval
 from ngd_ext import artifacts, metrics
 from ngd_ext.emotions import DEFAULT_ANCHORS, FER_CLASSES, VA_DIMENSIONS
 from ngd_ext.face_datasets import affectnet_records, read_faces
-from ngd_ext.metrics import eight_way
+from ngd_ext.metrics import PROTOCOLS, SCORES, eight_way
 from ngd_ext.prototypes import grid_centres
 from ngd_ext.student_model import Student, load_student, predict
 from ngd_ext.synthetic_faces import EXPRESSIONS, draw_face, place_face
@@ -449,21 +450,25 @@ def test_students_of_several_seeds_share_their_training_faces(tmp_path):
 
 
 def test_replicates_summarise_students_of_several_seeds(demo, tmp_path):
-    """Two more B0 students of seeds 1 and 2 beside kd_teacher (B0, seed 0), trained on the same synthetic faces:
-    --replicates gives their mean and standard deviation, from the scores each of them has alone, and so for their
-    V/A readouts on AffectNet."""
+    """Two more B0 students of seeds 1 and 2 beside kd_teacher (B0, seed 0), trained on the same synthetic faces, and
+    B3 students of seeds 1 and 2 beside B3 (seed 0), each taught by its seed's B0: --replicates gives each group's
+    mean and standard deviation, from the scores each student has alone, and so for their V/A readouts on AffectNet;
+    and B3's differences from B0 seed by seed."""
     run_dir, stage4 = demo
     copy = str(tmp_path / "run")
     shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns("stage4"))
     for seed in (1, 2):
         stage3_student.main(["--run-dir", copy, "--variant", "B0", "--name", f"B0_seed{seed}", "--seed", str(seed),
                              *TINY3])
+        stage3_student.main(["--run-dir", copy, "--variant", "B3", "--name", f"B3_seed{seed}", "--seed", str(seed),
+                             "--kd-teacher", os.path.join(copy, "stage3", f"B0_seed{seed}", "best.pt"), *TINY3])
     students = ["kd_teacher", "B0_seed1", "B0_seed2"]
     configs = [torch.load(os.path.join(copy, "stage3", name, "best.pt"), weights_only=True)["config"]
                for name in students]
     assert len({config["data_key"] for config in configs}) == 1 and len({config["seed"] for config in configs}) == 3
-    stage4_eval.main([*stage4, "--run-dir", copy, "--variants", *students, "--replicates",
-                      "B0=kd_teacher,B0_seed1,B0_seed2", "--bootstrap", "100"])
+    stage4_eval.main([*stage4, "--run-dir", copy, "--variants", *students, "B3", "B3_seed1", "B3_seed2",
+                      "--replicates", "B0=kd_teacher,B0_seed1,B0_seed2", "--replicates", "B3=B3_seed2,B3,B3_seed1",
+                      "--bootstrap", "100"])
     with open(os.path.join(copy, "stage4", "summary.json")) as handle:
         summary = json.load(handle)
     group = summary["replicates"]["B0"]
@@ -486,10 +491,54 @@ def test_replicates_summarise_students_of_several_seeds(demo, tmp_path):
     valid = group["datasets"]["ferplus_valid"]["eight_way"]["macro_f1"]
     assert (f"| B0 | 0, 1, 2 | {100 * valid['mean']:.1f} ± {100 * valid['sd']:.1f} | "
             f"{100 * spread['mean']:.1f} ± {100 * spread['sd']:.1f} |") in table
+    # the default reference, the first B0 student in the tables (B0_seed1), makes B0 the group B3 is compared with
+    assert summary["differences_from"] == "B0_seed1" and list(summary["paired_across_seeds"]) == ["B3"]
+    paired = summary["paired_across_seeds"]["B3"]
+    assert (paired["from"], paired["seeds"]) == ("B0", [0, 1, 2])
+    for key in DATASETS:
+        b0, b3 = ([summary["results"][name][key]["eight_way"]["macro_f1"] for name in names]
+                  for names in (students, ["B3", "B3_seed1", "B3_seed2"]))
+        assert paired["datasets"][key]["eight_way"]["macro_f1"]["values"] == pytest.approx(
+            np.subtract(b3, b0).tolist(), abs=1e-12)
+    test_difference = paired["datasets"]["ferplus_test"]["eight_way"]["macro_f1"]
+    low, high = test_difference["interval"]
+    assert markdown.split("**Paired by training seed: each group's 8-way macro-F1 minus that of B0's student of the "
+                          "same seed")[1].count(
+        f"| B3 | 0, 1, 2 | {100 * paired['datasets']['ferplus_valid']['eight_way']['macro_f1']['mean']:+.1f}") == 1
+    assert (f"{100 * test_difference['mean']:+.1f} [{100 * low:+.1f}, {100 * high:+.1f}], "
+            f"{test_difference['above_zero']} of 3 above 0 |") in markdown
     with open(os.path.join(copy, "stage4", "summary.tex")) as handle:
         assert r"$\pm$" in handle.read()
     assert "replicates.png" in artifacts.read_manifest(os.path.join(copy, "stage4"))
     assert Image.open(os.path.join(copy, "stage4", "replicates.png")).size[0] > 300
+
+
+def test_groups_are_compared_seed_by_seed_with_a_t_interval():
+    """Each group minus the reference group, paired by seed value whatever the order the students were named in; the
+    mean and interval those of scipy's paired t-test; a group sharing one seed with the reference left out."""
+    rng = np.random.default_rng(0)
+
+    def group(seeds):
+        return {"seeds": seeds, "datasets": {"ferplus_test": {protocol: {score: {"values": rng.uniform(
+            0.3, 0.7, len(seeds)).tolist()} for score in SCORES} for protocol in PROTOCOLS}}}
+
+    replicates = {"B0": group([0, 1, 2]), "B3": group([2, 0, 1]), "B1": group([1, 0]), "B2": group([0, 7])}
+    paired = stage4_eval.paired_across_seeds(replicates, "B0")
+    assert list(paired) == ["B3", "B1"]
+    assert (paired["B3"]["from"], paired["B3"]["seeds"], paired["B1"]["seeds"]) == ("B0", [0, 1, 2], [0, 1])
+    for group_name, order in (("B3", [1, 2, 0]), ("B1", [1, 0])):  # where seeds 0, 1, 2 stand in the group
+        for protocol in PROTOCOLS:
+            for score in SCORES:
+                mine = np.array(replicates[group_name]["datasets"]["ferplus_test"][protocol][score]["values"])[order]
+                theirs = np.array(replicates["B0"]["datasets"]["ferplus_test"][protocol][score]["values"])[:len(order)]
+                got = paired[group_name]["datasets"]["ferplus_test"][protocol][score]
+                assert got["values"] == pytest.approx(mine - theirs, abs=1e-15)
+                assert got["mean"] == pytest.approx(np.mean(mine - theirs), abs=1e-15)
+                assert got["sd"] == pytest.approx(np.std(mine - theirs, ddof=1), abs=1e-15)
+                assert got["above_zero"] == int((mine > theirs).sum())
+                assert got["interval"] == pytest.approx(list(scipy.stats.ttest_rel(mine, theirs).confidence_interval(
+                    0.95)), abs=1e-12)
+    assert stage4_eval.paired_across_seeds({"B0": group([0, 1]), "B3": group([2, 3])}, "B0") == {}
 
 
 def fake_students(**differences):
