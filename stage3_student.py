@@ -138,8 +138,9 @@ def parse_args(argv=None):
                      "out, or give a positive --kd-weight")
     if args.sync_bn and not args.device.startswith("cuda"):
         parser.error(f"--sync-bn needs CUDA devices (torch's SyncBatchNorm does not run on {args.device!r})")
-    if args.epochs < 1 or args.batch_size < 1 or args.checkpoint_every < 1 or args.input_size < 16:
-        parser.error("--epochs, --batch-size and --checkpoint-every must be at least 1, --input-size at least 16")
+    if args.epochs < 1 or args.batch_size < 2 or args.checkpoint_every < 1 or args.input_size < 16:
+        parser.error("--epochs and --checkpoint-every must be at least 1, --batch-size at least 2 (BatchNorm needs two "
+                     "images per step), --input-size at least 16")
     if not args.tau > 0 or args.var_cap < 0 or args.margin < 0 or args.warmup_epochs < 0:
         parser.error(f"--tau must be positive (got {args.tau:g}); --var-cap, --margin and --warmup-epochs must not be "
                      f"negative (got {args.var_cap:g}, {args.margin:g} and {args.warmup_epochs:g})")
@@ -241,6 +242,14 @@ def loss_terms(logits, z, labels, ce_target, teacher_logits, ramp, args, constan
     return {"total": total, "ce": ce, "kd": kd, "proto_kd": proto_kd, "var_cap": var_cap, "margin": margin}
 
 
+def check_batch_share(batch_size, world):
+    """Each of the world processes takes an equal share of every global batch, of two images at least: BatchNorm,
+    which normalises over each process's share, cannot train on one image."""
+    if batch_size % world or batch_size // world < 2:
+        raise ValueError(f"--batch-size {batch_size} must divide among the {world} processes, at least 2 images each "
+                         f"(BatchNorm needs two per step in every process)")
+
+
 def gathered_order(batch, world):
     """The batch's rows in the order gather_rows returns them, when each process takes batch[rank::world]."""
     return torch.cat([batch[rank::world] for rank in range(world)])
@@ -291,8 +300,7 @@ def main(argv=None):
             device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
             torch.cuda.set_device(device)
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
-    if args.batch_size % world:
-        raise ValueError(f"--batch-size {args.batch_size} must divide among the {world} processes")
+    check_batch_share(args.batch_size, world)
     stage_dir = os.path.join(args.run_dir, "stage3")
     out_dir = os.path.join(stage_dir, args.name)
     checkpoint_path = os.path.join(stage_dir, f"{args.name}-checkpoint.pt")

@@ -56,11 +56,20 @@ def test_presets_and_overrides():
     ("--tau", "0", "--tau must be positive (got 0)"),
     ("--margin", "-1", "--var-cap, --margin and --warmup-epochs must not be negative (got 0.2, -1 and 1)"),
     ("--checkpoint-every", "0", "--checkpoint-every must be at least 1"),
+    ("--batch-size", "1", "--batch-size at least 2 (BatchNorm needs two images per step)"),
 ])
 def test_settings_out_of_range_are_refused(capsys, flag, value, message):
     with pytest.raises(SystemExit):
         stage3_student.parse_args(["--variant", "B0", flag, value])
     assert message in capsys.readouterr().err
+
+
+def test_each_process_takes_an_equal_share_of_two_images_at_least():
+    stage3_student.check_batch_share(8, 4)
+    for batch_size, world in ((6, 4), (4, 4)):
+        with pytest.raises(ValueError, match=rf"^--batch-size {batch_size} must divide among the 4 processes, at least "
+                                             r"2 images each \(BatchNorm needs two per step in every process\)$"):
+            stage3_student.check_batch_share(batch_size, world)
 
 
 def test_kd_variant_without_teacher_is_refused(capsys):
