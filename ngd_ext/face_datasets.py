@@ -341,7 +341,8 @@ def ckplus_records(folder):
         records += [FaceRecord(frame, label, None, f"{label_files[0]}, one of the last 3 frames", subject)
                     for frame in frames[-3:]]
     if not records:
-        raise DatasetError(f"{folder}: no labelled CK+ sequence found under {images} and {emotions}")
+        raise DatasetError(f"{folder}: no labelled CK+ sequence found under {images} and {emotions}"
+                           + (f"; dropped: {dropped_text(dropped)}" if dropped else ""))
     return records, dict(dropped)
 
 
@@ -389,7 +390,8 @@ def manifest_records(path):
         va = _rated(*(_rating(fields[i], where, header[i]) for i in rating_columns)) if rating_columns else None
         records.append(FaceRecord(image_path, label, box, where, group or None, va))
     if not records:
-        raise DatasetError(f"{path}: no row with a FERPlus label")
+        raise DatasetError(f"{path}: no row with a FERPlus label" + (f"; dropped: {dropped_text(dropped)}" if dropped
+                                                                      else ""))
     return records, dict(dropped)
 
 
@@ -411,8 +413,16 @@ def _crop_record(record):
     return record, thread_cropper().crop(grey, record.box)
 
 
+def dropped_text(dropped):
+    """What was dropped, and how often: "expression 8 (None): 8; expression 9 (Uncertain): 8"."""
+    return "; ".join(f"{what}: {count}" for what, count in dropped.items())
+
+
 def read_faces(name, records, dropped, skip_unreadable=False, workers=None):
     """Decode and crop every record into a FaceSet."""
+    if not records:
+        raise DatasetError(f"{name}: no image with a FERPlus label" + (f"; dropped: {dropped_text(dropped)}" if dropped
+                                                                        else ""))
     images, labels, paths, groups, ratings, unreadable, crops = [], [], [], [], [], [], Counter()
     for record, crop in map_in_threads(_crop_record, records, f"reading {name}", workers):
         if isinstance(crop, OSError):
@@ -430,7 +440,7 @@ def read_faces(name, records, dropped, skip_unreadable=False, workers=None):
         groups.append(record.group)
         ratings.append((np.nan, np.nan) if record.va is None else record.va)
     if not images:
-        raise DatasetError(f"{name}: no readable image among {len(records)} records")
+        raise DatasetError(f"{name}: none of its {len(records)} images could be read")
     grouped = any(group is not None for group in groups)
     ratings = np.array(ratings, np.float64)
     return FaceSet(name, np.stack(images), np.array(labels, np.int64), paths, dict(dropped),

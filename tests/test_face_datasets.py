@@ -371,6 +371,31 @@ def test_missing_and_corrupt_images_stop_the_run_or_are_counted(tmp_path):
     assert faces.labels.tolist() == [1]
     assert faces.unreadable == [str(tmp_path / "corrupt.png"), str(tmp_path / "missing.png")]
     assert faces.summary()["unreadable"]["count"] == 2
+    with pytest.raises(DatasetError, match=r"^faces: none of its 2 images could be read$"):
+        read_faces("faces", records[1:], dropped, skip_unreadable=True)
+
+
+def test_a_set_with_no_usable_label_says_what_was_dropped(tmp_path):
+    path = tmp_path / "faces.csv"
+    path.write_text("path,label\na.png,bored\nb.png,bored\nc.png,9\n")
+    with pytest.raises(DatasetError, match=rf"^{path}: no row with a FERPlus label; dropped: label 'bored' \(not a "
+                                           r"FERPlus class\): 2; label '9' \(not a FERPlus class\): 1$"):
+        manifest_records(str(path))
+    path.write_text("path,label\n")
+    with pytest.raises(DatasetError, match=rf"^{path}: no row with a FERPlus label$"):
+        manifest_records(str(path))
+    folder = str(tmp_path)
+    write_affectnet_csv(folder, affectnet_rows(folder, [8, 10, 10]))
+    records, dropped = affectnet_records(folder)
+    with pytest.raises(DatasetError, match=r"^AffectNet: no image with a FERPlus label; dropped: expression 8 "
+                                           r"\(None\): 1; expression 10 \(No-Face\): 2$"):
+        read_faces("AffectNet", records, dropped)
+    root = str(tmp_path / "ck")
+    write_sequence(root, "S010", "001", 5)
+    write_sequence(root, "S011", "004", 5, "9.0000000e+00")
+    with pytest.raises(DatasetError, match=r"no labelled CK\+ sequence found under .*; dropped: sequence without an "
+                                           r"emotion label: 1; emotion code 9 \(unknown code\): 1$"):
+        ckplus_records(root)
 
 
 def test_box_outside_the_image_is_refused(tmp_path):
