@@ -46,6 +46,9 @@ Prediction: --predict FOLDER runs one student (--variants NAME; default B3) on e
 writes a CSV with one row per face found (its box, the class probabilities and the class readout of valence and
 arousal, and the prototype readout where the run holds the student's bank), or one centre-crop row for an image where
 none is found.
+
+Export: --export FILE writes one student (--variants NAME; default B3), with its preprocessing, as a torch.export
+program that runs with torch alone: uint8 N x 48 x 48 face crops in, (logits, embeddings) out.
 """
 
 import argparse
@@ -66,7 +69,7 @@ from tqdm import tqdm  # noqa: E402
 
 from ngd_ext import artifacts  # noqa: E402
 from ngd_ext.emotions import DEFAULT_ANCHORS, FER_CLASSES, VA_DIMENSIONS  # noqa: E402
-from ngd_ext.face_crop import thread_cropper  # noqa: E402
+from ngd_ext.face_crop import CROP_MARGIN, thread_cropper  # noqa: E402
 from ngd_ext.face_datasets import (IMAGE_EXTENSIONS, DatasetError, FaceSet, affectnet_records,  # noqa: E402
                                    ckplus_records, manifest_records, read_faces)
 from ngd_ext.ferplus import FerPlusError, load_ferplus_cached  # noqa: E402
@@ -75,7 +78,7 @@ from ngd_ext.metrics import (BOOTSTRAP_LEVEL, PROTOCOLS, REGRESSION_SCORES, SCOR
                              bootstrap, eight_way, intervals, present_only, regression_bootstrap, regression_metrics)
 from ngd_ext.parallel import map_in_threads  # noqa: E402
 from ngd_ext.prototypes import bin_centres, grid_centres, nearest_prototypes, unit_rows  # noqa: E402
-from ngd_ext.student_model import EXECUTION_SETTINGS, load_student, predict  # noqa: E402
+from ngd_ext.student_model import EXECUTION_SETTINGS, export_student, load_student, predict  # noqa: E402
 from ngd_ext.synthetic_default import add_synthetic_flags, settle_synthetic_flags  # noqa: E402
 from ngd_ext.synthetic_faces import synthetic_ferplus, write_synthetic_affectnet, write_synthetic_ckplus  # noqa: E402
 
@@ -145,11 +148,15 @@ def parse_args(argv=None):
                         help="prediction mode: classify the faces in every image under FOLDER")
     parser.add_argument("--output",
                         help="prediction mode: the CSV to write (default RUN_DIR/predictions/<variant>.csv)")
+    parser.add_argument("--export", metavar="FILE",
+                        help="export mode: write one student, with its preprocessing, as a torch.export program "
+                             "(FILE, e.g. student.pt2) that runs with torch alone")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="where the students run (default cuda when present)")
     parser.add_argument("--seed", type=int, help="seed of the bootstrap and the t-SNE (default 0)")
     args = parser.parse_args(argv)
-    settle_synthetic_flags(parser, args, ["--ferplus", "--affectnet", "--ckplus", "--manifest", "--predict"])
+    settle_synthetic_flags(parser, args, ["--ferplus", "--affectnet", "--ckplus", "--manifest", "--predict",
+                                          "--export"])
     if args.predict and not os.path.isdir(args.predict):
         parser.error(f"--predict {args.predict}: not a folder (give the folder that holds the images)")
     evaluation_only = [flag for flag in ("--ferplus", "--affectnet", "--ckplus", "--manifest", "--reference",
@@ -160,6 +167,10 @@ def parse_args(argv=None):
                      "with one student; leave them out")
     if args.output and not args.predict:
         parser.error("--output names the CSV of prediction mode: give it with --predict FOLDER")
+    not_exported = [flag for flag in ("--predict", "--skip-unreadable") if getattr(args, flag[2:].replace("-", "_"))]
+    if args.export and (evaluation_only or not_exported):
+        parser.error(f"{', '.join(evaluation_only + not_exported)}: --export writes one student as a program and "
+                     "reads no images; leave them out")
     if args.affectnet_split and not args.affectnet:
         parser.error("--affectnet-split chooses the split of --affectnet FOLDER: give it with --affectnet")
     for name, default in EVALUATION_DEFAULTS.items():
@@ -841,18 +852,36 @@ def predict_folder(args, model, config, name, prototypes):
         print(f"skipped unreadable image {line}", file=sys.stderr)
 
 
+def export_folder_student(path, model, config, name, checkpoint_hash):
+    """The student as a torch.export program, with what a program of another's needs to use it."""
+    synthetic = config["source"] == "synthetic"
+    export_student(model, config, path, {
+        "student": name, "checkpoint_sha256": checkpoint_hash, "classes": list(FER_CLASSES),
+        "input": "uint8 N x 48 x 48 grey face crops, cut as ngd_ext.face_crop cuts them (the face box widened by "
+                 f"{CROP_MARGIN:.0%} on each side)",
+        "outputs": ["logits N x C, in the order of classes (their softmax: the class probabilities)",
+                    "embeddings N x E, the projection head's (Proto-KD's space)"],
+        "config": config, **({"note": SYNTHETIC_NOTE} if synthetic else {})})
+    print(f"{name} -> {path}: a torch.export program of uint8 N x 48 x 48 face crops to (logits, embeddings); "
+          f"torch.export.load({path!r}).module() runs it" + (f" ({SYNTHETIC_NOTE})" if synthetic else ""))
+
+
 def main(argv=None):
     args = parse_args(argv)
     stage2_dir, stage3_dir = os.path.join(args.run_dir, "stage2"), os.path.join(args.run_dir, "stage3")
     names = finished_variants(stage3_dir, args.variants)
 
-    if args.predict:  # only the image model runs; the run's prototype bank, where it has one, adds a readout
+    if args.predict or args.export:  # one student, and only the image model runs
+        mode = "--predict" if args.predict else "--export"
         if len(names) > 1:
             if "B3" not in names or args.variants:
-                raise ValueError(f"--predict uses one student: name it with --variants (found {', '.join(names)})")
+                raise ValueError(f"{mode} uses one student: name it with --variants (found {', '.join(names)})")
             names = ["B3"]
-        model, config, _ = load_checked_student(stage3_dir, names[0])
-        predict_folder(args, model, config, names[0], prediction_prototypes(stage2_dir, config))
+        model, config, checkpoint_hash = load_checked_student(stage3_dir, names[0])
+        if args.predict:  # the run's prototype bank, where it has one, adds a readout
+            predict_folder(args, model, config, names[0], prediction_prototypes(stage2_dir, config))
+        else:
+            export_folder_student(args.export, model, config, names[0], checkpoint_hash)
         return
 
     # Students and data ------------------------------------------------------------------------------------

@@ -2,10 +2,14 @@
 over the 8 FERPlus classes and a projection head to the prototype dimension E. The projection serves
 Proto-KD and D-Geo in training; at inference only the classifier runs."""
 
+import json
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
+
+from ngd_ext import artifacts
 
 ARCHITECTURES = {"resnet18": torchvision.models.resnet18, "resnet50": torchvision.models.resnet50}
 # The entries of a stage-3 config that say how the run was executed, not what it learned: a resumed run may change
@@ -91,6 +95,38 @@ def load_student(path, num_classes=8):
         raise ValueError(f"{path}: its weights are not those of the {arch} student its config names "
                          f"({str(error).splitlines()[0]} ...)") from error
     return model.eval(), config
+
+
+class FaceCropsToScores(nn.Module):
+    """A student with its preprocessing: uint8 N x 48 x 48 face crops in, (logits N x C, embeddings N x E) out, as
+    `predict` gives them. It is what `export_student` exports."""
+
+    def __init__(self, student, size):
+        super().__init__()
+        self.student, self.size = student, size
+
+    def forward(self, faces):
+        return self.student(preprocess(faces, self.size))
+
+
+EXPORT_METADATA = "ngd_ext.json"  # the name of the metadata an exported program carries among its extra files
+
+
+def export_student(model, config, path, metadata):
+    """Write the student (in eval mode, on the CPU) with its preprocessing as a torch.export program (.pt2) that
+    torch.export.load runs without this package: any number of uint8 48 x 48 crops in. `metadata` (a JSON-able
+    dict) goes with it as the extra file EXPORT_METADATA. The saved program is loaded back and must give the
+    model's outputs on a batch of random crops before it takes the name `path`."""
+    deployed = FaceCropsToScores(model.eval().cpu(), config["input_size"])
+    example = torch.randint(0, 256, (3, 48, 48), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    program = torch.export.export(deployed, (example,), dynamic_shapes={"faces": {0: torch.export.Dim("faces")}})
+    # through file objects: given a path, torch.export insists on one that ends in .pt2, as the temporary does not
+    with artifacts.atomic_path(path) as temporary:
+        with open(temporary, "wb") as handle:
+            torch.export.save(program, handle, extra_files={EXPORT_METADATA: json.dumps(metadata, indent=1)})
+        with open(temporary, "rb") as handle, torch.no_grad():
+            for got, expected in zip(torch.export.load(handle).module()(example), deployed(example)):
+                torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
 @torch.no_grad()

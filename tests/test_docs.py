@@ -122,3 +122,18 @@ def test_the_readme_example_of_prediction_from_python_runs(tmp_path, monkeypatch
     printed = capsys.readouterr().out.splitlines()
     assert names["logits"].shape == (len(names["faces"]), 8) and names["embeddings"].shape == (len(printed), 16)
     assert printed[0].startswith("detected (") and printed[0].split()[-1] in FER_CLASSES
+
+
+def test_the_readme_example_of_the_exported_program_runs(tmp_path, monkeypatch):
+    import torch
+
+    from ngd_ext.student_model import Student, export_student
+
+    (example,) = [block for block in code_blocks("README.md", "python") if "torch.export.load" in block]
+    torch.manual_seed(0)
+    export_student(Student("resnet18", 8, 16), {"input_size": 32}, str(tmp_path / "student.pt2"), {})
+    monkeypatch.chdir(tmp_path)
+    names = {}
+    exec(compile(example, "README.md", "exec"), names)
+    assert names["probabilities"].shape == (2, 8) and names["embeddings"].shape == (2, 16)
+    torch.testing.assert_close(names["probabilities"].sum(dim=1), torch.ones(2))

@@ -5,6 +5,8 @@ import csv
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -21,7 +23,7 @@ from ngd_ext.emotions import DEFAULT_ANCHORS, FER_CLASSES, VA_DIMENSIONS
 from ngd_ext.face_datasets import affectnet_records, read_faces
 from ngd_ext.metrics import PROTOCOLS, SCORES, eight_way
 from ngd_ext.prototypes import grid_centres
-from ngd_ext.student_model import Student, load_student, predict
+from ngd_ext.student_model import EXPORT_METADATA, Student, load_student, predict
 from ngd_ext.synthetic_faces import EXPRESSIONS, draw_face, place_face
 
 TINY3 = ["--synthetic-size", "tiny", "--epochs", "1", "--batch-size", "64", "--device", "cpu"]
@@ -320,11 +322,48 @@ def test_prediction_mode_needs_a_folder(tmp_path, capsys):
                                         "--affectnet"),
     (["--predict", ".", "--data-seed", "2"], "--data-seed shapes the embedded synthetic default, which --predict "
                                              "replaces: leave it out"),
+    (["--export", "s.pt2", "--ckplus", "ck", "--seed", "1"], "--ckplus, --seed: --export writes one student as a "
+                                                              "program and reads no images; leave them out"),
+    (["--export", "s.pt2", "--predict", ".", "--skip-unreadable"], "--predict, --skip-unreadable: --export writes"),
+    (["--export", "s.pt2", "--synthetic-size", "tiny"], "--synthetic-size shapes the embedded synthetic default, "
+                                                         "which --export replaces"),
 ])
 def test_flags_of_the_other_mode_are_refused(flags, message, capsys):
     with pytest.raises(SystemExit):
         stage4_eval.parse_args(flags)
     assert message in capsys.readouterr().err
+
+
+def test_export_writes_a_program_that_gives_the_students_outputs(demo, tmp_path, capsys):
+    """--export: B3, the one student chosen among two, as a torch.export program of aten operations only, which
+    gives predict's outputs for any number of crops, with the metadata a program of another's needs."""
+    run_dir, _ = demo
+    path = str(tmp_path / "exported" / "student.pt2")
+    stage4_eval.main(["--run-dir", run_dir, "--export", path])
+    assert f"B3 -> {path}: a torch.export program" in capsys.readouterr().out
+    assert os.listdir(os.path.dirname(path)) == ["student.pt2"]
+    checkpoint = os.path.join(run_dir, "stage3", "B3", "best.pt")
+    model, config = load_student(checkpoint)
+    extra = {EXPORT_METADATA: ""}
+    program = torch.export.load(path, extra_files=extra)
+    metadata = json.loads(extra[EXPORT_METADATA])
+    assert (metadata["student"], metadata["checkpoint_sha256"], metadata["classes"], metadata["config"]) == (
+        "B3", artifacts.sha256_file(checkpoint), list(FER_CLASSES), json.loads(json.dumps(config)))
+    assert "48 x 48" in metadata["input"] and metadata["note"] == stage4_eval.SYNTHETIC_NOTE
+    assert {node.target.namespace for node in program.graph.nodes if node.op == "call_function"
+            and isinstance(node.target, torch._ops.OpOverload)} == {"aten"}
+    faces = np.random.default_rng(0).integers(0, 256, (6, 48, 48), dtype=np.uint8)
+    for count in (1, 6):
+        logits, embeddings = program.module()(torch.from_numpy(faces[:count]))
+        expected_logits, expected_embeddings = predict(model, faces[:count], config["input_size"], "cpu")
+        torch.testing.assert_close(logits, torch.from_numpy(expected_logits), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(embeddings, torch.from_numpy(expected_embeddings), rtol=1e-5, atol=1e-5)
+    # with torch alone: importing ngd_ext or torchvision fails in this process
+    alone = subprocess.run([sys.executable, "-c", (
+        "import sys; sys.modules['ngd_ext'] = sys.modules['torchvision'] = None; import torch; "
+        f"print(*torch.export.load({path!r}).module()(torch.zeros(3, 48, 48, dtype=torch.uint8))[1].shape)")],
+        capture_output=True, text=True, cwd=str(tmp_path))
+    assert (alone.returncode, alone.stdout) == (0, f"3 {config['embedding_size']}\n"), alone.stderr
 
 
 def add_variant(run_dir, name, state_dict, config):
