@@ -862,8 +862,9 @@ def export_folder_student(path, model, config, name, checkpoint_hash):
         "outputs": ["logits N x C, in the order of classes (their softmax: the class probabilities)",
                     "embeddings N x E, the projection head's (Proto-KD's space)"],
         "config": config, **({"note": SYNTHETIC_NOTE} if synthetic else {})})
-    print(f"{name} -> {path}: a torch.export program of uint8 N x 48 x 48 face crops to (logits, embeddings); "
-          f"torch.export.load({path!r}).module() runs it" + (f" ({SYNTHETIC_NOTE})" if synthetic else ""))
+    print(f"{name} -> {path} (SHA-256 {artifacts.sha256_file(path)}): a torch.export program of uint8 N x 48 x 48 "
+          f"face crops to (logits, embeddings); torch.export.load({path!r}).module() runs it"
+          + (f" ({SYNTHETIC_NOTE})" if synthetic else ""))
 
 
 def main(argv=None):

@@ -340,7 +340,7 @@ def test_export_writes_a_program_that_gives_the_students_outputs(demo, tmp_path,
     run_dir, _ = demo
     path = str(tmp_path / "exported" / "student.pt2")
     stage4_eval.main(["--run-dir", run_dir, "--export", path])
-    assert f"B3 -> {path}: a torch.export program" in capsys.readouterr().out
+    assert f"B3 -> {path} (SHA-256 {artifacts.sha256_file(path)}): a torch.export program" in capsys.readouterr().out
     assert os.listdir(os.path.dirname(path)) == ["student.pt2"]
     checkpoint = os.path.join(run_dir, "stage3", "B3", "best.pt")
     model, config = load_student(checkpoint)
