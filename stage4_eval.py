@@ -852,7 +852,7 @@ def predict_folder(args, model, config, name, prototypes):
         print(f"skipped unreadable image {line}", file=sys.stderr)
 
 
-def export_folder_student(path, model, config, name, checkpoint_hash):
+def export_for_deployment(path, model, config, name, checkpoint_hash):
     """The student as a torch.export program, with what a program of another's needs to use it."""
     synthetic = config["source"] == "synthetic"
     export_student(model, config, path, {
@@ -882,7 +882,7 @@ def main(argv=None):
         if args.predict:  # the run's prototype bank, where it has one, adds a readout
             predict_folder(args, model, config, names[0], prediction_prototypes(stage2_dir, config))
         else:
-            export_folder_student(args.export, model, config, names[0], checkpoint_hash)
+            export_for_deployment(args.export, model, config, names[0], checkpoint_hash)
         return
 
     # Students and data ------------------------------------------------------------------------------------
