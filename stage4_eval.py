@@ -25,7 +25,8 @@ faces. Faces in full frames are cropped by the dataset's box, else OpenCV's Haar
                                           cross-dataset tables, each dataset's per-class F1 of every student, and
                                           the valence/arousal readouts' CCC on rated sets
   summary.png                             every student's 8-way macro-F1 per dataset, with its interval
-  replicates.png                          with --replicates: each group's mean, sd and students per dataset
+  replicates.png                          with --replicates: each group's mean, sd and students per dataset,
+                                          and the differences paired by seed
   summary_valence_arousal.png             on rated sets: every student's readouts' CCC, with its interval
   config.json, SHA256SUMS
 
@@ -730,24 +731,47 @@ def plot_summary(results, variants, datasets, note, path):
     artifacts.save_figure(figure, path)
 
 
-def plot_replicates(replicates, datasets, note, path):
+def plot_replicates(replicates, paired, datasets, note, path):
     """Each --replicates group's 8-way macro-F1 per dataset: a bar at the mean, a whisker of one standard deviation
-    either side, and a dot per student."""
-    figure, ax = plt.subplots(figsize=(2 + 1.6 * len(datasets), 4))
+    either side, and a dot per student; beside it, where groups are paired by seed, each group's differences from the
+    reference group: a dot per seed, and the mean with its t-interval."""
+    panels = 2 if paired else 1
+    figure, axes = plt.subplots(1, panels, figsize=(panels * (2 + 1.6 * len(datasets)), 4), squeeze=False)
+    ax = axes[0, 0]
     all_centres, width = bar_centres(len(replicates), len(datasets))
-    for g, (centres, (group, entry)) in enumerate(zip(all_centres, replicates.items())):
+    colours = {group: f"C{g}" for g, group in enumerate(replicates)}
+    for centres, (group, entry) in zip(all_centres, replicates.items()):
         spreads = [entry["datasets"][key]["eight_way"]["macro_f1"] for key, _, _ in datasets]
         seeds = ", ".join(map(str, entry["seeds"]))
         ax.bar(centres, [spread["mean"] for spread in spreads], width, yerr=[spread["sd"] for spread in spreads],
-               capsize=2, error_kw=dict(lw=0.8), color=f"C{g}", alpha=0.6, label=f"{group} (seeds {seeds})")
+               capsize=2, error_kw=dict(lw=0.8), color=colours[group], alpha=0.6, label=f"{group} (seeds {seeds})")
         for x, spread in zip(centres, spreads):
-            ax.plot([x] * len(spread["values"]), spread["values"], "o", ms=3, color=f"C{g}", markeredgecolor="black",
-                    markeredgewidth=0.5)
+            ax.plot([x] * len(spread["values"]), spread["values"], "o", ms=3, color=colours[group],
+                    markeredgecolor="black", markeredgewidth=0.5)
     ax.set_xticks(range(len(datasets)), [name for _, name, _ in datasets])
     ax.set_ylabel("8-way macro-F1 (mean ± sd; a dot per seed)")
     ax.set_ylim(0, 1)
     ax.legend(fontsize=8)
     ax.set_title(f"Across training seeds ({note})", fontsize=10)
+    if paired:
+        ax = axes[0, 1]
+        reference_group = next(iter(paired.values()))["from"]
+        all_centres, width = bar_centres(len(paired), len(datasets))
+        for centres, (group, entry) in zip(all_centres, paired.items()):
+            differences = [entry["datasets"][key]["eight_way"]["macro_f1"] for key, _, _ in datasets]
+            means = np.array([difference["mean"] for difference in differences])
+            bounds = np.array([difference["interval"] for difference in differences])
+            ax.errorbar(centres, 100 * means, yerr=100 * np.abs(bounds.T - means), fmt="s", ms=5, capsize=3,
+                        color=colours[group], label=f"{group} minus {reference_group}: mean, "
+                                                    f"{100 * BOOTSTRAP_LEVEL:.0f}% t-interval; a dot per seed")
+            for x, difference in zip(centres, differences):
+                ax.plot([x + width / 4] * len(difference["values"]), 100 * np.array(difference["values"]), "o",
+                        ms=3, color=colours[group], markeredgecolor="black", markeredgewidth=0.5)
+        ax.axhline(0, color="grey", lw=0.8)
+        ax.set_xticks(range(len(datasets)), [name for _, name, _ in datasets])
+        ax.set_ylabel("8-way macro-F1 difference (points)")
+        ax.legend(fontsize=8)
+        ax.set_title(f"Paired by training seed ({note})", fontsize=10)
     artifacts.save_figure(figure, path)
 
 
@@ -956,7 +980,7 @@ def main(argv=None):
             "paired_across_seeds": paired})
         plot_summary(results, variants, datasets, note, os.path.join(out_dir, "summary.png"))
         if replicates:
-            plot_replicates(replicates, datasets, note, os.path.join(out_dir, "replicates.png"))
+            plot_replicates(replicates, paired, datasets, note, os.path.join(out_dir, "replicates.png"))
         rated = rated_sets(results, reference, datasets)
         if rated:
             plot_readout_summary(results, readout_rows(results, variants, rated), rated, note,
