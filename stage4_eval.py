@@ -549,11 +549,12 @@ def across_seeds(results, groups, variants, datasets):
 
 def paired_across_seeds(replicates, reference_group):
     """Each other --replicates group's scores minus the reference group's, paired by training seed: {group: {"from",
-    "seeds", "datasets": {dataset: {protocol: {score: {"mean", "sd", "interval", "above_zero", "values"}}}}}}, over
-    the seeds both groups have (a group sharing fewer than two with the reference is left out). A seed fixes the
-    initial weights, the batch order and the augmentation, so a seed's two students differ chiefly by their recipe.
-    The interval is Student's t interval of the mean difference (n - 1 degrees of freedom), which takes the seeds'
-    differences as normal."""
+    "seeds", "datasets": {dataset: {protocol: {score: difference}, and on a rated set "valence_arousal": {readout:
+    {dimension: {score: difference}}} for the readouts both groups have}}}}, each difference {"mean", "sd",
+    "interval", "above_zero", "values"}, over the seeds both groups have (a group sharing fewer than two with the
+    reference is left out). A seed fixes the initial weights, the batch order and the augmentation, so a seed's two
+    students differ chiefly by their recipe. The interval is Student's t interval of the mean difference (n - 1
+    degrees of freedom), which takes the seeds' differences as normal."""
     reference = replicates[reference_group]
 
     def paired(differences):
@@ -568,12 +569,21 @@ def paired_across_seeds(replicates, reference_group):
         if group == reference_group or len(seeds) < 2:
             continue
         pairs = [(entry["seeds"].index(seed), reference["seeds"].index(seed)) for seed in seeds]
+
+        def difference(mine, theirs):  # two groups' spreads of one score, as across_seeds gives them
+            return paired([mine["values"][i] - theirs["values"][j] for i, j in pairs])
+
         datasets = {}
-        for key, on_dataset in entry["datasets"].items():
-            datasets[key] = {protocol: {score: paired([on_dataset[protocol][score]["values"][mine]
-                                                       - reference["datasets"][key][protocol][score]["values"][theirs]
-                                                       for mine, theirs in pairs]) for score in SCORES}
-                             for protocol in PROTOCOLS}
+        for key, mine in entry["datasets"].items():
+            theirs = reference["datasets"][key]
+            datasets[key] = {protocol: {score: difference(mine[protocol][score], theirs[protocol][score])
+                                        for score in SCORES} for protocol in PROTOCOLS}
+            if "valence_arousal" in mine:
+                mine_va, theirs_va = mine["valence_arousal"], theirs["valence_arousal"]
+                datasets[key]["valence_arousal"] = {readout: {dimension: {
+                    score: difference(mine_va[readout][dimension][score], theirs_va[readout][dimension][score])
+                    for score in REGRESSION_SCORES} for dimension in VA_DIMENSIONS}
+                    for readout in mine_va if readout in theirs_va}
         paired_groups[group] = {"from": reference_group, "seeds": seeds, "datasets": datasets}
     return paired_groups
 

@@ -21,7 +21,7 @@ import stage4_eval
 from ngd_ext import artifacts, metrics
 from ngd_ext.emotions import DEFAULT_ANCHORS, FER_CLASSES, VA_DIMENSIONS
 from ngd_ext.face_datasets import affectnet_records, read_faces
-from ngd_ext.metrics import PROTOCOLS, SCORES, eight_way
+from ngd_ext.metrics import PROTOCOLS, REGRESSION_SCORES, SCORES, eight_way
 from ngd_ext.prototypes import grid_centres
 from ngd_ext.student_model import EXPORT_METADATA, Student, load_student, predict
 from ngd_ext.synthetic_faces import EXPRESSIONS, draw_face, place_face
@@ -539,6 +539,8 @@ def test_replicates_summarise_students_of_several_seeds(demo, tmp_path):
                   for names in (students, ["B3", "B3_seed1", "B3_seed2"]))
         assert paired["datasets"][key]["eight_way"]["macro_f1"]["values"] == pytest.approx(
             np.subtract(b3, b0).tolist(), abs=1e-12)
+    assert [key for key in DATASETS if "valence_arousal" in paired["datasets"][key]] == ["affectnet"]  # the rated set
+    assert list(paired["datasets"]["affectnet"]["valence_arousal"]) == ["class"]  # the readout B0 has too
     test_difference = paired["datasets"]["ferplus_test"]["eight_way"]["macro_f1"]
     low, high = test_difference["interval"]
     assert markdown.split("**Paired by training seed: each group's 8-way macro-F1 minus that of B0's student of the "
@@ -554,14 +556,21 @@ def test_replicates_summarise_students_of_several_seeds(demo, tmp_path):
 
 def test_groups_are_compared_seed_by_seed_with_a_t_interval():
     """Each group minus the reference group, paired by seed value whatever the order the students were named in; the
-    mean and interval those of scipy's paired t-test; a group sharing one seed with the reference left out."""
+    mean and interval those of scipy's paired t-test; the V/A readouts both groups have; a group sharing one seed
+    with the reference left out."""
     rng = np.random.default_rng(0)
 
-    def group(seeds):
-        return {"seeds": seeds, "datasets": {"ferplus_test": {protocol: {score: {"values": rng.uniform(
-            0.3, 0.7, len(seeds)).tolist()} for score in SCORES} for protocol in PROTOCOLS}}}
+    def spread(seeds):
+        return {"values": rng.uniform(0.3, 0.7, len(seeds)).tolist()}
 
-    replicates = {"B0": group([0, 1, 2]), "B3": group([2, 0, 1]), "B1": group([1, 0]), "B2": group([0, 7])}
+    def group(seeds, readouts=("class",)):
+        on_dataset = {protocol: {score: spread(seeds) for score in SCORES} for protocol in PROTOCOLS}
+        on_dataset["valence_arousal"] = {readout: {dimension: {score: spread(seeds) for score in REGRESSION_SCORES}
+                                                   for dimension in VA_DIMENSIONS} for readout in readouts}
+        return {"seeds": seeds, "datasets": {"ferplus_test": on_dataset}}
+
+    replicates = {"B0": group([0, 1, 2]), "B3": group([2, 0, 1], ("prototype", "class")), "B1": group([1, 0]),
+                  "B2": group([0, 7])}
     paired = stage4_eval.paired_across_seeds(replicates, "B0")
     assert list(paired) == ["B3", "B1"]
     assert (paired["B3"]["from"], paired["B3"]["seeds"], paired["B1"]["seeds"]) == ("B0", [0, 1, 2], [0, 1])
@@ -577,6 +586,11 @@ def test_groups_are_compared_seed_by_seed_with_a_t_interval():
                 assert got["above_zero"] == int((mine > theirs).sum())
                 assert got["interval"] == pytest.approx(list(scipy.stats.ttest_rel(mine, theirs).confidence_interval(
                     0.95)), abs=1e-12)
+    va = paired["B3"]["datasets"]["ferplus_test"]["valence_arousal"]
+    assert list(va) == ["class"]  # B0 has no prototype readout to compare with
+    mine, theirs = (np.array(replicates[name]["datasets"]["ferplus_test"]["valence_arousal"]["class"]["arousal"]["ccc"][
+        "values"]) for name in ("B3", "B0"))
+    assert va["class"]["arousal"]["ccc"]["values"] == pytest.approx(mine[[1, 2, 0]] - theirs, abs=1e-15)
     assert stage4_eval.paired_across_seeds({"B0": group([0, 1]), "B3": group([2, 3])}, "B0") == {}
 
 
