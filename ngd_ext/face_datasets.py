@@ -342,7 +342,7 @@ def ckplus_records(folder):
                     for frame in frames[-3:]]
     if not records:
         raise DatasetError(f"{folder}: no labelled CK+ sequence found under {images} and {emotions}"
-                           + (f"; dropped: {dropped_text(dropped)}" if dropped else ""))
+                           + dropped_note(dropped))
     return records, dict(dropped)
 
 
@@ -390,8 +390,7 @@ def manifest_records(path):
         va = _rated(*(_rating(fields[i], where, header[i]) for i in rating_columns)) if rating_columns else None
         records.append(FaceRecord(image_path, label, box, where, group or None, va))
     if not records:
-        raise DatasetError(f"{path}: no row with a FERPlus label" + (f"; dropped: {dropped_text(dropped)}" if dropped
-                                                                      else ""))
+        raise DatasetError(f"{path}: no row with a FERPlus label" + dropped_note(dropped))
     return records, dict(dropped)
 
 
@@ -413,16 +412,16 @@ def _crop_record(record):
     return record, thread_cropper().crop(grey, record.box)
 
 
-def dropped_text(dropped):
-    """What was dropped, and how often: "expression 8 (None): 8; expression 9 (Uncertain): 8"."""
-    return "; ".join(f"{what}: {count}" for what, count in dropped.items())
+def dropped_note(dropped):
+    """The end of an error that says why a set has nothing left: what was dropped, and how often ("; dropped:
+    expression 8 (None): 8; expression 9 (Uncertain): 8"), or "" where nothing was."""
+    return "; dropped: " + "; ".join(f"{what}: {count}" for what, count in dropped.items()) if dropped else ""
 
 
 def read_faces(name, records, dropped, skip_unreadable=False, workers=None):
     """Decode and crop every record into a FaceSet."""
     if not records:
-        raise DatasetError(f"{name}: no image with a FERPlus label" + (f"; dropped: {dropped_text(dropped)}" if dropped
-                                                                        else ""))
+        raise DatasetError(f"{name}: no image with a FERPlus label" + dropped_note(dropped))
     images, labels, paths, groups, ratings, unreadable, crops = [], [], [], [], [], [], Counter()
     for record, crop in map_in_threads(_crop_record, records, f"reading {name}", workers):
         if isinstance(crop, OSError):
