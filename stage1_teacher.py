@@ -46,8 +46,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 from ngd_ext import artifacts, eeg_features, eeg_formats  # noqa: E402
 from ngd_ext.determinism import set_determinism  # noqa: E402
 from ngd_ext.eeg_features import BANDS, interpolation_matrix, recording_entropy, topographic_maps  # noqa: E402
-from ngd_ext.eeg_formats import (EEGFormatError, MahnobScan, MahnobSession, iter_dreamer,  # noqa: E402
-                                 read_mahnob_trial, scan_mahnob, without_constant_channels)
+from ngd_ext.eeg_formats import (EEGFormatError, MahnobScan, MahnobSession, average_referenced,  # noqa: E402
+                                 iter_dreamer, read_mahnob_trial, scan_mahnob, without_constant_channels)
 from ngd_ext.emotions import VA_DIMENSIONS  # noqa: E402
 from ngd_ext.metrics import BOOTSTRAP_LEVEL, intervals, regression_bootstrap, regression_metrics  # noqa: E402
 from ngd_ext.parallel import default_workers, map_in_processes  # noqa: E402
@@ -206,6 +206,7 @@ def trial_entropy(source, window_s, step_s, cache_dir):
         entropy, ch_names, constant = cached
     else:
         trial, constant = without_constant_channels(trial or read_mahnob_trial(source))
+        trial = average_referenced(trial)
         entropy = recording_entropy(trial.signal, trial.baseline, trial.sfreq, SFREQ, window_s, step_s)
         ch_names = trial.ch_names
         if not len(entropy):

@@ -1,12 +1,12 @@
 """EEG features for the teacher: topographic maps of band differential entropy.
 
-A trial is band-passed (4-45 Hz) and resampled to a common rate with MNE, cut into windows, and for each
-band (theta, alpha, beta, gamma) and channel the differential entropy of the band-passed window is taken,
-minus its mean over the trial's own baseline (which removes per-subject and per-channel gain). The
-channels' values are then spread onto a 2-D scalp image by one precomputed interpolation matrix (standard
-10-20 positions from MNE's montage), applied to all windows at once by a matrix product. DREAMER's 14 Emotiv
-channels and MAHNOB-HCI's 32 BioSemi channels land on the same image grid, so the two datasets train one
-network.
+A trial is band-passed (4-45 Hz, mains above it stopped) and resampled to a common rate with MNE, cut into
+windows, and for each band (theta, alpha, beta, gamma) and channel the differential entropy of the band-passed
+window is taken, minus its mean over the trial's own baseline (which removes per-subject and per-channel
+gain). The channels' values are then spread onto a 2-D scalp image by one precomputed interpolation matrix
+(standard 10-20 positions from MNE's montage), applied to all windows at once by a matrix product. DREAMER's
+14 Emotiv channels and MAHNOB-HCI's 32 BioSemi channels land on the same image grid, so the two datasets train
+one network.
 """
 
 import mne
@@ -14,13 +14,17 @@ import numpy as np
 
 BANDS = {"theta": (4.0, 8.0), "alpha": (8.0, 13.0), "beta": (13.0, 30.0), "gamma": (30.0, 45.0)}
 BROADBAND = (4.0, 45.0)
+# Both edges of BROADBAND fall off over 2 Hz, so that 50 Hz mains is stopped (below -60 dB). MNE's automatic
+# upper transition, a quarter of 45 Hz, would pass it at about -5 dB, into the gamma band.
+BROADBAND_TRANSITION_HZ = 2.0
 
 
 def preprocess(signal, baseline, sfreq, target_sfreq):
     """Band-pass 4-45 Hz, then resample to target_sfreq. The baseline and the signal are filtered as one
     recording (baseline first, as recorded), so that the filter has no edge at the stimulus onset."""
     joined = np.concatenate([baseline, signal], axis=1)
-    joined = mne.filter.filter_data(joined, sfreq, *BROADBAND, verbose="error")
+    joined = mne.filter.filter_data(joined, sfreq, *BROADBAND, l_trans_bandwidth=BROADBAND_TRANSITION_HZ,
+                                    h_trans_bandwidth=BROADBAND_TRANSITION_HZ, verbose="error")
     if sfreq != target_sfreq:
         joined = mne.filter.resample(joined, up=target_sfreq, down=sfreq, verbose="error")
     split = int(round(baseline.shape[1] * target_sfreq / sfreq))

@@ -11,7 +11,9 @@ default and the tests use so that they go through the very readers real data go 
   read from the file; the trial lies between the first two Status events, with 30 s before it as baseline).
 
 A channel that holds one value throughout a trial's stimulus or baseline recorded nothing there (an electrode off the
-scalp, a channel a conversion filled with zeros); `without_constant_channels` leaves it out of that trial.
+scalp, a channel a conversion filled with zeros); `without_constant_channels` leaves it out of that trial. A BioSemi
+recording (MAHNOB-HCI) holds each channel against the CMS electrode and is to be re-referenced offline;
+`average_referenced` does it, over the channels left.
 """
 
 import glob
@@ -52,6 +54,7 @@ class Trial:
     valence: float                            # [-1, 1]
     arousal: float                            # [-1, 1]
     source: str                               # the file it came from
+    needs_average_reference: bool = False     # stored against a CMS electrode (BioSemi): see average_referenced
 
 
 def without_constant_channels(trial):
@@ -70,6 +73,21 @@ def without_constant_channels(trial):
     kept = ~constant
     return replace(trial, ch_names=tuple(name for name in trial.ch_names if name not in names),
                    signal=trial.signal[kept], baseline=trial.baseline[kept]), names
+
+
+def average_referenced(trial):
+    """The trial re-referenced to the mean of its channels, sample by sample, where its recording asks for it.
+
+    BioSemi amplifiers (MAHNOB-HCI) store every channel against their CMS electrode, with the interference common to
+    all channels (mains above all) still in it, and leave the reference to be chosen offline: the average reference
+    takes out what the channels share. DREAMER's Emotiv EPOC filters mains out in the headset, and the mean of its 14
+    mostly frontal and temporal channels would stand poorly for the scalp's, so its trials stay as recorded. Call it
+    after without_constant_channels: a channel that recorded nothing has no place in the mean, and once the mean is
+    taken from it, it no longer looks flat."""
+    if not trial.needs_average_reference:
+        return trial
+    return replace(trial, signal=trial.signal - trial.signal.mean(axis=0), needs_average_reference=False,
+                   baseline=trial.baseline - trial.baseline.mean(axis=0))
 
 
 # DREAMER ----------------------------------------------------------------------------------------------------
@@ -237,7 +255,7 @@ def scan_mahnob(root):
 
 def read_mahnob_trial(session):
     """The EEG of one session: its 32 EEG channels picked by name, the trial between the first two Status events and
-    the 30 s before it as baseline."""
+    the 30 s before it as baseline, as stored (against CMS: see average_referenced)."""
     import mne  # imported here: reading DREAMER alone should not pay for it
 
     bdf = session.bdf
@@ -267,7 +285,7 @@ def read_mahnob_trial(session):
     split = start - baseline_start
     return Trial(dataset=session.dataset, subject=session.subject, trial=session.trial, sfreq=sfreq,
                  ch_names=MAHNOB_EEG, signal=signals[:, split:], baseline=signals[:, :split], valence=session.valence,
-                 arousal=session.arousal, source=bdf)
+                 arousal=session.arousal, source=bdf, needs_average_reference=True)
 
 
 def write_session_xml(path, session_id, subject_id, felt_valence=None, felt_arousal=None):

@@ -9,8 +9,10 @@ phase, plus 1/f noise. The emotion correlates are the textbook ones:
 
 Subjects differ by an overall gain and a per-channel gain (which a baseline correction removes) and by how
 strongly they express each correlate; every trial also has its own random band powers, unrelated to its
-labels. Baselines are recorded at neutral valence and arousal. These are
-synthetic data: nothing learned or measured on them says anything about real EEG.
+labels. Baselines are recorded at neutral valence and arousal. The MAHNOB-HCI recordings are stored as a BioSemi
+amplifier stores them, against its CMS electrode: each channel sits off zero by an electrode offset of its own, and
+all carry the same mains hum and slow drift, which the average reference takes out. These are synthetic data:
+nothing learned or measured on them says anything about real EEG.
 """
 
 import os
@@ -29,6 +31,9 @@ DREAMER_SFREQ = 128
 DREAMER_BASELINE_S = 61
 MAHNOB_SFREQ = 256
 MAHNOB_BASELINE_S = 30
+ELECTRODE_OFFSET_UV = 25000.0  # BioSemi's active electrodes sit up to tens of millivolts off zero
+MAINS_HZ, MAINS_UV = 50.0, 40.0
+DRIFT_HZ, DRIFT_UV = 0.05, 300.0
 
 
 def _oscillation(rng, frequency, seconds, sfreq):
@@ -68,6 +73,16 @@ def synthesize(rng, ch_names, seconds, sfreq, valence, arousal, subject):
     return subject["gain"] * subject["channel_gain"][: len(ch_names), None] * signal
 
 
+def against_cms(rng, recording, sfreq):
+    """channels x samples in microvolts as a BioSemi amplifier stores them, against its CMS electrode: each channel
+    with an electrode offset of its own, and every channel with the same mains hum and slow drift."""
+    seconds = np.arange(recording.shape[1]) / sfreq
+    common = (MAINS_UV * np.sin(2 * np.pi * MAINS_HZ * seconds + rng.uniform(0, 2 * np.pi))
+              + DRIFT_UV * np.sin(2 * np.pi * DRIFT_HZ * seconds + rng.uniform(0, 2 * np.pi)))
+    offsets = rng.uniform(-ELECTRODE_OFFSET_UV, ELECTRODE_OFFSET_UV, (len(recording), 1))
+    return recording + offsets + common
+
+
 def _subject(rng, channels):
     return {"gain": rng.uniform(0.7, 1.4), "channel_gain": rng.uniform(0.8, 1.25, channels),
             "asymmetry": rng.uniform(0.2, 0.35), "arousal_gain": rng.uniform(0.3, 0.5)}
@@ -92,8 +107,8 @@ def write_synthetic_dreamer(path, seed, subjects=8, clips=6, seconds=20):
 
 
 def write_synthetic_mahnob(root, seed, subjects=6, sessions_per_subject=4, seconds=20, unlabelled=1):
-    """Sessions/<id>/session.xml + Part_<s>_S_Trial<k>_emotion.bdf, scores 1..9, 30 s baseline before the
-    first Status event; the last `unlabelled` sessions lack felt scores, as some real sessions do."""
+    """Sessions/<id>/session.xml + Part_<s>_S_Trial<k>_emotion.bdf (against CMS), scores 1..9, 30 s baseline before
+    the first Status event; the last `unlabelled` sessions lack felt scores, as some real sessions do."""
     rng = np.random.default_rng([seed, 2])
     channels = list(MAHNOB_EEG) + ["EXG1", "EXG2"]
     session_id = 0
@@ -111,7 +126,7 @@ def write_synthetic_mahnob(root, seed, subjects=6, sessions_per_subject=4, secon
             baseline = synthesize(rng, channels, MAHNOB_BASELINE_S + 2, MAHNOB_SFREQ, 0.0, 0.0, person)
             stimulus = synthesize(rng, channels, seconds, MAHNOB_SFREQ, (v - 5) / 4, (a - 5) / 4, person)
             tail = synthesize(rng, channels, 2, MAHNOB_SFREQ, 0.0, 0.0, person)
-            recording = np.concatenate([baseline, stimulus, tail], axis=1)
+            recording = against_cms(rng, np.concatenate([baseline, stimulus, tail], axis=1), MAHNOB_SFREQ)
             status = np.zeros(recording.shape[1])
             start = baseline.shape[1]
             stop = start + stimulus.shape[1]

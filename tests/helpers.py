@@ -1,14 +1,17 @@
-"""Inputs for the Proto-KD + D-Geo tests, and the comparisons and subprocess runs the tests share."""
+"""Inputs for the Proto-KD + D-Geo tests, and the comparisons and subprocess runs the tests share; MAHNOB-HCI sessions
+for the EEG tests."""
 
 import os
 import re
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
 from ngd_ext import reference
+from ngd_ext.eeg_formats import MAHNOB_EEG, read_mahnob_trial, scan_mahnob, write_bdf, write_session_xml
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -224,3 +227,29 @@ def _gloo_process(rank, body, world, out_dir):
     # aborts ("terminate called without an active exception"; pytorch/pytorch#117762): 4 of 40 runs of
     # test_distributed here, torch 2.14. Leaving without finalizing avoids it: 0 of 40 runs of both DDP tests.
     os._exit(0)
+
+
+# MAHNOB-HCI ---------------------------------------------------------------------------------------------------
+
+def write_mahnob_session(root, session, subject, felt=(7, 3), sfreq=256, seconds=4, baseline=31, order=None,
+                         rng=None, events=2, drop=(), constant=(), common=0.0):
+    rng = rng or np.random.default_rng(session)
+    folder = os.path.join(root, "Sessions", str(session))
+    os.makedirs(folder)
+    write_session_xml(os.path.join(folder, "session.xml"), session, subject, *(felt or (None, None)))
+    names = [name for name in (order or MAHNOB_EEG) if name not in drop] + ["EXG1"]
+    samples = (baseline + seconds + 2) * sfreq
+    signals = rng.normal(0, 30, (len(names), samples))
+    signals += common  # what every channel stored against CMS shares
+    signals[[names.index(name) for name in constant]] = 150.0  # microvolts, throughout
+    status = np.zeros(samples)
+    start, stop = baseline * sfreq, (baseline + seconds) * sfreq
+    for onset in [start, stop][:events]:
+        status[onset:onset + 5] = 1 if onset == start else 2
+    write_bdf(os.path.join(folder, f"Part_{subject}_S_Trial{session}_emotion.bdf"), names, signals, sfreq, status)
+    return names, signals, start, stop
+
+
+def read_only_session(root):
+    (session,) = scan_mahnob(root).sessions
+    return read_mahnob_trial(session)

@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 import scipy.io
 
-from ngd_ext.eeg_formats import (DREAMER_ELECTRODES, MAHNOB_EEG, EEGFormatError, iter_dreamer, read_mahnob_trial,
-                                 scan_mahnob, without_constant_channels, write_bdf, write_dreamer, write_session_xml)
+from helpers import read_only_session, write_mahnob_session
+from ngd_ext.eeg_formats import (DREAMER_ELECTRODES, MAHNOB_EEG, EEGFormatError, average_referenced, iter_dreamer,
+                                 read_mahnob_trial, scan_mahnob, without_constant_channels, write_dreamer)
 
 
 def dreamer_subjects(rng, subjects=2, clips=2, seconds=3, sfreq=128):
@@ -116,24 +117,6 @@ def test_read_dreamer_score_out_of_range_and_unreadable_file(tmp_path):
         list(iter_dreamer(path))
 
 
-def write_mahnob_session(root, session, subject, felt=(7, 3), sfreq=256, seconds=4, baseline=31, order=None,
-                         rng=None, events=2, drop=(), constant=()):
-    rng = rng or np.random.default_rng(session)
-    folder = os.path.join(root, "Sessions", str(session))
-    os.makedirs(folder)
-    write_session_xml(os.path.join(folder, "session.xml"), session, subject, *(felt or (None, None)))
-    names = [name for name in (order or MAHNOB_EEG) if name not in drop] + ["EXG1"]
-    samples = (baseline + seconds + 2) * sfreq
-    signals = rng.normal(0, 30, (len(names), samples))
-    signals[[names.index(name) for name in constant]] = 150.0  # microvolts, throughout
-    status = np.zeros(samples)
-    start, stop = baseline * sfreq, (baseline + seconds) * sfreq
-    for onset in [start, stop][:events]:
-        status[onset:onset + 5] = 1 if onset == start else 2
-    write_bdf(os.path.join(folder, f"Part_{subject}_S_Trial{session}_emotion.bdf"), names, signals, sfreq, status)
-    return names, signals, start, stop
-
-
 def test_read_mahnob_picks_channels_by_name_and_cuts_the_trial(tmp_path):
     root = str(tmp_path)
     order = list(reversed(MAHNOB_EEG))  # out of order on disk
@@ -153,11 +136,6 @@ def test_read_mahnob_picks_channels_by_name_and_cuts_the_trial(tmp_path):
     # 24-bit quantisation over +-262144 uV is 1/32 uV
     np.testing.assert_allclose(trial.signal[MAHNOB_EEG.index("Fz")], signals[fz, start:stop] * 1e-6, atol=2e-8)
     np.testing.assert_allclose(trial.baseline[MAHNOB_EEG.index("Fz"), -1], signals[fz, start - 1] * 1e-6, atol=2e-8)
-
-
-def read_only_session(root):
-    (session,) = scan_mahnob(root).sessions
-    return read_mahnob_trial(session)
 
 
 def test_read_mahnob_errors_name_the_file(tmp_path):
@@ -222,3 +200,36 @@ def test_constant_channels_are_left_out_up_to_a_quarter(tmp_path):
     kept, constant = without_constant_channels(first)
     assert constant == ("FC5",) and len(kept.ch_names) == 13 and kept.signal.shape == (13, 3 * 128)
     assert without_constant_channels(second)[1] == ()
+
+
+def test_average_reference_takes_out_what_every_biosemi_channel_shares(tmp_path):
+    """BioSemi stores each channel against CMS, so all of them carry the same interference, in the EEG's bands too
+    (here a 10 Hz hum, a slow drift and mains); average-referenced, the trial is the same as without it. DREAMER's
+    trials stay as recorded."""
+    sfreq, samples = 256, (31 + 4 + 2) * 256
+    seconds = np.arange(samples) / sfreq
+    common = (50 * np.sin(2 * np.pi * 10 * seconds) + 300 * np.sin(2 * np.pi * 0.05 * seconds)
+              + 40 * np.sin(2 * np.pi * 50 * seconds))  # microvolts
+    trials = []
+    for name, shared in (("clean", 0.0), ("interfered", common)):
+        write_mahnob_session(str(tmp_path / name), 1, 1, common=shared)
+        trial = read_only_session(str(tmp_path / name))
+        assert trial.needs_average_reference
+        trials.append(average_referenced(trial))
+    clean, interfered = trials
+    assert not clean.needs_average_reference and average_referenced(clean) is clean
+    for field in ("signal", "baseline"):
+        np.testing.assert_allclose(getattr(clean, field).mean(axis=0), 0.0, atol=1e-15)
+        # 24-bit quantisation: 1/32 uV on each channel and on their mean
+        np.testing.assert_allclose(getattr(interfered, field), getattr(clean, field), rtol=0, atol=7e-8)
+
+    write_mahnob_session(str(tmp_path / "T7"), 1, 1, constant=("T7",), common=common)
+    kept, constant = without_constant_channels(read_only_session(str(tmp_path / "T7")))
+    referenced = average_referenced(kept)
+    assert constant == ("T7",) and referenced.ch_names == kept.ch_names and len(kept.ch_names) == 31
+    np.testing.assert_allclose(referenced.signal, kept.signal - kept.signal.mean(axis=0), rtol=0, atol=1e-15)
+
+    path = str(tmp_path / "DREAMER.mat")
+    write_dreamer(path, dreamer_subjects(np.random.default_rng(6), subjects=1, clips=1))
+    (dreamer,) = iter_dreamer(path)
+    assert not dreamer.needs_average_reference and average_referenced(dreamer) is dreamer

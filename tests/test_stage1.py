@@ -15,6 +15,7 @@ import torch
 
 import stage1_teacher
 import stage2_prototypes
+from helpers import write_mahnob_session
 from ngd_ext import artifacts
 from ngd_ext.eeg_features import (BANDS, band_entropy, differential_entropy, interpolation_matrix, preprocess,
                                   topographic_maps, windows)
@@ -55,6 +56,36 @@ def test_interpolation_matrix(names):
     top_pixel = matrix[:, f3].argmax()
     row, column = divmod(top_pixel, 16)
     assert row < 8 and column < 8 and matrix[top_pixel, f3] > 0.5
+
+
+def test_band_pass_keeps_the_bands_and_stops_mains():
+    """4-45 Hz with 2 Hz edges: 50 Hz mains, which MNE's automatic upper edge would pass at -5 dB into the gamma band,
+    is stopped below -60 dB, and 60 Hz with it."""
+    sfreq = 256
+    seconds = np.arange(40 * sfreq) / sfreq
+    kept = {}
+    for frequency in (5.0, 44.0, 50.0, 60.0):
+        tone = np.sin(2 * np.pi * frequency * seconds)[None]
+        signal, baseline = preprocess(tone[:, 20 * sfreq:], tone[:, :20 * sfreq], sfreq, 128)
+        kept[frequency] = signal[:, 5 * 128:-5 * 128].std() / tone.std()  # away from the recording's ends
+    assert 0.97 < kept[5.0] < 1.01 and 0.97 < kept[44.0] < 1.01
+    assert kept[50.0] < 1e-3 and kept[60.0] < 1e-3
+
+
+def test_mahnob_features_are_average_referenced_over_the_channels_that_recorded(tmp_path):
+    """A constant channel is found as stored and left out; the others are then average-referenced, so that what
+    every channel carries against CMS (a 10 Hz hum, inside the alpha band) leaves the features as they are."""
+    hum = 50 * np.sin(2 * np.pi * 10 * np.arange((31 + 4 + 2) * 256) / 256)  # microvolts
+    features = features_cached_in(tmp_path / "cache")
+    trials = []
+    for name, common in (("clean", 0.0), ("hum", hum)):
+        write_mahnob_session(str(tmp_path / name), 1, 1, constant=("T7",), common=common)
+        (session,) = scan_mahnob(str(tmp_path / name)).sessions
+        trials.append(features(session))
+    clean, hummed = trials
+    assert hummed.constant_channels == ("T7",) and hummed.ch_names == tuple(n for n in MAHNOB_EEG if n != "T7")
+    assert hummed.entropy.shape == clean.entropy.shape == (3, len(BANDS), 31)
+    np.testing.assert_allclose(hummed.entropy, clean.entropy, rtol=0, atol=5e-3)
 
 
 def test_split_holds_out_whole_subjects_of_each_dataset():
