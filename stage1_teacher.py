@@ -46,8 +46,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 from ngd_ext import artifacts, eeg_features, eeg_formats  # noqa: E402
 from ngd_ext.determinism import set_determinism  # noqa: E402
 from ngd_ext.eeg_features import BANDS, interpolation_matrix, recording_entropy, topographic_maps  # noqa: E402
-from ngd_ext.eeg_formats import (EEGFormatError, MahnobScan, MahnobSession, average_referenced,  # noqa: E402
-                                 iter_dreamer, read_mahnob_trial, scan_mahnob, without_constant_channels)
+from ngd_ext.eeg_formats import (NOISY_AMPLITUDE_RATIO, EEGFormatError, MahnobScan, MahnobSession,  # noqa: E402
+                                 average_referenced, iter_dreamer, read_mahnob_trial, scan_mahnob,
+                                 without_unusable_channels)
 from ngd_ext.emotions import VA_DIMENSIONS  # noqa: E402
 from ngd_ext.metrics import BOOTSTRAP_LEVEL, intervals, regression_bootstrap, regression_metrics  # noqa: E402
 from ngd_ext.parallel import default_workers, map_in_processes  # noqa: E402
@@ -105,13 +106,18 @@ def parse_args(argv=None):
     parser.add_argument("--window-s", type=float, default=WINDOW_S, help=f"window length, s (default {WINDOW_S})")
     parser.add_argument("--step-s", type=float, default=STEP_S, help=f"step between windows, s (default {STEP_S})")
     parser.add_argument("--map-size", type=int, default=MAP_SIZE, help=f"topographic map side (default {MAP_SIZE})")
+    parser.add_argument("--noisy-channel-ratio", type=float, default=NOISY_AMPLITUDE_RATIO, metavar="R",
+                        help="leave out of a trial each channel whose 4-45 Hz amplitude is more than R times, or less "
+                             "than 1/R of, the median channel's in its stimulus or baseline, as a constant channel is "
+                             f"(default {NOISY_AMPLITUDE_RATIO:g}; 0: none)")
     parser.add_argument("--resume", action="store_true",
                         help="continue from the last finished epoch of a killed run with the same settings")
     parser.add_argument("--skip-unreadable", action="store_true",
                         help="count and leave out the trials whose recording cannot be used (a MAHNOB-HCI BDF that "
-                             "is damaged, lacks channels or marks no trial; a trial shorter than one window), listing "
-                             "them in metrics.json, instead of stopping; DREAMER.mat is read whole, and a fault in it "
-                             "stops the run either way")
+                             "is damaged, lacks channels or marks no trial; a trial shorter than one window, or with "
+                             "more than a quarter of its channels constant or noisy), listing them in metrics.json, "
+                             "instead of stopping; DREAMER.mat is read whole, and a fault in it stops the run either "
+                             "way")
     parser.add_argument("--workers", type=int, default=default_workers(),
                         help="processes that read trials and take their features; 1: all in this process "
                              "(default: the CPUs this process may run on, at most 8)")
@@ -122,6 +128,9 @@ def parse_args(argv=None):
     for name in ("epochs", "batch_size", "embedding_size", "map_size", "workers"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if not (args.noisy_channel_ratio == 0 or args.noisy_channel_ratio > 1):
+        parser.error(f"--noisy-channel-ratio must be above 1, or 0 to leave out no channel as noisy, got "
+                     f"{args.noisy_channel_ratio:g}")
     if args.bootstrap < 100:
         parser.error(f"--bootstrap must be at least 100, got {args.bootstrap}")
     if round(args.window_s * SFREQ) < 2 or round(args.step_s * SFREQ) < 1:
@@ -153,7 +162,8 @@ class TrialEntropy:
     subject: str
     trial_id: str
     ch_names: tuple
-    constant_channels: tuple  # left out (eeg_formats.without_constant_channels): ch_names are the others
+    constant_channels: tuple  # left out (eeg_formats.without_unusable_channels), as the noisy ones: ch_names are
+    noisy_channels: tuple     # the others
     valence: float
     arousal: float
     recording: str       # the file it came from
@@ -178,13 +188,13 @@ def dreamer_clip_sha256(trial):
 
 
 def read_cached_entropy(path):
-    """(entropy, ch_names, constant_channels) from a cache entry, or None where there is none or it cannot be read
-    (then it is taken anew and rewritten)."""
-    return artifacts.read_cache_entry(path, lambda entry: (entry["entropy"], tuple(entry["ch_names"].tolist()),
-                                                           tuple(entry["constant_channels"].tolist())))
+    """(entropy, ch_names, constant_channels, noisy_channels) from a cache entry, or None where there is none or it
+    cannot be read (then it is taken anew and rewritten)."""
+    return artifacts.read_cache_entry(path, lambda entry: (entry["entropy"], *(
+        tuple(entry[name].tolist()) for name in ("ch_names", "constant_channels", "noisy_channels"))))
 
 
-def trial_entropy(source, window_s, step_s, cache_dir):
+def trial_entropy(source, window_s, step_s, noisy_ratio, cache_dir):
     """The band entropy of every window of one trial (a DREAMER Trial, or a MAHNOB-HCI session, whose BDF is read
     here unless its features are cached). Runs in a worker process (in this one with --workers 1), which returns
     only the features.
@@ -199,13 +209,13 @@ def trial_entropy(source, window_s, step_s, cache_dir):
             raise EEGFormatError(f"{source.bdf}: cannot be read ({error.strerror})") from error
     else:
         trial, content, recording = source, dreamer_clip_sha256(source), source.source
-    key = json.dumps([content, SFREQ, window_s, step_s, feature_code_fingerprint()])
+    key = json.dumps([content, SFREQ, window_s, step_s, noisy_ratio, feature_code_fingerprint()])
     cache_path = os.path.join(cache_dir, f"{source.dataset}-{hashlib.sha256(key.encode()).hexdigest()[:32]}.npz")
     cached = read_cached_entropy(cache_path)
     if cached is not None:
-        entropy, ch_names, constant = cached
+        entropy, ch_names, constant, noisy = cached
     else:
-        trial, constant = without_constant_channels(trial or read_mahnob_trial(source))
+        trial, constant, noisy = without_unusable_channels(trial or read_mahnob_trial(source), noisy_ratio)
         trial = average_referenced(trial)
         entropy = recording_entropy(trial.signal, trial.baseline, trial.sfreq, SFREQ, window_s, step_s)
         ch_names = trial.ch_names
@@ -215,9 +225,10 @@ def trial_entropy(source, window_s, step_s, cache_dir):
         with artifacts.atomic_path(cache_path) as temporary:
             with open(temporary, "wb") as handle:
                 np.savez(handle, entropy=entropy, ch_names=np.array(ch_names, dtype=str),
-                         constant_channels=np.array(constant, dtype=str))
+                         constant_channels=np.array(constant, dtype=str), noisy_channels=np.array(noisy, dtype=str))
     return TrialEntropy(entropy, source.dataset, source.subject, f"{source.subject}/{source.trial}", ch_names,
-                        constant, source.valence, source.arousal, recording, content, from_cache=cached is not None)
+                        constant, noisy, source.valence, source.arousal, recording, content,
+                        from_cache=cached is not None)
 
 
 def trial_entropy_or_skip(source, **settings):
@@ -364,20 +375,25 @@ def main(argv=None):
     sources = itertools.chain(iter_dreamer(dreamer_path) if dreamer_path else (), scan.sessions)
     cache_dir = os.path.join(args.run_dir, "cache", "eeg_features")
     features = functools.partial(trial_entropy_or_skip if args.skip_unreadable else trial_entropy,
-                                 window_s=args.window_s, step_s=args.step_s, cache_dir=cache_dir)
+                                 window_s=args.window_s, step_s=args.step_s, noisy_ratio=args.noisy_channel_ratio,
+                                 cache_dir=cache_dir)
     trials = list(tqdm(map_in_processes(features, sources, args.workers), desc="features", unit="trial", leave=False))
     skipped = [trial for trial in trials if isinstance(trial, str)]
     trials = [trial for trial in trials if not isinstance(trial, str)]
     for reason in skipped:
         print(f"skipped (--skip-unreadable): {reason}", file=sys.stderr)
-    constant_channels = {trial.trial_id: list(trial.constant_channels) for trial in trials if trial.constant_channels}
+    left_out = {kind: {trial.trial_id: list(getattr(trial, f"{kind}_channels")) for trial in trials
+                       if getattr(trial, f"{kind}_channels")} for kind in ("constant", "noisy")}
     for trial in trials:
-        if trial.constant_channels:
-            print(f"{trial.recording}: {trial.trial_id}: constant channels left out, their places on the maps "
-                  f"interpolated from the other channels: {', '.join(trial.constant_channels)}", file=sys.stderr)
+        for kind in left_out:
+            if getattr(trial, f"{kind}_channels"):
+                print(f"{trial.recording}: {trial.trial_id}: {kind} channels left out, their places on the maps "
+                      f"interpolated from the other channels: {', '.join(getattr(trial, f'{kind}_channels'))}",
+                      file=sys.stderr)
     print(f"features of {len(trials)} trials, {sum(t.from_cache for t in trials)} of them from {cache_dir}/"
           + (f"; {len(skipped)} left out, their recordings unusable" if skipped else "")
-          + (f"; {len(constant_channels)} with constant channels left out" if constant_channels else ""))
+          + "".join(f"; {len(trial_ids)} with {kind} channels left out" for kind, trial_ids in left_out.items()
+                    if trial_ids))
     subjects_by_dataset = {}
     for trial in trials:
         subjects_by_dataset.setdefault(trial.dataset, set()).add(trial.subject)
@@ -476,7 +492,8 @@ def main(argv=None):
                "bootstrap": {"resamples": args.bootstrap, "level": BOOTSTRAP_LEVEL, "seed": args.seed,
                              "method": "percentile bootstrap over the held-out subjects, each drawn with all its "
                                        "windows; none where one subject is held out"},
-               "skipped_trials": skipped, "constant_channels": constant_channels, "source": source}
+               "skipped_trials": skipped, "constant_channels": left_out["constant"],
+               "noisy_channels": left_out["noisy"], "source": source}
     if source == "synthetic":
         metrics["note"] = "synthetic EEG: these numbers are not the paper's"
     norms = np.maximum(np.linalg.norm(embeddings, axis=1, keepdims=True), 1e-8)

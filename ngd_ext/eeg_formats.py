@@ -11,7 +11,8 @@ default and the tests use so that they go through the very readers real data go 
   read from the file; the trial lies between the first two Status events, with 30 s before it as baseline).
 
 A channel that holds one value throughout a trial's stimulus or baseline recorded nothing there (an electrode off the
-scalp, a channel a conversion filled with zeros); `without_constant_channels` leaves it out of that trial. A BioSemi
+scalp, a channel a conversion filled with zeros), and one whose amplitude is ten times the other channels' or a tenth
+of it recorded something else; `without_unusable_channels` leaves both out of that trial. A BioSemi
 recording (MAHNOB-HCI) holds each channel against the CMS electrode and is to be re-referenced offline;
 `average_referenced` does it, over the channels left.
 """
@@ -35,7 +36,8 @@ MAHNOB_EEG = ("Fp1", "AF3", "F3", "F7", "FC5", "FC1", "C3", "T7", "CP5", "CP1", 
               "Fp2", "AF4", "Fz", "F4", "F8", "FC6", "FC2", "Cz", "C4", "T8", "CP6", "CP2", "P4", "P8", "PO4", "O2")
 MAHNOB_BASELINE_S = 30.0
 MICROVOLT = 1e-6
-MAX_CONSTANT_SHARE = 0.25  # of a trial's channels: with more constant, the scalp map would be mostly interpolation
+MAX_LEFT_OUT_SHARE = 0.25  # of a trial's channels: with more left out, the scalp map would be mostly interpolation
+NOISY_AMPLITUDE_RATIO = 10.0  # 20 dB from the median channel: far beyond the spread of channels that record EEG
 
 
 class EEGFormatError(ValueError):
@@ -57,22 +59,42 @@ class Trial:
     needs_average_reference: bool = False     # stored against a CMS electrode (BioSemi): see average_referenced
 
 
-def without_constant_channels(trial):
-    """(the trial without its constant channels, their names). A constant channel carries no EEG, and its band
-    entropy, the logarithm of a zero variance, would put on the scalp map a value no recording gives; left out, its
-    place on the map is filled by the interpolation from the other channels. A trial with more than
-    MAX_CONSTANT_SHARE of its channels constant is refused (EEGFormatError, naming the file and the channels)."""
+def without_unusable_channels(trial, noisy_ratio=NOISY_AMPLITUDE_RATIO):
+    """(the trial without its unusable channels, the names of the constant ones, the names of the noisy ones).
+
+    A constant channel holds one value throughout the trial's stimulus or baseline: it recorded no EEG there, and
+    its band entropy, the logarithm of a zero variance, would put on the scalp map a value no recording gives. A
+    noisy channel's amplitude in the feature band (its robust standard deviation at 4-45 Hz, 1.4826 times the median
+    absolute deviation, which blinks and brief bursts hardly move) is more than noisy_ratio times, or less than
+    1 / noisy_ratio of, the median channel's, in the stimulus or the baseline: an electrode that has lost contact
+    picks up far more than EEG, a bridged or shorted one far less, and under the average reference either would
+    spread into every channel (noisy_ratio 0 finds none). Both kinds are left out of the trial, their places on the
+    map filled by the interpolation from the others. A trial with more than MAX_LEFT_OUT_SHARE of its channels left
+    out is refused (EEGFormatError, naming the file and the channels)."""
+    from ngd_ext.eeg_features import preprocess  # imported here: it imports MNE, which writing files does not need
+
     constant = (np.ptp(trial.signal, axis=1) == 0) | (np.ptp(trial.baseline, axis=1) == 0)
-    names = tuple(name for name, flat in zip(trial.ch_names, constant) if flat)
-    if len(names) > MAX_CONSTANT_SHARE * len(trial.ch_names):
-        raise EEGFormatError(f"{trial.source}: {trial.subject} trial {trial.trial} has {len(names)} of its "
-                             f"{len(trial.ch_names)} channels constant in its stimulus or baseline "
-                             f"({', '.join(names)}): more than {MAX_CONSTANT_SHARE:.0%} recorded nothing")
-    if not names:
-        return trial, names
-    kept = ~constant
-    return replace(trial, ch_names=tuple(name for name in trial.ch_names if name not in names),
-                   signal=trial.signal[kept], baseline=trial.baseline[kept]), names
+    noisy = np.zeros_like(constant)
+    if noisy_ratio and (~constant).any():
+        for part in preprocess(trial.signal[~constant], trial.baseline[~constant], trial.sfreq, trial.sfreq):
+            if part.shape[1]:
+                amplitude = 1.4826 * np.median(np.abs(part - np.median(part, axis=1, keepdims=True)), axis=1)
+                typical = np.median(amplitude)
+                noisy[~constant] |= (amplitude > noisy_ratio * typical) | (amplitude * noisy_ratio < typical)
+    constant_names, noisy_names = (tuple(name for name, out in zip(trial.ch_names, kind) if out)
+                                   for kind in (constant, noisy))
+    left_out = constant | noisy
+    if left_out.sum() > MAX_LEFT_OUT_SHARE * len(trial.ch_names):
+        kinds = [f"{kind}: {', '.join(names)}" for kind, names in
+                 (("constant", constant_names), (f"noisy, beyond {noisy_ratio:g}x or 1/{noisy_ratio:g} of the median "
+                                                 "channel's amplitude", noisy_names)) if names]
+        raise EEGFormatError(f"{trial.source}: {trial.subject} trial {trial.trial} has {left_out.sum()} of its "
+                             f"{len(trial.ch_names)} channels unusable in its stimulus or baseline ({'; '.join(kinds)})"
+                             f": more than {MAX_LEFT_OUT_SHARE:.0%} would be left out")
+    if not left_out.any():
+        return trial, constant_names, noisy_names
+    return replace(trial, ch_names=tuple(name for name, out in zip(trial.ch_names, left_out) if not out),
+                   signal=trial.signal[~left_out], baseline=trial.baseline[~left_out]), constant_names, noisy_names
 
 
 def average_referenced(trial):
@@ -82,8 +104,8 @@ def average_referenced(trial):
     all channels (mains above all) still in it, and leave the reference to be chosen offline: the average reference
     takes out what the channels share. DREAMER's Emotiv EPOC filters mains out in the headset, and the mean of its 14
     mostly frontal and temporal channels would stand poorly for the scalp's, so its trials stay as recorded. Call it
-    after without_constant_channels: a channel that recorded nothing has no place in the mean, and once the mean is
-    taken from it, it no longer looks flat."""
+    after without_unusable_channels: a channel that recorded nothing, or something else than EEG, has no place in
+    the mean, and once the mean is taken from a flat one, it no longer looks flat."""
     if not trial.needs_average_reference:
         return trial
     return replace(trial, signal=trial.signal - trial.signal.mean(axis=0), needs_average_reference=False,

@@ -232,7 +232,10 @@ def _gloo_process(rank, body, world, out_dir):
 # MAHNOB-HCI ---------------------------------------------------------------------------------------------------
 
 def write_mahnob_session(root, session, subject, felt=(7, 3), sfreq=256, seconds=4, baseline=31, order=None,
-                         rng=None, events=2, drop=(), constant=(), common=0.0):
+                         rng=None, events=2, drop=(), constant=(), common=0.0, gains=None, extra=None):
+    """A session folder with its session.xml and BDF of white noise (sd 30 uV) on every channel; `constant`
+    channels hold 150 uV throughout, `gains` scales channels (by a number, or sample by sample), `extra` adds to
+    them, and `common` is added to all (what every channel stored against CMS shares)."""
     rng = rng or np.random.default_rng(session)
     folder = os.path.join(root, "Sessions", str(session))
     os.makedirs(folder)
@@ -240,7 +243,11 @@ def write_mahnob_session(root, session, subject, felt=(7, 3), sfreq=256, seconds
     names = [name for name in (order or MAHNOB_EEG) if name not in drop] + ["EXG1"]
     samples = (baseline + seconds + 2) * sfreq
     signals = rng.normal(0, 30, (len(names), samples))
-    signals += common  # what every channel stored against CMS shares
+    for name, gain in (gains or {}).items():
+        signals[names.index(name)] *= gain
+    for name, added in (extra or {}).items():
+        signals[names.index(name)] += added
+    signals += common
     signals[[names.index(name) for name in constant]] = 150.0  # microvolts, throughout
     status = np.zeros(samples)
     start, stop = baseline * sfreq, (baseline + seconds) * sfreq

@@ -9,7 +9,7 @@ import scipy.io
 
 from helpers import read_only_session, write_mahnob_session
 from ngd_ext.eeg_formats import (DREAMER_ELECTRODES, MAHNOB_EEG, EEGFormatError, average_referenced, iter_dreamer,
-                                 read_mahnob_trial, scan_mahnob, without_constant_channels, write_dreamer)
+                                 read_mahnob_trial, scan_mahnob, without_unusable_channels, write_dreamer)
 
 
 def dreamer_subjects(rng, subjects=2, clips=2, seconds=3, sfreq=128):
@@ -174,32 +174,63 @@ def test_constant_channels_are_left_out_up_to_a_quarter(tmp_path):
     root = str(tmp_path / "T7")
     write_mahnob_session(root, 1, 1, constant=("T7",))
     trial = read_only_session(root)
-    kept, constant = without_constant_channels(trial)
+    kept, constant, noisy = without_unusable_channels(trial)
+    assert noisy == ()
     t7 = MAHNOB_EEG.index("T7")
     assert constant == ("T7",) and kept.ch_names == MAHNOB_EEG[:t7] + MAHNOB_EEG[t7 + 1:]
     np.testing.assert_array_equal(kept.signal, np.delete(trial.signal, t7, axis=0))
     np.testing.assert_array_equal(kept.baseline, np.delete(trial.baseline, t7, axis=0))
     assert (kept.subject, kept.trial, kept.valence, kept.source) == (trial.subject, trial.trial, trial.valence,
                                                                      trial.source)
-    assert without_constant_channels(kept)[0] is kept
+    assert without_unusable_channels(kept)[0] is kept
     root = str(tmp_path / "eight")
     write_mahnob_session(root, 1, 1, constant=MAHNOB_EEG[:8])  # a quarter of 32
-    assert without_constant_channels(read_only_session(root))[1] == MAHNOB_EEG[:8]
+    assert without_unusable_channels(read_only_session(root))[1] == MAHNOB_EEG[:8]
     root = str(tmp_path / "nine")
     write_mahnob_session(root, 1, 1, constant=MAHNOB_EEG[:9])
     with pytest.raises(EEGFormatError, match=r"Part_1_S_Trial1_emotion.bdf: mahnob-1 trial 1 has 9 of its 32 channels "
-                                             r"constant in its stimulus or baseline \(Fp1, AF3, F3, F7, FC5, FC1, C3, "
-                                             r"T7, CP5\): more than 25% recorded nothing"):
-        without_constant_channels(read_only_session(root))
+                                             r"unusable in its stimulus or baseline \(constant: Fp1, AF3, F3, F7, FC5, "
+                                             r"FC1, C3, T7, CP5\): more than 25% would be left out"):
+        without_unusable_channels(read_only_session(root))
     # a channel constant in its baseline alone, as DREAMER stores it (samples x channels, microvolts)
     subjects = dreamer_subjects(np.random.default_rng(5), subjects=1)
     subjects[0]["baseline"][0][:, DREAMER_ELECTRODES.index("FC5")] = 4200.0
     path = str(tmp_path / "DREAMER.mat")
     write_dreamer(path, subjects)
     first, second = iter_dreamer(path)
-    kept, constant = without_constant_channels(first)
+    kept, constant, _ = without_unusable_channels(first)
     assert constant == ("FC5",) and len(kept.ch_names) == 13 and kept.signal.shape == (13, 3 * 128)
-    assert without_constant_channels(second)[1] == ()
+    assert without_unusable_channels(second)[1] == ()
+
+
+def test_noisy_channels_are_left_out_with_the_constant_ones_up_to_a_quarter(tmp_path):
+    """Amplitude beyond 10x or below 1/10 of the median channel's, in the stimulus or the baseline, is noisy; 5x,
+    1/5x and a second of 100x (a burst) are not."""
+    sfreq, baseline = 256, 31
+    samples = (baseline + 4 + 2) * sfreq
+    burst = np.zeros(samples)
+    burst[10 * sfreq:11 * sfreq] = 100 * np.random.default_rng(9).normal(0, 30, sfreq)
+    root = str(tmp_path / "four")
+    write_mahnob_session(root, 1, 1, constant=("Pz",), gains={"O1": 20.0, "Cz": 0.02, "T8": 5.0, "P8": 0.2},
+                         extra={"Fp1": burst})
+    # a channel noisy in its stimulus alone: 20x from the trial's onset on
+    stimulus_only = np.where(np.arange(samples) >= baseline * sfreq, 20.0, 1.0)
+    write_mahnob_session(str(tmp_path / "stimulus"), 1, 1, gains={"F4": stimulus_only})
+    trial = read_only_session(root)
+    kept, constant, noisy = without_unusable_channels(trial)
+    assert constant == ("Pz",) and noisy == ("O1", "Cz")  # in MAHNOB_EEG's order
+    assert kept.ch_names == tuple(name for name in MAHNOB_EEG if name not in ("Pz", "O1", "Cz"))
+    assert without_unusable_channels(read_only_session(str(tmp_path / "stimulus")))[2] == ("F4",)
+    assert without_unusable_channels(trial, noisy_ratio=25.0)[2] == ("Cz",)  # 20x is within 25x; 1/50 is not
+    assert without_unusable_channels(trial, noisy_ratio=0)[1:] == (("Pz",), ())
+
+    root = str(tmp_path / "nine")
+    write_mahnob_session(root, 1, 1, constant=MAHNOB_EEG[:6], gains={"O1": 30.0, "Oz": 30.0, "O2": 0.01})
+    with pytest.raises(EEGFormatError, match=r"has 9 of its 32 channels unusable in its stimulus or baseline "
+                                             r"\(constant: Fp1, AF3, F3, F7, FC5, FC1; noisy, beyond 10x or 1/10 of "
+                                             r"the median channel's amplitude: O1, Oz, O2\): more than 25% would be "
+                                             r"left out$"):
+        without_unusable_channels(read_only_session(root))
 
 
 def test_average_reference_takes_out_what_every_biosemi_channel_shares(tmp_path):
@@ -224,7 +255,7 @@ def test_average_reference_takes_out_what_every_biosemi_channel_shares(tmp_path)
         np.testing.assert_allclose(getattr(interfered, field), getattr(clean, field), rtol=0, atol=7e-8)
 
     write_mahnob_session(str(tmp_path / "T7"), 1, 1, constant=("T7",), common=common)
-    kept, constant = without_constant_channels(read_only_session(str(tmp_path / "T7")))
+    kept, constant, _ = without_unusable_channels(read_only_session(str(tmp_path / "T7")))
     referenced = average_referenced(kept)
     assert constant == ("T7",) and referenced.ch_names == kept.ch_names and len(kept.ch_names) == 31
     np.testing.assert_allclose(referenced.signal, kept.signal - kept.signal.mean(axis=0), rtol=0, atol=1e-15)

@@ -19,8 +19,9 @@ from helpers import write_mahnob_session
 from ngd_ext import artifacts
 from ngd_ext.eeg_features import (BANDS, band_entropy, differential_entropy, interpolation_matrix, preprocess,
                                   topographic_maps, windows)
-from ngd_ext.eeg_formats import (DREAMER_ELECTRODES, MAHNOB_EEG, EEGFormatError, MahnobSession, iter_dreamer,
-                                 scan_mahnob, write_dreamer)
+from ngd_ext.eeg_formats import (DREAMER_ELECTRODES, MAHNOB_EEG, NOISY_AMPLITUDE_RATIO, EEGFormatError, MahnobSession,
+                                 Trial, iter_dreamer, read_mahnob_trial, scan_mahnob, without_unusable_channels,
+                                 write_dreamer)
 from ngd_ext.parallel import map_in_processes
 from ngd_ext.synthetic_eeg import ensure_synthetic_eeg, write_synthetic_dreamer
 from ngd_ext.teacher_embeddings import load_embeddings
@@ -73,18 +74,20 @@ def test_band_pass_keeps_the_bands_and_stops_mains():
 
 
 def test_mahnob_features_are_average_referenced_over_the_channels_that_recorded(tmp_path):
-    """A constant channel is found as stored and left out; the others are then average-referenced, so that what
-    every channel carries against CMS (a 10 Hz hum, inside the alpha band) leaves the features as they are."""
+    """A constant channel and a noisy one are found as stored and left out; the others are then average-referenced,
+    so that what every channel carries against CMS (a 10 Hz hum, inside the alpha band) leaves the features as they
+    are."""
     hum = 50 * np.sin(2 * np.pi * 10 * np.arange((31 + 4 + 2) * 256) / 256)  # microvolts
     features = features_cached_in(tmp_path / "cache")
     trials = []
     for name, common in (("clean", 0.0), ("hum", hum)):
-        write_mahnob_session(str(tmp_path / name), 1, 1, constant=("T7",), common=common)
+        write_mahnob_session(str(tmp_path / name), 1, 1, constant=("T7",), gains={"O1": 40.0}, common=common)
         (session,) = scan_mahnob(str(tmp_path / name)).sessions
         trials.append(features(session))
     clean, hummed = trials
-    assert hummed.constant_channels == ("T7",) and hummed.ch_names == tuple(n for n in MAHNOB_EEG if n != "T7")
-    assert hummed.entropy.shape == clean.entropy.shape == (3, len(BANDS), 31)
+    assert (hummed.constant_channels, hummed.noisy_channels) == (("T7",), ("O1",))
+    assert hummed.ch_names == tuple(name for name in MAHNOB_EEG if name not in ("T7", "O1"))
+    assert hummed.entropy.shape == clean.entropy.shape == (3, len(BANDS), 30)
     np.testing.assert_allclose(hummed.entropy, clean.entropy, rtol=0, atol=5e-3)
 
 
@@ -102,8 +105,9 @@ def tiny_trial_sources(tmp_path):
     return lambda: itertools.chain(iter_dreamer(dreamer), scan_mahnob(mahnob).sessions)
 
 
-def features_cached_in(cache_dir, window_s=2.0, step_s=1.0):
-    return partial(stage1_teacher.trial_entropy, window_s=window_s, step_s=step_s, cache_dir=str(cache_dir))
+def features_cached_in(cache_dir, window_s=2.0, step_s=1.0, noisy_ratio=NOISY_AMPLITUDE_RATIO):
+    return partial(stage1_teacher.trial_entropy, window_s=window_s, step_s=step_s, noisy_ratio=noisy_ratio,
+                   cache_dir=str(cache_dir))
 
 
 def test_no_window_of_a_held_out_trial_is_trained_on(tmp_path):
@@ -162,32 +166,37 @@ def test_unusable_recordings_are_left_out_and_listed_with_skip_unreadable(tmp_pa
         assert os.path.relpath(damaged, mahnob) not in json.load(handle)["inputs"]["mahnob"]["bdf_sha256"]
 
 
-def test_constant_channels_are_left_out_of_their_trial_and_listed(tmp_path, capsys):
-    """A channel constant in one clip is left out of that clip alone, whose maps interpolate the other 13 over its
-    place; a clip with more than a quarter of its channels constant is refused, or left out with --skip-unreadable."""
+def test_unusable_channels_are_left_out_of_their_trial_and_listed(tmp_path, capsys):
+    """A channel constant, or noisy, in one clip is left out of that clip alone, whose maps interpolate the other 13
+    over its place; a clip with more than a quarter of its channels constant is refused, or left out with
+    --skip-unreadable."""
     rng = np.random.default_rng(8)
     subjects = [dict(stimuli=[rng.normal(4200, 20, (4 * 128, 14)) for _ in range(2)],
                      baseline=[rng.normal(4200, 20, (2 * 128, 14)) for _ in range(2)],
                      valence=[1 + s, 5 - s], arousal=[2, 4]) for s in range(4)]
     subjects[0]["baseline"][1][:, DREAMER_ELECTRODES.index("T7")] = 4200.0
     subjects[2]["stimuli"][0][:, :4] = 4100.0  # AF3, F7, F3 and FC5: 4 of 14
+    subjects[1]["stimuli"][0][:, DREAMER_ELECTRODES.index("F8")] = rng.normal(4200, 400, 4 * 128)  # 20x
     dreamer = str(tmp_path / "DREAMER.mat")
     write_dreamer(dreamer, subjects)
     arguments = ["--run-dir", str(tmp_path), "--dreamer", dreamer, "--epochs", "1", "--workers", "1", "--device",
                  "cpu"]
     with pytest.raises(EEGFormatError, match=rf"^{re.escape(dreamer)}: dreamer-03 trial 1 has 4 of its 14 channels "
-                                             r"constant in its stimulus or baseline \(AF3, F7, F3, FC5\): more than "
-                                             r"25% recorded nothing$"):
+                                             r"unusable in its stimulus or baseline \(constant: AF3, F7, F3, FC5\): "
+                                             r"more than 25% would be left out$"):
         stage1_teacher.main(arguments)
     stage1_teacher.main([*arguments, "--skip-unreadable"])
     out, err = capsys.readouterr()
     assert "features of 7 trials, 4 of them from" in out  # the clips before the refused one, cached by the first run
-    assert "; 1 left out, their recordings unusable; 1 with constant channels left out" in out
-    assert (f"{dreamer}: dreamer-01/2: constant channels left out, their places on the maps interpolated from the "
-            "other channels: T7") in err
+    assert ("; 1 left out, their recordings unusable; 1 with constant channels left out; 1 with noisy channels left "
+            "out") in out
+    for trial, kind, name in (("dreamer-01/2", "constant", "T7"), ("dreamer-02/1", "noisy", "F8")):
+        assert (f"{dreamer}: {trial}: {kind} channels left out, their places on the maps interpolated from the "
+                f"other channels: {name}") in err
     with open(tmp_path / "stage1" / "metrics.json") as handle:
         metrics = json.load(handle)
     assert metrics["constant_channels"] == {"dreamer-01/2": ["T7"]} and len(metrics["skipped_trials"]) == 1
+    assert metrics["noisy_channels"] == {"dreamer-02/1": ["F8"]}
     assert metrics["windows"]["train"] + metrics["windows"]["held_out"] == 7 * 3  # 4 s clips, 2 s windows every 1 s
     features = features_cached_in(tmp_path / "cache" / "eeg_features")
     clip = features(list(iter_dreamer(dreamer))[1])  # as the run cached it
@@ -241,6 +250,17 @@ def test_synthetic_default_is_deterministic(tmp_path):
     assert artifacts.sha256_file(os.path.join(first[1], bdf)) == artifacts.sha256_file(os.path.join(second[1], bdf))
     scan = scan_mahnob(first[1])
     assert len(scan.sessions) == 3 and len(scan.skipped_without_felt_labels) == 1
+
+
+def test_synthetic_eeg_has_no_unusable_channel(tmp_path):
+    """Its channels' gains, subjects' asymmetries and trials' band powers keep every channel within 2x of the median
+    channel's amplitude (0.59x to 1.64x over the demo's trials), far inside the noisy ratio of 10."""
+    sources = tiny_trial_sources(tmp_path)()
+    trials = [source if isinstance(source, Trial) else read_mahnob_trial(source) for source in sources]
+    assert len(trials) == 12
+    for trial in trials:
+        assert without_unusable_channels(trial)[1:] == ((), ()), trial.source
+        assert without_unusable_channels(trial, noisy_ratio=2.0)[2] == (), trial.source
 
 
 def test_synthetic_eeg_carries_its_valence_and_arousal_correlates(tmp_path):
@@ -390,6 +410,8 @@ def test_stage1_deterministic_runs_repeat_bit_for_bit(tmp_path):
                             "and 0.001 s)"),
     (["--lr", "-1"], "--lr must be positive and --weight-decay not negative (got -1 and 0.01)"),
     (["--bootstrap", "99"], "--bootstrap must be at least 100, got 99"),
+    (["--noisy-channel-ratio", "1"], "--noisy-channel-ratio must be above 1, or 0 to leave out no channel as noisy, "
+                                     "got 1"),
 ])
 def test_settings_out_of_range_are_refused(capsys, arguments, message):
     with pytest.raises(SystemExit):
