@@ -382,14 +382,13 @@ def main(argv=None):
     trials = [trial for trial in trials if not isinstance(trial, str)]
     for reason in skipped:
         print(f"skipped (--skip-unreadable): {reason}", file=sys.stderr)
-    left_out = {kind: {trial.trial_id: list(getattr(trial, f"{kind}_channels")) for trial in trials
-                       if getattr(trial, f"{kind}_channels")} for kind in ("constant", "noisy")}
+    left_out = {"constant": {}, "noisy": {}}  # kind -> trial -> channels, for metrics.json
     for trial in trials:
-        for kind in left_out:
-            if getattr(trial, f"{kind}_channels"):
+        for kind, names in (("constant", trial.constant_channels), ("noisy", trial.noisy_channels)):
+            if names:
+                left_out[kind][trial.trial_id] = list(names)
                 print(f"{trial.recording}: {trial.trial_id}: {kind} channels left out, their places on the maps "
-                      f"interpolated from the other channels: {', '.join(getattr(trial, f'{kind}_channels'))}",
-                      file=sys.stderr)
+                      f"interpolated from the other channels: {', '.join(names)}", file=sys.stderr)
     print(f"features of {len(trials)} trials, {sum(t.from_cache for t in trials)} of them from {cache_dir}/"
           + (f"; {len(skipped)} left out, their recordings unusable" if skipped else "")
           + "".join(f"; {len(trial_ids)} with {kind} channels left out" for kind, trial_ids in left_out.items()
