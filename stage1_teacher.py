@@ -128,9 +128,9 @@ def parse_args(argv=None):
     for name in ("epochs", "batch_size", "embedding_size", "map_size", "workers"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    if not (args.noisy_channel_ratio == 0 or args.noisy_channel_ratio > 1):
-        parser.error(f"--noisy-channel-ratio must be above 1, or 0 to leave out no channel as noisy, got "
-                     f"{args.noisy_channel_ratio:g}")
+    if not (args.noisy_channel_ratio == 0 or 1 < args.noisy_channel_ratio < np.inf):
+        parser.error(f"--noisy-channel-ratio must be a finite number above 1, or 0 to leave out no channel as noisy, "
+                     f"got {args.noisy_channel_ratio:g}")
     if args.bootstrap < 100:
         parser.error(f"--bootstrap must be at least 100, got {args.bootstrap}")
     if round(args.window_s * SFREQ) < 2 or round(args.step_s * SFREQ) < 1:

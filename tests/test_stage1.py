@@ -410,8 +410,10 @@ def test_stage1_deterministic_runs_repeat_bit_for_bit(tmp_path):
                             "and 0.001 s)"),
     (["--lr", "-1"], "--lr must be positive and --weight-decay not negative (got -1 and 0.01)"),
     (["--bootstrap", "99"], "--bootstrap must be at least 100, got 99"),
-    (["--noisy-channel-ratio", "1"], "--noisy-channel-ratio must be above 1, or 0 to leave out no channel as noisy, "
-                                     "got 1"),
+    (["--noisy-channel-ratio", "1"], "--noisy-channel-ratio must be a finite number above 1, or 0 to leave out no "
+                                     "channel as noisy, got 1"),
+    (["--noisy-channel-ratio", "inf"], "--noisy-channel-ratio must be a finite number above 1, or 0 to leave out no "
+                                       "channel as noisy, got inf"),
 ])
 def test_settings_out_of_range_are_refused(capsys, arguments, message):
     with pytest.raises(SystemExit):
