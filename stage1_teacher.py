@@ -107,8 +107,8 @@ def parse_args(argv=None):
     parser.add_argument("--step-s", type=float, default=STEP_S, help=f"step between windows, s (default {STEP_S})")
     parser.add_argument("--map-size", type=int, default=MAP_SIZE, help=f"topographic map side (default {MAP_SIZE})")
     parser.add_argument("--noisy-channel-ratio", type=float, default=NOISY_AMPLITUDE_RATIO, metavar="R",
-                        help="leave out of a trial each channel whose 4-45 Hz amplitude is more than R times, or less "
-                             "than 1/R of, the median channel's in its stimulus or baseline, as a constant channel is "
+                        help="leave out of a trial each channel whose 4-45 Hz amplitude is more than R times the "
+                             "median channel's in its stimulus or baseline, as a constant channel is "
                              f"(default {NOISY_AMPLITUDE_RATIO:g}; 0: none)")
     parser.add_argument("--resume", action="store_true",
                         help="continue from the last finished epoch of a killed run with the same settings")

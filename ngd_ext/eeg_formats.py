@@ -11,8 +11,8 @@ default and the tests use so that they go through the very readers real data go 
   read from the file; the trial lies between the first two Status events, with 30 s before it as baseline).
 
 A channel that holds one value throughout a trial's stimulus or baseline recorded nothing there (an electrode off the
-scalp, a channel a conversion filled with zeros), and one whose amplitude is ten times the other channels' or a tenth
-of it recorded something else; `without_unusable_channels` leaves both out of that trial. A BioSemi
+scalp, a channel a conversion filled with zeros), and one with ten times the other channels' amplitude recorded
+something else (an electrode that lost contact); `without_unusable_channels` leaves both out of that trial. A BioSemi
 recording (MAHNOB-HCI) holds each channel against the CMS electrode and is to be re-referenced offline;
 `average_referenced` does it, over the channels left.
 """
@@ -65,10 +65,12 @@ def without_unusable_channels(trial, noisy_ratio=NOISY_AMPLITUDE_RATIO):
     A constant channel holds one value throughout the trial's stimulus or baseline: it recorded no EEG there, and
     its band entropy, the logarithm of a zero variance, would put on the scalp map a value no recording gives. A
     noisy channel's amplitude in the feature band (its robust standard deviation at 4-45 Hz, 1.4826 times the median
-    absolute deviation, which blinks and brief bursts hardly move) is more than noisy_ratio times, or less than
-    1 / noisy_ratio of, the median channel's, in the stimulus or the baseline: an electrode that has lost contact
-    picks up far more than EEG, a bridged or shorted one far less, and under the average reference either would
-    spread into every channel (noisy_ratio 0 finds none). Both kinds are left out of the trial, their places on the
+    absolute deviation, which blinks and brief bursts hardly move) is more than noisy_ratio times the median
+    channel's, in the stimulus or the baseline: an electrode that has lost contact picks up far more than EEG, and
+    under the average reference would spread it into every channel (noisy_ratio 0 finds none). Amplitudes are taken
+    against the channels' median, sample by sample, which one wild channel hardly moves, and which makes them
+    independent of where the recording's own reference sat. A channel is not judged for storing little: one beside
+    the reference electrode does, as one bridged to it would, and against the median neither is small. Both kinds are left out of the trial, their places on the
     map filled by the interpolation from the others. A trial with more than MAX_LEFT_OUT_SHARE of its channels left
     out is refused (EEGFormatError, naming the file and the channels)."""
     from ngd_ext.eeg_features import preprocess  # imported here: it imports MNE, which writing files does not need
@@ -78,16 +80,16 @@ def without_unusable_channels(trial, noisy_ratio=NOISY_AMPLITUDE_RATIO):
     if noisy_ratio and (~constant).any():
         for part in preprocess(trial.signal[~constant], trial.baseline[~constant], trial.sfreq, trial.sfreq):
             if part.shape[1]:
+                part = part - np.median(part, axis=0)
                 amplitude = 1.4826 * np.median(np.abs(part - np.median(part, axis=1, keepdims=True)), axis=1)
-                typical = np.median(amplitude)
-                noisy[~constant] |= (amplitude > noisy_ratio * typical) | (amplitude * noisy_ratio < typical)
+                noisy[~constant] |= amplitude > noisy_ratio * np.median(amplitude)
     constant_names, noisy_names = (tuple(name for name, out in zip(trial.ch_names, kind) if out)
                                    for kind in (constant, noisy))
     left_out = constant | noisy
     if left_out.sum() > MAX_LEFT_OUT_SHARE * len(trial.ch_names):
         kinds = [f"{kind}: {', '.join(names)}" for kind, names in
-                 (("constant", constant_names), (f"noisy, beyond {noisy_ratio:g}x or 1/{noisy_ratio:g} of the median "
-                                                 "channel's amplitude", noisy_names)) if names]
+                 (("constant", constant_names), (f"noisy, over {noisy_ratio:g}x the median channel's amplitude",
+                                                 noisy_names)) if names]
         raise EEGFormatError(f"{trial.source}: {trial.subject} trial {trial.trial} has {left_out.sum()} of its "
                              f"{len(trial.ch_names)} channels unusable in its stimulus or baseline ({'; '.join(kinds)})"
                              f": more than {MAX_LEFT_OUT_SHARE:.0%} would be left out")

@@ -204,8 +204,9 @@ def test_constant_channels_are_left_out_up_to_a_quarter(tmp_path):
 
 
 def test_noisy_channels_are_left_out_with_the_constant_ones_up_to_a_quarter(tmp_path):
-    """Amplitude beyond 10x or below 1/10 of the median channel's, in the stimulus or the baseline, is noisy; 5x,
-    1/5x and a second of 100x (a burst) are not."""
+    """Amplitude over 10x the median channel's, in the stimulus or the baseline, is noisy, whatever all channels
+    share; 5x, a second of 100x (a burst), 1/50x and a channel that stores little against the reference beside it
+    are not."""
     sfreq, baseline = 256, 31
     samples = (baseline + 4 + 2) * sfreq
     burst = np.zeros(samples)
@@ -218,18 +219,25 @@ def test_noisy_channels_are_left_out_with_the_constant_ones_up_to_a_quarter(tmp_
     write_mahnob_session(str(tmp_path / "stimulus"), 1, 1, gains={"F4": stimulus_only})
     trial = read_only_session(root)
     kept, constant, noisy = without_unusable_channels(trial)
-    assert constant == ("Pz",) and noisy == ("O1", "Cz")  # in MAHNOB_EEG's order
-    assert kept.ch_names == tuple(name for name in MAHNOB_EEG if name not in ("Pz", "O1", "Cz"))
+    assert constant == ("Pz",) and noisy == ("O1",)
+    assert kept.ch_names == tuple(name for name in MAHNOB_EEG if name not in ("Pz", "O1"))
     assert without_unusable_channels(read_only_session(str(tmp_path / "stimulus")))[2] == ("F4",)
-    assert without_unusable_channels(trial, noisy_ratio=25.0)[2] == ("Cz",)  # 20x is within 25x; 1/50 is not
+    # Pz beside the reference electrode: it stores little against it (0.3 uV), the others 42 uV, yet it records EEG
+    cms = np.random.default_rng(10).normal(0, 30, samples)
+    write_mahnob_session(str(tmp_path / "beside"), 1, 1, gains={"Pz": 0.01}, extra={"Pz": cms}, common=-cms)
+    assert without_unusable_channels(read_only_session(str(tmp_path / "beside")))[2] == ()
+    # a hum every channel shares (300 uV at 10 Hz, stored against CMS) does not hide O1's 20x
+    hum = 300 * np.sin(2 * np.pi * 10 * np.arange(samples) / sfreq)
+    write_mahnob_session(str(tmp_path / "hum"), 1, 1, gains={"O1": 20.0}, common=hum)
+    assert without_unusable_channels(read_only_session(str(tmp_path / "hum")))[2] == ("O1",)
+    assert without_unusable_channels(trial, noisy_ratio=25.0)[2] == ()
     assert without_unusable_channels(trial, noisy_ratio=0)[1:] == (("Pz",), ())
 
     root = str(tmp_path / "nine")
-    write_mahnob_session(root, 1, 1, constant=MAHNOB_EEG[:6], gains={"O1": 30.0, "Oz": 30.0, "O2": 0.01})
+    write_mahnob_session(root, 1, 1, constant=MAHNOB_EEG[:6], gains={"O1": 30.0, "Oz": 30.0, "O2": 30.0})
     with pytest.raises(EEGFormatError, match=r"has 9 of its 32 channels unusable in its stimulus or baseline "
-                                             r"\(constant: Fp1, AF3, F3, F7, FC5, FC1; noisy, beyond 10x or 1/10 of "
-                                             r"the median channel's amplitude: O1, Oz, O2\): more than 25% would be "
-                                             r"left out$"):
+                                             r"\(constant: Fp1, AF3, F3, F7, FC5, FC1; noisy, over 10x the median "
+                                             r"channel's amplitude: O1, Oz, O2\): more than 25% would be left out$"):
         without_unusable_channels(read_only_session(root))
 
 

@@ -254,7 +254,7 @@ def test_synthetic_default_is_deterministic(tmp_path):
 
 def test_synthetic_eeg_has_no_unusable_channel(tmp_path):
     """Its channels' gains, subjects' asymmetries and trials' band powers keep every channel within 2x of the median
-    channel's amplitude (0.59x to 1.64x over the demo's trials), far inside the noisy ratio of 10."""
+    channel's amplitude (at most 1.74x over the demo's trials), far inside the noisy ratio of 10."""
     sources = tiny_trial_sources(tmp_path)()
     trials = [source if isinstance(source, Trial) else read_mahnob_trial(source) for source in sources]
     assert len(trials) == 12
