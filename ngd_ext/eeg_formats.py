@@ -70,9 +70,9 @@ def without_unusable_channels(trial, noisy_ratio=NOISY_AMPLITUDE_RATIO):
     under the average reference would spread it into every channel (noisy_ratio 0 finds none). Amplitudes are taken
     against the channels' median, sample by sample, which one wild channel hardly moves, and which makes them
     independent of where the recording's own reference sat. A channel is not judged for storing little: one beside
-    the reference electrode does, as one bridged to it would, and against the median neither is small. Both kinds are left out of the trial, their places on the
-    map filled by the interpolation from the others. A trial with more than MAX_LEFT_OUT_SHARE of its channels left
-    out is refused (EEGFormatError, naming the file and the channels)."""
+    the reference electrode does. Both kinds are left out of the trial, their places on the map filled by the
+    interpolation from the others. A trial with more than MAX_LEFT_OUT_SHARE of its channels left out is refused
+    (EEGFormatError, naming the file and the channels)."""
     from ngd_ext.eeg_features import preprocess  # imported here: it imports MNE, which writing files does not need
 
     constant = (np.ptp(trial.signal, axis=1) == 0) | (np.ptp(trial.baseline, axis=1) == 0)
