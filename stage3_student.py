@@ -82,8 +82,9 @@ def parse_args(argv=None):
     parser.add_argument("--input-size", type=int, default=48, help="image side fed to the network (default 48)")
     parser.add_argument("--pretrained", help="local state_dict file for the backbone (never downloaded)")
     parser.add_argument("--kd-teacher", help="best.pt of another stage-3 run, the logit-KD teacher")
-    parser.add_argument("--kd-loss", choices=("mse", "kl"), default="mse",
-                        help="logit KD at T = 5: squared distance of the softened softmaxes (default), or T^2 KL")
+    parser.add_argument("--kd-loss", choices=("mse", "kl"),
+                        help="logit KD at T = 5: squared distance of the softened softmaxes (mse, the default), or "
+                             "T^2 KL (kl)")
     parser.add_argument("--kd-weight", type=float, help="override the preset's KD weight")
     parser.add_argument("--proto-weight", type=float, help="override the preset's Proto-KD weight")
     parser.add_argument("--dgeo-weight", type=float, help="override the preset's D-Geo weight")
@@ -132,10 +133,12 @@ def parse_args(argv=None):
     if args.kd_weight > 0 and not args.kd_teacher:
         parser.error(f"--variant {args.variant} uses logit KD (weight {args.kd_weight}): give --kd-teacher (a "
                      "stage-3 best.pt, e.g. of a B0 run) or --kd-weight 0")
-    if args.kd_teacher and args.kd_weight == 0:
-        parser.error(f"--kd-teacher {args.kd_teacher}: the logit-KD weight is 0 (--variant {args.variant}"
-                     f"{', --kd-weight 0' if args.variant != 'B0' else ''}), so the teacher would go unused; leave it "
-                     "out, or give a positive --kd-weight")
+    for flag, value, what in (("--kd-teacher", args.kd_teacher, "teacher"), ("--kd-loss", args.kd_loss, "KD loss")):
+        if value and args.kd_weight == 0:
+            parser.error(f"{flag} {value}: the logit-KD weight is 0 (--variant {args.variant}"
+                         f"{', --kd-weight 0' if args.variant != 'B0' else ''}), so the {what} would go unused; leave "
+                         "it out, or give a positive --kd-weight")
+    args.kd_loss = args.kd_loss or "mse"
     if args.sync_bn and not args.device.startswith("cuda"):
         parser.error(f"--sync-bn needs CUDA devices (torch's SyncBatchNorm does not run on {args.device!r})")
     if args.epochs < 1 or args.batch_size < 2 or args.checkpoint_every < 1 or args.input_size < 16:

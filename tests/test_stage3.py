@@ -81,11 +81,17 @@ def test_kd_variant_without_teacher_is_refused(capsys):
 @pytest.mark.parametrize("flags, why", [(["--variant", "B0"], "--variant B0"),
                                         (["--variant", "B3", "--kd-weight", "0"], "--variant B3, --kd-weight 0")])
 def test_kd_teacher_without_kd_is_refused(capsys, flags, why):
-    """A teacher that the loss would not use is refused, not loaded and recorded in the student's config."""
+    """A teacher, or a KD loss, that the loss would not use is refused, not recorded in the student's config."""
     with pytest.raises(SystemExit):
         stage3_student.parse_args([*flags, "--kd-teacher", "t.pt"])
     assert (f"--kd-teacher t.pt: the logit-KD weight is 0 ({why}), so the teacher would go unused; leave it out, or "
             "give a positive --kd-weight" in capsys.readouterr().err)
+    with pytest.raises(SystemExit):
+        stage3_student.parse_args([*flags, "--kd-loss", "kl"])
+    assert (f"--kd-loss kl: the logit-KD weight is 0 ({why}), so the KD loss would go unused; leave it out, or give a "
+            "positive --kd-weight" in capsys.readouterr().err)
+    assert stage3_student.parse_args(flags).kd_loss == "mse"
+    assert stage3_student.parse_args(["--kd-teacher", "t.pt", "--kd-loss", "kl"]).kd_loss == "kl"
 
 
 def augment_image_by_image(images, generator, size):
