@@ -231,6 +231,15 @@ def trial_entropy(source, window_s, step_s, noisy_ratio, cache_dir):
                         from_cache=cached is not None)
 
 
+def trial_entropy_or_stop(source, **settings):
+    """trial_entropy, whose error, which stops the run, adds that --skip-unreadable would leave the trial out."""
+    try:
+        return trial_entropy(source, **settings)
+    except EEGFormatError as error:
+        hint = "--skip-unreadable leaves out, and lists, each trial that cannot be used"
+        raise EEGFormatError(f"{error} ({hint})") from error
+
+
 def trial_entropy_or_skip(source, **settings):
     """trial_entropy, or, where the trial's recording cannot be used, the error's message, which names the file
     (--skip-unreadable)."""
@@ -374,7 +383,7 @@ def main(argv=None):
               f"without felt labels and {len(scan.skipped_without_eeg)} without EEG")
     sources = itertools.chain(iter_dreamer(dreamer_path) if dreamer_path else (), scan.sessions)
     cache_dir = os.path.join(args.run_dir, "cache", "eeg_features")
-    features = functools.partial(trial_entropy_or_skip if args.skip_unreadable else trial_entropy,
+    features = functools.partial(trial_entropy_or_skip if args.skip_unreadable else trial_entropy_or_stop,
                                  window_s=args.window_s, step_s=args.step_s, noisy_ratio=args.noisy_channel_ratio,
                                  cache_dir=cache_dir)
     trials = list(tqdm(map_in_processes(features, sources, args.workers), desc="features", unit="trial", leave=False))

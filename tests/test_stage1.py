@@ -183,7 +183,8 @@ def test_unusable_channels_are_left_out_of_their_trial_and_listed(tmp_path, caps
                  "cpu"]
     with pytest.raises(EEGFormatError, match=rf"^{re.escape(dreamer)}: dreamer-03 trial 1 has 4 of its 14 channels "
                                              r"unusable in its stimulus or baseline \(constant: AF3, F7, F3, FC5\): "
-                                             r"more than 25% would be left out$"):
+                                             r"more than 25% would be left out \(--skip-unreadable leaves out, and "
+                                             r"lists, each trial that cannot be used\)$"):
         stage1_teacher.main(arguments)
     stage1_teacher.main([*arguments, "--skip-unreadable"])
     out, err = capsys.readouterr()
@@ -365,8 +366,9 @@ def test_stage1_resumes_after_a_crash_and_leaves_the_previous_teacher_whole(tmp_
     assert f"--resume: no checkpoint at {checkpoint} (none was left, or the run finished); starting afresh" in \
         capsys.readouterr().out
     before = {name: artifacts.sha256_file(os.path.join(stage1, name)) for name in artifacts.read_manifest(stage1)}
-    with pytest.raises(EEGFormatError, match=r"missing.mat: not a readable MATLAB file"):
+    with pytest.raises(EEGFormatError, match=r"missing.mat: not a readable MATLAB file") as refused:
         stage1_teacher.main(["--run-dir", run_dir, "--dreamer", str(tmp_path / "missing.mat")])
+    assert "--skip-unreadable" not in str(refused.value)  # DREAMER.mat is read whole: no trial to leave out
 
     def crash(*args, **kwargs):
         raise RuntimeError("killed")
