@@ -162,8 +162,8 @@ class TrialEntropy:
     subject: str
     trial_id: str
     ch_names: tuple
-    constant_channels: tuple  # left out (eeg_formats.without_unusable_channels), as the noisy ones: ch_names are
-    noisy_channels: tuple     # the others
+    constant_channels: tuple  # left out by eeg_formats.without_unusable_channels; ch_names holds the channels kept
+    noisy_channels: tuple     # left out likewise
     valence: float
     arousal: float
     recording: str       # the file it came from
