@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 
 # The tests' temporary folders reach about 1.6 GB at their peak, mostly ResNet checkpoints; on a fuller disk they
 # would fail one by one, deep inside torch.save, instead of here.
-temp_root=${TMPDIR:-/tmp}
+temp_root=$("${PYTHON:-python3}" -c 'import tempfile; print(tempfile.gettempdir())')  # pytest's choice too
 free_mb=$(df -Pm "$temp_root" | awk 'NR == 2 {print $4}')
 if (( free_mb < 2048 )); then
   echo "scripts/test.sh: $temp_root has $free_mb MB free; the tests need about 2 GB there" \
