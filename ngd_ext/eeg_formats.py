@@ -73,7 +73,10 @@ def without_unusable_channels(trial, noisy_ratio=NOISY_AMPLITUDE_RATIO):
     the reference electrode does. Both kinds are left out of the trial, their places on the map filled by the
     interpolation from the others. A trial with more than MAX_LEFT_OUT_SHARE of its channels left out is refused
     (EEGFormatError, naming the file and the channels)."""
-    from ngd_ext.eeg_features import preprocess  # imported here: it imports MNE, which writing files does not need
+    # Imported here: scipy.stats, and MNE (which preprocess imports), take a second that writing files does not need.
+    from scipy.stats import median_abs_deviation
+
+    from ngd_ext.eeg_features import preprocess
 
     constant = (np.ptp(trial.signal, axis=1) == 0) | (np.ptp(trial.baseline, axis=1) == 0)
     noisy = np.zeros_like(constant)
@@ -81,7 +84,7 @@ def without_unusable_channels(trial, noisy_ratio=NOISY_AMPLITUDE_RATIO):
         for part in preprocess(trial.signal[~constant], trial.baseline[~constant], trial.sfreq, trial.sfreq):
             if part.shape[1]:
                 part = part - np.median(part, axis=0)
-                amplitude = 1.4826 * np.median(np.abs(part - np.median(part, axis=1, keepdims=True)), axis=1)
+                amplitude = median_abs_deviation(part, axis=1, scale="normal")
                 noisy[~constant] |= amplitude > noisy_ratio * np.median(amplitude)
     constant_names, noisy_names = (tuple(name for name, out in zip(trial.ch_names, kind) if out)
                                    for kind in (constant, noisy))
