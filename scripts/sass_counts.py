@@ -10,9 +10,11 @@ the CUDA toolkit or the copy that triton carries) and, for every instantiation o
 backward_kernel, finds the innermost loop around the tensor-core instructions (HMMA): one step of the kernel's
 columns. It reports the loop's instructions over all its paths (more than a step issues: the loop also holds the
 staging of prototype chunks, taken once per chunk), the span from the first HMMA's basic block to the last one's
-(less than a step issues: the next columns' loads and the L2 prefetches lie outside it), the HMMA, and ptxas's
-registers and spills. Fewer instructions per step is not a speed-up by itself, but the row kernels issue one step
-per 512 elements of z per warp, with two warps per scheduler: at large B and D the issue rate may bound them.
+(less than a step issues: the next columns' loads and the L2 prefetches lie outside it), the tail from the loop's
+last barrier to its end (the path of a step that stages no prototypes, with its rarely taken branches counted in),
+the HMMA, and ptxas's registers and spills. Fewer instructions per step is not a speed-up by itself, but the row
+kernels issue one step per 512 elements of z per warp, with two warps per scheduler, and on an H200 at large B and D
+they wait on the latency between their instructions more than on memory (docs/benchmarks.md).
 """
 
 import argparse
@@ -94,7 +96,7 @@ def opcode(text):
 
 def step_counts(instructions):
     """The innermost loop holding the first HMMA: its instructions over all paths, the span of basic blocks from its
-    first HMMA to its last, and its HMMA. None where a kernel has no HMMA."""
+    first HMMA to its last, its tail after its last barrier, and its HMMA. None where a kernel has no HMMA."""
     index = {address: i for i, (address, _) in enumerate(instructions)}
     products = [i for i, (_, text) in enumerate(instructions) if opcode(text) == "HMMA"]
     if not products:
@@ -114,7 +116,9 @@ def step_counts(instructions):
         start -= 1
     while opcode(instructions[end][1]) != "BRA" and end + 1 not in targets:
         end += 1
-    return {"loop": back - head + 1, "span": end - start + 1, "hmma": len(in_loop)}
+    barriers = [i for i in range(head, back + 1) if opcode(instructions[i][1]) == "BAR"]
+    tail = back - (barriers[-1] if barriers else head - 1)
+    return {"loop": back - head + 1, "span": end - start + 1, "tail": tail, "hmma": len(in_loop)}
 
 
 def ptxas_resources(report):
@@ -147,10 +151,10 @@ def main():
         rows.append(dict(kernel=signature, registers=registers, spill_bytes=spills, **counts))
     rows.sort(key=lambda row: row["kernel"])
     print(f"{'kernel <scalar, acc, KMAX, M tiles, aligned>':58} {'regs':>5} {'spill':>6} {'loop':>5} {'span':>5} "
-          f"{'hmma':>5}")
+          f"{'tail':>5} {'hmma':>5}")
     for row in rows:
         print(f"{row['kernel']:58} {row['registers']:5} {row['spill_bytes']:6} {row['loop']:5} {row['span']:5} "
-              f"{row['hmma']:5}")
+              f"{row['tail']:5} {row['hmma']:5}")
     if args.out:
         with open(args.out + ".tmp", "w") as handle:
             json.dump(dict(arch=args.arch, source=os.path.abspath(args.source), kernels=rows), handle, indent=1)

@@ -1,4 +1,5 @@
-"""scripts/sass_counts.py's reading of a SASS listing: the step's loop, the span of its products and their count."""
+"""scripts/sass_counts.py's reading of a SASS listing: the step's loop, the span of its products, the loop's tail after
+its last barrier, and the products' count."""
 
 import importlib.util
 import pathlib
@@ -35,8 +36,8 @@ def test_step_counts_of_the_innermost_loop_around_the_products():
     listing = sass_counts.functions(LISTING)
     assert list(listing) == ["_Z19forward_rows_kernelv", "_Z14other_kernelv"]
     assert len(listing["_Z19forward_rows_kernelv"]) == 14
-    # loop: 0x20 to 0xa0; span: from the branch target 0x60 to the back branch at 0xa0
-    assert sass_counts.step_counts(listing["_Z19forward_rows_kernelv"]) == {"loop": 9, "span": 5, "hmma": 2}
+    # loop: 0x20 to 0xa0; span: from the branch target 0x60 to the back branch at 0xa0; tail: after the barrier at 0x50
+    assert sass_counts.step_counts(listing["_Z19forward_rows_kernelv"]) == {"loop": 9, "span": 5, "tail": 5, "hmma": 2}
     assert sass_counts.step_counts(listing["_Z14other_kernelv"]) is None
 
 

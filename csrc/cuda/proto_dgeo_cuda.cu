@@ -317,6 +317,12 @@ __device__ __forceinline__ int staged_offset(int column, int k) {
   return column * KMAX + ((k / kPack) ^ swizzle) * kPack + k % kPack;
 }
 
+// The permutation reads bits 0, 2 and 3 of the column alone, so staged_offset(column + n, k) is staged_offset(column,
+// k) + n KMAX for any n that leaves those bits as they are: a step's start in its chunk (a multiple of kStepColumns),
+// and the 2 s or 2 j between the columns a lane reads in one step. The row kernels find their lanes' offsets once
+// and add the step's, instead of permuting every column of every step anew.
+static_assert(kStepColumns % 16 == 0, "a step's start in its chunk leaves the permuted bits of the column alone");
+
 // Starts the copies of columns [first_column, first_column + chunk) of the prototype table into `staged`, and
 // commits them as one group. The copies are asynchronous: every one a thread makes is on its way at once, and none
 // holds a register. Columns past D are zero-filled.
@@ -391,52 +397,92 @@ struct PrototypeChunks {
   }
 };
 
-// Columns [d, d + kPack) of a lane's rows in the mma tiles of a tile starting at `tile`: rows 16 m + g + 8 h of it
-// for M_TILES tiles m and h = 0, 1; zero at or past row_end.
-template <bool kAligned, int M_TILES, typename scalar_t>
-__device__ __forceinline__ void load_fragment_rows(const scalar_t* __restrict__ z, int64_t tile, int64_t row_end,
-                                                   int64_t d, int64_t dim, Pack<scalar_t> (&out)[M_TILES][2]) {
-  const int64_t first = tile + threadIdx.x % kWarp / 4;
+// A lane's rows in the mma tiles of a tile starting at `tile`: rows g + 8 i of it for i < 2 M_TILES (row 16 m + g +
+// 8 h is i = 2 m + h). Where the first starts and how many are in the batch are found once per tile, so that a step
+// reaches each row with an addition: formed anew at every step, a row's 64-bit start and its bounds took more
+// instructions than the step's load itself. Rows at or past row_end read as zeros and are never written.
+template <int M_TILES>
+struct FragmentRows {
+  static constexpr int kRows = 2 * M_TILES;
+  int64_t first = 0;    // where row g starts, in elements
+  int64_t spacing = 0;  // 8 rows, in elements
+  int present = 0;      // the lane's rows in the batch: i < present
+
+  __device__ FragmentRows(int64_t tile, int64_t row_end, int64_t dim) {
+    const int64_t row = tile + threadIdx.x % kWarp / 4;
+    if (row >= row_end) return;
+    present = static_cast<int>(min(static_cast<int64_t>(kRows), (row_end - row + 7) / 8));
+    first = row * dim;
+    spacing = 8 * dim;
+  }
+
+  // Columns [d, d + kPack) of the lane's rows of z.
+  template <bool kAligned, typename scalar_t>
+  __device__ void load(const scalar_t* __restrict__ z, int64_t d, int64_t dim,
+                       Pack<scalar_t> (&out)[M_TILES][2]) const {
+    const scalar_t* row = z + first;
 #pragma unroll
-  for (int m = 0; m < M_TILES; ++m) {
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int64_t row = first + kTileM * m + 8 * h;
-      out[m][h] = row < row_end ? load_pack<kAligned>(z + row * dim, d, dim) : zero_pack<scalar_t>();
+    for (int i = 0; i < kRows; ++i, row += spacing) {
+      out[i / 2][i % 2] = i < present ? load_pack<kAligned>(row, d, dim) : zero_pack<scalar_t>();
     }
   }
-}
+
+  // Columns [d, d + kPack) of the lane's rows of out, from values[i] for row i.
+  template <bool kAligned, typename scalar_t, typename acc_t>
+  __device__ void store(scalar_t* __restrict__ out, int64_t d, int64_t dim, const acc_t (&values)[kRows][kPack]) const {
+    scalar_t* row = out + first;
+#pragma unroll
+    for (int i = 0; i < kRows; ++i, row += spacing) {
+      if (i < present) store_columns<kAligned>(row, d, dim, values[i]);
+    }
+  }
+};
 
 // Walks ahead of a warp's loads through its rows, one step of kStepColumns columns at a time and on into the
 // warp's rows of later tiles (tile_stride rows apart), asking L2 for each: the loads that follow find their
-// rows there instead of waiting on HBM.
+// rows there instead of waiting on HBM. The lane's place in the warp's first row is kept as a pointer and moved on
+// by a step's columns, so that a request costs an addition; it is found anew only at each tile.
 template <int ROWS, typename scalar_t>
 struct L2Prefetcher {
   static constexpr int kStepsAhead = 8;
 
   __device__ L2Prefetcher(const scalar_t* z, int64_t first, int64_t row_end, int64_t dim, int64_t tile_stride)
       : z_(z), first_(first), row_end_(row_end), dim_(dim), tile_stride_(tile_stride) {
+    start_tile();
     for (int i = 0; i < kStepsAhead; ++i) advance();
   }
 
   // Asks for the next step of columns.
   __device__ void advance() {
-    const int64_t d = column_ + threadIdx.x % kWarp * kPack;
+    if (column_ + lane_column_ < dim_) {
+      const scalar_t* row = next_;
 #pragma unroll
-    for (int j = 0; j < ROWS; ++j) {
-      if (first_ + j < row_end_ && d < dim_) prefetch_l2(z_ + (first_ + j) * dim_ + d);
+      for (int j = 0; j < ROWS; ++j) {
+        if (j < live_rows_) prefetch_l2(row);
+        row += dim_;
+      }
     }
     column_ += kStepColumns;
+    next_ += kStepColumns;
     if (column_ >= dim_) {
-      column_ = 0;
       first_ += tile_stride_;
+      start_tile();
     }
   }
 
  private:
+  __device__ void start_tile() {
+    column_ = 0;
+    live_rows_ = static_cast<int>(max(int64_t(0), min(static_cast<int64_t>(ROWS), row_end_ - first_)));
+    next_ = z_ + (live_rows_ > 0 ? first_ : 0) * dim_ + lane_column_;
+  }
+
   const scalar_t* z_;
   int64_t first_, row_end_, dim_, tile_stride_;
+  int lane_column_ = threadIdx.x % kWarp * kPack;
   int64_t column_ = 0;
+  int live_rows_ = 0;
+  const scalar_t* next_ = nullptr;
 };
 
 // Offsets into the row kernel's dynamic shared memory, widest types first: the staged prototypes, the class sums
@@ -520,6 +566,15 @@ __global__ void __launch_bounds__(kThreads, 1)
   PrototypeChunks<KMAX, acc_t> chunks(proto_table, chunk_protos, dim, staging);
   const acc_t* staged = chunk_protos;
   L2Prefetcher<ROWS, scalar_t> prefetcher(z, row_begin + warp * ROWS, row_end, dim, kTileRows);
+  // Where the lane's prototypes of its columns lane_column + e (and, 2 KMAX on, + 2 + e) lie in a step's chunk.
+  int lane_protos[2][kLanePacks];
+#pragma unroll
+  for (int e = 0; e < 2; ++e) {
+#pragma unroll
+    for (int q = 0; q < kLanePacks; ++q) {
+      lane_protos[e][q] = staged_offset<KMAX>(lane_column + e, group * kNTiles + q * kPack);
+    }
+  }
   for (int64_t tile = row_begin; tile < row_end; tile += kTileRows) {
     acc_t dots[M_TILES][kNTiles][4];
     acc_t sum_sq[M_TILES][2];
@@ -532,15 +587,16 @@ __global__ void __launch_bounds__(kThreads, 1)
       }
       sum_sq[m][0] = sum_sq[m][1] = 0;
     }
+    const FragmentRows<M_TILES> lane_rows(tile, row_end, dim);
     Pack<scalar_t> rows[M_TILES][2];
-    load_fragment_rows<kAligned>(z, tile, row_end, lane_column, dim, rows);
+    lane_rows.template load<kAligned>(z, lane_column, dim, rows);
     int chunk_column = 0;  // where column falls in the staged chunk, counted: a 64-bit remainder per step is dear
     for (int64_t step = 0; step < steps; ++step) {
       const int64_t column = step * kStepColumns;
       if (chunk_column == 0) staged = chunks.begin(column, tile == row_begin, tile + kTileRows < row_end);
       // The next step's columns are on their way while this step's are multiplied.
       Pack<scalar_t> next[M_TILES][2];
-      load_fragment_rows<kAligned>(z, tile, row_end, column + kStepColumns + lane_column, dim, next);
+      lane_rows.template load<kAligned>(z, column + kStepColumns + lane_column, dim, next);
       prefetcher.advance();
       // Columns 2s and 2s + 1 of the lane's Pack are k = t and t + 4 of the step's k-step s.
       Fragment<acc_t, 4> a[M_TILES][2];
@@ -559,16 +615,15 @@ __global__ void __launch_bounds__(kThreads, 1)
           }
         }
       }
+      const acc_t* step_protos = staged + chunk_column * KMAX;
 #pragma unroll
       for (int s = 0; s < 2; ++s) {
         Pack<acc_t> p[2][kLanePacks];  // the lane's prototypes at the k-step's two columns
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
-          const int staged_column = chunk_column + lane_column + 2 * s + e;
 #pragma unroll
           for (int q = 0; q < kLanePacks; ++q) {
-            p[e][q] = *reinterpret_cast<const Pack<acc_t>*>(
-                staged + staged_offset<KMAX>(staged_column, group * kNTiles + q * kPack));
+            p[e][q] = *reinterpret_cast<const Pack<acc_t>*>(step_protos + lane_protos[e][q] + 2 * s * KMAX);
           }
         }
 #pragma unroll
@@ -955,6 +1010,13 @@ __global__ void __launch_bounds__(kThreads, 1)
   PrototypeChunks<KMAX, acc_t> chunks(proto_table, chunk_protos, dim, staging);
   const acc_t* staged = chunk_protos;
   L2Prefetcher<ROWS, scalar_t> prefetcher(z, first_tile + warp * ROWS, batch, dim, tile_stride);
+  // Where the lane's prototypes of B tile 0's column lie in a step's chunk (tile 1's: 2 KMAX on).
+  int lane_protos[kLanePacks];
+#pragma unroll
+  for (int q = 0; q < kLanePacks; ++q) {
+    lane_protos[q] = staged_offset<KMAX>(warp * kWarpColumns + group / 2 * kPack + group % 2,
+                                         member * kLaneProtos + q * kPack);
+  }
   for (int64_t tile = first_tile; tile < batch; tile += tile_stride) {
     const int64_t first = tile + warp * ROWS;
     int64_t label[ROWS];
@@ -1046,7 +1108,6 @@ __global__ void __launch_bounds__(kThreads, 1)
     Fragment<acc_t, 4> a[M_TILES][kKSteps];
     acc_t row_scale[M_TILES][2], row_spread[M_TILES][2], row_radial[M_TILES][2];
     const acc_t* row_offset[M_TILES][2];
-    bool row_live[M_TILES][2];
 #pragma unroll
     for (int m = 0; m < M_TILES; ++m) {
 #pragma unroll
@@ -1061,20 +1122,20 @@ __global__ void __launch_bounds__(kThreads, 1)
         row_spread[m][h] = tile_spread[tile_row];
         row_radial[m][h] = tile_radial[tile_row];
         row_offset[m][h] = offsets_base + tile_label[tile_row] * dim;
-        row_live[m][h] = tile + tile_row < batch;
       }
     }
     __syncthreads();  // G and the rows' constants are in registers: the next tile may write its own
 
+    const FragmentRows<M_TILES> lane_rows(tile, batch, dim);
     Pack<scalar_t> rows[M_TILES][2];
-    load_fragment_rows<kAligned>(z, tile, batch, lane_column, dim, rows);
+    lane_rows.template load<kAligned>(z, lane_column, dim, rows);
     int chunk_column = 0;  // where column falls in the staged chunk, counted as in the row kernel
     for (int64_t step = 0; step < steps; ++step) {
       const int64_t column = step * kStepColumns;
       if (chunk_column == 0) staged = chunks.begin(column, tile == first_tile, tile + tile_stride < batch);
       const int64_t d = column + lane_column;
       Pack<scalar_t> next[M_TILES][2];
-      load_fragment_rows<kAligned>(z, tile, batch, d + kStepColumns, dim, next);
+      lane_rows.template load<kAligned>(z, d + kStepColumns, dim, next);
       // C tile j holds the lane's columns 2j and 2j + 1: it starts as spread u + offset, and the products add G P^.
       acc_t u[M_TILES][2][kPack];
       acc_t du[M_TILES][2][4];
@@ -1093,14 +1154,13 @@ __global__ void __launch_bounds__(kThreads, 1)
         }
       }
       // B tile j's n = g is the column 4 (g / 2) + 2j + g % 2 of the warp's 16: lane (g / 2)'s column 2j + g % 2.
+      const acc_t* step_protos = staged + chunk_column * KMAX;
 #pragma unroll
       for (int j = 0; j < 2; ++j) {
-        const int staged_column = chunk_column + warp * kWarpColumns + group / 2 * kPack + 2 * j + group % 2;
         Pack<acc_t> p[kLanePacks];
 #pragma unroll
         for (int q = 0; q < kLanePacks; ++q) {
-          p[q] = *reinterpret_cast<const Pack<acc_t>*>(
-              staged + staged_offset<KMAX>(staged_column, member * kLaneProtos + q * kPack));
+          p[q] = *reinterpret_cast<const Pack<acc_t>*>(step_protos + lane_protos[q] + 2 * j * KMAX);
         }
 #pragma unroll
         for (int s = 0; s < kKSteps; ++s) {
@@ -1111,19 +1171,18 @@ __global__ void __launch_bounds__(kThreads, 1)
           for (int m = 0; m < M_TILES; ++m) mma_accurate<false>(du[m][j], a[m][s], b);
         }
       }
+      acc_t out[2 * M_TILES][kPack];
 #pragma unroll
       for (int m = 0; m < M_TILES; ++m) {
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
-          if (!row_live[m][h]) continue;
-          acc_t out[kPack];
 #pragma unroll
           for (int v = 0; v < kPack; ++v) {
-            out[v] = (du[m][v / 2][2 * h + v % 2] - u[m][h][v] * row_radial[m][h]) * row_scale[m][h];
+            out[2 * m + h][v] = (du[m][v / 2][2 * h + v % 2] - u[m][h][v] * row_radial[m][h]) * row_scale[m][h];
           }
-          store_columns<kAligned>(grad_z + (tile + kTileM * m + group + 8 * h) * dim, d, dim, out);
         }
       }
+      lane_rows.template store<kAligned>(grad_z, d, dim, out);
       chunk_column = chunk_column + kStepColumns == chunk ? 0 : chunk_column + kStepColumns;
     }
   }
