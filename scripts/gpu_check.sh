@@ -159,7 +159,8 @@ for log in kernel_profile baseline_kernel_profile; do
 done
 
 # Nsight Compute on the two row kernels at the largest shape: how close to the memory and compute roofs they
-# run, their occupancy, and what their warps wait on.
+# run, their occupancy, what their warps wait on, and the bytes they move to and from DRAM with the L2 hit rate: the
+# forward re-reads each tile for the class sums and the backward reads each row twice, the second reads meant for L2.
 step "ncu"
 if ! command -v ncu > /dev/null; then
   note "no ncu on PATH"
@@ -168,10 +169,11 @@ elif allow "ncu" 150 90; then
   profile_rows=(-k regex:"forward_rows_kernel|backward_kernel" --launch-skip 1 -c 2
                 "$python" scripts/kernel_profile.py --batch 65536 --dim 2048 --steps 1 --plain)
   timeout "$limit" ncu --section SpeedOfLight --section Occupancy --section WarpStateStats --section LaunchStats \
-    --section ComputeWorkloadAnalysis --section SchedulerStats "${profile_rows[@]}" > "$out/ncu.log" 2>&1
+    --section ComputeWorkloadAnalysis --section SchedulerStats --section MemoryWorkloadAnalysis \
+    --metrics dram__bytes_read.sum,dram__bytes_write.sum "${profile_rows[@]}" > "$out/ncu.log" 2>&1
   ended "ncu" $?
   figures="Duration|Throughput|Achieved Occupancy|Registers Per|Warp Cycles Per Issued|Issue Slots Busy"
-  figures+="|Issued Warp|No Eligible|Eligible Warps|Executed Ipc A|stall|Stall"
+  figures+="|Issued Warp|No Eligible|Eligible Warps|Executed Ipc A|stall|Stall|Hit Rate|Mem Busy|dram__bytes"
   grep -E "^  void |$figures" "$out/ncu.log" | cut -c1-150 | tee -a "$out/summary.txt"
   # What the warps wait on, reason by reason (warps stalled per issued instruction, 0.05 and over).
   if allow "ncu stall reasons" 90 45; then
