@@ -1,5 +1,5 @@
-"""How many instructions a warp issues per step of the fused op's two row kernels, read off their SASS: a measure
-of the kernels that needs nvcc but no GPU.
+"""How many instructions the fused op's two row kernels issue per step of columns, per prototype copy and per pass of
+their other loop over z, read off their SASS: a measure of the kernels that needs nvcc but no GPU.
 
     python scripts/sass_counts.py                  # sm_90, table on stdout
     python scripts/sass_counts.py --out sass.json
@@ -8,13 +8,23 @@ of the kernels that needs nvcc but no GPU.
 Compiles csrc/cuda/proto_dgeo_cuda.cu to a cubin with the build's nvcc flags, disassembles it (cuobjdump, from
 the CUDA toolkit or the copy that triton carries) and, for every instantiation of forward_rows_kernel and
 backward_kernel, finds the innermost loop around the tensor-core instructions (HMMA): one step of the kernel's
-columns. It reports the loop's instructions over all its paths (more than a step issues: the loop also holds the
-staging of prototype chunks, taken once per chunk), the span from the first HMMA's basic block to the last one's
-(less than a step issues: the next columns' loads and the L2 prefetches lie outside it), the tail from the loop's
-last barrier to its end (the path of a step that stages no prototypes, with its rarely taken branches counted in),
-the HMMA, and ptxas's registers and spills. Fewer instructions per step is not a speed-up by itself, but the row
-kernels issue one step per 512 elements of z per warp, with two warps per scheduler, and on an H200 at large B and D
-they wait on the latency between their instructions more than on memory (docs/benchmarks.md).
+columns. It reports, with ptxas's registers and spills:
+
+- loop: the loop's instructions over all its paths (more than a step issues: the loop also holds the staging of
+  prototype chunks, taken once per chunk);
+- span: from the first HMMA's basic block to the last one's (less than a step issues: the next columns' loads and
+  the L2 prefetches lie outside it);
+- tail: from the loop's last barrier to its end (the path of a step that stages no prototypes, with its rarely taken
+  branches counted in);
+- hmma: the loop's HMMA;
+- copy: the instructions per 16-byte copy of the loops inside it that stage prototype chunks (a thread's share of a
+  chunk is chunk x KMAX x 4 bytes / 16 / 256 copies: 16 at KMAX = 32 in float32 with D > 1024, once per 4 steps);
+- pass: the loop of the kernel's other pass over z: in the forward the class sums, a thread's 4 columns of 16 rows,
+  tile rows / 16 x ceil(D / 1024) times per tile; in the backward the first pass, 4 steps of a warp's 4 rows.
+
+Fewer instructions is not a speed-up by itself, but the row kernels issue one step per 512 elements of z per warp,
+with two warps per scheduler, and on an H200 at large B and D they wait on the latency between their instructions
+more than on memory (docs/benchmarks.md).
 """
 
 import argparse
@@ -96,7 +106,9 @@ def opcode(text):
 
 def step_counts(instructions):
     """The innermost loop holding the first HMMA: its instructions over all paths, the span of basic blocks from its
-    first HMMA to its last, its tail after its last barrier, and its HMMA. None where a kernel has no HMMA."""
+    first HMMA to its last, its tail after its last barrier, its HMMA, and the instructions per prototype copy of the
+    loops inside it that stage prototypes (the most of them; None where it has none). None where a kernel has no
+    HMMA."""
     index = {address: i for i, (address, _) in enumerate(instructions)}
     products = [i for i, (_, text) in enumerate(instructions) if opcode(text) == "HMMA"]
     if not products:
@@ -107,9 +119,9 @@ def step_counts(instructions):
         head = index.get(int(target.group(1), 16)) if target else None
         if head is not None:
             targets.add(head)
-            if head <= products[0] <= i:
+            if head <= i:
                 loops.append((i - head, head, i))
-    _, head, back = min(loops)
+    _, head, back = min(loop for loop in loops if loop[1] <= products[0] <= loop[2])
     in_loop = [i for i in products if head <= i <= back]
     start, end = in_loop[0], in_loop[-1]
     while start not in targets and opcode(instructions[start - 1][1]) != "BRA":
@@ -118,7 +130,29 @@ def step_counts(instructions):
         end += 1
     barriers = [i for i in range(head, back + 1) if opcode(instructions[i][1]) == "BAR"]
     tail = back - (barriers[-1] if barriers else head - 1)
-    return {"loop": back - head + 1, "span": end - start + 1, "tail": tail, "hmma": len(in_loop)}
+    per_copy = []
+    for _, copy_head, copy_back in loops:
+        if head <= copy_head and copy_back < back:
+            # A copy that may zero-fill is two LDGSTS under opposite predicates, one of them with the ignore-source
+            # operand !PT: the other one counts the copy.
+            copies = sum(opcode(text) == "LDGSTS" and "!PT" not in text
+                         for _, text in instructions[copy_head:copy_back + 1])
+            if copies:
+                per_copy.append((copy_back - copy_head + 1) / copies)
+    return {"loop": back - head + 1, "span": end - start + 1, "tail": tail, "hmma": len(in_loop),
+            "copy": max(per_copy) if per_copy else None, "pass": other_pass(instructions, loops)}
+
+
+def other_pass(instructions, loops):
+    """The instructions of the innermost loop of the kernel's other pass over z: the one that loads from global memory
+    and does float arithmetic (16 FFMA or more) without the tensor cores or prototype copies. None where there is
+    none."""
+    lengths = []
+    for length, head, back in loops:
+        ops = [opcode(text) for _, text in instructions[head:back + 1]]
+        if "LDG" in ops and ops.count("FFMA") >= 16 and "HMMA" not in ops and "LDGSTS" not in ops:
+            lengths.append(length + 1)
+    return min(lengths) if lengths else None
 
 
 def ptxas_resources(report):
@@ -151,10 +185,11 @@ def main():
         rows.append(dict(kernel=signature, registers=registers, spill_bytes=spills, **counts))
     rows.sort(key=lambda row: row["kernel"])
     print(f"{'kernel <scalar, acc, KMAX, M tiles, aligned>':58} {'regs':>5} {'spill':>6} {'loop':>5} {'span':>5} "
-          f"{'tail':>5} {'hmma':>5}")
+          f"{'tail':>5} {'hmma':>5} {'copy':>5} {'pass':>5}")
     for row in rows:
+        copy = "-" if row["copy"] is None else f"{row['copy']:.1f}"
         print(f"{row['kernel']:58} {row['registers']:5} {row['spill_bytes']:6} {row['loop']:5} {row['span']:5} "
-              f"{row['tail']:5} {row['hmma']:5}")
+              f"{row['tail']:5} {row['hmma']:5} {copy:>5} {row['pass'] or '-':>5}")
     if args.out:
         with open(args.out + ".tmp", "w") as handle:
             json.dump(dict(arch=args.arch, source=os.path.abspath(args.source), kernels=rows), handle, indent=1)

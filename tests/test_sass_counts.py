@@ -37,8 +37,47 @@ def test_step_counts_of_the_innermost_loop_around_the_products():
     assert list(listing) == ["_Z19forward_rows_kernelv", "_Z14other_kernelv"]
     assert len(listing["_Z19forward_rows_kernelv"]) == 14
     # loop: 0x20 to 0xa0; span: from the branch target 0x60 to the back branch at 0xa0; tail: after the barrier at 0x50
-    assert sass_counts.step_counts(listing["_Z19forward_rows_kernelv"]) == {"loop": 9, "span": 5, "tail": 5, "hmma": 2}
+    assert sass_counts.step_counts(listing["_Z19forward_rows_kernelv"]) == {
+        "loop": 9, "span": 5, "tail": 5, "hmma": 2, "copy": None, "pass": None}
     assert sass_counts.step_counts(listing["_Z14other_kernelv"]) is None
+
+
+# A step's loop (0x10 to 0xa0) around a loop of prototype copies (0x20 to 0x70): two copies that may zero-fill, each
+# two LDGSTS under opposite predicates, in six instructions.
+COPYING = """
+        Function : _Z11backward_kernelv
+        /*0000*/                   MOV R1, c[0x0][0x28] ;                          /* 0x00000a0000017a02 */
+        /*0010*/                   ISETP.GE.AND P2, PT, R0, 0x1, PT ;              /* 0x000fe20003f46270 */
+        /*0020*/                   ISETP.GE.AND P3, PT, R4, R5, PT ;               /* 0x000fe20003f46270 */
+        /*0030*/               @P3 LDGSTS.E.BYPASS.128 [R9], desc[UR36][R6.64], !PT ; /* 0x0000000006092fae */
+        /*0040*/              @!P3 LDGSTS.E.BYPASS.128 [R9], desc[UR36][R6.64] ;   /* 0x000000000609afae */
+        /*0050*/               @P3 LDGSTS.E.BYPASS.128 [R9+0x1000], desc[UR36][R6.64], !PT ; /* 0x0000000006092fae */
+        /*0060*/              @!P3 LDGSTS.E.BYPASS.128 [R9+0x1000], desc[UR36][R6.64] ; /* 0x000000000609afae */
+        /*0070*/              @!P1 BRA 0x20 ;                                      /* 0xfffffff000009947 */
+        /*0080*/                   HMMA.1688.F32.TF32 R8, R12, R14, R8 ;           /* 0x0000000e0c08723c */
+        /*0090*/                   IADD3 R0, R0, 0x1, RZ ;                         /* 0x0000000100007810 */
+        /*00a0*/              @!P2 BRA 0x10 ;                                      /* 0xfffffff000009947 */
+        /*00b0*/                   EXIT ;                                          /* 0x000000000000794d */
+"""
+
+
+def test_step_counts_of_the_prototype_copies_inside_the_step():
+    counts = sass_counts.step_counts(sass_counts.functions(COPYING)["_Z11backward_kernelv"])
+    assert counts == {"loop": 10, "span": 3, "tail": 10, "hmma": 1, "copy": 3.0, "pass": None}
+
+
+def test_other_pass_is_the_innermost_loop_that_loads_and_computes_without_the_tensor_cores():
+    ffma = "        /*{:04x}*/                   FFMA R8, R12, R14, R8 ;                   /* 0x0000000e0c08723c */"
+    lines = ["        Function : _Z19forward_rows_kernelv",
+             "        /*0000*/                   HMMA.1688.F32.TF32 R8, R12, R14, R8 ;   /* 0x0000000e0c08723c */",
+             "        /*0010*/              @!P1 BRA 0x0 ;                                /* 0xfffffff000009947 */",
+             "        /*0020*/                   LDG.E.128 R4, desc[UR36][R2.64] ;        /* 0x0000000402047981 */"]
+    lines += [ffma.format(0x30 + 16 * i) for i in range(16)]
+    lines += ["        /*0130*/              @!P2 BRA 0x20 ;                               /* 0xfffffff000009947 */",
+              "        /*0140*/              @!P3 BRA 0x0 ;                                /* 0xfffffff000009947 */"]
+    counts = sass_counts.step_counts(sass_counts.functions("\n".join(lines))["_Z19forward_rows_kernelv"])
+    # the step's loop is 0x0 to 0x10; the loop 0x20 to 0x130 loads and has 16 FFMA; the one around all has HMMA
+    assert counts["loop"] == 2 and counts["pass"] == 18
 
 
 def test_ptxas_resources():

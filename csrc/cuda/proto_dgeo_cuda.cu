@@ -238,16 +238,6 @@ __device__ __forceinline__ void store_columns(scalar_t* __restrict__ row, int64_
   }
 }
 
-// Columns [d, d + kPack) of a warp's ROWS rows starting at `first`, zero for rows at or past row_end.
-template <bool kAligned, int ROWS, typename scalar_t>
-__device__ __forceinline__ void load_rows(const scalar_t* __restrict__ z, int64_t first, int64_t row_end,
-                                          int64_t d, int64_t dim, Pack<scalar_t> (&out)[ROWS]) {
-#pragma unroll
-  for (int j = 0; j < ROWS; ++j) {
-    out[j] = first + j < row_end ? load_pack<kAligned>(z + (first + j) * dim, d, dim) : zero_pack<scalar_t>();
-  }
-}
-
 // The products run on the tensor cores, in tiles of mma m16n8k8. With g = lane / 4 and t = lane % 4, a lane holds,
 // of the 16 x 8 tile A, rows g and g + 8 at k = t (a[0], a[1]) and at k = t + 4 (a[2], a[3]); of the 8 x 8 tile
 // B, k = t and t + 4 at n = g (b[0], b[1]); of the 16 x 8 tile C, n = 2t and 2t + 1 in row g (c[0], c[1]) and in
@@ -325,18 +315,36 @@ static_assert(kStepColumns % 16 == 0, "a step's start in its chunk leaves the pe
 
 // Starts the copies of columns [first_column, first_column + chunk) of the prototype table into `staged`, and
 // commits them as one group. The copies are asynchronous: every one a thread makes is on its way at once, and none
-// holds a register. Columns past D are zero-filled.
+// holds a register. Columns past D are zero-filled. A thread copies the same 16 bytes of columns kColumnsAtOnce
+// apart, and finds their places in the chunk once, for its first 16 columns, which the permutation repeats (see
+// staged_offset); from there on it moves by additions. Found anew for every copy (a division, a remainder, a 64-bit
+// bound), a copy took 36 instructions on sm_90, and a chunk's copies half as many as the chunk's steps.
 template <int KMAX, typename acc_t>
 __device__ __forceinline__ void copy_prototypes(const acc_t* __restrict__ table, acc_t* staged, int64_t dim,
                                                 int64_t first_column, int chunk) {
   constexpr int kCopyElements = 16 / sizeof(acc_t);
-  constexpr int kCopiesPerColumn = KMAX / kCopyElements;  // a power of two: the divisions below are shifts
-  for (int i = threadIdx.x; i < chunk * kCopiesPerColumn; i += kThreads) {
-    const int column = i / kCopiesPerColumn;
-    const int k = i % kCopiesPerColumn * kCopyElements;
-    const bool present = first_column + column < dim;
-    const acc_t* source = present ? table + (first_column + column) * KMAX + k : table;
-    __pipeline_memcpy_async(staged + staged_offset<KMAX>(column, k), source, 16, present ? 0 : 16);
+  constexpr int kCopiesPerColumn = KMAX / kCopyElements;
+  constexpr int kColumnsAtOnce = kThreads / kCopiesPerColumn;
+  constexpr int kPerRound = kColumnsAtOnce < 16 ? 16 / kColumnsAtOnce : 1;
+  constexpr int kRoundColumns = kColumnsAtOnce * kPerRound;
+  static_assert(kThreads % kCopiesPerColumn == 0 && kRoundColumns % 16 == 0 && kStepColumns % kRoundColumns == 0,
+                "the block copies whole columns at once, in rounds of whole periods of the permutation, and a chunk "
+                "(whole steps) in whole rounds");
+  const int k = threadIdx.x % kCopiesPerColumn * kCopyElements;
+  const int first = threadIdx.x / kCopiesPerColumn;
+  const int inside = static_cast<int>(min(static_cast<int64_t>(chunk), dim - first_column));  // columns before D
+  const acc_t* source = table + (first_column + first) * KMAX + k;
+  int place[kPerRound];
+#pragma unroll
+  for (int u = 0; u < kPerRound; ++u) place[u] = staged_offset<KMAX>(first + u * kColumnsAtOnce, k);
+  for (int column = first; column < chunk; column += kRoundColumns, source += kRoundColumns * KMAX) {
+#pragma unroll
+    for (int u = 0; u < kPerRound; ++u) {
+      const bool present = column + u * kColumnsAtOnce < inside;
+      __pipeline_memcpy_async(staged + place[u], present ? source + u * kColumnsAtOnce * KMAX : table, 16,
+                              present ? 0 : 16);
+      place[u] += kRoundColumns * KMAX;
+    }
   }
   __pipeline_commit();
 }
@@ -397,46 +405,50 @@ struct PrototypeChunks {
   }
 };
 
-// A lane's rows in the mma tiles of a tile starting at `tile`: rows g + 8 i of it for i < 2 M_TILES (row 16 m + g +
-// 8 h is i = 2 m + h). Where the first starts and how many are in the batch are found once per tile, so that a step
-// reaches each row with an addition: formed anew at every step, a row's 64-bit start and its bounds took more
-// instructions than the step's load itself. Rows at or past row_end read as zeros and are never written.
-template <int M_TILES>
-struct FragmentRows {
-  static constexpr int kRows = 2 * M_TILES;
-  int64_t first = 0;    // where row g starts, in elements
-  int64_t spacing = 0;  // 8 rows, in elements
-  int present = 0;      // the lane's rows in the batch: i < present
+// ROWS rows of z, or of an output shaped like it, `apart` rows from one to the next from `row` on. Where the first
+// starts and how many are in the batch are found once, so that a step reaches each row with an addition: formed anew
+// at every step, a row's 64-bit start and its bounds took more instructions than the step's load itself. Rows at or
+// past row_end read as zeros and are never written. A lane's rows in the mma tiles of a tile are 8 apart from g on
+// (row 16 m + g + 8 h of the tile is its row 2 m + h: lane_rows below); a warp's own rows are consecutive.
+template <int ROWS>
+struct SpacedRows {
+  int64_t first = 0;    // where the first row starts, in elements
+  int64_t spacing = 0;  // from one row to the next, in elements
+  int present = 0;      // the rows in the batch: i < present
 
-  __device__ FragmentRows(int64_t tile, int64_t row_end, int64_t dim) {
-    const int64_t row = tile + threadIdx.x % kWarp / 4;
+  __device__ SpacedRows(int64_t row, int apart, int64_t row_end, int64_t dim) {
     if (row >= row_end) return;
-    present = static_cast<int>(min(static_cast<int64_t>(kRows), (row_end - row + 7) / 8));
+    present = static_cast<int>(min(static_cast<int64_t>(ROWS), (row_end - row + apart - 1) / apart));
     first = row * dim;
-    spacing = 8 * dim;
+    spacing = apart * dim;
   }
 
-  // Columns [d, d + kPack) of the lane's rows of z.
+  // Columns [d, d + kPack) of the rows of z.
   template <bool kAligned, typename scalar_t>
-  __device__ void load(const scalar_t* __restrict__ z, int64_t d, int64_t dim,
-                       Pack<scalar_t> (&out)[M_TILES][2]) const {
+  __device__ void load(const scalar_t* __restrict__ z, int64_t d, int64_t dim, Pack<scalar_t> (&out)[ROWS]) const {
     const scalar_t* row = z + first;
 #pragma unroll
-    for (int i = 0; i < kRows; ++i, row += spacing) {
-      out[i / 2][i % 2] = i < present ? load_pack<kAligned>(row, d, dim) : zero_pack<scalar_t>();
+    for (int i = 0; i < ROWS; ++i, row += spacing) {
+      out[i] = i < present ? load_pack<kAligned>(row, d, dim) : zero_pack<scalar_t>();
     }
   }
 
-  // Columns [d, d + kPack) of the lane's rows of out, from values[i] for row i.
+  // Columns [d, d + kPack) of the rows of out, from values[i] for row i.
   template <bool kAligned, typename scalar_t, typename acc_t>
-  __device__ void store(scalar_t* __restrict__ out, int64_t d, int64_t dim, const acc_t (&values)[kRows][kPack]) const {
+  __device__ void store(scalar_t* __restrict__ out, int64_t d, int64_t dim, const acc_t (&values)[ROWS][kPack]) const {
     scalar_t* row = out + first;
 #pragma unroll
-    for (int i = 0; i < kRows; ++i, row += spacing) {
+    for (int i = 0; i < ROWS; ++i, row += spacing) {
       if (i < present) store_columns<kAligned>(row, d, dim, values[i]);
     }
   }
 };
+
+// The lane's rows in the mma tiles of the tile that starts at `tile`.
+template <int M_TILES>
+__device__ __forceinline__ SpacedRows<2 * M_TILES> lane_rows(int64_t tile, int64_t row_end, int64_t dim) {
+  return SpacedRows<2 * M_TILES>(tile + threadIdx.x % kWarp / 4, 8, row_end, dim);
+}
 
 // Walks ahead of a warp's loads through its rows, one step of kStepColumns columns at a time and on into the
 // warp's rows of later tiles (tile_stride rows apart), asking L2 for each: the loads that follow find their
@@ -587,16 +599,16 @@ __global__ void __launch_bounds__(kThreads, 1)
       }
       sum_sq[m][0] = sum_sq[m][1] = 0;
     }
-    const FragmentRows<M_TILES> lane_rows(tile, row_end, dim);
-    Pack<scalar_t> rows[M_TILES][2];
-    lane_rows.template load<kAligned>(z, lane_column, dim, rows);
+    const auto fragment_rows = lane_rows<M_TILES>(tile, row_end, dim);
+    Pack<scalar_t> rows[2 * M_TILES];  // row 16 m + g + 8 h of the tile is rows[2 m + h]
+    fragment_rows.template load<kAligned>(z, lane_column, dim, rows);
     int chunk_column = 0;  // where column falls in the staged chunk, counted: a 64-bit remainder per step is dear
     for (int64_t step = 0; step < steps; ++step) {
       const int64_t column = step * kStepColumns;
       if (chunk_column == 0) staged = chunks.begin(column, tile == row_begin, tile + kTileRows < row_end);
       // The next step's columns are on their way while this step's are multiplied.
-      Pack<scalar_t> next[M_TILES][2];
-      lane_rows.template load<kAligned>(z, column + kStepColumns + lane_column, dim, next);
+      Pack<scalar_t> next[2 * M_TILES];
+      fragment_rows.template load<kAligned>(z, column + kStepColumns + lane_column, dim, next);
       prefetcher.advance();
       // Columns 2s and 2s + 1 of the lane's Pack are k = t and t + 4 of the step's k-step s.
       Fragment<acc_t, 4> a[M_TILES][2];
@@ -605,7 +617,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
           acc_t x[kPack];
-          widen(rows[m][h], x);
+          widen(rows[2 * m + h], x);
 #pragma unroll
           for (int v = 0; v < kPack; ++v) sum_sq[m][h] += x[v] * x[v];
 #pragma unroll
@@ -636,10 +648,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         }
       }
 #pragma unroll
-      for (int m = 0; m < M_TILES; ++m) {
-#pragma unroll
-        for (int h = 0; h < 2; ++h) rows[m][h] = next[m][h];
-      }
+      for (int i = 0; i < 2 * M_TILES; ++i) rows[i] = next[i];
       chunk_column = chunk_column + kStepColumns == chunk ? 0 : chunk_column + kStepColumns;
     }
 
@@ -737,18 +746,19 @@ __global__ void __launch_bounds__(kThreads, 1)
     for (int64_t d = threadIdx.x * kPack; d < dim; d += kThreads * kPack) {
       for (int r = 0; r < tile_rows; r += kInFlight) {
         Pack<scalar_t> x[kInFlight];
-#pragma unroll
-        for (int i = 0; i < kInFlight; ++i) {
-          x[i] = r + i < tile_rows ? load_pack<kAligned>(z + (tile + r + i) * dim, d, dim) : zero_pack<scalar_t>();
-        }
+        SpacedRows<kInFlight>(tile + r, 1, row_end, dim).template load<kAligned>(z, d, dim, x);
 #pragma unroll
         for (int i = 0; i < kInFlight; ++i) {
           if (r + i >= tile_rows) break;
-          acc_t* sum = class_sum + tile_label[r + i] * dim + d;
+          // The row's sums go as one vector each way, and its scale is read once: as four scalar updates, each
+          // store could have changed tile_scale for all the compiler knew, and a row took 56 instructions.
+          const acc_t scale = tile_scale[r + i];
+          acc_t* sum = class_sum + tile_label[r + i] * dim;
+          const Pack<acc_t> before = load_pack<kAligned>(sum, d, dim);
+          acc_t after[kPack];
 #pragma unroll
-          for (int v = 0; v < kPack; ++v) {
-            if (d + v < dim) sum[v] += static_cast<acc_t>(x[i].value[v]) * tile_scale[r + i];
-          }
+          for (int v = 0; v < kPack; ++v) after[v] = before.value[v] + static_cast<acc_t>(x[i].value[v]) * scale;
+          store_columns<kAligned>(sum, d, dim, after);
         }
       }
     }
@@ -1042,13 +1052,14 @@ __global__ void __launch_bounds__(kThreads, 1)
     acc_t unit_sq[ROWS], unit_offset[ROWS];
 #pragma unroll
     for (int j = 0; j < ROWS; ++j) unit_sq[j] = unit_offset[j] = 0;
+    const SpacedRows<ROWS> warp_rows(first, 1, batch, dim);
     for (int64_t step = 0; step < steps; step += kBatch) {
       Pack<scalar_t> rows[kBatch][ROWS];
       Pack<acc_t> offsets[kBatch][ROWS];
 #pragma unroll
       for (int b = 0; b < kBatch; ++b) {
         const int64_t d = (step + b) * kStepColumns + lane * kPack;
-        load_rows<kAligned>(z, first, batch, d, dim, rows[b]);
+        warp_rows.template load<kAligned>(z, d, dim, rows[b]);
 #pragma unroll
         for (int j = 0; j < ROWS; ++j) offsets[b][j] = load_pack<kAligned>(offset[j], d, dim);
         if (step + b < steps) prefetcher.advance();
@@ -1126,16 +1137,16 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
     __syncthreads();  // G and the rows' constants are in registers: the next tile may write its own
 
-    const FragmentRows<M_TILES> lane_rows(tile, batch, dim);
-    Pack<scalar_t> rows[M_TILES][2];
-    lane_rows.template load<kAligned>(z, lane_column, dim, rows);
+    const auto fragment_rows = lane_rows<M_TILES>(tile, batch, dim);
+    Pack<scalar_t> rows[2 * M_TILES];  // row 16 m + g + 8 h of the tile is rows[2 m + h]
+    fragment_rows.template load<kAligned>(z, lane_column, dim, rows);
     int chunk_column = 0;  // where column falls in the staged chunk, counted as in the row kernel
     for (int64_t step = 0; step < steps; ++step) {
       const int64_t column = step * kStepColumns;
       if (chunk_column == 0) staged = chunks.begin(column, tile == first_tile, tile + tile_stride < batch);
       const int64_t d = column + lane_column;
-      Pack<scalar_t> next[M_TILES][2];
-      lane_rows.template load<kAligned>(z, d + kStepColumns, dim, next);
+      Pack<scalar_t> next[2 * M_TILES];
+      fragment_rows.template load<kAligned>(z, d + kStepColumns, dim, next);
       // C tile j holds the lane's columns 2j and 2j + 1: it starts as spread u + offset, and the products add G P^.
       acc_t u[M_TILES][2][kPack];
       acc_t du[M_TILES][2][4];
@@ -1144,13 +1155,13 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
           acc_t offset_values[kPack];
-          unit_and_offset(rows[m][h], load_pack<kAligned>(row_offset[m][h], d, dim), row_scale[m][h], u[m][h],
+          unit_and_offset(rows[2 * m + h], load_pack<kAligned>(row_offset[m][h], d, dim), row_scale[m][h], u[m][h],
                           offset_values);
 #pragma unroll
           for (int v = 0; v < kPack; ++v) {
             du[m][v / 2][2 * h + v % 2] = row_spread[m][h] * u[m][h][v] + offset_values[v];
           }
-          rows[m][h] = next[m][h];
+          rows[2 * m + h] = next[2 * m + h];
         }
       }
       // B tile j's n = g is the column 4 (g / 2) + 2j + g % 2 of the warp's 16: lane (g / 2)'s column 2j + g % 2.
@@ -1182,7 +1193,7 @@ __global__ void __launch_bounds__(kThreads, 1)
           }
         }
       }
-      lane_rows.template store<kAligned>(grad_z, d, dim, out);
+      fragment_rows.template store<kAligned>(grad_z, d, dim, out);
       chunk_column = chunk_column + kStepColumns == chunk ? 0 : chunk_column + kStepColumns;
     }
   }
