@@ -141,21 +141,32 @@ __device__ __forceinline__ double log_of(double x) { return log(x); }
 __device__ __forceinline__ float sqrt_of(float x) { return sqrtf(x); }
 __device__ __forceinline__ double sqrt_of(double x) { return sqrt(x); }
 
-// Butterfly reductions: every lane ends with the same bits, since a + b == b + a.
-template <typename T>
-__device__ __forceinline__ T warp_sum(T value) {
+// Butterfly reductions: every lane ends with the same bits, since a + b == b + a. The array forms reduce N values at
+// once, their shuffles interleaved, so that each value's chain of five waits on the shuffle unit overlaps the others':
+// the compiler does not move shuffles past one another by itself. Each value gets the same bits as alone.
+template <typename T, int N>
+__device__ __forceinline__ void warp_sum_each(T (&values)[N]) {
 #pragma unroll
-  for (int offset = kWarp / 2; offset > 0; offset /= 2) value += __shfl_xor_sync(kFullMask, value, offset);
-  return value;
+  for (int offset = kWarp / 2; offset > 0; offset /= 2) {
+#pragma unroll
+    for (int i = 0; i < N; ++i) values[i] += __shfl_xor_sync(kFullMask, values[i], offset);
+  }
+}
+
+template <typename T, int N>
+__device__ __forceinline__ void warp_max_each(T (&values)[N]) {
+#pragma unroll
+  for (int offset = kWarp / 2; offset > 0; offset /= 2) {
+#pragma unroll
+    for (int i = 0; i < N; ++i) values[i] = larger(values[i], __shfl_xor_sync(kFullMask, values[i], offset));
+  }
 }
 
 template <typename T>
-__device__ __forceinline__ T warp_max(T value) {
-#pragma unroll
-  for (int offset = kWarp / 2; offset > 0; offset /= 2) {
-    value = larger(value, __shfl_xor_sync(kFullMask, value, offset));
-  }
-  return value;
+__device__ __forceinline__ T warp_sum(T value) {
+  T values[1] = {value};
+  warp_sum_each(values);
+  return values[0];
 }
 
 // Block k normalises prototype k into column k of the D x KMAX table the row and backward kernels stage, and the
@@ -696,47 +707,64 @@ __global__ void __launch_bounds__(kThreads, 1)
         }
       }
     }
+    // Each step below for all the warp's rows before the next, so that the rows' loads and reductions wait side by
+    // side rather than one row after another. Rows past the batch have zero products and sums and class 0: they
+    // compute finite values, which are never written.
+    acc_t length[ROWS], inv_length[ROWS], top[ROWS], total[ROWS], lse[ROWS], kd[ROWS], t[ROWS][kGroups];
+#pragma unroll
+    for (int j = 0; j < ROWS; ++j) {
+      CUDA_KERNEL_ASSERT(label[j] >= 0 && label[j] < num_classes &&
+                         "proto_dgeo_loss: a label is out of range [0, C)");
+      length[j] = sqrt_of(row_sq[j]);
+      inv_length[j] = acc_t(1) / larger(length[j], static_cast<acc_t>(kNormEps));
+      top[j] = -INFINITY;
+#pragma unroll
+      for (int g = 0; g < kGroups; ++g) {
+        const int k = g * kWarp + lane;
+        t[j][g] = k < num_protos ? target[label[j] * num_protos + k] : acc_t(0);
+        cosine[j][g] *= inv_length[j];
+        if (k < num_protos) top[j] = larger(top[j], cosine[j][g] * inv_tau);
+      }
+    }
+    warp_max_each(top);
+#pragma unroll
+    for (int j = 0; j < ROWS; ++j) {
+      total[j] = 0;
+#pragma unroll
+      for (int g = 0; g < kGroups; ++g) {
+        if (g * kWarp + lane < num_protos) total[j] += exp_of(cosine[j][g] * inv_tau - top[j]);
+      }
+    }
+    warp_sum_each(total);
+#pragma unroll
+    for (int j = 0; j < ROWS; ++j) {
+      lse[j] = top[j] + log_of(total[j]);
+      kd[j] = 0;
+#pragma unroll
+      for (int g = 0; g < kGroups; ++g) {
+        if (g * kWarp + lane < num_protos && t[j][g] > 0) {
+          kd[j] += t[j][g] * (log_of(t[j][g]) - (cosine[j][g] * inv_tau - lse[j]));
+        }
+      }
+    }
+    warp_sum_each(kd);
 #pragma unroll
     for (int j = 0; j < ROWS; ++j) {
       const int64_t row = first + j;
       if (row >= row_end) break;  // the same for the whole warp, and for every later j
-      const acc_t length = sqrt_of(row_sq[j]);
-      const acc_t inv_length = acc_t(1) / larger(length, static_cast<acc_t>(kNormEps));
-      CUDA_KERNEL_ASSERT(label[j] >= 0 && label[j] < num_classes &&
-                         "proto_dgeo_loss: a label is out of range [0, C)");
-
-      acc_t top = -INFINITY;
-#pragma unroll
-      for (int g = 0; g < kGroups; ++g) {
-        cosine[j][g] *= inv_length;
-        if (g * kWarp + lane < num_protos) top = larger(top, cosine[j][g] * inv_tau);
-      }
-      top = warp_max(top);
-      acc_t total = 0;
-#pragma unroll
-      for (int g = 0; g < kGroups; ++g) {
-        if (g * kWarp + lane < num_protos) total += exp_of(cosine[j][g] * inv_tau - top);
-      }
-      const acc_t lse = top + log_of(warp_sum(total));
-      acc_t kd = 0;
 #pragma unroll
       for (int g = 0; g < kGroups; ++g) {
         const int k = g * kWarp + lane;
-        if (k < num_protos) {
-          cosines[row * num_protos + k] = cosine[j][g];
-          const acc_t t = target[label[j] * num_protos + k];
-          if (t > 0) kd += t * (log_of(t) - (cosine[j][g] * inv_tau - lse));
-        }
+        if (k < num_protos) cosines[row * num_protos + k] = cosine[j][g];
       }
-      kd = warp_sum(kd);
       if (lane == 0) {
-        lses[row] = lse;
-        norms[row] = length;
-        tile_scale[warp * ROWS + j] = inv_length;
+        lses[row] = lse[j];
+        norms[row] = length[j];
+        tile_scale[warp * ROWS + j] = inv_length[j];
         tile_label[warp * ROWS + j] = static_cast<int>(label[j]);
-        warp_sq[warp * num_classes + label[j]] += row_sq[j] * inv_length * inv_length;
+        warp_sq[warp * num_classes + label[j]] += row_sq[j] * inv_length[j] * inv_length[j];
         warp_count[warp * num_classes + label[j]] += 1;
-        warp_kd[warp] += kd;
+        warp_kd[warp] += kd[j];
       }
     }
     __syncthreads();  // the tile's inverse lengths and labels are in tile_scale and tile_label
@@ -1079,33 +1107,44 @@ __global__ void __launch_bounds__(kThreads, 1)
       }
     }
 
-    // d loss / d s_ik into G (zero past num_protos and for rows past the batch), and the row's constants.
+    // d loss / d s_ik into G (zero past num_protos and for rows past the batch), and the rows' constants, each step
+    // for all the warp's rows before the next, as in the row kernel.
+    acc_t s[ROWS][kGroups], t[ROWS][kGroups], mass[ROWS], lse[ROWS];
 #pragma unroll
     for (int j = 0; j < ROWS; ++j) {
       const int64_t row = first + j;
-      const int tile_row = warp * ROWS + j;
-      acc_t s[kGroups], t[kGroups];
-      acc_t mass = 0;
+      mass[j] = 0;
 #pragma unroll
       for (int g = 0; g < kGroups; ++g) {
         const int k = g * kWarp + lane;
         const bool used = live[j] && k < num_protos;
-        s[g] = used ? cosines[row * num_protos + k] : acc_t(0);
-        t[g] = used ? target[label[j] * num_protos + k] : acc_t(0);
-        mass += t[g];
+        s[j][g] = used ? cosines[row * num_protos + k] : acc_t(0);
+        t[j][g] = used ? target[label[j] * num_protos + k] : acc_t(0);
+        mass[j] += t[j][g];
       }
-      mass = warp_sum(mass);
-      const acc_t lse = live[j] ? lses[row] : acc_t(0);
-      acc_t proto_radial = 0;  // u . sum_k g_k p^_k = sum_k g_k s_k
+      lse[j] = live[j] ? lses[row] : acc_t(0);
+    }
+    warp_sum_each(mass);
+    acc_t proto_radial[ROWS];  // u . sum_k g_k p^_k = sum_k g_k s_k
+#pragma unroll
+    for (int j = 0; j < ROWS; ++j) {
+      proto_radial[j] = 0;
 #pragma unroll
       for (int g = 0; g < kGroups; ++g) {
         const bool used = live[j] && g * kWarp + lane < num_protos;
-        const acc_t grad = used ? kd_scale * (exp_of(s[g] * inv_tau - lse) * mass - t[g]) : acc_t(0);
-        proto_radial += grad * s[g];
-        tile_grad[tile_row_offset<KMAX>(tile_row, g * kWarp + lane)] = grad;
+        const acc_t grad = used ? kd_scale * (exp_of(s[j][g] * inv_tau - lse[j]) * mass[j] - t[j][g]) : acc_t(0);
+        proto_radial[j] += grad * s[j][g];
+        tile_grad[tile_row_offset<KMAX>(warp * ROWS + j, g * kWarp + lane)] = grad;
       }
-      const acc_t rest = spread[j] * warp_sum(unit_sq[j]) + warp_sum(unit_offset[j]);
-      const acc_t radial = on_sphere[j] ? warp_sum(proto_radial) + rest : acc_t(0);
+    }
+    warp_sum_each(unit_sq);
+    warp_sum_each(unit_offset);
+    warp_sum_each(proto_radial);
+#pragma unroll
+    for (int j = 0; j < ROWS; ++j) {
+      const int tile_row = warp * ROWS + j;
+      const acc_t rest = spread[j] * unit_sq[j] + unit_offset[j];
+      const acc_t radial = on_sphere[j] ? proto_radial[j] + rest : acc_t(0);
       if (lane == 0) {
         tile_radial[tile_row] = radial;
         tile_scale[tile_row] = inv_length[j];
