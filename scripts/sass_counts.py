@@ -145,12 +145,11 @@ def step_counts(instructions):
 
 def other_pass(instructions, loops):
     """The instructions of the innermost loop of the kernel's other pass over z: the one that loads from global memory
-    and does float arithmetic (16 FFMA or more) without the tensor cores or prototype copies. None where there is
-    none."""
+    and does float arithmetic (16 FFMA or more) without the tensor cores. None where there is none."""
     lengths = []
     for length, head, back in loops:
         ops = [opcode(text) for _, text in instructions[head:back + 1]]
-        if "LDG" in ops and ops.count("FFMA") >= 16 and "HMMA" not in ops and "LDGSTS" not in ops:
+        if "LDG" in ops and ops.count("FFMA") >= 16 and "HMMA" not in ops:
             lengths.append(length + 1)
     return min(lengths) if lengths else None
 

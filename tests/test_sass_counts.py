@@ -67,17 +67,23 @@ def test_step_counts_of_the_prototype_copies_inside_the_step():
 
 
 def test_other_pass_is_the_innermost_loop_that_loads_and_computes_without_the_tensor_cores():
-    ffma = "        /*{:04x}*/                   FFMA R8, R12, R14, R8 ;                   /* 0x0000000e0c08723c */"
-    lines = ["        Function : _Z19forward_rows_kernelv",
-             "        /*0000*/                   HMMA.1688.F32.TF32 R8, R12, R14, R8 ;   /* 0x0000000e0c08723c */",
-             "        /*0010*/              @!P1 BRA 0x0 ;                                /* 0xfffffff000009947 */",
-             "        /*0020*/                   LDG.E.128 R4, desc[UR36][R2.64] ;        /* 0x0000000402047981 */"]
-    lines += [ffma.format(0x30 + 16 * i) for i in range(16)]
-    lines += ["        /*0130*/              @!P2 BRA 0x20 ;                               /* 0xfffffff000009947 */",
-              "        /*0140*/              @!P3 BRA 0x0 ;                                /* 0xfffffff000009947 */"]
+    def line(address, text):
+        return f"        /*{address:04x}*/                   {text} ;       /* 0x0000000e0c08723c */"
+
+    def loads_and_computes(start, ffma):
+        return [line(start, "LDG.E.128 R4, desc[UR36][R2.64]")] + [
+            line(start + 16 * (i + 1), "FFMA R8, R12, R14, R8") for i in range(ffma)]
+
+    lines = ["        Function : _Z19forward_rows_kernelv", line(0x0, "HMMA.1688.F32.TF32 R8, R12, R14, R8")]
+    lines += loads_and_computes(0x10, 16) + [line(0x120, "@!P1 BRA 0x0")]
+    lines += loads_and_computes(0x130, 16) + [line(0x240, "FADD R8, R8, R9"), line(0x250, "FADD R8, R8, R9"),
+                                              line(0x260, "@!P2 BRA 0x130"), line(0x270, "@!P3 BRA 0x130")]
+    lines += loads_and_computes(0x280, 1) + [line(0x2a0, "@!P4 BRA 0x280"), line(0x2b0, "@!P5 BRA 0x0")]
     counts = sass_counts.step_counts(sass_counts.functions("\n".join(lines))["_Z19forward_rows_kernelv"])
-    # the step's loop is 0x0 to 0x10; the loop 0x20 to 0x130 loads and has 16 FFMA; the one around all has HMMA
-    assert counts["loop"] == 2 and counts["pass"] == 18
+    # The step's loop (0x0 to 0x120, 19 instructions) loads and has 16 FFMA, but the tensor cores too. Of the other
+    # loops that load: 0x130 to 0x260 has 16 FFMA in 20 instructions; 0x130 to 0x270 too, around it; 0x280 to 0x2a0
+    # is shorter but has one FFMA; the loop around all has the HMMA.
+    assert counts["loop"] == 19 and counts["pass"] == 20
 
 
 def test_ptxas_resources():
