@@ -106,9 +106,9 @@ def opcode(text):
 
 def step_counts(instructions):
     """The innermost loop holding the first HMMA: its instructions over all paths, the span of basic blocks from its
-    first HMMA to its last, its tail after its last barrier, its HMMA, and the instructions per prototype copy of the
-    loops inside it that stage prototypes (the most of them; None where it has none). None where a kernel has no
-    HMMA."""
+    first HMMA to its last, its tail after its last barrier, its HMMA, the instructions per prototype copy of the
+    loops inside it that stage prototypes (the most of them; None where it has none), and the loop of the kernel's
+    other pass over z (other_pass). None where a kernel has no HMMA."""
     index = {address: i for i, (address, _) in enumerate(instructions)}
     products = [i for i, (_, text) in enumerate(instructions) if opcode(text) == "HMMA"]
     if not products:

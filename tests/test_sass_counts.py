@@ -1,5 +1,5 @@
 """scripts/sass_counts.py's reading of a SASS listing: the step's loop, the span of its products, the loop's tail after
-its last barrier, and the products' count."""
+its last barrier, the products' count, the instructions per prototype copy and the loop of the other pass over z."""
 
 import importlib.util
 import pathlib
