@@ -20,7 +20,7 @@ out, so no window of a held-out subject is ever trained on. Writes RUN_DIR/stage
     python stage1_teacher.py                                   # synthetic default, into runs/demo
     python stage1_teacher.py --dreamer DREAMER.mat --mahnob /data/MAHNOB-HCI --run-dir runs/real
 
-A killed run continues from its last finished epoch (RUN_DIR/stage1-checkpoint.pt) with --resume; until a run
+A killed run continues from its last finished epoch (RUN_DIR/stage1.partial/checkpoint.pt) with --resume; until a run
 finishes, the previous RUN_DIR/stage1/ stays as it was.
 """
 
@@ -43,7 +43,7 @@ from tqdm import tqdm
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from ngd_ext import artifacts, eeg_features, eeg_formats  # noqa: E402
+from ngd_ext import artifacts, cli, eeg_features, eeg_formats  # noqa: E402
 from ngd_ext.determinism import set_determinism  # noqa: E402
 from ngd_ext.eeg_features import BANDS, interpolation_matrix, recording_entropy, topographic_maps  # noqa: E402
 from ngd_ext.eeg_formats import (NOISY_AMPLITUDE_RATIO, EEGFormatError, MahnobScan, MahnobSession,  # noqa: E402
@@ -52,7 +52,6 @@ from ngd_ext.eeg_formats import (NOISY_AMPLITUDE_RATIO, EEGFormatError, MahnobSc
 from ngd_ext.emotions import VA_DIMENSIONS  # noqa: E402
 from ngd_ext.metrics import BOOTSTRAP_LEVEL, intervals, regression_bootstrap, regression_metrics  # noqa: E402
 from ngd_ext.parallel import default_workers, map_in_processes  # noqa: E402
-from ngd_ext.synthetic_default import add_synthetic_flags, settle_synthetic_flags  # noqa: E402
 from ngd_ext.synthetic_eeg import ensure_synthetic_eeg  # noqa: E402
 from ngd_ext.teacher_embeddings import save_embeddings  # noqa: E402
 
@@ -81,8 +80,8 @@ def parse_args(argv=None):
     parser.add_argument("--run-dir", default=RUN_DIR, help=f"run folder (default {RUN_DIR})")
     parser.add_argument("--dreamer", help="path of DREAMER.mat")
     parser.add_argument("--mahnob", help="MAHNOB-HCI folder holding Sessions/")
-    add_synthetic_flags(parser, SYNTHETIC_SIZES, "the embedded synthetic EEG")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+    cli.add_synthetic_flags(parser, SYNTHETIC_SIZES, "the embedded synthetic EEG")
+    parser.add_argument("--device", type=cli.device, default=cli.default_device(),
                         help="torch device (default cuda when available)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the held-out split and the training (default 0)")
     parser.add_argument("--deterministic", action="store_true",
@@ -95,16 +94,18 @@ def parse_args(argv=None):
                              f"seeded by --seed (default {BOOTSTRAP_RESAMPLES}, at least 100)")
     parser.add_argument("--epochs", type=int, default=EPOCHS, help=f"training epochs (default {EPOCHS})")
     parser.add_argument("--batch-size", type=int, default=BATCH_SIZE, help=f"windows per batch (default {BATCH_SIZE})")
-    parser.add_argument("--lr", type=float, default=LEARNING_RATE,
+    parser.add_argument("--lr", type=cli.positive, default=LEARNING_RATE,
                         help=f"AdamW learning rate (default {LEARNING_RATE})")
-    parser.add_argument("--weight-decay", type=float, default=WEIGHT_DECAY,
+    parser.add_argument("--weight-decay", type=cli.non_negative, default=WEIGHT_DECAY,
                         help=f"AdamW weight decay (default {WEIGHT_DECAY})")
     parser.add_argument("--loss", choices=("ccc", "mse"), default="ccc",
                         help="1 - concordance correlation (default), or mean squared error")
     parser.add_argument("--embedding-size", type=int, default=EMBEDDING_SIZE,
                         help=f"teacher embedding size E (default {EMBEDDING_SIZE})")
-    parser.add_argument("--window-s", type=float, default=WINDOW_S, help=f"window length, s (default {WINDOW_S})")
-    parser.add_argument("--step-s", type=float, default=STEP_S, help=f"step between windows, s (default {STEP_S})")
+    parser.add_argument("--window-s", type=cli.positive, default=WINDOW_S,
+                        help=f"window length, s (default {WINDOW_S})")
+    parser.add_argument("--step-s", type=cli.positive, default=STEP_S,
+                        help=f"step between windows, s (default {STEP_S})")
     parser.add_argument("--map-size", type=int, default=MAP_SIZE, help=f"topographic map side (default {MAP_SIZE})")
     parser.add_argument("--noisy-channel-ratio", type=float, default=NOISY_AMPLITUDE_RATIO, metavar="R",
                         help="leave out of a trial each channel whose 4-45 Hz amplitude is more than R times the "
@@ -114,15 +115,15 @@ def parse_args(argv=None):
                         help="continue from the last finished epoch of a killed run with the same settings")
     parser.add_argument("--skip-unreadable", action="store_true",
                         help="count and leave out the trials whose recording cannot be used (a MAHNOB-HCI BDF that "
-                             "is damaged, lacks channels or marks no trial; a trial shorter than one window, or with "
-                             "more than a quarter of its channels constant or noisy), listing them in metrics.json, "
-                             "instead of stopping; DREAMER.mat is read whole, and a fault in it stops the run either "
-                             "way")
+                             "is damaged, lacks channels or marks no trial; a session whose session.xml names no "
+                             "subject; a trial shorter than one window, or with more than a quarter of its channels "
+                             "constant or noisy), listing them in metrics.json, instead of stopping; DREAMER.mat is "
+                             "read whole, and a fault in it stops the run either way")
     parser.add_argument("--workers", type=int, default=default_workers(),
                         help="processes that read trials and take their features; 1: all in this process "
                              "(default: the CPUs this process may run on, at most 8)")
     args = parser.parse_args(argv)
-    settle_synthetic_flags(parser, args, ["--dreamer", "--mahnob"])
+    cli.settle_synthetic_flags(parser, args, ["--dreamer", "--mahnob"])
     if not 0 < args.held_out_fraction < 1:
         parser.error(f"--held-out-fraction must be in (0, 1), got {args.held_out_fraction}")
     for name in ("epochs", "batch_size", "embedding_size", "map_size", "workers"):
@@ -136,9 +137,6 @@ def parse_args(argv=None):
     if round(args.window_s * SFREQ) < 2 or round(args.step_s * SFREQ) < 1:
         parser.error(f"--window-s must span at least 2 samples and --step-s 1 at the features' {SFREQ} Hz (got "
                      f"{args.window_s:g} s and {args.step_s:g} s)")
-    if not args.lr > 0 or args.weight_decay < 0:
-        parser.error(f"--lr must be positive and --weight-decay not negative (got {args.lr:g} and "
-                     f"{args.weight_decay:g})")
     return args
 
 
@@ -365,6 +363,11 @@ def plot_held_out(prediction, targets, datasets, trials, metrics, path, note):
 
 def main(argv=None):
     args = parse_args(argv)
+    with artifacts.folder_lock(os.path.join(args.run_dir, "stage1")):  # one writer: a second run stops at once
+        train_teacher(args)
+
+
+def train_teacher(args):
     set_determinism(args.deterministic)
     out_dir = os.path.join(args.run_dir, "stage1")
     torch.manual_seed(args.seed)
@@ -378,6 +381,9 @@ def main(argv=None):
         source = "synthetic"
     note = " (synthetic data: not the paper's numbers)" if source == "synthetic" else ""
     scan = scan_mahnob(mahnob_root) if mahnob_root else MahnobScan([], [], [])
+    if scan.without_subject and not args.skip_unreadable:
+        raise EEGFormatError(f"{scan.without_subject[0]} ({len(scan.without_subject)} such session(s) in all; "
+                             "--skip-unreadable leaves them out, and lists them)")
     if mahnob_root:
         print(f"MAHNOB-HCI: {len(scan.sessions)} labelled sessions; skipped {len(scan.skipped_without_felt_labels)} "
               f"without felt labels and {len(scan.skipped_without_eeg)} without EEG")
@@ -387,7 +393,7 @@ def main(argv=None):
                                  window_s=args.window_s, step_s=args.step_s, noisy_ratio=args.noisy_channel_ratio,
                                  cache_dir=cache_dir)
     trials = list(tqdm(map_in_processes(features, sources, args.workers), desc="features", unit="trial", leave=False))
-    skipped = [trial for trial in trials if isinstance(trial, str)]
+    skipped = scan.without_subject + [trial for trial in trials if isinstance(trial, str)]
     trials = [trial for trial in trials if not isinstance(trial, str)]
     for reason in skipped:
         print(f"skipped (--skip-unreadable): {reason}", file=sys.stderr)
@@ -434,7 +440,7 @@ def main(argv=None):
               if name not in ("device", "run_dir", "workers", "resume", "bootstrap")}
     config.update(source=source, bands=list(BANDS), sfreq=SFREQ)
     # Beside the stage folder, not in it: the manifest lists the folder's files, and must never list this one.
-    checkpoint_path = os.path.join(args.run_dir, "stage1-checkpoint.pt")
+    checkpoint_path = os.path.join(f"{out_dir}.partial", "checkpoint.pt")
     history, start_epoch = [], 0
     checkpoint = artifacts.resume_checkpoint(checkpoint_path, config, args.resume)
     if checkpoint is not None:
@@ -473,9 +479,9 @@ def main(argv=None):
         scores = history[-1]["held_out"]
         progress.set_postfix(loss=f"{history[-1]['train_loss']:.4f}", ccc_valence=f"{scores['valence']['ccc']:.3f}",
                              ccc_arousal=f"{scores['arousal']['ccc']:.3f}")
-        with artifacts.atomic_path(checkpoint_path) as temporary:
-            torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
-                        "history": history, "config": config, "rng": torch.get_rng_state()}, temporary)
+        artifacts.save_checkpoint({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
+                                   "history": history, "config": config, "rng": torch.get_rng_state()},
+                                  checkpoint_path)
 
     # Outputs: written beside the old folder and swapped in whole at the end, so a run that fails or is killed
     # leaves the previous teacher and its embeddings as they were, and never a folder that looks finished. -------
@@ -508,8 +514,9 @@ def main(argv=None):
     bdf_hashes = {os.path.relpath(t.recording, mahnob_root): t.content_sha256
                   for t in trials if t.dataset == MahnobSession.dataset}
     with artifacts.atomic_dir(out_dir) as staging:
-        torch.save({"state_dict": model.state_dict(), "config": config, "feature_mean": torch.from_numpy(mean),
-                    "feature_std": torch.from_numpy(std)}, os.path.join(staging, "teacher.pt"))
+        artifacts.save_checkpoint({"state_dict": model.state_dict(), "config": config,
+                                   "feature_mean": torch.from_numpy(mean), "feature_std": torch.from_numpy(std)},
+                                  os.path.join(staging, "teacher.pt"))
         save_embeddings(os.path.join(staging, "embeddings.npz"), embeddings / norms, test_v, test_a, test_subjects,
                         test_trial_ids, source)
         artifacts.write_json(os.path.join(staging, "metrics.json"), metrics)
@@ -520,7 +527,7 @@ def main(argv=None):
             "dreamer": artifacts.sha256_file(dreamer_path) if dreamer_path else None,
             "mahnob": {"root": mahnob_root, "bdf_sha256": bdf_hashes} if mahnob_root else None})
         artifacts.write_manifest(staging)
-    os.remove(checkpoint_path)
+    artifacts.remove_tree(os.path.dirname(checkpoint_path), out_dir)
 
     print(f"held-out scores, with their {BOOTSTRAP_LEVEL:.0%} intervals over the {len(by_subject)} held-out subjects:"
           if len(by_subject) > 1 else "held-out scores (one held-out subject: no intervals):")

@@ -25,7 +25,7 @@ import numpy as np
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from ngd_ext import artifacts  # noqa: E402
+from ngd_ext import artifacts, cli  # noqa: E402
 from ngd_ext.prototypes import BankError, bin_centres, build_bank  # noqa: E402
 from ngd_ext.teacher_embeddings import EmbeddingsError, load_embeddings  # noqa: E402
 
@@ -41,7 +41,7 @@ def parse_args(argv=None):
     parser.add_argument("--grid", type=int, default=GRID, help=f"bins per valence/arousal axis (default {GRID})")
     parser.add_argument("--min-count", type=int, default=MIN_COUNT,
                         help=f"warn about non-empty bins with fewer embeddings than this (default {MIN_COUNT})")
-    parser.add_argument("--device", default="cpu",
+    parser.add_argument("--device", type=cli.device, default="cpu",
                         help="accepted for a uniform interface; stage 2 is a few NumPy operations on the CPU")
     parser.add_argument("--seed", type=int, default=0, help="accepted for a uniform interface; stage 2 is not random")
     args = parser.parse_args(argv)
@@ -86,6 +86,11 @@ def plot_similarity(bank, path, title):
 
 def main(argv=None):
     args = parse_args(argv)
+    with artifacts.folder_lock(os.path.join(args.run_dir, "stage2")):  # one writer: a second run stops at once
+        build_prototypes(args)
+
+
+def build_prototypes(args):
     stage1_dir = os.path.join(args.run_dir, "stage1")
     out_dir = os.path.join(args.run_dir, "stage2")
 

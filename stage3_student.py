@@ -20,7 +20,9 @@ On the embedded default, epochs and the D-Geo ramp default to a short schedule (
 the paper's. More processes: torchrun --nproc_per_node=N stage3_student.py ... (DDP; NCCL on GPUs, gloo on
 CPU): each process runs the network on its share of the global batch, and every loss term is taken over the
 whole global batch, as one process takes it; on GPUs, --sync-bn takes BatchNorm's statistics over it too. A run
-killed at any moment continues with --resume from its last checkpoint. On GPUs, --deterministic makes a run repeat
+works in stage3/<name>.partial/ and replaces stage3/<name>/ only once it has finished, so a rerun that fails leaves
+the previous student whole; killed at any moment, it continues with --resume from its last checkpoint there. A
+second run of the same name, while the first lives, stops at once. On GPUs, --deterministic makes a run repeat
 bit for bit (on CPU it does anyway).
 """
 
@@ -33,6 +35,8 @@ import shutil
 import sys
 import time
 import warnings
+from contextlib import nullcontext
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import matplotlib
@@ -46,7 +50,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 import ngd_ext  # noqa: E402
-from ngd_ext import artifacts  # noqa: E402
+from ngd_ext import artifacts, cli  # noqa: E402
 from ngd_ext.determinism import set_determinism  # noqa: E402
 from ngd_ext.distributed import gather_rows  # noqa: E402
 from ngd_ext.emotions import DEFAULT_ANCHORS, DEFAULT_POSITIVE, FER_CLASSES  # noqa: E402
@@ -55,7 +59,6 @@ from ngd_ext.metrics import eight_way  # noqa: E402
 from ngd_ext.prototypes import proto_kd_targets  # noqa: E402
 from ngd_ext.student_model import (ARCHITECTURES, EXECUTION_SETTINGS, Student, load_backbone_weights,  # noqa: E402
                                    load_student, predict)
-from ngd_ext.synthetic_default import add_synthetic_flags, settle_synthetic_flags  # noqa: E402
 from ngd_ext.synthetic_faces import FERPLUS_SIZES, synthetic_ferplus  # noqa: E402
 
 # Defaults ---------------------------------------------------------------------------------------------------
@@ -67,6 +70,7 @@ SCHEDULES = {  # epochs, D-Geo ramp start and end (epochs)
     "synthetic": dict(epochs=6, ramp_start=1, ramp_end=4),
 }
 LABEL_SMOOTHING = 0.055
+TERMS = ("total", "ce", "kd", "proto_kd", "var_cap", "margin")
 KD_TEMPERATURE = 5.0
 
 
@@ -74,9 +78,9 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run-dir", default=RUN_DIR, help=f"run folder holding stage2/ (default {RUN_DIR})")
     parser.add_argument("--ferplus", help="FERPlus folder (default: the embedded synthetic faces)")
-    add_synthetic_flags(parser, FERPLUS_SIZES, "the embedded synthetic faces")
+    cli.add_synthetic_flags(parser, FERPLUS_SIZES, "the embedded synthetic faces")
     parser.add_argument("--variant", choices=sorted(PRESETS), default="B3", help="loss preset (default B3)")
-    parser.add_argument("--name", help="output folder under stage3/ (default: the variant)")
+    parser.add_argument("--name", type=cli.run_name, help="output folder under stage3/ (default: the variant)")
     parser.add_argument("--arch", choices=sorted(ARCHITECTURES), default="resnet18",
                         help="torchvision backbone (default resnet18)")
     parser.add_argument("--input-size", type=int, default=48, help="image side fed to the network (default 48)")
@@ -85,12 +89,12 @@ def parse_args(argv=None):
     parser.add_argument("--kd-loss", choices=("mse", "kl"),
                         help="logit KD at T = 5: squared distance of the softened softmaxes (mse, the default), or "
                              "T^2 KL (kl)")
-    parser.add_argument("--kd-weight", type=float, help="override the preset's KD weight")
-    parser.add_argument("--proto-weight", type=float, help="override the preset's Proto-KD weight")
-    parser.add_argument("--dgeo-weight", type=float, help="override the preset's D-Geo weight")
-    parser.add_argument("--tau", type=float, default=0.9, help="Proto-KD temperature (default 0.9)")
-    parser.add_argument("--var-cap", type=float, default=0.2, help="D-Geo variance cap (default 0.2)")
-    parser.add_argument("--margin", type=float, default=0.5, help="D-Geo inter-class margin (default 0.5)")
+    parser.add_argument("--kd-weight", type=cli.non_negative, help="override the preset's KD weight")
+    parser.add_argument("--proto-weight", type=cli.non_negative, help="override the preset's Proto-KD weight")
+    parser.add_argument("--dgeo-weight", type=cli.non_negative, help="override the preset's D-Geo weight")
+    parser.add_argument("--tau", type=cli.positive, default=0.9, help="Proto-KD temperature (default 0.9)")
+    parser.add_argument("--var-cap", type=cli.non_negative, default=0.2, help="D-Geo variance cap (default 0.2)")
+    parser.add_argument("--margin", type=cli.non_negative, default=0.5, help="D-Geo inter-class margin (default 0.5)")
     parser.add_argument("--training-labels", choices=("majority", "probability"), default="majority",
                         help="FERPlus training targets: the official majority rule's class (default), or the votes' "
                              "distribution (probability rule); valid and test always use the majority rule")
@@ -99,13 +103,14 @@ def parse_args(argv=None):
     parser.add_argument("--ramp-end", type=int,
                         help="epoch at which the D-Geo ramp reaches 1 (default 60; synthetic 4)")
     parser.add_argument("--batch-size", type=int, default=128, help="global batch size (default 128)")
-    parser.add_argument("--lr", type=float, default=2e-4, help="AdamW learning rate (default 2e-4)")
-    parser.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay (default 0.05)")
-    parser.add_argument("--warmup-epochs", type=float, default=1.0, help="linear warmup before the cosine (default 1)")
+    parser.add_argument("--lr", type=cli.positive, default=2e-4, help="AdamW learning rate (default 2e-4)")
+    parser.add_argument("--weight-decay", type=cli.non_negative, default=0.05, help="AdamW weight decay (default 0.05)")
+    parser.add_argument("--warmup-epochs", type=cli.non_negative, default=1.0,
+                        help="linear warmup before the cosine (default 1)")
     parser.add_argument("--checkpoint-every", type=int, default=50,
                         help="steps between resume checkpoints (default 50; one also ends each epoch)")
     parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint of this run")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+    parser.add_argument("--device", type=cli.device, default=cli.default_device(),
                         help="torch device (default cuda when available); under torchrun, each process's GPU")
     parser.add_argument("--amp", choices=("auto", "bf16", "fp16", "off"), default="auto",
                         help="mixed precision: auto (default) is bf16 on GPUs of compute capability 8.0 on (A100, "
@@ -120,7 +125,7 @@ def parse_args(argv=None):
                         help="seed of the model, the batch order and the augmentation (default 0); students of "
                              "several seeds train on the same faces")
     args = parser.parse_args(argv)
-    settle_synthetic_flags(parser, args, ["--ferplus"])
+    cli.settle_synthetic_flags(parser, args, ["--ferplus"])
     schedule = SCHEDULES["synthetic" if args.ferplus is None else "paper"]
     for key, value in schedule.items():
         if getattr(args, key) is None:
@@ -144,9 +149,6 @@ def parse_args(argv=None):
     if args.epochs < 1 or args.batch_size < 2 or args.checkpoint_every < 1 or args.input_size < 16:
         parser.error("--epochs and --checkpoint-every must be at least 1, --batch-size at least 2 (BatchNorm needs two "
                      "images per step), --input-size at least 16")
-    if not args.tau > 0 or args.var_cap < 0 or args.margin < 0 or args.warmup_epochs < 0:
-        parser.error(f"--tau must be positive (got {args.tau:g}); --var-cap, --margin and --warmup-epochs must not be "
-                     f"negative (got {args.var_cap:g}, {args.margin:g} and {args.warmup_epochs:g})")
     return args
 
 
@@ -292,37 +294,45 @@ def plot_curves(history, path, note):
     artifacts.save_figure(figure, path)
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    set_determinism(args.deterministic)
-    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    device = torch.device(args.device)
-    if distributed:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        if device.type == "cuda":
-            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-            torch.cuda.set_device(device)
-    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
-    check_batch_share(args.batch_size, world)
-    stage_dir = os.path.join(args.run_dir, "stage3")
-    out_dir = os.path.join(stage_dir, args.name)
-    checkpoint_path = os.path.join(stage_dir, f"{args.name}-checkpoint.pt")
+def setup_distributed(device):
+    """(device, rank, world) of this process: under torchrun, a process group (NCCL on GPUs, gloo on the CPU) and
+    each process's own GPU."""
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return device, 0, 1
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    return device, dist.get_rank(), dist.get_world_size()
 
-    # Data -------------------------------------------------------------------------------------------------
+
+def training_data(args, rank, world):
+    """(FERPlus splits, their identity, 'real' or 'synthetic'), after checking that training and validation each have
+    an image to use: an empty split would otherwise show only after an epoch of training."""
     if args.ferplus:
         ferplus_dir, source = args.ferplus, "real"
     else:
-        ferplus_dir = synthetic_ferplus(args.run_dir, args.synthetic_size, args.data_seed, write=rank == 0)
-        source = "synthetic"
-        if distributed:
+        ferplus_dir, source = synthetic_ferplus(args.run_dir, args.synthetic_size, args.data_seed,
+                                                write=rank == 0), "synthetic"
+        if world > 1:
             dist.barrier()
-    note = " (synthetic data: not the paper's numbers)" if source == "synthetic" else ""
     splits, data_key = load_ferplus_cached(ferplus_dir, os.path.join(args.run_dir, "cache"), args.training_labels)
-    train, valid = splits["train"], splits["valid"]
-    counts = np.bincount(train.labels, minlength=len(FER_CLASSES)).astype(np.float64)
+    for split, what in (("train", "training"), ("valid", "validation")):
+        if not len(splits[split].labels):
+            raise FerPlusError(f"{ferplus_dir}: no {what} image is left after the label rule (every {split} image was "
+                               "dropped or unreadable); nothing to train on")
+    if len(splits["train"].labels) < args.batch_size:
+        raise FerPlusError(f"{ferplus_dir}: {len(splits['train'].labels)} training images make no batch of "
+                           f"--batch-size {args.batch_size}")
+    return splits, data_key, source
+
+
+def loss_constants(args, train_labels, device):
+    """CE's class weights (inverse class frequency, mean 1 over the classes present) and the Proto-KD + D-Geo op's
+    constants from stage 2's bank, checked against its manifest; with the bank's hash, side and size."""
+    counts = np.bincount(train_labels, minlength=len(FER_CLASSES)).astype(np.float64)
     class_weights = torch.tensor(np.where(counts > 0, 1 / np.maximum(counts, 1), 0), dtype=torch.float32)
     class_weights = (class_weights / class_weights[class_weights > 0].mean()).to(device)
-
     stage2_dir = os.path.join(args.run_dir, "stage2")
     bank_hash = artifacts.verify_manifest(stage2_dir, ["prototypes.npz"])["prototypes.npz"]
     with np.load(os.path.join(stage2_dir, "prototypes.npz")) as saved:
@@ -333,11 +343,14 @@ def main(argv=None):
         protos=torch.tensor(bank, dtype=torch.float32, device=device),
         target_table=torch.tensor(proto_kd_targets(bank, grid, anchors, args.tau), dtype=torch.float32, device=device),
         positive=torch.tensor([name in DEFAULT_POSITIVE for name in FER_CLASSES], device=device))
-    teacher, teacher_size, teacher_hash = load_teacher(args.kd_teacher, device) if args.kd_teacher else (None,) * 3
+    return constants, {"prototypes_sha256": bank_hash, "grid": grid, "embedding_size": int(bank.shape[1]),
+                       "anchors": anchors}
 
-    # Model, optimiser, schedule -----------------------------------------------------------------------------
+
+def build_student(args, embedding_size, device, world):
+    """(the student, the module that trains it: itself, or its DDP wrapper under torchrun)."""
     torch.manual_seed(args.seed)
-    model = Student(args.arch, len(FER_CLASSES), bank.shape[1])
+    model = Student(args.arch, len(FER_CLASSES), embedding_size)
     if args.pretrained:
         load_backbone_weights(model, args.pretrained)
     if args.sync_bn:
@@ -345,153 +358,238 @@ def main(argv=None):
     model = model.to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
-    trained = model
-    if distributed:
-        trained = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None,
-            find_unused_parameters=args.proto_weight == 0 and args.dgeo_weight == 0)
+    if world == 1:
+        return model, model
+    return model, torch.nn.parallel.DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None,
+        find_unused_parameters=args.proto_weight == 0 and args.dgeo_weight == 0)
+
+
+@dataclass
+class Training:
+    """What a step changes and a resume checkpoint holds: the optimiser's parts and where the run stands."""
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    history: list = field(default_factory=list)
+    epoch: int = 0       # epochs finished
+    step: int = 0        # steps finished of the epoch under way
+    best_f1: float = -1.0
+    sums: dict = field(default_factory=lambda: dict.fromkeys(TERMS, 0.0))  # the epoch's loss sums so far
+
+    def save(self, path, config):
+        artifacts.save_checkpoint({
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(), "epoch": self.epoch,
+            "step": self.step, "history": self.history, "best_f1": self.best_f1, "sums": self.sums,
+            "config": config}, path)
+
+    def restore(self, checkpoint):
+        self.model.load_state_dict(checkpoint["model"])
+        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        self.scheduler.load_state_dict(checkpoint["scheduler"])
+        if checkpoint.get("scaler"):  # none or empty where the checkpoint's run had no float16 scaler
+            self.scaler.load_state_dict(checkpoint["scaler"])
+        for key in ("history", "epoch", "step", "best_f1", "sums"):
+            setattr(self, key, checkpoint[key])
+
+
+def optimisation(args, model, device, steps_per_epoch):
+    """The Training of a fresh run: AdamW, the warmup-then-cosine schedule, and the float16 gradient scaler."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    steps_per_epoch = len(train.labels) // args.batch_size
-    if steps_per_epoch == 0:
-        raise ValueError(f"{len(train.labels)} training images make no batch of --batch-size {args.batch_size}")
     total_steps, warmup_steps = args.epochs * steps_per_epoch, int(args.warmup_epochs * steps_per_epoch)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: learning_rate_factor(step, warmup_steps, total_steps))
+    return Training(model, optimizer, scheduler, gradient_scaler(device, mixed_precision(args.amp, device)))
+
+
+class Batches(NamedTuple):
+    """The training set on the device (FERPlus: at most 66 MB of uint8), so a step copies no images to it; and what
+    each step needs to cut and augment its share of a global batch."""
+    images: torch.Tensor
+    labels: torch.Tensor
+    soft_targets: torch.Tensor  # class distributions with --training-labels probability, else None
+    rank: int
+    world: int
+
+    def network_input(self, batch, seed, size):
+        """This process's share of the batch, augmented by the draws of `seed`, at size x size: the same seed gives the
+        same crops, flips, turns and erasures at any size, so a KD teacher trained at another size sees the very
+        images the student sees, at its own size."""
+        x = augment(self.images[batch], torch.Generator().manual_seed(seed), size,
+                    part=slice(self.rank, None, self.world))
+        return x.contiguous(memory_format=torch.channels_last) if x.device.type == "cuda" else x
+
+
+def training_step(state, trained, teacher, batches, batch, seed, ramp, args, constants, autocast):
+    """One optimiser step on a global batch; returns the loss terms' values (the step's one host synchronisation)."""
+    x = batches.network_input(batch, seed, args.input_size)
+    x_teacher = None
+    if teacher is not None:
+        x_teacher = x if teacher[1] == args.input_size else batches.network_input(batch, seed, teacher[1])
+    with torch.autocast(**autocast):
+        logits, z = trained(x)
+        teacher_logits = None
+        if teacher is not None:
+            with torch.no_grad():
+                teacher_logits = teacher[0](x_teacher)[0]
+    if batches.world > 1:  # every process takes the loss over the global batch, as one process would
+        logits, z = gather_rows(logits), gather_rows(z)
+        teacher_logits = None if teacher_logits is None else gather_rows(teacher_logits)
+        batch = gathered_order(batch, batches.world)
+    y = batches.labels[batch]
+    ce_target = batches.soft_targets[batch] if batches.soft_targets is not None else y
+    values = loss_terms(logits, z, y, ce_target, teacher_logits, ramp, args, constants)
+    logged = dict(zip(TERMS, torch.stack([values[term].detach() for term in TERMS]).tolist()))
+    if not math.isfinite(logged["total"]):
+        raise FloatingPointError(f"epoch {state.epoch + 1}, step {state.step}: the loss is not finite; stopping "
+                                 "before training on it")
+    state.optimizer.zero_grad(set_to_none=True)
+    state.scaler.scale(values["total"]).backward()  # with no float16 scaler, the scaler's calls pass straight through
+    state.scaler.unscale_(state.optimizer)
+    torch.nn.utils.clip_grad_norm_(state.model.parameters(), 1.0)
+    state.scaler.step(state.optimizer)
+    state.scaler.update()
+    state.scheduler.step()
+    return logged
+
+
+def train_one_epoch(state, trained, teacher, batches, args, constants, autocast, save):
+    """The rest of epoch state.epoch from step state.step, a resume checkpoint every --checkpoint-every steps (save);
+    returns the epoch's mean loss terms and images/s."""
+    trained.train()
+    steps_per_epoch = len(batches.labels) // args.batch_size
+    order = torch.randperm(len(batches.labels), generator=torch.Generator().manual_seed(args.seed * 1000 + state.epoch))
+    ramp = dgeo_ramp(state.epoch, args.ramp_start, args.ramp_end)
+    first, started = state.step, time.perf_counter()
+    progress = tqdm(range(first, steps_per_epoch), disable=batches.rank != 0, unit="step", leave=False,
+                    desc=f"epoch {state.epoch + 1}/{args.epochs}")
+    for step in progress:
+        state.step = step
+        batch = order[step * args.batch_size:(step + 1) * args.batch_size]
+        seed = args.seed * 1_000_003 + state.epoch * 10_007 + step
+        for term, value in training_step(state, trained, teacher, batches, batch, seed, ramp, args, constants,
+                                         autocast).items():
+            state.sums[term] += value
+        state.step = step + 1
+        progress.set_postfix(loss=f"{state.sums['total'] / (state.step - first):.4f}")
+        if state.step % args.checkpoint_every == 0 and state.step < steps_per_epoch:
+            save()
+    elapsed = time.perf_counter() - started
+    means = {term: total / steps_per_epoch for term, total in state.sums.items()}
+    return means, (steps_per_epoch - first) * args.batch_size / elapsed, ramp
+
+
+def evaluate(model, valid, args, device):
+    """Accuracy, macro-F1 and balanced accuracy on FERPlus valid."""
+    scores = eight_way(predict(model, valid.images, args.input_size, device)[0], valid.labels)
+    return {key: scores[key] for key in ("accuracy", "macro_f1", "balanced_accuracy")}
+
+
+def write_student(out_dir, work_dir, args, config, inputs):
+    """Put the finished run's files in place of stage3/<name>/, whole: the previous student stays until then."""
+    with artifacts.atomic_dir(out_dir) as staging:
+        for name in ("best.pt", "history.jsonl", "curves.png"):
+            shutil.copy2(os.path.join(work_dir, name), os.path.join(staging, name))
+        artifacts.write_config(staging, args, inputs)
+        artifacts.write_manifest(staging)
+    artifacts.remove_tree(work_dir, out_dir)
+
+
+def write_progress(work_dir, history, note):
+    """history.jsonl and curves.png as they stand after an epoch, for whoever watches the run."""
+    with artifacts.atomic_path(os.path.join(work_dir, "history.jsonl")) as temporary:
+        with open(temporary, "w") as handle:
+            handle.writelines(json.dumps(entry) + "\n" for entry in history)
+    plot_curves(history, os.path.join(work_dir, "curves.png"), note)
+
+
+def end_of_epoch(state, model, valid, args, device, work_dir, config, means, images_per_s, ramp, note):
+    """Score the epoch on FERPlus valid, log it, and keep the student as best.pt where it is the best so far."""
+    scores = evaluate(model, valid, args, device)
+    state.history.append({"epoch": state.epoch + 1, "lr": state.scheduler.get_last_lr()[0], "dgeo_ramp": ramp,
+                          "train": means, "valid": scores, "images_per_s": images_per_s,
+                          **({"loss_scale": state.scaler.get_scale()} if state.scaler.is_enabled() else {})})
+    print(f"epoch {state.epoch + 1}: loss {means['total']:.4f}, valid macro-F1 {scores['macro_f1']:.3f}, acc "
+          f"{scores['accuracy']:.3f}, {images_per_s:.0f} images/s")
+    if scores["macro_f1"] > state.best_f1:
+        state.best_f1 = scores["macro_f1"]
+        artifacts.save_checkpoint({"state_dict": model.state_dict(), "config": config, "epoch": state.epoch + 1,
+                                   "valid": scores}, os.path.join(work_dir, "best.pt"))
+    write_progress(work_dir, state.history, note)
+
+
+def train(args, device, rank, world):
+    check_batch_share(args.batch_size, world)
+    stage_dir = os.path.join(args.run_dir, "stage3")
+    out_dir = os.path.join(stage_dir, args.name)
+    work_dir = f"{out_dir}.partial"  # the run until it ends: its checkpoint, best.pt and the curves so far
+    checkpoint_path = os.path.join(work_dir, "checkpoint.pt")
+    splits, data_key, source = training_data(args, rank, world)
+    note = " (synthetic data: not the paper's numbers)" if source == "synthetic" else ""
+    train_set, valid = splits["train"], splits["valid"]
+    constants, bank_facts = loss_constants(args, train_set.labels, device)
+    teacher, teacher_size, teacher_hash = load_teacher(args.kd_teacher, device) if args.kd_teacher else (None,) * 3
+    model, trained = build_student(args, bank_facts["embedding_size"], device, world)
+    steps_per_epoch = len(train_set.labels) // args.batch_size
+    state = optimisation(args, model, device, steps_per_epoch)
     precision = mixed_precision(args.amp, device)
     autocast = dict(device_type=device.type, dtype=precision or torch.bfloat16, enabled=precision is not None)
-    scaler = gradient_scaler(device, precision)
-
     config = {key: value for key, value in vars(args).items() if key not in ("device", "resume", "run_dir")}
-    config.update(embedding_size=int(bank.shape[1]), grid=grid, anchors=anchors, positive=list(DEFAULT_POSITIVE),
-                  prototypes_sha256=bank_hash, kd_teacher_sha256=teacher_hash, data_key=data_key, source=source,
-                  world_size=world, precision=str(precision or torch.float32), class_weights=class_weights.tolist(),
-                  label_smoothing=LABEL_SMOOTHING, kd_temperature=KD_TEMPERATURE)
-    history, start_epoch, start_step, best_f1 = [], 0, 0, -1.0
+    config.update(bank_facts, positive=list(DEFAULT_POSITIVE), kd_teacher_sha256=teacher_hash, data_key=data_key,
+                  source=source, world_size=world, precision=str(precision or torch.float32),
+                  class_weights=constants.class_weights.tolist(), label_smoothing=LABEL_SMOOTHING,
+                  kd_temperature=KD_TEMPERATURE)
+
     # Another process count continues the same run: every process takes its share of the same global batches, and
     # the loss is taken over the whole of each (only BatchNorm's per-process statistics differ).
     checkpoint = artifacts.resume_checkpoint(checkpoint_path, config, args.resume, may_change=EXECUTION_SETTINGS)
     if checkpoint is not None:
-        model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scheduler.load_state_dict(checkpoint["scheduler"])
-        if checkpoint.get("scaler"):  # none or empty where the checkpoint's run had no float16 scaler
-            scaler.load_state_dict(checkpoint["scaler"])
-        history, start_epoch, start_step, best_f1 = (checkpoint["history"], checkpoint["epoch"], checkpoint["step"],
-                                                     checkpoint["best_f1"])
+        state.restore(checkpoint)
+        before = checkpoint["config"]["world_size"]
         if rank == 0:
-            before = checkpoint["config"]["world_size"]
-            print(f"resuming at epoch {start_epoch + 1}, step {start_step}"
+            print(f"resuming at epoch {state.epoch + 1}, step {state.step}"
                   + (f", in {world} processes where the checkpoint's run had {before}" if before != world else ""))
     elif rank == 0:
         if args.resume:
             print(f"--resume: no checkpoint at {checkpoint_path} (none was left, or the run finished); starting "
                   "afresh")
-        if os.path.exists(out_dir):
-            shutil.rmtree(out_dir)  # a fresh run: never leave an older run's files looking current
+        if os.path.lexists(work_dir):
+            artifacts.remove_tree(work_dir, out_dir)  # an unfinished earlier run's; stage3/<name>/ stays as it was
+        os.makedirs(work_dir)
     if rank == 0:
-        os.makedirs(out_dir, exist_ok=True)
         artifacts.write_json(os.path.join(stage_dir, "data_summary.json"), {**data_summary(splits), "source": source})
-        manifest = os.path.join(out_dir, artifacts.MANIFEST)
-        if os.path.exists(manifest):
-            os.remove(manifest)
 
-    def save_checkpoint(epoch, step, sums):
-        if rank != 0:
-            return
-        with artifacts.atomic_path(checkpoint_path) as temporary:
-            torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch,
-                        "step": step, "history": history, "best_f1": best_f1, "sums": sums, "config": config},
-                       temporary)
-
-    # Training ---------------------------------------------------------------------------------------------
-    # The training set lives on the device (FERPlus: at most 66 MB of uint8), so a step copies no images to it.
-    images = torch.from_numpy(train.images).to(device)
-    labels = torch.from_numpy(train.labels).to(device)
-    soft_targets = torch.from_numpy(train.targets).to(device) if args.training_labels == "probability" else None
-    terms = ("total", "ce", "kd", "proto_kd", "var_cap", "margin")
-
-    def network_input(batch, seed, size):
-        """This process's share of the batch, augmented by the draws of `seed`, at size x size: the same seed gives the
-        same crops, flips, turns and erasures at any size, so a KD teacher trained at another size sees the very
-        images the student sees, at its own size."""
-        x = augment(images[batch], torch.Generator().manual_seed(seed), size, part=slice(rank, None, world))
-        return x.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else x
-
-    for epoch in range(start_epoch, args.epochs):
-        trained.train()
-        order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(args.seed * 1000 + epoch))
-        ramp = dgeo_ramp(epoch, args.ramp_start, args.ramp_end)
-        sums = checkpoint["sums"] if epoch == start_epoch and start_step else dict.fromkeys(terms, 0.0)
-        started = time.perf_counter()
-        progress = tqdm(range(start_step if epoch == start_epoch else 0, steps_per_epoch), disable=rank != 0,
-                        desc=f"epoch {epoch + 1}/{args.epochs}", unit="step", leave=False)
-        for step in progress:
-            batch = order[step * args.batch_size:(step + 1) * args.batch_size]
-            step_seed = args.seed * 1_000_003 + epoch * 10_007 + step
-            x = network_input(batch, step_seed, args.input_size)
-            x_teacher = None
-            if teacher is not None and args.kd_weight > 0:
-                x_teacher = x if teacher_size == args.input_size else network_input(batch, step_seed, teacher_size)
-            with torch.autocast(**autocast):
-                logits, z = trained(x)
-                teacher_logits = None
-                if x_teacher is not None:
-                    with torch.no_grad():
-                        teacher_logits = teacher(x_teacher)[0]
-            if distributed:  # every process takes the loss over the global batch, as one process would
-                logits, z = gather_rows(logits), gather_rows(z)
-                teacher_logits = None if teacher_logits is None else gather_rows(teacher_logits)
-                batch = gathered_order(batch, world)
-            y = labels[batch]
-            ce_target = soft_targets[batch] if soft_targets is not None else y
-            values = loss_terms(logits, z, y, ce_target, teacher_logits, ramp, args, constants)
-            logged = torch.stack([values[term].detach() for term in terms]).tolist()  # the step's one host sync
-            if not math.isfinite(logged[0]):
-                raise FloatingPointError(f"epoch {epoch + 1}, step {step}: the loss is not finite; stopping before "
-                                         "training on it")
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(values["total"]).backward()  # with no float16 scaler, the scaler's calls pass through
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            for term, value in zip(terms, logged):
-                sums[term] += value
-            if (step + 1) % args.checkpoint_every == 0 and step + 1 < steps_per_epoch:
-                save_checkpoint(epoch, step + 1, sums)
-        elapsed = time.perf_counter() - started
-        done = steps_per_epoch - (start_step if epoch == start_epoch else 0)
+    def save():
         if rank == 0:
-            scores = eight_way(predict(model, valid.images, args.input_size, device)[0], valid.labels)
-            history.append({"epoch": epoch + 1, "lr": scheduler.get_last_lr()[0], "dgeo_ramp": ramp,
-                            "train": {term: sums[term] / steps_per_epoch for term in terms},
-                            "valid": {key: scores[key] for key in ("accuracy", "macro_f1", "balanced_accuracy")},
-                            "images_per_s": done * args.batch_size / elapsed,
-                            **({"loss_scale": scaler.get_scale()} if scaler.is_enabled() else {})})
-            print(f"epoch {epoch + 1}: loss {history[-1]['train']['total']:.4f}, valid macro-F1 "
-                  f"{scores['macro_f1']:.3f}, acc {scores['accuracy']:.3f}, {history[-1]['images_per_s']:.0f} images/s")
-            if scores["macro_f1"] > best_f1:
-                best_f1 = scores["macro_f1"]
-                with artifacts.atomic_path(os.path.join(out_dir, "best.pt")) as temporary:
-                    torch.save({"state_dict": model.state_dict(), "config": config, "epoch": epoch + 1,
-                                "valid": history[-1]["valid"]}, temporary)
-        start_step = 0
-        save_checkpoint(epoch + 1, 0, dict.fromkeys(terms, 0.0))
+            state.save(checkpoint_path, config)
 
-    # Outputs ----------------------------------------------------------------------------------------------
+    batches = Batches(torch.from_numpy(train_set.images).to(device), torch.from_numpy(train_set.labels).to(device),
+                      torch.from_numpy(train_set.targets).to(device) if args.training_labels == "probability" else None,
+                      rank, world)
+    kd_teacher = (teacher, teacher_size) if teacher is not None and args.kd_weight > 0 else None
+    while state.epoch < args.epochs:
+        means, images_per_s, ramp = train_one_epoch(state, trained, kd_teacher, batches, args, constants, autocast,
+                                                    save)
+        if rank == 0:
+            end_of_epoch(state, model, valid, args, device, work_dir, config, means, images_per_s, ramp, note)
+        state.epoch, state.step, state.sums = state.epoch + 1, 0, dict.fromkeys(TERMS, 0.0)
+        save()
     if rank == 0:
-        with artifacts.atomic_path(os.path.join(out_dir, "history.jsonl")) as temporary:
-            with open(temporary, "w") as handle:
-                handle.writelines(json.dumps(entry) + "\n" for entry in history)
-        plot_curves(history, os.path.join(out_dir, "curves.png"), note)
-        artifacts.write_config(out_dir, args, {"stage2/prototypes.npz": bank_hash, "ferplus": data_key,
-                                               "kd_teacher": teacher_hash})
-        artifacts.write_manifest(out_dir)
-        os.remove(checkpoint_path)
-        print(f"best valid macro-F1 {best_f1:.3f}{note}; wrote {out_dir}/")
-    if distributed:
+        write_student(out_dir, work_dir, args, config, {"stage2/prototypes.npz": bank_facts["prototypes_sha256"],
+                                                        "ferplus": data_key, "kd_teacher": teacher_hash})
+        print(f"best valid macro-F1 {state.best_f1:.3f}{note}; wrote {out_dir}/")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    set_determinism(args.deterministic)
+    device, rank, world = setup_distributed(torch.device(args.device))
+    # One writer per run name: a second run of it stops at once, naming the first (rank 0 writes for every process).
+    with artifacts.folder_lock(os.path.join(args.run_dir, "stage3", args.name)) if rank == 0 else nullcontext():
+        train(args, device, rank, world)
+    if world > 1:
         dist.destroy_process_group()
 
 

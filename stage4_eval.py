@@ -68,7 +68,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from sklearn.manifold import TSNE  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from ngd_ext import artifacts  # noqa: E402
+from ngd_ext import artifacts, cli  # noqa: E402
 from ngd_ext.emotions import DEFAULT_ANCHORS, FER_CLASSES, VA_DIMENSIONS  # noqa: E402
 from ngd_ext.face_crop import CROP_MARGIN, thread_cropper  # noqa: E402
 from ngd_ext.face_datasets import (IMAGE_EXTENSIONS, DatasetError, FaceSet, affectnet_records,  # noqa: E402
@@ -80,7 +80,6 @@ from ngd_ext.metrics import (BOOTSTRAP_LEVEL, PROTOCOLS, REGRESSION_SCORES, SCOR
 from ngd_ext.parallel import map_in_threads  # noqa: E402
 from ngd_ext.prototypes import bin_centres, grid_centres, nearest_prototypes, unit_rows  # noqa: E402
 from ngd_ext.student_model import EXECUTION_SETTINGS, export_student, load_student, predict  # noqa: E402
-from ngd_ext.synthetic_default import add_synthetic_flags, settle_synthetic_flags  # noqa: E402
 from ngd_ext.synthetic_faces import synthetic_ferplus, write_synthetic_affectnet, write_synthetic_ckplus  # noqa: E402
 
 # Defaults ---------------------------------------------------------------------------------------------------
@@ -104,7 +103,7 @@ REPLICATES_MAY_DIFFER = frozenset({"name", "seed", "kd_teacher", "kd_teacher_sha
 def replicates_spec(text):
     """--replicates GROUP=NAME,NAME,...: (group, [names])."""
     group, _, members = text.partition("=")
-    names = [name.strip() for name in members.split(",") if name.strip()]
+    names = [cli.run_name(name.strip()) for name in members.split(",") if name.strip()]
     if not group.strip() or len(set(names)) < 2 or len(set(names)) != len(names):
         raise argparse.ArgumentTypeError(f"{text!r}: expected GROUP=NAME,NAME,... with at least two different "
                                          "stage-3 run names, e.g. B3=B3_seed0,B3_seed1,B3_seed2")
@@ -126,8 +125,9 @@ def parse_args(argv=None):
                                          "crops (as in CK+48)")
     parser.add_argument("--manifest", action="append", default=[],
                         help="CSV with path and label columns (repeatable); its file name names the dataset")
-    parser.add_argument("--variants", nargs="+", help="stage-3 run names under stage3/ (default: every finished one)")
-    parser.add_argument("--reference",
+    parser.add_argument("--variants", nargs="+", type=cli.run_name,
+                        help="stage-3 run names under stage3/ (default: every finished one)")
+    parser.add_argument("--reference", type=cli.run_name,
                         help="the student the others are compared with, image by image (default: the first in the "
                              "tables, the B0 one where there is one); e.g. B2, to see what D-Geo adds in B3. Its "
                              "--replicates group, if it has one, is the one the other groups are compared with, seed "
@@ -136,7 +136,7 @@ def parse_args(argv=None):
                         help="students trained alike with different --seed (repeatable): the summary gives the mean "
                              "and standard deviation of their scores, the spread over training seeds, and each "
                              "group's differences from the --reference student's group, seed by seed")
-    add_synthetic_flags(parser, SYNTHETIC_SIZES, "the embedded synthetic CK+ and AffectNet sets")
+    cli.add_synthetic_flags(parser, SYNTHETIC_SIZES, "the embedded synthetic CK+ and AffectNet sets")
     parser.add_argument("--skip-unreadable", action="store_true",
                         help="count and leave out missing or undecodable images instead of stopping")
     parser.add_argument("--tsne-points", type=int,
@@ -152,11 +152,11 @@ def parse_args(argv=None):
     parser.add_argument("--export", metavar="FILE",
                         help="export mode: write one student, with its preprocessing, as a torch.export program "
                              "(FILE, e.g. student.pt2) that runs with torch alone")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+    parser.add_argument("--device", type=cli.device, default=cli.default_device(),
                         help="where the students run (default cuda when present)")
     parser.add_argument("--seed", type=int, help="seed of the bootstrap and the t-SNE (default 0)")
     args = parser.parse_args(argv)
-    settle_synthetic_flags(parser, args, ["--ferplus", "--affectnet", "--ckplus", "--manifest", "--predict",
+    cli.settle_synthetic_flags(parser, args, ["--ferplus", "--affectnet", "--ckplus", "--manifest", "--predict",
                                           "--export"])
     if args.predict and not os.path.isdir(args.predict):
         parser.error(f"--predict {args.predict}: not a folder (give the folder that holds the images)")
@@ -190,6 +190,8 @@ def finished_variants(stage3_dir, names):
         return names
     found = []
     for name in sorted(os.listdir(stage3_dir)) if os.path.isdir(stage3_dir) else []:
+        if not cli.RUN_NAME.fullmatch(name):  # a run's lock, its work under way, a swap's previous copy
+            continue
         try:
             if "best.pt" in artifacts.read_manifest(os.path.join(stage3_dir, name)):
                 found.append(name)
@@ -918,7 +920,11 @@ def main(argv=None):
         else:
             export_for_deployment(args.export, model, config, names[0], checkpoint_hash)
         return
+    with artifacts.folder_lock(os.path.join(args.run_dir, "stage4")):  # one writer: a second run stops at once
+        evaluate_students(args, names, stage2_dir, stage3_dir)
 
+
+def evaluate_students(args, names, stage2_dir, stage3_dir):
     # Students and data ------------------------------------------------------------------------------------
     bank_hash, bank, grid, filled_from = load_bank(stage2_dir)
     prototypes = (bank, grid_centres(grid), filled_from)

@@ -7,14 +7,18 @@ stage reads another stage's files only after `verify_manifest` has checked them,
 """
 
 import contextlib
+import fcntl
 import glob
 import hashlib
 import json
 import os
+import pickle
 import platform
+import re
 import shutil
 import subprocess
 import sys
+import warnings
 import zipfile
 from importlib import metadata
 
@@ -37,36 +41,135 @@ def sha256_file(path):
     return digest.hexdigest()
 
 
+class StageBusy(ArtifactError):
+    """Another live process is writing the folder this run would write."""
+
+
+_HELD_LOCKS = {}  # lock file -> [its open file, holds]: a process may take its own lock again (atomic_dir does)
+
+
+def _write_error(error, path):
+    """An OSError met while writing `path` as an ArtifactError naming the file (not its temporary name) and errno's
+    meaning."""
+    where = re.sub(r"\.tmp-\d+", "", str(error.filename or path))
+    return ArtifactError(f"cannot write {where}: {error.strerror or error}")
+
+
+def _lock_holder(handle):
+    handle.seek(0)
+    holder = handle.read().strip()
+    return f"PID {holder}" if holder.isdigit() else "a process that has not yet written its PID"
+
+
+@contextlib.contextmanager
+def folder_lock(folder, wait=False):
+    """Hold `folder`'s lock (an OS file lock on `folder`.lock, beside it) for the block: one writer per folder. The
+    kernel drops the lock when its process dies, so a killed run never leaves it held. Another live holder stops this
+    run at once with StageBusy naming it (wait=True: wait for it instead). Taking it first mends the swap of a run
+    killed inside replace_folder."""
+    lock_path = os.path.abspath(folder.rstrip(os.sep)) + ".lock"
+    if lock_path in _HELD_LOCKS:
+        _HELD_LOCKS[lock_path][1] += 1
+    else:
+        try:
+            os.makedirs(os.path.dirname(lock_path), exist_ok=True)
+            handle = open(lock_path, "a+")
+        except OSError as error:
+            raise _write_error(error, lock_path) from error
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            holder = _lock_holder(handle)
+            handle.close()
+            raise StageBusy(f"{folder} is being written by another run ({holder}); wait for it to end, or stop it, "
+                            "before running this again") from None
+        handle.truncate(0)
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        _HELD_LOCKS[lock_path] = [handle, 1]
+        recover_swap(folder.rstrip(os.sep))  # before anything else, what a run killed in mid-swap left
+    try:
+        yield
+    finally:
+        _HELD_LOCKS[lock_path][1] -= 1
+        if not _HELD_LOCKS[lock_path][1]:
+            _HELD_LOCKS.pop(lock_path)[0].close()  # closing the file releases the lock
+
+
+def holds_lock(folder):
+    return os.path.abspath(folder.rstrip(os.sep)) + ".lock" in _HELD_LOCKS
+
+
+def remove_tree(path, folder):
+    """Delete `path`, which must be `folder` itself or one of its siblings `folder`.<suffix> (its staging, its
+    previous copy), and `folder`'s lock must be held: a stage never deletes what is not its own, nor what another
+    live run is writing."""
+    folder, target = os.path.realpath(folder.rstrip(os.sep)), os.path.realpath(path)
+    ours = target == folder or (os.path.dirname(target) == os.path.dirname(folder)
+                                and os.path.basename(target).startswith(os.path.basename(folder) + "."))
+    if not ours or not holds_lock(folder):
+        raise ArtifactError(f"refusing to delete {path}: not {folder} or a sibling of it held by this run")
+    if os.path.isdir(target) and not os.path.islink(target):
+        shutil.rmtree(target)
+    elif os.path.lexists(target):
+        os.remove(target)
+
+
 @contextlib.contextmanager
 def atomic_path(path):
-    """Yield a temporary name beside `path`; rename it to `path` only if the block completes."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    """Yield a temporary name beside `path`; rename it to `path` only if the block completes. An OSError while
+    writing it (a full disk, a read-only folder) becomes an ArtifactError naming the file."""
     temporary = f"{path}.tmp-{os.getpid()}"
     try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         yield temporary
         os.replace(temporary, path)
+    except OSError as error:
+        raise _write_error(error, path) from error
     finally:
         if os.path.exists(temporary):
             os.remove(temporary)
 
 
+def recover_swap(path):
+    """Finish what a run killed inside replace_folder left: its previous copy `path`.old is put back where `path` is
+    missing (killed between the two renames), and deleted where `path` is whole (killed after them)."""
+    old = f"{path}.old"
+    if os.path.lexists(old):
+        if os.path.lexists(path):
+            remove_tree(old, path)
+        else:
+            os.replace(old, path)
+
+
+def replace_folder(staging, path):
+    """Put the finished folder `staging` at `path` in three steps, each of which a kill may follow; recover_swap
+    mends any of them. `path`'s lock must be held."""
+    if os.path.lexists(path):
+        os.replace(path, f"{path}.old")
+    os.replace(staging, path)
+    remove_tree(f"{path}.old", path)
+
+
 @contextlib.contextmanager
-def atomic_dir(path):
-    """Yield a temporary folder beside `path`; only if the block completes, it replaces `path` (an older
-    `path` is moved aside first and then deleted). Leftovers of killed runs are removed on the way in."""
+def atomic_dir(path, wait=False):
+    """Yield a staging folder beside `path`; only if the block completes, it replaces `path`. Holds `path`'s lock
+    throughout (see folder_lock; `wait` too), and first removes the stagings of killed runs. An OSError while writing
+    becomes an ArtifactError naming the file."""
     path = path.rstrip(os.sep)
-    for leftover in glob.glob(f"{glob.escape(path)}.tmp-*") + glob.glob(f"{glob.escape(path)}.old-*"):
-        shutil.rmtree(leftover, ignore_errors=True)
-    temporary, old = f"{path}.tmp-{os.getpid()}", f"{path}.old-{os.getpid()}"
-    os.makedirs(temporary)
-    try:
-        yield temporary
-        if os.path.exists(path):
-            os.replace(path, old)
-        os.replace(temporary, path)
-    finally:
-        shutil.rmtree(temporary, ignore_errors=True)
-        shutil.rmtree(old, ignore_errors=True)
+    with folder_lock(path, wait):
+        for leftover in glob.glob(f"{glob.escape(path)}.tmp-*"):
+            remove_tree(leftover, path)
+        staging = f"{path}.tmp-{os.getpid()}"
+        try:
+            os.makedirs(staging)
+            yield staging
+            replace_folder(staging, path)
+        except OSError as error:
+            raise _write_error(error, staging) from error
+        finally:
+            if os.path.lexists(staging):
+                remove_tree(staging, path)
 
 
 def read_cache_entry(path, read):
@@ -180,12 +283,46 @@ def write_config(stage_dir, args, inputs):
     })
 
 
+def save_checkpoint(checkpoint, path):
+    """torch.save through atomic_path and a file object: a full disk is then an OSError naming errno's meaning (torch's
+    own writer reports it as an internal assertion), and an ArtifactError naming the file."""
+    with atomic_path(path) as temporary, open(temporary, "wb") as handle:
+        torch.save(checkpoint, handle)
+
+
+def load_checkpoint(path, what, keys=()):
+    """torch.load(weights_only=True) of the checkpoint at path, a dict holding `keys`. A file that is not one (damaged,
+    truncated, of another format, or holding Python objects beyond tensors and plain containers, which are never
+    unpickled here) is an ArtifactError naming the file and `what` it should be."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's note on pickle protocols says nothing about the file's use
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except OSError as error:
+        if error.filename is None:  # a seek past the end of a truncated file
+            raise ArtifactError(f"{path}: not {what}: the file is damaged or truncated") from error
+        raise ArtifactError(f"{path}: cannot be read ({error.strerror})") from error
+    except pickle.UnpicklingError as error:
+        raise ArtifactError(f"{path}: not {what}: not a torch file of tensors and plain containers (damaged, of "
+                            "another format, or holding Python objects, which are never unpickled here)") from error
+    except (RuntimeError, EOFError, KeyError, IndexError, ValueError, zipfile.BadZipFile) as error:
+        raise ArtifactError(f"{path}: not {what}: the file is damaged or truncated ({type(error).__name__})") \
+            from error
+    missing = [key for key in keys if not isinstance(checkpoint, dict) or key not in checkpoint]
+    if missing:
+        raise ArtifactError(f"{path}: not {what}: it lacks {', '.join(map(repr, missing))}")
+    return checkpoint
+
+
 def resume_checkpoint(path, config, resume, may_change=()):
     """The checkpoint to continue from, or None to start afresh: with resume, the one at path if there is one, which
     must have been written by a run with this config, but for the keys in may_change; without, none."""
     if not resume or not os.path.exists(path):
         return None
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    checkpoint = load_checkpoint(path, "a resume checkpoint (rerun without --resume to start over)", ["config"])
+    if not isinstance(checkpoint["config"], dict):
+        raise ArtifactError(f"{path}: not a resume checkpoint (its config is not a dict); rerun without --resume to "
+                            "start over")
     changed = sorted(key for key in config.keys() | checkpoint["config"].keys()
                      if config.get(key) != checkpoint["config"].get(key) and key not in may_change)
     if changed:

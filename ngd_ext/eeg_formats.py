@@ -30,6 +30,7 @@ import scipy.io
 from scipy.io.matlab import MatReadError
 
 from ngd_ext.artifacts import atomic_path
+from ngd_ext.eeg_features import BROADBAND, BROADBAND_TRANSITION_HZ
 
 DREAMER_ELECTRODES = ("AF3", "F7", "F3", "FC5", "T7", "P7", "O1", "O2", "P8", "T8", "FC6", "F4", "F8", "AF4")
 MAHNOB_EEG = ("Fp1", "AF3", "F3", "F7", "FC5", "FC1", "C3", "T7", "CP5", "CP1", "P3", "P7", "PO3", "O1", "Oz", "Pz",
@@ -156,6 +157,20 @@ def _score(value, low, high, path, where):
     return score
 
 
+def _sampling_rate(value, path, where):
+    """A recording's rate in Hz, high enough that the features' band (up to 45 Hz, with its 2 Hz edge) lies below
+    half of it."""
+    lowest = 2 * (BROADBAND[1] + BROADBAND_TRANSITION_HZ)
+    try:
+        rate = float(value)
+    except (TypeError, ValueError):
+        raise EEGFormatError(f"{path}: {where} = {value!r} is not a number (expected a sampling rate in Hz)") from None
+    if not lowest <= rate < np.inf:
+        raise EEGFormatError(f"{path}: {where} = {rate:g} Hz; expected a finite rate of at least {lowest:g} Hz, so "
+                             f"that the features' {BROADBAND[0]:g}-{BROADBAND[1]:g} Hz band lies below half of it")
+    return rate
+
+
 def iter_dreamer(path):
     """Yields the trials of a DREAMER.mat one by one; scores 1..5 map to [-1, 1] by (s - 3) / 2. The file is read
     whole (MATLAB's format allows no less), but each trial's samples in volts exist only while it is in use."""
@@ -164,7 +179,7 @@ def iter_dreamer(path):
     except (OSError, ValueError, TypeError, NotImplementedError, MatReadError, zlib.error) as error:
         raise EEGFormatError(f"{path}: not a readable MATLAB file ({error})") from error
     root = _field(mat, "DREAMER", path, "the file")
-    sfreq = float(_field(root, "EEG_SamplingRate", path, "DREAMER"))
+    sfreq = _sampling_rate(_field(root, "EEG_SamplingRate", path, "DREAMER"), path, "DREAMER.EEG_SamplingRate")
     electrodes = tuple(str(name) for name in _cells(_field(root, "EEG_Electrodes", path, "DREAMER")))
     if electrodes != DREAMER_ELECTRODES:
         raise EEGFormatError(f"{path}: DREAMER.EEG_Electrodes is {list(electrodes)}, expected "
@@ -240,6 +255,7 @@ class MahnobScan:
     sessions: list                      # MahnobSession, in session order
     skipped_without_felt_labels: list   # session folders
     skipped_without_eeg: list
+    without_subject: list = field(default_factory=list)  # session.xml files that name no subject: unusable
 
 
 def _natural_key(text):
@@ -271,7 +287,11 @@ def scan_mahnob(root):
             scan.skipped_without_eeg.append(folder)
             continue
         subject_element = session_xml.find("subject")
-        subject = subject_element.get("id") if subject_element is not None else session
+        subject = (subject_element.get("id") or "").strip() if subject_element is not None else ""
+        if not subject:  # taken for a person of its own, it could put one subject on both sides of the split
+            scan.without_subject.append(f"{xml_path}: names no subject (<subject id=...>), so its trial cannot be "
+                                        "kept to one side of the held-out split")
+            continue
         trial_number = re.search(r"Trial(\d+)", os.path.basename(bdfs[0]))
         scan.sessions.append(MahnobSession(
             bdf=bdfs[0], subject=f"mahnob-{subject}", trial=int(trial_number.group(1)) if trial_number else 0,

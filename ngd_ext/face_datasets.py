@@ -380,7 +380,9 @@ def manifest_records(path):
             box = tuple(_integer(fields[i], path, number, header[i]) for i in box_columns)
             if box[2] <= 0 or box[3] <= 0:
                 raise DatasetError(f"{path}, row {number}: face box {box} has no area")
-        image_path = os.path.join(base, fields[path_column].strip())
+        image_path = os.path.join(base, fields[path_column])
+        if not os.path.lexists(image_path):  # written as "a.png, 3": the spaces around a field are not its name
+            image_path = os.path.join(base, fields[path_column].strip())
         if "\\" in image_path and not os.path.exists(image_path):
             raise DatasetError(f"{path}, row {number}: no file {fields[path_column].strip()!r}, whose backslashes "
                                "look like a Windows path; write the manifest's paths with / (relative to its folder, "

@@ -83,7 +83,10 @@ def read_fer2013new(path):
     rows = []
     reader = read_rows(path, FerPlusError)
     header = next(reader, None)
-    if header is None or tuple(header[2:]) != VOTE_COLUMNS or header[:2] != ["Usage", "Image name"]:
+    if header is None:
+        raise FerPlusError(f"{path}: the file is empty; expected FERPlus's votes under the header Usage, Image name, "
+                           f"{', '.join(VOTE_COLUMNS)}")
+    if tuple(header[2:]) != VOTE_COLUMNS or header[:2] != ["Usage", "Image name"]:
         raise FerPlusError(f"{path}: header {header} is not Usage, Image name, {', '.join(VOTE_COLUMNS)}")
     for position, fields in enumerate(reader):
         row = position + 2
@@ -140,6 +143,9 @@ def read_fer2013_pixels(path):
     usages, images = [], []
     reader = read_rows(path, FerPlusError)
     header = [name.strip() for name in next(reader, [])]
+    if not header:
+        raise FerPlusError(f"{path}: the file is empty; expected FER2013's rows under the header emotion, pixels, "
+                           "Usage")
     if sorted(header) != ["Usage", "emotion", "pixels"]:
         raise FerPlusError(f"{path}: header {header} does not name the columns emotion, pixels and Usage")
     pixels_column, usage_column = header.index("pixels"), header.index("Usage")

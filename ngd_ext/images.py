@@ -33,3 +33,7 @@ def read_grey(path, upright):
         raise OSError(f"{path}: {error}") from error
     except (ValueError, SyntaxError) as error:  # PIL reports some truncated or corrupt files this way
         raise OSError(f"{path}: corrupt image ({error})") from error
+    except OSError as error:
+        if error.filename is not None or str(error).startswith(f"{path}:"):
+            raise  # it names the file already: a missing or unreadable one, or a refusal above
+        raise OSError(f"{path}: corrupt or truncated image ({error})") from error  # PIL's decoders name none

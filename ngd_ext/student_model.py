@@ -39,10 +39,7 @@ class Student(nn.Module):
 def load_backbone_weights(model, path):
     """Initialise the backbone from a local state_dict file: a torchvision ResNet's (RGB first convolution
     summed to one grey channel, its fc dropped) or a Student's; a `module.` prefix (DDP) is removed."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError) as error:
-        raise ValueError(f"{path}: not a readable state_dict file ({error})") from error
+    state = artifacts.load_checkpoint(path, "a state_dict file")
     if isinstance(state, dict) and "state_dict" in state:
         state = state["state_dict"]
     if not isinstance(state, dict):
@@ -75,13 +72,12 @@ def preprocess(images, size):
 def load_student(path, num_classes=8):
     """A stage-3 checkpoint as (Student in eval mode on the CPU, its config). A file that is not one, or holds
     a student of another class count or architecture than its config says, is refused naming the file."""
+    checkpoint = artifacts.load_checkpoint(path, "a stage-3 checkpoint", ["config", "state_dict"])
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-        config = checkpoint["config"]
-        arch, embedding_size = config["arch"], config["embedding_size"]
-    except (OSError, RuntimeError, KeyError, TypeError, EOFError) as error:
-        raise ValueError(f"{path}: not a stage-3 checkpoint ({type(error).__name__}: {error})") from error
-    state = checkpoint["state_dict"]
+        arch, embedding_size = checkpoint["config"]["arch"], checkpoint["config"]["embedding_size"]
+    except (KeyError, TypeError) as error:
+        raise ValueError(f"{path}: not a stage-3 checkpoint (its config lacks {error})") from error
+    config, state = checkpoint["config"], checkpoint["state_dict"]
     classes = tuple(state["classifier.weight"].shape)[0] if "classifier.weight" in state else None
     if classes != num_classes:
         raise ValueError(f"{path}: not a stage-3 checkpoint of an {num_classes}-class student (its classifier has "

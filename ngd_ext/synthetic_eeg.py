@@ -16,10 +16,10 @@ nothing learned or measured on them says anything about real EEG.
 """
 
 import os
-import shutil
 
 import numpy as np
 
+from ngd_ext.artifacts import atomic_dir, folder_lock
 from ngd_ext.eeg_formats import DREAMER_ELECTRODES, MAHNOB_EEG, write_bdf, write_dreamer, write_session_xml
 
 BANDS_HZ = {"theta": 6.0, "alpha": 10.0, "beta": 20.0, "gamma": 36.0}
@@ -140,22 +140,23 @@ def write_synthetic_mahnob(root, seed, subjects=6, sessions_per_subject=4, secon
 def ensure_synthetic_eeg(folder, seed, **sizes):
     """Write the synthetic DREAMER.mat and MAHNOB tree under folder unless a finished copy is there.
 
-    Returns (dreamer_path, mahnob_root). A marker file written last makes an interrupted generation restart.
+    Returns (dreamer_path, mahnob_root). The set is written whole or not at all (a killed generation starts
+    again), and its marker file says which seed and sizes it holds.
     """
     dreamer = os.path.join(folder, "DREAMER.mat")
     mahnob = os.path.join(folder, "MAHNOB-HCI")
     marker = os.path.join(folder, "COMPLETE")
     wanted = f"seed={seed} {sorted(sizes.items())}\n"
-    if os.path.exists(marker):
-        with open(marker) as handle:
-            if handle.read() == wanted:
-                return dreamer, mahnob
-    if os.path.exists(folder):
-        shutil.rmtree(folder)
-    os.makedirs(folder)
-    write_synthetic_dreamer(dreamer, seed,
-                            **{k[len("dreamer_"):]: v for k, v in sizes.items() if k.startswith("dreamer_")})
-    write_synthetic_mahnob(mahnob, seed, **{k[len("mahnob_"):]: v for k, v in sizes.items() if k.startswith("mahnob_")})
-    with open(marker, "w") as handle:
-        handle.write(wanted)
+    with folder_lock(folder, wait=True):
+        if os.path.exists(marker):
+            with open(marker) as handle:
+                if handle.read() == wanted:
+                    return dreamer, mahnob
+        with atomic_dir(folder) as staging:
+            write_synthetic_dreamer(os.path.join(staging, "DREAMER.mat"), seed, **{
+                k[len("dreamer_"):]: v for k, v in sizes.items() if k.startswith("dreamer_")})
+            write_synthetic_mahnob(os.path.join(staging, "MAHNOB-HCI"), seed, **{
+                k[len("mahnob_"):]: v for k, v in sizes.items() if k.startswith("mahnob_")})
+            with open(os.path.join(staging, "COMPLETE"), "w") as handle:
+                handle.write(wanted)
     return dreamer, mahnob

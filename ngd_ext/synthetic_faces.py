@@ -19,7 +19,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from ngd_ext.artifacts import atomic_dir, atomic_path
+from ngd_ext.artifacts import atomic_dir, atomic_path, folder_lock
 from ngd_ext.emotions import AFFECTNET_CODES, CKPLUS_CODES, DEFAULT_ANCHORS, FER_CLASSES
 from ngd_ext.ferplus import IMAGE_SIDE, VOTE_COLUMNS
 
@@ -129,8 +129,10 @@ def synthetic_ferplus(run_dir, size, seed, write=True):
     """The folder of a run's embedded default FERPlus (`size` one of FERPLUS_SIZES), written on first use
     unless write=False."""
     folder = os.path.join(run_dir, "data", f"synthetic_ferplus_{size}_seed{seed}")
-    if write and not os.path.isfile(os.path.join(folder, "fer2013new.csv")):  # written last
-        write_synthetic_ferplus(folder, seed, **FERPLUS_SIZES[size])
+    if write:
+        with folder_lock(folder, wait=True):  # stage-3 runs of several names may start at once
+            if not os.path.isfile(os.path.join(folder, "fer2013new.csv")):  # written last
+                write_synthetic_ferplus(folder, seed, **FERPLUS_SIZES[size])
     return folder
 
 

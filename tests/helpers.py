@@ -3,6 +3,7 @@ for the EEG tests."""
 
 import os
 import re
+import signal
 import subprocess
 import sys
 
@@ -227,6 +228,28 @@ def _gloo_process(rank, body, world, out_dir):
     # aborts ("terminate called without an active exception"; pytorch/pytorch#117762): 4 of 40 runs of
     # test_distributed here, torch 2.14. Leaving without finalizing avoids it: 0 of 40 runs of both DDP tests.
     os._exit(0)
+
+
+def kill_process_tree(pid):
+    """SIGKILL a process and all its descendants at once, as a machine failure stops them: torchrun starts its
+    workers in sessions of their own, out of reach of a kill of its process group (Linux: reads /proc)."""
+    children = {}
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{entry}/stat") as handle:
+                parent = int(handle.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue  # ended meanwhile
+        children.setdefault(parent, []).append(int(entry))
+    tree, pending = [], [pid]
+    while pending:
+        tree.append(pending.pop())
+        pending.extend(children.get(tree[-1], []))
+    for member in tree:
+        try:
+            os.kill(member, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 # MAHNOB-HCI ---------------------------------------------------------------------------------------------------

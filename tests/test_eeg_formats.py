@@ -81,6 +81,22 @@ def test_read_dreamer_missing_field(tmp_path, drop_field, message):
         list(iter_dreamer(path))
 
 
+@pytest.mark.parametrize("rate, message", [
+    (0.0, r"DREAMER.EEG_SamplingRate = 0 Hz; expected a finite rate of at least 94 Hz, so that the features' 4-45 Hz "
+          r"band lies below half of it"),
+    ("fast", r"DREAMER.EEG_SamplingRate = 'fast' is not a number \(expected a sampling rate in Hz\)"),
+    (np.inf, r"DREAMER.EEG_SamplingRate = inf Hz; expected a finite rate"),
+])
+def test_read_dreamer_sampling_rate_that_cannot_be_one(tmp_path, rate, message):
+    path = str(tmp_path / "DREAMER.mat")
+    write_dreamer(path, dreamer_subjects(np.random.default_rng(2)))
+    root = scipy.io.loadmat(path, struct_as_record=False, squeeze_me=False)["DREAMER"][0, 0]
+    content = {name: getattr(root, name) for name in root._fieldnames}
+    scipy.io.savemat(path, {"DREAMER": {**content, "EEG_SamplingRate": rate}})
+    with pytest.raises(EEGFormatError, match=rf"DREAMER.mat: {message}"):
+        list(iter_dreamer(path))
+
+
 def test_read_dreamer_wrong_channel_count_and_nan(tmp_path):
     rng = np.random.default_rng(3)
     path = str(tmp_path / "DREAMER.mat")

@@ -332,6 +332,16 @@ def test_manifest_ratings(tmp_path):
         manifest_records(str(path))
 
 
+def test_manifest_paths_keep_spaces_that_are_part_of_a_file_name(tmp_path):
+    """A name may end in a space; spaces around a field that names no file are CSV padding ("a.png, happy")."""
+    for name in ("face .png", "b.png"):
+        save(str(tmp_path / name), np.zeros((30, 30), np.uint8))
+    path = tmp_path / "faces.csv"
+    path.write_text("path,label\nface .png,happy\n b.png , sad\n")
+    assert [(r.path, r.label) for r in manifest_records(str(path))[0]] == [(str(tmp_path / "face .png"), 1),
+                                                                           (str(tmp_path / "b.png"), 3)]
+
+
 def test_manifest_paths_written_on_windows_are_named(tmp_path):
     save(str(tmp_path / "images" / "a.png"), np.zeros((30, 30), np.uint8))
     path = tmp_path / "faces.csv"

@@ -163,15 +163,31 @@ def test_bad_rows_name_the_file_and_row(tmp_path, edit, message):
 @pytest.mark.parametrize("content,message", [
     (b"\x89PNG\r\n\x1a\n not a PNG", r"FER2013Valid/fer3.png: not an image file PIL can decode"),
     (None, r"FER2013Valid/fer3.png: a 32-bit floating-point image \(PIL mode F\)"),
+    ("truncated", r"FER2013Valid/fer3.png: corrupt or truncated image \(image file is truncated\)"),
 ])
 def test_an_image_that_cannot_be_used_is_named(tmp_path, content, message):
     write_folder_layout(tmp_path, example_rows(np.random.default_rng(3)))
     path = tmp_path / "FER2013Valid" / "fer3.png"
     if content is None:
         Image.fromarray(np.full((48, 48), 0.5, np.float32)).save(path, format="TIFF")  # misnamed, as happens
+    elif content == "truncated":  # a copy cut short
+        path.write_bytes(path.read_bytes()[:-200])
     else:
         path.write_bytes(content)
     with pytest.raises(FerPlusError, match=rf"unreadable FERPlus image: .*{message}"):
+        load_ferplus(str(tmp_path))
+
+
+def test_empty_csv_files_are_named(tmp_path):
+    write_csv_layout(str(tmp_path), example_rows(np.random.default_rng(5)))
+    (tmp_path / "fer2013new.csv").write_text("")
+    with pytest.raises(FerPlusError, match=r"fer2013new.csv: the file is empty; expected FERPlus's votes under the "
+                                           r"header Usage, Image name, neutral"):
+        load_ferplus(str(tmp_path))
+    write_csv_layout(str(tmp_path), example_rows(np.random.default_rng(5)))
+    (tmp_path / "fer2013.csv").write_text("")
+    with pytest.raises(FerPlusError, match=r"fer2013.csv: the file is empty; expected FER2013's rows under the header "
+                                           r"emotion, pixels, Usage"):
         load_ferplus(str(tmp_path))
 
 

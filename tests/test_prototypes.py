@@ -129,7 +129,7 @@ def test_a_killed_stage2_leaves_the_previous_bank_whole(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         stage2_prototypes.main(["--run-dir", str(tmp_path), "--grid", "7"])
     assert artifacts.verify_manifest(str(out), sorted(before)) == before
-    assert sorted(os.listdir(tmp_path)) == ["stage1", "stage2"]  # no half-written folder beside it
+    assert sorted(os.listdir(tmp_path)) == ["stage1", "stage2", "stage2.lock"]  # no half-written folder beside it
 
 
 def test_stage2_refuses_a_tampered_embeddings_file(tmp_path):

@@ -166,6 +166,29 @@ def test_unusable_recordings_are_left_out_and_listed_with_skip_unreadable(tmp_pa
         assert os.path.relpath(damaged, mahnob) not in json.load(handle)["inputs"]["mahnob"]["bdf_sha256"]
 
 
+def test_a_mahnob_session_that_names_no_subject_stops_the_run_or_is_left_out(tmp_path, capsys):
+    """Taken for a person of its own, such a session could put one subject's trials on both sides of the split."""
+    dreamer, mahnob = ensure_synthetic_eeg(str(tmp_path / "eeg"), seed=5, **TINY)
+    xml_path = sorted(glob.glob(os.path.join(mahnob, "Sessions", "*", "session.xml")))[2]
+    with open(xml_path) as handle:
+        text = handle.read()
+    with open(xml_path, "w") as handle:
+        handle.write(re.sub(r"<subject [^>]*/>", "", text))
+    arguments = ["--run-dir", str(tmp_path), "--dreamer", dreamer, "--mahnob", mahnob, "--epochs", "1",
+                 "--workers", "1", "--device", "cpu"]
+    reason = (f"{xml_path}: names no subject (<subject id=...>), so its trial cannot be kept to one side of the "
+              "held-out split")
+    with pytest.raises(EEGFormatError, match=rf"^{re.escape(reason)} \(1 such session\(s\) in all; "
+                                             r"--skip-unreadable leaves them out, and lists them\)$"):
+        stage1_teacher.main(arguments)
+    assert not os.path.exists(tmp_path / "stage1")
+    stage1_teacher.main([*arguments, "--skip-unreadable"])
+    out, err = capsys.readouterr()
+    assert "MAHNOB-HCI: 2 labelled sessions" in out and f"skipped (--skip-unreadable): {reason}" in err
+    with open(tmp_path / "stage1" / "metrics.json") as handle:
+        assert json.load(handle)["skipped_trials"] == [reason]
+
+
 def test_unusable_channels_are_left_out_of_their_trial_and_listed(tmp_path, capsys):
     """A channel constant, or noisy, in one clip is left out of that clip alone, whose maps interpolate the other 13
     over its place; a clip with more than a quarter of its channels constant is refused, or left out with
@@ -298,7 +321,7 @@ def test_stage1_then_stage2_end_to_end(tmp_path):
     names = {"teacher.pt", "embeddings.npz", "metrics.json", "training_curve.png", "held_out.png", "config.json"}
     assert set(artifacts.read_manifest(stage1)) == names
     artifacts.verify_manifest(stage1, sorted(names))
-    assert not os.path.exists(os.path.join(run_dir, "stage1-checkpoint.pt"))
+    assert not os.path.exists(os.path.join(run_dir, "stage1.partial", "checkpoint.pt"))
     teacher = torch.load(os.path.join(stage1, "teacher.pt"), weights_only=True)
     model = stage1_teacher.Teacher(4, teacher["config"]["embedding_size"])
     model.load_state_dict(teacher["state_dict"])
@@ -362,7 +385,7 @@ def test_stage1_resumes_after_a_crash_and_leaves_the_previous_teacher_whole(tmp_
     run_dir = str(tmp_path)
     stage1 = os.path.join(run_dir, "stage1")
     run_tiny_stage1_in_this_process(run_dir, "--epochs", "1", "--resume")
-    checkpoint = os.path.join(run_dir, "stage1-checkpoint.pt")
+    checkpoint = os.path.join(run_dir, "stage1.partial", "checkpoint.pt")
     assert f"--resume: no checkpoint at {checkpoint} (none was left, or the run finished); starting afresh" in \
         capsys.readouterr().out
     before = {name: artifacts.sha256_file(os.path.join(stage1, name)) for name in artifacts.read_manifest(stage1)}
@@ -376,10 +399,12 @@ def test_stage1_resumes_after_a_crash_and_leaves_the_previous_teacher_whole(tmp_
     monkeypatch.setattr(stage1_teacher, "plot_curve", crash)
     with pytest.raises(RuntimeError, match="killed"):
         run_tiny_stage1_in_this_process(run_dir)
-    assert os.path.exists(os.path.join(run_dir, "stage1-checkpoint.pt"))
+    assert os.path.exists(os.path.join(run_dir, "stage1.partial", "checkpoint.pt"))
     # Neither a run that failed on its input nor one killed while writing touched the finished stage 1.
     assert artifacts.verify_manifest(stage1, sorted(before)) == before
-    assert not [name for name in os.listdir(run_dir) if name.startswith("stage1.")]
+    assert sorted(name for name in os.listdir(run_dir) if name.startswith("stage1.")) == [
+        "stage1.lock", "stage1.partial"]
+    assert os.listdir(os.path.join(run_dir, "stage1.partial")) == ["checkpoint.pt"]  # no half-written stage1/
     monkeypatch.undo()
     other_settings = rf"{re.escape(checkpoint)} was written with other settings \(lr\); rerun without --resume"
     with pytest.raises(artifacts.ArtifactError, match=other_settings):
@@ -410,7 +435,7 @@ def test_stage1_deterministic_runs_repeat_bit_for_bit(tmp_path):
 @pytest.mark.parametrize("arguments,message", [
     (["--step-s", "0.001"], "--window-s must span at least 2 samples and --step-s 1 at the features' 128 Hz (got 2 s "
                             "and 0.001 s)"),
-    (["--lr", "-1"], "--lr must be positive and --weight-decay not negative (got -1 and 0.01)"),
+    (["--lr", "-1"], "argument --lr: '-1': expected a finite number > 0"),
     (["--bootstrap", "99"], "--bootstrap must be at least 100, got 99"),
     (["--noisy-channel-ratio", "1"], "--noisy-channel-ratio must be a finite number above 1, or 0 to leave out no "
                                      "channel as noisy, got 1"),

@@ -3,7 +3,6 @@
 import json
 import math
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -15,10 +14,12 @@ import torch.nn.functional as F
 
 import stage2_prototypes
 import stage3_student
-from helpers import run_under_gloo
+from helpers import kill_process_tree, run_under_gloo
 from ngd_ext import artifacts
 from ngd_ext.distributed import gather_rows
+from ngd_ext.ferplus import FerPlusError
 from ngd_ext.student_model import Student, load_student
+from test_ferplus import write_csv_layout
 from test_prototypes import write_stage1
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -53,8 +54,8 @@ def test_presets_and_overrides():
 
 
 @pytest.mark.parametrize("flag,value,message", [
-    ("--tau", "0", "--tau must be positive (got 0)"),
-    ("--margin", "-1", "--var-cap, --margin and --warmup-epochs must not be negative (got 0.2, -1 and 1)"),
+    ("--tau", "0", "argument --tau: '0': expected a finite number > 0"),
+    ("--margin", "-1", "argument --margin: '-1': expected a finite number >= 0"),
     ("--checkpoint-every", "0", "--checkpoint-every must be at least 1"),
     ("--batch-size", "1", "--batch-size at least 2 (BatchNorm needs two images per step)"),
 ])
@@ -269,6 +270,20 @@ def test_tampered_bank_is_refused(tmp_path):
         stage3_student.main(["--run-dir", run_dir, "--variant", "B0", *TINY])
 
 
+@pytest.mark.parametrize("usage, what", [("Training", "training"), ("PublicTest", "validation")])
+def test_a_split_with_no_usable_image_stops_the_run_before_training(run_with_bank, monkeypatch, tmp_path, usage, what):
+    """Every image of the split dropped by the majority rule (here: unknown): refused at once, not after an epoch."""
+    rng = np.random.default_rng(0)
+    unknown, happy = [0, 0, 0, 0, 0, 0, 0, 0, 10, 0], [0, 9, 0, 0, 0, 0, 0, 0, 1, 0]
+    rows = [(split, f"fer{i}{n}.png", unknown if split == usage else happy, rng.integers(0, 256, (48, 48)))
+            for i, split in enumerate(("Training", "PublicTest", "PrivateTest")) for n in range(70)]
+    write_csv_layout(str(tmp_path), rows)
+    monkeypatch.setattr(stage3_student, "training_step", None)  # never reached
+    with pytest.raises(FerPlusError, match=rf"^{tmp_path}: no {what} image is left after the label rule"):
+        stage3_student.main(["--run-dir", run_with_bank, "--variant", "B0", "--name", "empty", "--ferplus",
+                             str(tmp_path), "--epochs", "1", "--batch-size", "64", "--device", "cpu"])
+
+
 def test_a_non_finite_loss_stops_the_run_at_its_step(run_with_bank, monkeypatch):
     """SPEC section 4: a non-finite loss (on a GPU, what a non-finite z gives) stops stage 3 at once, naming the step,
     and leaves no output that looks finished."""
@@ -295,28 +310,6 @@ def weights(path):
     return torch.load(path, weights_only=True)["state_dict"]
 
 
-def kill_process_tree(pid):
-    """SIGKILL a process and all its descendants at once, as a machine failure stops them: torchrun starts its
-    workers in sessions of their own, out of reach of a kill of its process group (Linux: reads /proc)."""
-    children = {}
-    for entry in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{entry}/stat") as handle:
-                parent = int(handle.read().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue  # ended meanwhile
-        children.setdefault(parent, []).append(int(entry))
-    tree, pending = [], [pid]
-    while pending:
-        tree.append(pending.pop())
-        pending.extend(children.get(tree[-1], []))
-    for member in tree:
-        try:
-            os.kill(member, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-
-
 @pytest.mark.parametrize("processes", [1, 2])
 def test_resume_after_kill_ends_with_the_same_weights(run_with_bank, processes):
     """A run killed (with all its processes) after its first checkpoint and resumed ends with the weights of a run
@@ -334,7 +327,7 @@ def test_resume_after_kill_ends_with_the_same_weights(run_with_bank, processes):
     environment = {**os.environ, "OMP_NUM_THREADS": "1"} if processes > 1 else None  # 2 processes on 2 cores
     straight, killed = f"straight{processes}", f"killed{processes}"
     subprocess.run(command(straight), check=True, capture_output=True, cwd=ROOT, env=environment)
-    checkpoint = os.path.join(run_with_bank, "stage3", f"{killed}-checkpoint.pt")
+    checkpoint = os.path.join(run_with_bank, "stage3", f"{killed}.partial", "checkpoint.pt")
     process = subprocess.Popen(command(killed), cwd=ROOT, env=environment, stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
@@ -418,7 +411,8 @@ def test_float16_training_keeps_its_gradient_scaler_across_a_resume(run_with_ban
         patch.setattr(stage3_student, "augment", killed_at_the_third_step)
         with pytest.raises(KeyboardInterrupt):
             stage3_student.main([*arguments, "--name", "killed_fp16"])
-    checkpoint = torch.load(os.path.join(run_with_bank, "stage3", "killed_fp16-checkpoint.pt"), weights_only=True)
+    checkpoint = torch.load(os.path.join(run_with_bank, "stage3", "killed_fp16.partial", "checkpoint.pt"),
+                            weights_only=True)
     assert checkpoint["config"]["precision"] == "torch.float16"
     assert checkpoint["scaler"]["scale"] < 65536.0  # it began there, and an overflow has lowered it since
     stage3_student.main([*arguments, "--name", "killed_fp16", "--resume"])
