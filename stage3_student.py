@@ -5,9 +5,10 @@ no --ferplus, the embedded synthetic default; and stage 2's prototype bank, afte
 manifest. Writes RUN_DIR/stage3/data_summary.json and RUN_DIR/stage3/<name>/:
 
   best.pt         state_dict + config of the epoch with the best FERPlus-valid macro-F1
-  history.jsonl   one line per epoch: every loss term, valid accuracy, macro-F1, bACC, learning rate, images/s
-                  (and with --amp fp16 the gradient scaler's loss scale)
-  curves.png      losses and valid scores per epoch
+  history.jsonl   one line per epoch: every loss term, raw and weighted, and its gradient's share against CE's;
+                  valid accuracy, macro-F1, bACC, learning rate, images/s (and with --amp fp16 the gradient
+                  scaler's loss scale)
+  curves.png      the weighted terms, their gradient shares and the valid scores per epoch
   config.json, SHA256SUMS
 
 Presets: B0 = CE; B1 = CE + KD; B2 = B1 + Proto-KD; B3 = B2 + D-Geo (the full model); every weight can be
@@ -49,7 +50,6 @@ from tqdm import tqdm
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-import ngd_ext  # noqa: E402
 from ngd_ext import artifacts, cli  # noqa: E402
 from ngd_ext.determinism import set_determinism  # noqa: E402
 from ngd_ext.distributed import gather_rows  # noqa: E402
@@ -57,6 +57,9 @@ from ngd_ext.emotions import DEFAULT_ANCHORS, DEFAULT_POSITIVE, FER_CLASSES  # n
 from ngd_ext.ferplus import FerPlusError, data_summary, load_ferplus_cached  # noqa: E402
 from ngd_ext.metrics import eight_way  # noqa: E402
 from ngd_ext.prototypes import proto_kd_targets  # noqa: E402
+from ngd_ext.student_loss import (CLASS_WEIGHTINGS, INERT_SHARE, KD_TEMPERATURE, LABEL_SMOOTHING, TERMS,  # noqa: E402
+                                  LossConstants, class_weights, dgeo_ramp, gradient_shares, loss_terms,
+                                  term_weights)
 from ngd_ext.student_model import (ARCHITECTURES, EXECUTION_SETTINGS, Student, load_backbone_weights,  # noqa: E402
                                    load_student, predict)
 from ngd_ext.synthetic_faces import FERPLUS_SIZES, synthetic_ferplus  # noqa: E402
@@ -65,13 +68,10 @@ from ngd_ext.synthetic_faces import FERPLUS_SIZES, synthetic_ferplus  # noqa: E4
 RUN_DIR = "runs/demo"
 PRESETS = {  # weights of KD, Proto-KD and D-Geo
     "B0": (0.0, 0.0, 0.0), "B1": (0.30, 0.0, 0.0), "B2": (0.30, 0.12, 0.0), "B3": (0.30, 0.12, 0.012)}
-SCHEDULES = {  # epochs, D-Geo ramp start and end (epochs)
-    "paper": dict(epochs=80, ramp_start=20, ramp_end=60),
-    "synthetic": dict(epochs=6, ramp_start=1, ramp_end=4),
+SCHEDULES = {  # epochs, D-Geo ramp start and end (epochs), input size: the official release's on FERPlus
+    "ferplus": dict(epochs=100, ramp_start=20, ramp_end=60, input_size=224),
+    "synthetic": dict(epochs=6, ramp_start=1, ramp_end=4, input_size=48),
 }
-LABEL_SMOOTHING = 0.055
-TERMS = ("total", "ce", "kd", "proto_kd", "var_cap", "margin")
-KD_TEMPERATURE = 5.0
 
 
 def parse_args(argv=None):
@@ -83,22 +83,31 @@ def parse_args(argv=None):
     parser.add_argument("--name", type=cli.run_name, help="output folder under stage3/ (default: the variant)")
     parser.add_argument("--arch", choices=sorted(ARCHITECTURES), default="resnet18",
                         help="torchvision backbone (default resnet18)")
-    parser.add_argument("--input-size", type=int, default=48, help="image side fed to the network (default 48)")
-    parser.add_argument("--pretrained", help="local state_dict file for the backbone (never downloaded)")
+    parser.add_argument("--input-size", type=int,
+                        help="image side fed to the network (default 224 on FERPlus, its 48 x 48 faces upsampled as "
+                             "the official evaluation runs them; 48 on the synthetic default)")
+    parser.add_argument("--pretrained", help="local state_dict file for the backbone (never downloaded; its SHA-256 "
+                                             "goes into config.json)")
     parser.add_argument("--kd-teacher", help="best.pt of another stage-3 run, the logit-KD teacher")
     parser.add_argument("--kd-loss", choices=("mse", "kl"),
-                        help="logit KD at T = 5: squared distance of the softened softmaxes (mse, the default), or "
-                             "T^2 KL (kl)")
+                        help="logit KD: the mean squared difference of the raw logits (mse, the default), or T^2 "
+                             "KL(teacher || student) of the softmaxes at --kd-temperature (kl)")
+    parser.add_argument("--kd-temperature", type=cli.positive,
+                        help=f"T of --kd-loss kl (default {KD_TEMPERATURE:g}; the paper's Full (T=1) row: 1)")
     parser.add_argument("--kd-weight", type=cli.non_negative, help="override the preset's KD weight")
     parser.add_argument("--proto-weight", type=cli.non_negative, help="override the preset's Proto-KD weight")
     parser.add_argument("--dgeo-weight", type=cli.non_negative, help="override the preset's D-Geo weight")
     parser.add_argument("--tau", type=cli.positive, default=0.9, help="Proto-KD temperature (default 0.9)")
     parser.add_argument("--var-cap", type=cli.non_negative, default=0.2, help="D-Geo variance cap (default 0.2)")
     parser.add_argument("--margin", type=cli.non_negative, default=0.5, help="D-Geo inter-class margin (default 0.5)")
+    parser.add_argument("--class-weights", type=cli.class_weighting, default="sqrt-inverse",
+                        metavar="{" + ",".join(CLASS_WEIGHTINGS) + "} or W,W,...",
+                        help="CE's class weights: (1/n_c)^0.5 (sqrt-inverse, the default) or 1/n_c (inverse), each "
+                             "normalised to mean 1; none; or 8 numbers in FERPlus's class order")
     parser.add_argument("--training-labels", choices=("majority", "probability"), default="majority",
                         help="FERPlus training targets: the official majority rule's class (default), or the votes' "
                              "distribution (probability rule); valid and test always use the majority rule")
-    parser.add_argument("--epochs", type=int, help="epochs (default 80 on FERPlus, 6 on the synthetic default)")
+    parser.add_argument("--epochs", type=int, help="epochs (default 100 on FERPlus, 6 on the synthetic default)")
     parser.add_argument("--ramp-start", type=int, help="first epoch of the D-Geo ramp (default 20; synthetic 1)")
     parser.add_argument("--ramp-end", type=int,
                         help="epoch at which the D-Geo ramp reaches 1 (default 60; synthetic 4)")
@@ -125,31 +134,44 @@ def parse_args(argv=None):
                         help="seed of the model, the batch order and the augmentation (default 0); students of "
                              "several seeds train on the same faces")
     args = parser.parse_args(argv)
+    settle_defaults(parser, args)
+    check_settings(parser, args)
+    return args
+
+
+def settle_defaults(parser, args):
+    """The schedule of the data (the official release's on FERPlus, a short one on the synthetic default) and the
+    preset's weights, where no flag set them."""
     cli.settle_synthetic_flags(parser, args, ["--ferplus"])
-    schedule = SCHEDULES["synthetic" if args.ferplus is None else "paper"]
-    for key, value in schedule.items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    weights = dict(zip(("kd_weight", "proto_weight", "dgeo_weight"), PRESETS[args.variant]))
-    for key, value in weights.items():
+    defaults = {**SCHEDULES["synthetic" if args.ferplus is None else "ferplus"],
+                **dict(zip(("kd_weight", "proto_weight", "dgeo_weight"), PRESETS[args.variant]))}
+    for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
     args.name = args.name or args.variant
+
+
+def check_settings(parser, args):
+    """Usage errors: KD without a teacher, KD settings that would go unused, and sizes out of range."""
     if args.kd_weight > 0 and not args.kd_teacher:
         parser.error(f"--variant {args.variant} uses logit KD (weight {args.kd_weight}): give --kd-teacher (a "
                      "stage-3 best.pt, e.g. of a B0 run) or --kd-weight 0")
-    for flag, value, what in (("--kd-teacher", args.kd_teacher, "teacher"), ("--kd-loss", args.kd_loss, "KD loss")):
+    for flag, value, what in (("--kd-teacher", args.kd_teacher, "teacher"), ("--kd-loss", args.kd_loss, "KD loss"),
+                              ("--kd-temperature", args.kd_temperature, "temperature")):
         if value and args.kd_weight == 0:
             parser.error(f"{flag} {value}: the logit-KD weight is 0 (--variant {args.variant}"
                          f"{', --kd-weight 0' if args.variant != 'B0' else ''}), so the {what} would go unused; leave "
                          "it out, or give a positive --kd-weight")
     args.kd_loss = args.kd_loss or "mse"
+    if args.kd_temperature is not None and args.kd_loss == "mse":
+        parser.error(f"--kd-temperature {args.kd_temperature:g}: --kd-loss mse matches the raw logits, with no "
+                     "temperature; give --kd-loss kl to distil softened softmaxes")
+    args.kd_temperature = args.kd_temperature or KD_TEMPERATURE
     if args.sync_bn and not args.device.startswith("cuda"):
         parser.error(f"--sync-bn needs CUDA devices (torch's SyncBatchNorm does not run on {args.device!r})")
     if args.epochs < 1 or args.batch_size < 2 or args.checkpoint_every < 1 or args.input_size < 16:
         parser.error("--epochs and --checkpoint-every must be at least 1, --batch-size at least 2 (BatchNorm needs two "
                      "images per step), --input-size at least 16")
-    return args
 
 
 def mixed_precision(choice, device):
@@ -172,28 +194,11 @@ def gradient_scaler(device, precision):
     return scaler
 
 
-def dgeo_ramp(epoch, start, end):
-    """w(e) of SPEC section 4 (epochs counted from 0)."""
-    if epoch < start:
-        return 0.0
-    if epoch >= end:
-        return 1.0
-    return (1 - math.cos(math.pi * (epoch - start) / (end - start))) / 2
-
-
 def learning_rate_factor(step, warmup_steps, total_steps):
     """The learning rate's multiplier at a step: a linear warmup, then a cosine decay to 0 at total_steps."""
     if step < warmup_steps:
         return (step + 1) / warmup_steps
     return 0.5 * (1 + math.cos(math.pi * (step - warmup_steps) / max(total_steps - warmup_steps, 1)))
-
-
-def kd_loss(student_logits, teacher_logits, kind, temperature=KD_TEMPERATURE):
-    student = F.log_softmax(student_logits / temperature, dim=1)
-    teacher = F.log_softmax(teacher_logits / temperature, dim=1)
-    if kind == "mse":
-        return ((student.exp() - teacher.exp()) ** 2).sum(dim=1).mean()
-    return temperature ** 2 * F.kl_div(student, teacher, log_target=True, reduction="batchmean")
 
 
 def augment(images, generator, size, part=slice(None)):
@@ -227,26 +232,6 @@ def augment(images, generator, size, part=slice(None)):
     return (x - 0.5) / 0.25
 
 
-class LossConstants(NamedTuple):
-    """What the student loss takes besides the batch: CE's class weights and the Proto-KD + D-Geo op's constants."""
-    class_weights: torch.Tensor
-    protos: torch.Tensor
-    target_table: torch.Tensor
-    positive: torch.Tensor
-
-
-def loss_terms(logits, z, labels, ce_target, teacher_logits, ramp, args, constants):
-    """SPEC section 4's student loss over a batch, term by term; `total` is the one to minimise. teacher_logits is
-    None without KD; ce_target is the labels, or class distributions with --training-labels probability."""
-    ce = F.cross_entropy(logits.float(), ce_target, weight=constants.class_weights, label_smoothing=LABEL_SMOOTHING)
-    kd = ce.new_zeros(()) if teacher_logits is None else kd_loss(logits.float(), teacher_logits.float(), args.kd_loss)
-    proto_kd, var_cap, margin = ngd_ext.proto_dgeo_loss(z.float(), constants.protos, constants.target_table, labels,
-                                                        constants.positive, args.tau, args.var_cap, args.margin)
-    total = (ce + args.kd_weight * kd + args.proto_weight * proto_kd
-             + args.dgeo_weight * ramp * (var_cap + margin))
-    return {"total": total, "ce": ce, "kd": kd, "proto_kd": proto_kd, "var_cap": var_cap, "margin": margin}
-
-
 def check_batch_share(batch_size, world):
     """Each of the world processes takes an equal share of every global batch, of two images at least: BatchNorm,
     which normalises over each process's share, cannot train on one image."""
@@ -276,15 +261,42 @@ def load_teacher(path, device):
         raise ValueError(f"--kd-teacher {error}") from error
 
 
+def warn_of_inert_terms(epoch, weights):
+    """After the first epoch, name on stderr each term with a weight that stayed under INERT_SHARE of CE both by its
+    weighted value and by its gradient (a term on the projection head, which CE never reaches, may be small in value
+    and still pull): it trained nearly nothing, a bug where the recipe means it to act. D-Geo, whose ramp starts
+    later, is not judged here; history.jsonl and curves.png show what it does."""
+    if epoch["epoch"] != 1:
+        return
+    for term, weight in weights.items():
+        if term == "ce" or weight == 0:
+            continue
+        value_share = epoch["weighted"][term] / epoch["weighted"]["ce"]
+        gradient_share = epoch["gradient_share"].get(term, 0.0)
+        if max(value_share, gradient_share) < INERT_SHARE:
+            print(f"warning: {term} barely acts: in epoch 1, at weight {weight:g}, it was {100 * value_share:.2f}% of "
+                  f"CE by value and {100 * gradient_share:.2f}% by gradient (under {100 * INERT_SHARE:g}% both); "
+                  "raise its weight, or see history.jsonl", file=sys.stderr)
+
+
 def plot_curves(history, path, note):
-    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    """Each term's weighted value and its gradient's share against CE's, and the FERPlus-valid scores, per epoch."""
+    figure, (values, shares, right) = plt.subplots(1, 3, figsize=(15, 4))
     epochs = [h["epoch"] for h in history]
-    for term in ("total", "ce", "kd", "proto_kd", "var_cap", "margin"):
-        left.plot(epochs, [h["train"][term] for h in history], label=term)
-    left.set_yscale("symlog", linthresh=1e-3)
-    left.set_xlabel("epoch")
-    left.set_ylabel("training loss")
-    left.legend(fontsize=8)
+    for term in ("ce", "kd", "proto_kd", "var_cap", "margin"):
+        values.plot(epochs, [h["weighted"][term] for h in history], label=term)
+    values.plot(epochs, [h["train"]["total"] for h in history], label="total", color="black", linestyle=":")
+    values.set_yscale("symlog", linthresh=1e-4)
+    values.set(xlabel="epoch", ylabel="weighted term (training mean)")
+    values.legend(fontsize=8)
+    for term in ("kd", "proto_kd", "var_cap", "margin"):
+        if any(term in h["gradient_share"] for h in history):
+            shares.plot(epochs, [h["gradient_share"].get(term, 0.0) for h in history], marker=".", label=term)
+    shares.axhline(INERT_SHARE, color="grey", linestyle=":", linewidth=1)
+    shares.set_yscale("symlog", linthresh=1e-3)
+    shares.set(xlabel="epoch", ylabel="gradient norm against CE's (one batch)")
+    if shares.get_legend_handles_labels()[0]:
+        shares.legend(fontsize=8)
     for score in ("accuracy", "macro_f1", "balanced_accuracy"):
         right.plot(epochs, [h["valid"][score] for h in history], label=score)
     right.set_xlabel("epoch")
@@ -328,18 +340,16 @@ def training_data(args, rank, world):
 
 
 def loss_constants(args, train_labels, device):
-    """CE's class weights (inverse class frequency, mean 1 over the classes present) and the Proto-KD + D-Geo op's
+    """CE's class weights (--class-weights, from the training set's class counts) and the Proto-KD + D-Geo op's
     constants from stage 2's bank, checked against its manifest; with the bank's hash, side and size."""
-    counts = np.bincount(train_labels, minlength=len(FER_CLASSES)).astype(np.float64)
-    class_weights = torch.tensor(np.where(counts > 0, 1 / np.maximum(counts, 1), 0), dtype=torch.float32)
-    class_weights = (class_weights / class_weights[class_weights > 0].mean()).to(device)
+    counts = np.bincount(train_labels, minlength=len(FER_CLASSES))
     stage2_dir = os.path.join(args.run_dir, "stage2")
     bank_hash = artifacts.verify_manifest(stage2_dir, ["prototypes.npz"])["prototypes.npz"]
     with np.load(os.path.join(stage2_dir, "prototypes.npz")) as saved:
         bank, grid = saved["bank"].astype(np.float64), int(saved["G"])
     anchors = [DEFAULT_ANCHORS[name] for name in FER_CLASSES]
     constants = LossConstants(
-        class_weights=class_weights,
+        class_weights=class_weights(counts, args.class_weights).to(device),
         protos=torch.tensor(bank, dtype=torch.float32, device=device),
         target_table=torch.tensor(proto_kd_targets(bank, grid, anchors, args.tau), dtype=torch.float32, device=device),
         positive=torch.tensor([name in DEFAULT_POSITIVE for name in FER_CLASSES], device=device))
@@ -377,13 +387,14 @@ class Training:
     step: int = 0        # steps finished of the epoch under way
     best_f1: float = -1.0
     sums: dict = field(default_factory=lambda: dict.fromkeys(TERMS, 0.0))  # the epoch's loss sums so far
+    shares: dict = field(default_factory=dict)  # the epoch's gradient shares, once measured
 
     def save(self, path, config):
         artifacts.save_checkpoint({
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(), "epoch": self.epoch,
             "step": self.step, "history": self.history, "best_f1": self.best_f1, "sums": self.sums,
-            "config": config}, path)
+            "shares": self.shares, "config": config}, path)
 
     def restore(self, checkpoint):
         self.model.load_state_dict(checkpoint["model"])
@@ -391,7 +402,7 @@ class Training:
         self.scheduler.load_state_dict(checkpoint["scheduler"])
         if checkpoint.get("scaler"):  # none or empty where the checkpoint's run had no float16 scaler
             self.scaler.load_state_dict(checkpoint["scaler"])
-        for key in ("history", "epoch", "step", "best_f1", "sums"):
+        for key in ("history", "epoch", "step", "best_f1", "sums", "shares"):
             setattr(self, key, checkpoint[key])
 
 
@@ -441,6 +452,8 @@ def training_step(state, trained, teacher, batches, batch, seed, ramp, args, con
     y = batches.labels[batch]
     ce_target = batches.soft_targets[batch] if batches.soft_targets is not None else y
     values = loss_terms(logits, z, y, ce_target, teacher_logits, ramp, args, constants)
+    if not state.shares:  # once an epoch, on its first step: how hard each term pulls against CE
+        state.shares = gradient_shares(values, term_weights(args, ramp), [logits, z])
     logged = dict(zip(TERMS, torch.stack([values[term].detach() for term in TERMS]).tolist()))
     if not math.isfinite(logged["total"]):
         raise FloatingPointError(f"epoch {state.epoch + 1}, step {state.step}: the loss is not finite; stopping "
@@ -508,9 +521,12 @@ def write_progress(work_dir, history, note):
 def end_of_epoch(state, model, valid, args, device, work_dir, config, means, images_per_s, ramp, note):
     """Score the epoch on FERPlus valid, log it, and keep the student as best.pt where it is the best so far."""
     scores = evaluate(model, valid, args, device)
+    weights = term_weights(args, ramp)
     state.history.append({"epoch": state.epoch + 1, "lr": state.scheduler.get_last_lr()[0], "dgeo_ramp": ramp,
-                          "train": means, "valid": scores, "images_per_s": images_per_s,
+                          "train": means, "weighted": {term: weight * means[term] for term, weight in weights.items()},
+                          "gradient_share": state.shares, "valid": scores, "images_per_s": images_per_s,
                           **({"loss_scale": state.scaler.get_scale()} if state.scaler.is_enabled() else {})})
+    warn_of_inert_terms(state.history[-1], weights)
     print(f"epoch {state.epoch + 1}: loss {means['total']:.4f}, valid macro-F1 {scores['macro_f1']:.3f}, acc "
           f"{scores['accuracy']:.3f}, {images_per_s:.0f} images/s")
     if scores["macro_f1"] > state.best_f1:
@@ -539,8 +555,9 @@ def train(args, device, rank, world):
     config = {key: value for key, value in vars(args).items() if key not in ("device", "resume", "run_dir")}
     config.update(bank_facts, positive=list(DEFAULT_POSITIVE), kd_teacher_sha256=teacher_hash, data_key=data_key,
                   source=source, world_size=world, precision=str(precision or torch.float32),
-                  class_weights=constants.class_weights.tolist(), label_smoothing=LABEL_SMOOTHING,
-                  kd_temperature=KD_TEMPERATURE)
+                  class_weighting=args.class_weights, class_weights=constants.class_weights.tolist(),
+                  label_smoothing=LABEL_SMOOTHING,
+                  pretrained_sha256=artifacts.sha256_file(args.pretrained) if args.pretrained else None)
 
     # Another process count continues the same run: every process takes its share of the same global batches, and
     # the loss is taken over the whole of each (only BatchNorm's per-process statistics differ).
@@ -574,7 +591,7 @@ def train(args, device, rank, world):
                                                     save)
         if rank == 0:
             end_of_epoch(state, model, valid, args, device, work_dir, config, means, images_per_s, ramp, note)
-        state.epoch, state.step, state.sums = state.epoch + 1, 0, dict.fromkeys(TERMS, 0.0)
+        state.epoch, state.step, state.sums, state.shares = state.epoch + 1, 0, dict.fromkeys(TERMS, 0.0), {}
         save()
     if rank == 0:
         write_student(out_dir, work_dir, args, config, {"stage2/prototypes.npz": bank_facts["prototypes_sha256"],

@@ -21,7 +21,9 @@ faces. Faces in full frames are cropped by the dataset's box, else OpenCV's Haar
                                           from the reference student (--reference; by default the first, B0
                                           where there is one) with its paired-bootstrap interval, each
                                           --replicates group's mean and standard deviation over its seeds and
-                                          its difference from the reference's group paired by seed, the
+                                          its difference from the reference's group paired by seed, what each
+                                          loss term did (agreement with the KD teacher, Proto-KD KL, the
+                                          positive classes' variance, the class means' distance), the
                                           cross-dataset tables, each dataset's per-class F1 of every student, and
                                           the valence/arousal readouts' CCC on rated sets
   summary.png                             every student's 8-way macro-F1 per dataset, with its interval
@@ -60,7 +62,6 @@ from collections import Counter
 
 import matplotlib
 import numpy as np
-import scipy.stats
 import torch
 
 matplotlib.use("Agg")
@@ -72,13 +73,15 @@ from ngd_ext import artifacts, cli  # noqa: E402
 from ngd_ext.emotions import DEFAULT_ANCHORS, FER_CLASSES, VA_DIMENSIONS  # noqa: E402
 from ngd_ext.face_crop import CROP_MARGIN, thread_cropper  # noqa: E402
 from ngd_ext.face_datasets import (IMAGE_EXTENSIONS, DatasetError, FaceSet, affectnet_records,  # noqa: E402
-                                   ckplus_records, manifest_records, read_faces)
+                                   ckplus_records, manifest_records, read_class_map, read_faces)
 from ngd_ext.ferplus import FerPlusError, load_ferplus_cached  # noqa: E402
 from ngd_ext.images import read_grey  # noqa: E402
-from ngd_ext.metrics import (BOOTSTRAP_LEVEL, PROTOCOLS, REGRESSION_SCORES, SCORES, attach_intervals,  # noqa: E402
-                             bootstrap, eight_way, intervals, present_only, regression_bootstrap, regression_metrics)
+from ngd_ext.metrics import (BOOTSTRAP_LEVEL, MECHANISMS, PROTOCOLS, REGRESSION_SCORES, SCORES,  # noqa: E402
+                             attach_intervals, bootstrap, eight_way, intervals, mechanisms, present_only,
+                             regression_bootstrap, regression_metrics, seed_interval)
 from ngd_ext.parallel import map_in_threads  # noqa: E402
-from ngd_ext.prototypes import bin_centres, grid_centres, nearest_prototypes, unit_rows  # noqa: E402
+from ngd_ext.prototypes import (bin_centres, grid_centres, nearest_prototypes, proto_kd_targets,  # noqa: E402
+                                unit_rows)
 from ngd_ext.student_model import EXECUTION_SETTINGS, export_student, load_student, predict  # noqa: E402
 from ngd_ext.synthetic_faces import synthetic_ferplus, write_synthetic_affectnet, write_synthetic_ckplus  # noqa: E402
 
@@ -124,7 +127,11 @@ def parse_args(argv=None):
     parser.add_argument("--ckplus", help="CK+ folder: cohn-kanade-images/ and Emotion/, or class folders of face "
                                          "crops (as in CK+48)")
     parser.add_argument("--manifest", action="append", default=[],
-                        help="CSV with path and label columns (repeatable); its file name names the dataset")
+                        help="CSV with an image path and a label column (repeatable; the paper's release's headers are "
+                             "read as they are); its file name names the dataset")
+    parser.add_argument("--class-map", metavar="JSON",
+                        help="for --manifest's index labels: {\"0\": \"neutral\", ...} or {\"neutral\": 0, ...} "
+                             "(default: FERPlus's order)")
     parser.add_argument("--variants", nargs="+", type=cli.run_name,
                         help="stage-3 run names under stage3/ (default: every finished one)")
     parser.add_argument("--reference", type=cli.run_name,
@@ -160,8 +167,9 @@ def parse_args(argv=None):
                                           "--export"])
     if args.predict and not os.path.isdir(args.predict):
         parser.error(f"--predict {args.predict}: not a folder (give the folder that holds the images)")
-    evaluation_only = [flag for flag in ("--ferplus", "--affectnet", "--ckplus", "--manifest", "--reference",
-                                         "--replicates", "--affectnet-split", "--tsne-points", "--bootstrap", "--seed")
+    evaluation_only = [flag for flag in ("--ferplus", "--affectnet", "--ckplus", "--manifest", "--class-map",
+                                         "--reference", "--replicates", "--affectnet-split", "--tsne-points",
+                                         "--bootstrap", "--seed")
                        if getattr(args, flag[2:].replace("-", "_")) not in (None, [])]
     if args.predict and evaluation_only:
         parser.error(f"{', '.join(evaluation_only)}: evaluation only, and --predict classifies the images of a folder "
@@ -172,6 +180,8 @@ def parse_args(argv=None):
     if args.export and (evaluation_only or not_exported):
         parser.error(f"{', '.join(evaluation_only + not_exported)}: --export writes one student as a program and "
                      "reads no images; leave them out")
+    if args.class_map and not args.manifest:
+        parser.error("--class-map reads the index labels of --manifest CSV: give it with --manifest")
     if args.affectnet_split and not args.affectnet:
         parser.error("--affectnet-split chooses the split of --affectnet FOLDER: give it with --affectnet")
     for name, default in EVALUATION_DEFAULTS.items():
@@ -258,12 +268,19 @@ def check_replicates(replicates, students):
     return groups
 
 
+PRESET_ORDER = ("B0", "B1", "B2", "B3")  # each adds one term to the one before
+
+
 def preset_of(config):
-    """'B0'..'B3' when the loss terms in use are a preset's, else 'custom'."""
+    """'B0'..'B3' when the loss terms in use are a preset's, 'Full (T=1)' for B3 with KL distillation at T = 1 (the
+    paper's row of that name), else 'custom'."""
     used = (config["kd_weight"] > 0, config["proto_weight"] > 0, config["dgeo_weight"] > 0)
     presets = {(False, False, False): "B0", (True, False, False): "B1", (True, True, False): "B2",
                (True, True, True): "B3"}
-    return presets.get(used, "custom")
+    preset = presets.get(used, "custom")
+    if preset == "B3" and config.get("kd_loss") == "kl" and config.get("kd_temperature") == 1:
+        return "Full (T=1)"
+    return preset
 
 
 def label_of(name, config):
@@ -312,9 +329,10 @@ def load_datasets(args, configs, embedded):
         targets.append(("ckplus", "CK+", ckplus_records(args.ckplus)))
     if args.affectnet:
         targets.append(("affectnet", "AffectNet", affectnet_records(args.affectnet, args.affectnet_split)))
+    class_map = read_class_map(args.class_map) if args.class_map else None
     for path in args.manifest:
         stem = os.path.splitext(os.path.basename(path))[0]
-        targets.append((f"manifest_{stem}", stem, manifest_records(path)))
+        targets.append((f"manifest_{stem}", stem, manifest_records(path, class_map)))
     if len({key for key, _, _ in targets}) != len(targets):
         raise ValueError("two --manifest files share a file name; rename one so their results do not collide")
     for key, name, (records, dropped) in targets:
@@ -372,6 +390,113 @@ def score_readouts(readouts, data, resamples, seed):
         for dimension in VA_DIMENSIONS:
             scored[readout][dimension]["interval"] = intervals(samples[dimension])
     return {"images": int(rated.sum()), "readouts": scored}
+
+
+# What each term did ------------------------------------------------------------------------------------------
+
+MECHANISM_SETS = ("ferplus_valid", "ferplus_test")  # the source domain, where the terms were trained
+
+
+def teacher_logits(config, students, outputs, key, data, args):
+    """(name, logits on dataset `key`) of the student's KD teacher: the evaluated student whose best.pt is the one stage
+    3 recorded (by SHA-256), else the file its config names if it still is that file; None without a teacher or where
+    neither is at hand."""
+    digest = config.get("kd_teacher_sha256")
+    if not digest:
+        return None
+    for name, (_, _, checkpoint_hash) in students.items():
+        if checkpoint_hash == digest:
+            return name, outputs[name][key][0]
+    path = config.get("kd_teacher")
+    if not (path and os.path.isfile(path) and artifacts.sha256_file(path) == digest):
+        print(f"no teacher agreement: the KD teacher {path} is neither evaluated here nor where it was",
+              file=sys.stderr)
+        return None
+    model, teacher_config = load_student(path, len(FER_CLASSES))
+    return path, predict(model.to(args.device), data.images, teacher_config["input_size"], args.device,
+                         args.batch_size)[0]
+
+
+def agreement_baseline(name, teacher, students, reference):
+    """A CE-only student that is neither this one nor its teacher, to score against the same teacher: the reference
+    where it is one, else the first."""
+    candidates = [other for other, (_, config, _) in students.items()
+                  if preset_of(config) == "B0" and other not in (name, teacher)]
+    return reference if reference in candidates else next(iter(candidates), None)
+
+
+def measure_mechanisms(students, outputs, datasets, bank, grid, reference, args):
+    """{student: {dataset: {"values", "intervals", "differences" from the reference, and with a KD teacher "teacher",
+    "baseline", "baseline_agreement", "agreement_gain"}}} on FERPlus valid and test: MECHANISMS, each with its bootstrap
+    interval, and paired-bootstrap intervals of the differences (the draws depend only on the seed and the image
+    count). A measure that does not apply (no teacher; no positive class of 2 images) is left out."""
+    measured = {name: {} for name in students}
+    for key, _, data in (dataset for dataset in datasets if dataset[0] in MECHANISM_SETS):
+        samples = {}
+
+        def measure(name, teacher=None):
+            config = students[name][1]
+            positive = [c in config["positive"] for c in FER_CLASSES]
+            return mechanisms(*outputs[name][key], data.labels, proto_kd_targets(bank, grid, config["anchors"],
+                                                                                  config["tau"]),
+                              bank, config["tau"], positive, args.bootstrap, args.seed, teacher)
+
+        for name, (_, config, _) in students.items():
+            teacher = teacher_logits(config, students, outputs, key, data, args)
+            values, samples[name] = measure(name, None if teacher is None else teacher[1])
+            kept = [m for m in MECHANISMS if np.isfinite(values[m])]
+            entry = measured[name][key] = {"values": {m: values[m] for m in kept},
+                                           "intervals": intervals({m: samples[name][m] for m in kept})}
+            if teacher:
+                entry["teacher"] = teacher[0]
+            baseline = teacher and agreement_baseline(name, teacher[0], students, reference)
+            if baseline:
+                theirs, their_samples = measure(baseline, teacher[1])
+                gain = samples[name]["teacher_agreement"] - their_samples["teacher_agreement"]
+                entry.update(baseline=baseline, baseline_agreement=theirs["teacher_agreement"],
+                             agreement_gain={"difference": values["teacher_agreement"] - theirs["teacher_agreement"],
+                                             "interval": intervals({"gain": gain})["gain"]})
+        for name, entry in measured.items():
+            if name != reference:
+                shared = [m for m in entry[key]["values"] if m in measured[reference][key]["values"] and
+                          m != "teacher_agreement"]
+                entry[key]["differences"] = {m: {
+                    "difference": entry[key]["values"][m] - measured[reference][key]["values"][m],
+                    "interval": intervals({m: samples[name][m] - samples[reference][m]})[m]} for m in shared}
+    return measured
+
+
+def mechanisms_across_seeds(measured, groups, variants):
+    """Per --replicates group and FERPlus split: each measure's values over the seeds, the mean agreement gain with its
+    t-interval, and each measure's difference from the group of the preceding preset (B1 from B0, B2 from B1, B3 from
+    B2), paired by seed: {group: {"preset", "seeds", "from", "datasets": {dataset: {...}}}}."""
+    configs = dict(variants)
+    presets = {group: {preset_of(configs[name]) for name in names} for group, names in groups.items()}
+    by_preset = {next(iter(found)): group for group, found in presets.items() if len(found) == 1}
+    summary = {}
+    for group, names in groups.items():
+        preset = next(iter(presets[group])) if len(presets[group]) == 1 else "custom"
+        previous = PRESET_ORDER[PRESET_ORDER.index(preset) - 1] if preset in PRESET_ORDER[1:] else None
+        before = by_preset.get(previous)
+        seeds = {configs[name]["seed"]: name for name in names}
+        entry = summary[group] = {"preset": preset, "seeds": sorted(seeds), "from": before, "datasets": {}}
+        for key in MECHANISM_SETS:
+            if not all(key in measured[name] for name in names):
+                continue
+            found = entry["datasets"][key] = {}
+            gains = [measured[name][key]["agreement_gain"]["difference"] for name in names
+                     if "agreement_gain" in measured[name][key]]
+            if len(gains) == len(names) > 1:
+                found["agreement_gain"] = seed_interval(gains)
+            theirs = {configs[name]["seed"]: name for name in groups.get(before, [])}
+            paired = sorted(set(seeds) & set(theirs))
+            if len(paired) > 1:
+                found["differences"] = {m: seed_interval([
+                    measured[seeds[s]][key]["values"][m] - measured[theirs[s]][key]["values"][m] for s in paired])
+                    for m in MECHANISMS if m != "teacher_agreement" and all(
+                        m in measured[name][key]["values"] for name in (*(seeds[s] for s in paired),
+                                                                        *(theirs[s] for s in paired)))}
+    return summary
 
 
 # Pictures and tables ----------------------------------------------------------------------------------------
@@ -558,13 +683,6 @@ def paired_across_seeds(replicates, reference_group):
     students differ chiefly by their recipe. The interval is Student's t interval of the mean difference (n - 1
     degrees of freedom), which takes the seeds' differences as normal."""
     reference = replicates[reference_group]
-
-    def paired(differences):
-        n, mean, sd = len(differences), float(np.mean(differences)), float(np.std(differences, ddof=1))
-        half_width = scipy.stats.t.ppf((1 + BOOTSTRAP_LEVEL) / 2, n - 1) * sd / np.sqrt(n)
-        return {"mean": mean, "sd": sd, "interval": [mean - half_width, mean + half_width],
-                "above_zero": sum(difference > 0 for difference in differences), "values": differences}
-
     paired_groups = {}
     for group, entry in replicates.items():
         seeds = sorted(set(entry["seeds"]) & set(reference["seeds"]))
@@ -573,7 +691,7 @@ def paired_across_seeds(replicates, reference_group):
         pairs = [(entry["seeds"].index(seed), reference["seeds"].index(seed)) for seed in seeds]
 
         def difference(mine, theirs):  # two groups' spreads of one score, as across_seeds gives them
-            return paired([mine["values"][i] - theirs["values"][j] for i, j in pairs])
+            return seed_interval([mine["values"][i] - theirs["values"][j] for i, j in pairs])
 
         datasets = {}
         for key, mine in entry["datasets"].items():
@@ -618,7 +736,8 @@ def readout_rows(results, variants, rated):
             if readout in results[name][rated[0][0]]["valence_arousal"]["readouts"]]
 
 
-def summary_tables(results, differences, replicates, paired, reference, variants, datasets, note, resamples):
+def summary_tables(results, differences, replicates, paired, reference, variants, datasets, note, resamples,
+                   mechanisms_done=()):
     """The ablation table (variants x datasets, 8-way and present-only macro-F1), the differences from the reference
     student (8-way macro-F1, with paired-bootstrap intervals), the --replicates groups' mean and standard deviation
     over training seeds and their differences from the reference's group paired by seed (8-way macro-F1), per variant
@@ -665,6 +784,7 @@ def summary_tables(results, differences, replicates, paired, reference, variants
                             f"{next(iter(paired.values()))['from']}'s student of the same seed, in points: the mean "
                             f"over the seeds, its {level} t-interval (n - 1 degrees of freedom), and how many seeds' "
                             f"differences are above 0 ({note})"))
+    tables += mechanisms_done
     for name, config in variants:
         header = ["dataset", "images", "Acc", f"macro-F1 [{level}]", "bACC", "present classes", "Acc (present)",
                   f"macro-F1 (present) [{level}]", "bACC (present)"]
@@ -702,6 +822,79 @@ def summary_tables(results, differences, replicates, paired, reference, variants
                             f"its {level} bootstrap interval, and Pearson's r, against the ratings of the rated images "
                             f"({counts}); prototype: {READOUTS['prototype']}, class: {READOUTS['class']} ({note})"))
     return ("\n\n".join(md for md, _ in tables) + "\n", "\n\n".join(tex for _, tex in tables) + "\n")
+
+
+MECHANISM_COLUMNS = {"proto_kd_kl": ("Proto-KD: KL to class targets", ".3f"),
+                     "positive_variance": ("D-Geo: positive-class variance", ".3f"),
+                     "class_mean_distance": ("D-Geo: class-mean distance", ".3f")}
+
+
+def mechanism_cell(entry, measure, form):
+    """A measure's value with its interval, and its difference from the reference with the paired interval."""
+    if measure not in entry["values"]:
+        return "–"
+    low, high = entry["intervals"][measure]
+    cell = f"{entry['values'][measure]:{form}} [{low:{form}}, {high:{form}}]"
+    if measure in entry.get("differences", {}):
+        change = entry["differences"][measure]
+        cell += f"; {change['difference']:+{form}} [{change['interval'][0]:+{form}}, {change['interval'][1]:+{form}}]"
+    return cell
+
+
+def agreement_cell(entry):
+    """A student's agreement with its KD teacher (%), against a CE-only student's with the same teacher where there is
+    one, with the paired interval of the gain."""
+    if "teacher" not in entry:
+        return "– (no KD teacher)"
+    mine = percent(entry["values"]["teacher_agreement"])
+    if "agreement_gain" not in entry:
+        return f"{mine} (no other CE-only student to compare)"
+    gain = entry["agreement_gain"]
+    low, high = (100 * bound for bound in gain["interval"])
+    return (f"{mine} against {percent(entry['baseline_agreement'])} of {entry['baseline']}: "
+            f"{100 * gain['difference']:+.1f} [{low:+.1f}, {high:+.1f}]")
+
+
+def seed_cell(spread, scale=1.0, form="+.3f"):
+    """A difference paired by seed: its mean, t-interval and how many seeds' differences are above 0."""
+    low, high = (scale * bound for bound in spread["interval"])
+    seeds = len(spread["values"])
+    return f"{scale * spread['mean']:{form}} [{low:{form}}, {high:{form}}], {spread['above_zero']} of {seeds} > 0"
+
+
+def mechanism_tables(measured, across, variants, datasets, reference, note):
+    """'What each term did' on FERPlus valid and test, student by student, and with --replicates across seeds."""
+    level = f"{100 * BOOTSTRAP_LEVEL:.0f}%"
+    tables = []
+    for key, dataset_name, _ in (dataset for dataset in datasets if dataset[0] in MECHANISM_SETS):
+        rows = []
+        for name, config in variants:
+            entry = measured[name][key]
+            rows.append([label_of(name, config), agreement_cell(entry), *(
+                mechanism_cell(entry, measure, form) for measure, (_, form) in MECHANISM_COLUMNS.items())])
+        tables.append(table(["student", "KD: top-1 agreement with its teacher (%)",
+                             *(title for title, _ in MECHANISM_COLUMNS.values())], rows,
+                            f"What each term did on {dataset_name}: agreement with the student's KD teacher against a "
+                            f"CE-only student's with the same teacher (KD should raise it); the Proto-KD KL of the "
+                            f"embeddings to their class's target (Proto-KD should lower it); the positive classes' "
+                            f"variance (the cap should lower it) and the class means' distance (the margin should "
+                            f"raise it); each with its {level} bootstrap interval, and after ';' its difference from "
+                            f"{reference} with the paired interval ({note})"))
+    rows = []
+    for group, entry in across.items():
+        found = entry["datasets"].get("ferplus_test", {})
+        gain, changes = found.get("agreement_gain"), found.get("differences", {})
+        rows.append([group, ", ".join(map(str, entry["seeds"])), entry["from"] or "–",
+                     seed_cell(gain, 100, "+.1f") if gain else "–",
+                     *(seed_cell(changes[measure]) if measure in changes else "–" for measure in MECHANISM_COLUMNS)])
+    if rows:
+        tables.append(table(["replicates", "seeds", "compared with", "KD: agreement gain (points)",
+                             *(f"{title}: change" for title, _ in MECHANISM_COLUMNS.values())], rows,
+                            f"What each term did on FERPlus test, across training seeds: the agreement gain over a "
+                            f"CE-only student, and each measure's change from the group of the preset one term short, "
+                            f"paired by seed: the mean, its {level} t-interval (n - 1 degrees of freedom) and how many "
+                            f"seeds' changes are above 0 ({note})"))
+    return tables
 
 
 def summary_scores(scores):
@@ -941,15 +1134,17 @@ def evaluate_students(args, names, stage2_dir, stage3_dir):
     datasets = load_datasets(args, configs, embedded)
 
     # Evaluation -------------------------------------------------------------------------------------------
-    results, resampled = {}, {}
+    results, resampled, outputs = {}, {}, {}
     bootstrap_settings = {"resamples": args.bootstrap, "level": BOOTSTRAP_LEVEL, "seed": args.seed,
                           "method": "percentile bootstrap over the images, or over their groups where they have them"}
     with artifacts.atomic_dir(os.path.join(args.run_dir, "stage4")) as out_dir:
         for name, (model, config, _) in students.items():
             model = model.to(args.device)
-            results[name], resampled[name] = {}, {}
+            results[name], resampled[name], outputs[name] = {}, {}, {}
             for key, dataset_name, data in tqdm(datasets, desc=f"evaluating {name}", unit="dataset"):
                 logits, embeddings = predict(model, data.images, config["input_size"], args.device, args.batch_size)
+                if key in MECHANISM_SETS:
+                    outputs[name][key] = logits, embeddings
                 scores = {"eight_way": eight_way(logits, data.labels),
                           "present_only": present_only(logits, data.labels)}
                 resampled[name][key] = bootstrap(logits, data.labels, args.bootstrap, args.seed, data.groups)
@@ -981,8 +1176,11 @@ def evaluate_students(args, names, stage2_dir, stage3_dir):
         replicates = across_seeds(results, groups, variants, datasets)
         reference_group = next((group for group, names in groups.items() if reference in names), None)
         paired = paired_across_seeds(replicates, reference_group) if reference_group else {}
+        measured = measure_mechanisms(students, outputs, datasets, bank, grid, reference, args)
+        across = mechanisms_across_seeds(measured, groups, variants)
         markdown, latex = summary_tables(results, differences, replicates, paired, reference, variants, datasets,
-                                         note, args.bootstrap)
+                                         note, args.bootstrap,
+                                         mechanism_tables(measured, across, variants, datasets, reference, note))
         with open(os.path.join(out_dir, "summary.md"), "w") as handle:
             handle.write(f"# Stage 4 summary ({note})\n\n{SELECTION_NOTE}\n\n{markdown}")
         with open(os.path.join(out_dir, "summary.tex"), "w") as handle:
@@ -993,7 +1191,8 @@ def evaluate_students(args, names, stage2_dir, stage3_dir):
             "results": {name: {key: summary_scores(scores) for key, scores in by_variant.items()}
                         for name, by_variant in results.items()},
             "differences_from": reference, "differences": differences, "replicates": replicates,
-            "paired_across_seeds": paired})
+            "paired_across_seeds": paired, "mechanisms": measured, "mechanisms_across_seeds": across,
+            "mechanism_measures": MECHANISMS})
         plot_summary(results, variants, datasets, note, os.path.join(out_dir, "summary.png"))
         if replicates:
             plot_replicates(replicates, paired, datasets, note, os.path.join(out_dir, "replicates.png"))

@@ -8,6 +8,9 @@ import re
 
 import torch
 
+from ngd_ext.emotions import FER_CLASSES
+from ngd_ext.student_loss import CLASS_WEIGHTINGS
+
 SIZE, DATA_SEED = "demo", 0
 RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,99}")
 
@@ -45,6 +48,18 @@ def positive(text):
     if not value > 0:
         raise argparse.ArgumentTypeError(f"{text!r}: expected a finite number > 0")
     return value
+
+
+def class_weighting(text):
+    """--class-weights: one of the named weightings, or one finite number >= 0 per FERPlus class, comma-separated."""
+    if text in CLASS_WEIGHTINGS:
+        return text
+    numbers = [field.strip() for field in text.split(",")]
+    if len(numbers) != len(FER_CLASSES):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected one of {', '.join(CLASS_WEIGHTINGS)}, or "
+                                         f"{len(FER_CLASSES)} comma-separated numbers ({', '.join(FER_CLASSES)}); got "
+                                         f"{len(numbers)}")
+    return [non_negative(number) for number in numbers]
 
 
 def default_device():

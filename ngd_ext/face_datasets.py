@@ -31,6 +31,7 @@ that lists it; with `skip_unreadable` they are counted, listed in the report and
 
 import glob
 import itertools
+import json
 import os
 import re
 import tokenize
@@ -348,22 +349,77 @@ def ckplus_records(folder):
 
 # A manifest --------------------------------------------------------------------------------------------------
 
-def manifest_records(path):
+# The column names a manifest's header may use (SPEC section 6), the paper's own release's among them; the first
+# found, in this order, is read.
+PATH_COLUMNS = ("path", "image_path", "img", "file", "filepath", "filename")
+NAME_COLUMNS = ("label_name", "class_name", "label_str")          # a class name
+INDEX_COLUMNS = ("label", "label_id", "cls", "class", "target", "y")  # an index (or a name), through --class-map
+
+
+def read_class_map(path):
+    """--class-map JSON as {index as text: FERPlus class}: {"0": "neutral", ...} or {"neutral": 0, ...}, each name a
+    FERPlus class (any alias)."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            entries = json.load(handle)
+    except (OSError, ValueError) as error:
+        raise DatasetError(f"--class-map {path}: not a readable JSON file ({error})") from error
+    if not isinstance(entries, dict) or not entries:
+        raise DatasetError(f"--class-map {path}: expected a JSON object such as {{\"0\": \"neutral\", ...}} or "
+                           "{\"neutral\": 0, ...}")
+    mapping = {}
+    for key, value in entries.items():
+        index, name = (key, value) if _index_key(key) is not None else (value, key)
+        label = class_index(name) if _index_key(name) is None else None
+        if _index_key(index) is None or label is None:
+            raise DatasetError(f"--class-map {path}: entry {key!r}: {value!r} does not pair an integer index with a "
+                               f"FERPlus class name ({', '.join(FER_CLASSES)})")
+        if _index_key(index) in mapping:
+            raise DatasetError(f"--class-map {path}: index {_index_key(index)} is mapped twice")
+        mapping[_index_key(index)] = label
+    return mapping
+
+
+def _index_key(value):
+    """An integer label as the class map keys it ("007" and 7 alike: "7"), or None for anything else."""
+    text = str(value).strip()
+    return str(int(text)) if re.fullmatch(r"-?\d+", text) else None
+
+
+def manifest_columns(header, path, class_map, boxed):
+    """(path column, label column, whether labels go through the class map) of a manifest's header; with a face box
+    (boxed), its column y is no label."""
+    paths = [name for name in PATH_COLUMNS if name in header]
+    names = [name for name in NAME_COLUMNS if name in header]
+    indices = [name for name in INDEX_COLUMNS if name in header and not (boxed and name == "y")]
+    if not paths or not (names or indices):
+        raise DatasetError(f"{path}: the header {header} names no {'image path' if not paths else 'label'} column; "
+                           f"accepted: paths {', '.join(PATH_COLUMNS)}; class names {', '.join(NAME_COLUMNS)}; "
+                           f"indices {', '.join(INDEX_COLUMNS)}")
+    if class_map is not None and names:
+        raise DatasetError(f"{path}: --class-map maps index labels, and this manifest's labels are class names "
+                           f"(column {names[0]}); leave --class-map out")
+    label = names[0] if names else indices[0]
+    return header.index(paths[0]), header.index(label), class_map is not None
+
+
+def manifest_records(path, class_map=None):
+    """The rows of a manifest CSV (an image path and a label column, optionally a face box x, y, width, height, a
+    group and valence and arousal ratings); class_map ({index as text: FERPlus class}) reads index labels."""
     if not os.path.isfile(path):
-        raise DatasetError(f"{path}: no such file; expected a CSV with 'path' and 'label' columns")
+        raise DatasetError(f"{path}: no such file; expected a CSV with an image path and a label column")
     base = os.path.dirname(os.path.abspath(path))
     records, dropped = [], Counter()
     rows = read_rows(path, DatasetError)
     header = [name.strip().lower() for name in next(rows, [])]
-    if "path" not in header or "label" not in header:
-        raise DatasetError(f"{path}: the header {header} must name a 'path' and a 'label' column")
-    box_columns = [header.index(name) for name in ("x", "y", "width", "height") if name in header]
-    if box_columns and len(box_columns) != 4:
+    boxed = any(name in header for name in ("x", "width", "height"))  # without them, a column y is a label
+    box_columns = [header.index(name) for name in ("x", "y", "width", "height") if name in header] if boxed else []
+    if boxed and len(box_columns) != 4:
         raise DatasetError(f"{path}: a face box needs all four columns x, y, width, height")
+    path_column, label_column, mapped = manifest_columns(header, path, class_map, boxed)
     rating_columns = [header.index(name) for name in VA_DIMENSIONS if name in header]
     if len(rating_columns) == 1:
         raise DatasetError(f"{path}: a rating needs both columns valence and arousal")
-    path_column, label_column = header.index("path"), header.index("label")
     group_column = header.index("group") if "group" in header else None
     for number, fields in enumerate(rows, 2):
         if not any(field.strip() for field in fields):
@@ -371,9 +427,10 @@ def manifest_records(path):
         if len(fields) != len(header):
             raise DatasetError(f"{path}, row {number}: {len(fields)} fields, expected {len(header)} "
                                f"({', '.join(header)})")
-        label = class_index(fields[label_column])
+        label = class_map.get(_index_key(fields[label_column])) if mapped else class_index(fields[label_column])
         if label is None:
-            dropped[f"label {fields[label_column].strip()!r} (not a FERPlus class)"] += 1
+            why = "not in --class-map" if mapped else "not a FERPlus class"
+            dropped[f"label {fields[label_column].strip()!r} ({why})"] += 1
             continue
         box = None
         if box_columns and any(fields[i].strip() for i in box_columns):

@@ -17,8 +17,10 @@ bootstrap.
 """
 
 import numpy as np
+import scipy.stats
 
 from ngd_ext.emotions import VA_DIMENSIONS
+from ngd_ext.prototypes import unit_rows
 
 SCORES = ("accuracy", "macro_f1", "balanced_accuracy")
 REGRESSION_SCORES = ("rmse", "pearson_r", "ccc")
@@ -200,3 +202,78 @@ def attach_intervals(scores, samples, level=BOOTSTRAP_LEVEL):
     for j, row in enumerate(scores["per_class"]):
         row["interval"] = {name: bounds[name][j] for name in PER_CLASS}
     return scores
+
+
+# What the distillation terms act on ---------------------------------------------------------------------------
+
+MECHANISMS = {  # name: what it measures, and the term meant to move it
+    "teacher_agreement": "top-1 agreement with the KD teacher (logit KD raises it)",
+    "proto_kd_kl": "mean KL of the class's Proto-KD target to the embedding's prototype distribution (Proto-KD lowers "
+                   "it)",
+    "positive_variance": "mean within-class variance of the unit embeddings of the positive classes (the variance cap "
+                         "lowers it)",
+    "class_mean_distance": "mean distance between the class means of the unit embeddings (the margin raises it)",
+}
+
+
+def _per_image_mechanisms(logits, embeddings, labels, target_table, bank, tau, teacher_logits):
+    """N x 2: each image's agreement with the teacher (NaN without one) and its Proto-KD KL, as SPEC section 4 takes
+    it (u = z / max(||z||, 1e-8), q = softmax over the unit prototypes' cosines / tau, 0 log 0 = 0)."""
+    scores = unit_rows(embeddings) @ unit_rows(bank).T / tau
+    log_q = scores - scores.max(axis=1, keepdims=True)
+    log_q -= np.log(np.exp(log_q).sum(axis=1, keepdims=True))
+    target = np.asarray(target_table, np.float64)[labels]
+    kl = np.where(target > 0, target * (np.log(np.where(target > 0, target, 1)) - log_q), 0).sum(axis=1)
+    agreement = (np.full(len(labels), np.nan) if teacher_logits is None
+                 else (np.asarray(logits).argmax(axis=1) == np.asarray(teacher_logits).argmax(axis=1)).astype(float))
+    return np.stack([agreement, kl], axis=1)
+
+
+def _geometry(weights, unit, labels, num_classes, positive):
+    """The mean positive-class variance and the mean class-mean distance of the images counted by each row of weights
+    (R x N: how often each image is drawn): R values each. A positive class counts where it holds 2 images or more, a
+    class mean where it holds 1 or more; NaN where none does (or no pair)."""
+    counts = np.stack([weights[:, labels == c].sum(axis=1) for c in range(num_classes)], axis=1)  # R x C
+    sums = np.stack([weights[:, labels == c] @ unit[labels == c] for c in range(num_classes)], axis=1)  # R x C x D
+    squares = np.stack([weights[:, labels == c] @ (unit[labels == c] ** 2).sum(axis=1) for c in range(num_classes)],
+                       axis=1)
+    capped = (counts >= 2) & np.asarray(positive)[None, :]
+    first, second = np.triu_indices(num_classes, 1)
+    pairs = (counts >= 1)[:, first] & (counts >= 1)[:, second]
+    with np.errstate(invalid="ignore", divide="ignore"):  # an absent class's mean, and no class or pair at all
+        means = sums / counts[..., None]
+        variances = squares / counts - (means ** 2).sum(axis=-1)
+        distances = np.linalg.norm(np.nan_to_num(means[:, first] - means[:, second]), axis=-1)
+        return (np.where(capped, variances, 0).sum(axis=1) / capped.sum(axis=1),
+                np.where(pairs, distances, 0).sum(axis=1) / pairs.sum(axis=1))
+
+
+def mechanisms(logits, embeddings, labels, target_table, bank, tau, positive, resamples, seed, teacher_logits=None):
+    """MECHANISMS measured on a set of images, and on `resamples` bootstrap resamples of them drawn as `bootstrap` draws
+    them (so that two students' samples pair up): ({name: value}, {name: array of resamples}). teacher_agreement is NaN
+    without teacher_logits."""
+    labels = np.asarray(labels)
+    per_image = _per_image_mechanisms(logits, embeddings, labels, target_table, bank, tau, teacher_logits)
+    unit, num_classes = unit_rows(embeddings), np.asarray(target_table).shape[0]
+
+    def measured(weights):
+        means = weights @ per_image / weights.sum(axis=1, keepdims=True)
+        variance, distance = _geometry(weights, unit, labels, num_classes, positive)
+        return {"teacher_agreement": means[:, 0], "proto_kd_kl": means[:, 1], "positive_variance": variance,
+                "class_mean_distance": distance}
+
+    values = {name: float(value[0]) for name, value in measured(np.ones((1, len(labels)))).items()}
+    samples = {name: np.empty(resamples) for name in MECHANISMS}
+    for start, drawn in _resampled_unit_counts(len(labels), resamples, seed):
+        for name, value in measured(drawn).items():
+            samples[name][start:start + len(drawn)] = value
+    return values, samples
+
+
+def seed_interval(differences, level=BOOTSTRAP_LEVEL):
+    """The mean of differences paired by training seed, its standard deviation (n - 1), Student's t interval of the
+    mean (n - 1 degrees of freedom, taking the differences as normal), and how many are above 0."""
+    n, mean, sd = len(differences), float(np.mean(differences)), float(np.std(differences, ddof=1))
+    half_width = scipy.stats.t.ppf((1 + level) / 2, n - 1) * sd / np.sqrt(n)
+    return {"mean": mean, "sd": sd, "interval": [mean - half_width, mean + half_width],
+            "above_zero": int(sum(difference > 0 for difference in differences)), "values": list(differences)}

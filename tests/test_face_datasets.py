@@ -1,6 +1,7 @@
 """The evaluation-set readers on small fixtures in their real layouts, the face crops, and bad input."""
 
 import csv
+import json
 import os
 
 import numpy as np
@@ -10,7 +11,7 @@ from PIL import Image
 from ngd_ext.emotions import FER_CLASSES
 from ngd_ext.face_crop import CROP_MARGIN, FaceCropper, cut
 from ngd_ext.face_datasets import (AFFECTNET_COLUMNS, DatasetError, affectnet_records, ckplus_records, class_index,
-                                   manifest_records, read_faces)
+                                   manifest_records, read_class_map, read_faces)
 from ngd_ext.synthetic_faces import EXPRESSIONS, draw_face, place_face
 
 
@@ -353,12 +354,61 @@ def test_manifest_paths_written_on_windows_are_named(tmp_path):
 
 def test_manifest_header_is_checked(tmp_path):
     path = tmp_path / "faces.csv"
-    with pytest.raises(DatasetError, match=r"faces.csv: no such file; expected a CSV with 'path' and 'label' columns"):
+    with pytest.raises(DatasetError, match=r"faces.csv: no such file; expected a CSV with an image path and a label "
+                                           r"column"):
         manifest_records(str(path))
     path.write_text("file,emotion\na.png,happy\n")
-    with pytest.raises(DatasetError, match=r"faces.csv: the header \['file', 'emotion'\] must name a 'path' and a "
-                                           r"'label' column"):
+    with pytest.raises(DatasetError, match=r"faces.csv: the header \['file', 'emotion'\] names no label column; "
+                                           r"accepted: paths path, image_path, img, file, filepath, filename; class "
+                                           r"names label_name, class_name, label_str; indices label, label_id, cls, "
+                                           r"class, target, y$"):
         manifest_records(str(path))
+    path.write_text("picture,label\na.png,happy\n")
+    with pytest.raises(DatasetError, match=r"names no image path column; accepted: paths path, image_path"):
+        manifest_records(str(path))
+
+
+@pytest.mark.parametrize("header, rows", [
+    ("image_path,label_name", ["a.png,happiness", "b.png,Angry"]),
+    ("filepath,class_name,split", ["a.png,happy,test", "b.png,anger,test"]),
+    ("filename,label_str", ["a.png,HAPPY", "b.png,angry"]),
+    ("img,cls", ["a.png,1", "b.png,4"]),  # an index in FERPlus's order
+    ("file,y,label_name", ["a.png,9,happiness", "b.png,9,anger"]),  # a name column goes before an index column
+])
+def test_manifest_headers_of_the_papers_release(tmp_path, header, rows):
+    path = tmp_path / "release.csv"
+    path.write_text("\n".join([header, *rows]) + "\n")
+    assert [(os.path.basename(r.path), r.label) for r in manifest_records(str(path))[0]] == [("a.png", 1),
+                                                                                            ("b.png", 4)]
+
+
+@pytest.mark.parametrize("mapping", [{"0": "anger", "1": "happy", "2": "neutral"},
+                                     {"anger": 0, "happiness": 1, "neutral": 2}])
+def test_index_labels_through_a_class_map(tmp_path, mapping):
+    class_map = tmp_path / "classes.json"
+    class_map.write_text(json.dumps(mapping))
+    path = tmp_path / "ckplus.csv"
+    path.write_text("image_path,label_id\na.png,0\nb.png,01\nc.png,2\nd.png,5\n")
+    records, dropped = manifest_records(str(path), read_class_map(str(class_map)))
+    assert [r.label for r in records] == [4, 1, 0]  # anger, happiness, neutral in FERPlus's order
+    assert dropped == {"label '5' (not in --class-map)": 1}
+    path.write_text("image_path,label_name\na.png,anger\n")
+    with pytest.raises(DatasetError, match=r"--class-map maps index labels, and this manifest's labels are class names "
+                                           r"\(column label_name\); leave --class-map out"):
+        manifest_records(str(path), read_class_map(str(class_map)))
+
+
+@pytest.mark.parametrize("content, message", [
+    ("[1, 2]", r"expected a JSON object such as"),
+    ('{"0": "joy"}', r"entry '0': 'joy' does not pair an integer index with a FERPlus class name"),
+    ('{"0": "anger", "00": "fear"}', r"index 0 is mapped twice"),
+    ("{not json", r"not a readable JSON file"),
+])
+def test_a_class_map_that_cannot_be_one_is_named(tmp_path, content, message):
+    class_map = tmp_path / "classes.json"
+    class_map.write_text(content)
+    with pytest.raises(DatasetError, match=rf"--class-map .*classes.json: .*{message}"):
+        read_class_map(str(class_map))
 
 
 def test_class_index():

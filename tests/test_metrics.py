@@ -292,3 +292,63 @@ def test_regression_bootstrap_draws_groups_of_copies_as_one():
         assert all(grouped[name] == pytest.approx(bounds[name], abs=1e-9) for name in metrics.REGRESSION_SCORES)
         low, high = metrics.intervals(as_images[dimension])["ccc"]
         assert high - low == pytest.approx((bounds["ccc"][1] - bounds["ccc"][0]) / 2, rel=0.2)
+
+
+def mechanisms_by_hand(logits, embeddings, labels, target, bank, tau, positive, teacher):
+    """MECHANISMS with loops over images, classes and pairs; Proto-KD's KL from the reference op (SPEC section 4)."""
+    import torch
+
+    from ngd_ext import reference
+
+    unit = embeddings / np.linalg.norm(embeddings, axis=1, keepdims=True)
+    agreement = np.mean([np.argmax(s) == np.argmax(t) for s, t in zip(logits, teacher)])
+    kl = reference.proto_dgeo_loss(torch.tensor(embeddings), torch.tensor(bank), torch.tensor(target),
+                                   torch.tensor(labels), torch.tensor(positive), tau=tau)[0].item()
+    means, variances = {}, []
+    for c in sorted(set(labels.tolist())):
+        members = unit[labels == c]
+        means[c] = members.mean(axis=0)
+        if positive[c] and len(members) >= 2:
+            variances.append(np.mean([np.sum((u - means[c]) ** 2) for u in members]))
+    distances = [np.linalg.norm(means[a] - means[b]) for a in means for b in means if a < b]
+    return {"teacher_agreement": agreement, "proto_kd_kl": kl, "positive_variance": np.mean(variances),
+            "class_mean_distance": np.mean(distances)}
+
+
+def mechanism_case(seed=0, count=40):
+    rng = np.random.default_rng(seed)
+    labels = np.array([0, 1, 1, 1, 2, 2, 3] * (count // 7) + [3] * (count % 7))
+    target = rng.dirichlet(np.ones(5), size=4)
+    target[2, 1] = 0.0  # a zero in a target row: 0 log 0 = 0
+    target[2] /= target[2].sum()
+    return dict(logits=rng.normal(size=(count, 4)), embeddings=rng.normal(size=(count, 3)) * 3, labels=labels,
+                target=target, bank=rng.normal(size=(5, 3)), tau=0.9,
+                positive=np.array([False, True, True, False]), teacher=rng.normal(size=(count, 4)))
+
+
+def test_mechanisms_against_a_direct_computation():
+    case = mechanism_case()
+    values, samples = metrics.mechanisms(case["logits"], case["embeddings"], case["labels"], case["target"],
+                                         case["bank"], case["tau"], case["positive"], 30, 5, case["teacher"])
+    expected = mechanisms_by_hand(**case)
+    assert values == {name: pytest.approx(value, rel=1e-9) for name, value in expected.items()}
+    draws = np.random.default_rng(5).integers(0, len(case["labels"]), size=(30, len(case["labels"])))
+    for i in (0, 17, 29):  # each resample is measured as the drawn images (with their repeats) would be
+        drawn = {**case, **{key: case[key][draws[i]] for key in ("logits", "embeddings", "labels", "teacher")}}
+        for name, value in mechanisms_by_hand(**drawn).items():
+            assert samples[name][i] == pytest.approx(value, rel=1e-9), (i, name)
+
+
+def test_mechanisms_leave_out_what_does_not_apply():
+    case = mechanism_case(count=7)  # class 3, the one positive class here, has one image
+    values, samples = metrics.mechanisms(case["logits"], case["embeddings"], case["labels"], case["target"],
+                                         case["bank"], case["tau"], np.array([False, False, False, True]), 10, 0)
+    assert np.isnan(values["teacher_agreement"]) and np.isnan(values["positive_variance"])
+    assert np.isfinite(values["class_mean_distance"]) and np.isfinite(samples["proto_kd_kl"]).all()
+
+
+def test_seed_interval_is_students_t():
+    spread = metrics.seed_interval([0.02, 0.05, -0.01])
+    half = 4.302652729749464 * np.std([0.02, 0.05, -0.01], ddof=1) / np.sqrt(3)  # t(0.975, 2)
+    assert spread["mean"] == pytest.approx(0.02) and spread["above_zero"] == 2
+    assert spread["interval"] == pytest.approx([0.02 - half, 0.02 + half])

@@ -27,30 +27,40 @@ TINY = ["--synthetic-size", "tiny", "--epochs", "1", "--batch-size", "64", "--de
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 
 
-def test_dgeo_ramp():
-    ramp = [stage3_student.dgeo_ramp(e, 20, 60) for e in (0, 19, 20, 30, 40, 60, 99)]
-    assert ramp == pytest.approx([0.0, 0.0, 0.0, (1 - np.cos(np.pi / 4)) / 2, 0.5, 1.0, 1.0], abs=1e-15)
-
-
 def test_learning_rate_warms_up_then_decays_to_zero():
     factors = [stage3_student.learning_rate_factor(step, 4, 12) for step in (0, 3, 4, 8, 11, 12)]
     assert factors == pytest.approx([0.25, 1.0, 1.0, 0.5, (1 + np.cos(np.pi * 7 / 8)) / 2, 0.0], abs=1e-15)
     assert stage3_student.learning_rate_factor(0, 0, 10) == 1.0  # --warmup-epochs 0
 
 
-def test_kd_losses_by_hand():
-    student, teacher = torch.tensor([[2.0, 0.0, -1.0]]), torch.tensor([[0.0, 1.0, 0.0]])
-    p, q = torch.softmax(student / 5, 1), torch.softmax(teacher / 5, 1)
-    assert stage3_student.kd_loss(student, teacher, "mse").item() == pytest.approx(((p - q) ** 2).sum().item())
-    kl = 25 * (q * (q.log() - p.log())).sum().item()
-    assert stage3_student.kd_loss(student, teacher, "kl").item() == pytest.approx(kl, rel=1e-5)
-
-
 def test_presets_and_overrides():
     args = stage3_student.parse_args(["--variant", "B2", "--kd-teacher", "t.pt", "--proto-weight", "0.5"])
     assert (args.kd_weight, args.proto_weight, args.dgeo_weight) == (0.30, 0.5, 0.0)
-    assert (args.epochs, args.ramp_start, args.ramp_end) == (6, 1, 4)  # the synthetic schedule
-    assert stage3_student.parse_args(["--variant", "B0", "--ferplus", "x"]).epochs == 80
+    assert (args.epochs, args.ramp_start, args.ramp_end, args.input_size) == (6, 1, 4, 48)  # the synthetic schedule
+    assert (args.kd_loss, args.kd_temperature, args.class_weights) == ("mse", 5.0, "sqrt-inverse")
+    real = stage3_student.parse_args(["--variant", "B0", "--ferplus", "x"])
+    assert (real.epochs, real.ramp_start, real.ramp_end, real.input_size) == (100, 20, 60, 224)  # the official release's
+    args = stage3_student.parse_args(["--kd-teacher", "t.pt", "--kd-loss", "kl", "--kd-temperature", "1",
+                                      "--class-weights", "1,2,3,4,5,6,7,8.5", "--input-size", "112"])
+    assert (args.kd_temperature, args.class_weights, args.input_size) == (1.0, [1, 2, 3, 4, 5, 6, 7, 8.5], 112)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--class-weights", "1,2,3"], "argument --class-weights: '1,2,3': expected one of sqrt-inverse, inverse, none, or 8 "
+                                   "comma-separated numbers (neutral, happiness, surprise, sadness, anger, disgust, fear, "
+                                   "contempt); got 3"),
+    (["--class-weights", "1,1,1,1,1,1,1,-1"], "argument --class-weights: '-1': expected a finite number >= 0"),
+    (["--class-weights", "1,1,1,1,1,1,1,nan"], "argument --class-weights: 'nan': expected a finite number"),
+    (["--class-weights", "sqrt"], "argument --class-weights: 'sqrt': expected one of sqrt-inverse, inverse, none"),
+    (["--kd-teacher", "t.pt", "--kd-temperature", "2"], "--kd-temperature 2: --kd-loss mse matches the raw logits, with "
+                                                        "no temperature; give --kd-loss kl"),
+    (["--kd-teacher", "t.pt", "--kd-loss", "kl", "--kd-temperature", "0"],
+     "argument --kd-temperature: '0': expected a finite number > 0"),
+])
+def test_loss_settings_that_cannot_be_are_refused(capsys, flags, message):
+    with pytest.raises(SystemExit):
+        stage3_student.parse_args(flags)
+    assert message in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("flag,value,message", [
@@ -183,19 +193,24 @@ def run_with_bank(tmp_path_factory):
     return run_dir
 
 
-def test_b0_then_b3_with_its_kd_teacher(run_with_bank):
+def test_b0_then_b3_with_its_kd_teacher(run_with_bank, capsys):
     run_dir = run_with_bank
     stage3_student.main(["--run-dir", run_dir, "--variant", "B0", "--name", "teacher", *TINY])
     teacher = os.path.join(run_dir, "stage3", "teacher", "best.pt")
     stage3_student.main(["--run-dir", run_dir, "--variant", "B3", "--kd-teacher", teacher, *TINY])
+    assert "barely acts" not in capsys.readouterr().err  # D-Geo's ramp starts later: not judged in epoch 1
     out = os.path.join(run_dir, "stage3", "B3")
     names = {"best.pt", "history.jsonl", "curves.png", "config.json"}
     assert set(artifacts.read_manifest(out)) == names
     artifacts.verify_manifest(out, sorted(names))
     with open(os.path.join(out, "history.jsonl")) as handle:
-        history = [json.loads(line) for line in handle]
-    assert len(history) == 1 and history[0]["train"]["kd"] > 0 and history[0]["train"]["proto_kd"] > 0
-    assert set(history[0]["valid"]) == {"accuracy", "macro_f1", "balanced_accuracy"}
+        (epoch,) = [json.loads(line) for line in handle]
+    assert epoch["train"]["kd"] > 0 and epoch["train"]["proto_kd"] > 0 and epoch["dgeo_ramp"] == 0.0
+    weights = {"ce": 1.0, "kd": 0.3, "proto_kd": 0.12, "var_cap": 0.0, "margin": 0.0}
+    assert epoch["weighted"] == {term: pytest.approx(weight * epoch["train"][term]) for term, weight in weights.items()}
+    assert set(epoch["gradient_share"]) == {"kd", "proto_kd"} and epoch["gradient_share"]["kd"] > 0.01
+    assert epoch["weighted"]["kd"] > 0.01 * epoch["weighted"]["ce"]  # logit KD acts, even from a teacher of one epoch
+    assert set(epoch["valid"]) == {"accuracy", "macro_f1", "balanced_accuracy"}
     checkpoint = torch.load(os.path.join(out, "best.pt"), weights_only=True)
     assert checkpoint["config"]["prototypes_sha256"] == artifacts.sha256_file(
         os.path.join(run_dir, "stage2", "prototypes.npz"))
@@ -204,6 +219,14 @@ def test_b0_then_b3_with_its_kd_teacher(run_with_bank):
         summary = json.load(handle)
     assert summary["source"] == "synthetic"
     assert sum(summary["train"]["per_class"].values()) == summary["train"]["images"]
+
+
+def test_a_term_of_near_zero_weight_is_named_on_stderr(run_with_bank, capsys):
+    stage3_student.main(["--run-dir", run_with_bank, "--variant", "B2", "--kd-weight", "0", "--proto-weight", "1e-5",
+                         "--name", "faint", *TINY])
+    err = capsys.readouterr().err
+    assert "warning: proto_kd barely acts: in epoch 1, at weight 1e-05, it was 0.00% of CE by value" in err
+    assert err.count("barely acts") == 1
 
 
 def test_a_kd_teacher_of_another_input_size_sees_the_students_images_at_its_own(run_with_bank, monkeypatch):

@@ -108,7 +108,49 @@ def test_summary_tables_cover_every_variant_and_dataset(demo):
     with open(os.path.join(out, "summary.tex")) as handle:
         latex = handle.read()
     assert latex.splitlines()[1] == f"% {stage4_eval.SELECTION_NOTE}"
-    assert latex.count(r"\begin{tabular}") == 9 and r"B3 & \checkmark & \checkmark & \checkmark" in latex
+    assert latex.count(r"\begin{tabular}") == 11 and r"B3 & \checkmark & \checkmark & \checkmark" in latex
+
+
+def test_what_each_term_did_is_measured_on_the_students_own_outputs(demo):
+    """summary.json's mechanism measures of B3 on FERPlus test, against the students and the bank run directly: its
+    agreement with kd_teacher (its KD teacher, found by the SHA-256 stage 3 recorded), the Proto-KD KL that SPEC's
+    reference op gives, and the class geometry of its unit embeddings; and the table that shows them."""
+    from test_metrics import mechanisms_by_hand
+
+    run_dir, _ = demo
+    with open(os.path.join(run_dir, "stage4", "summary.json")) as handle:
+        summary = json.load(handle)
+    splits = stage4_eval.load_ferplus_cached(
+        os.path.join(run_dir, "data", "synthetic_ferplus_tiny_seed0"), os.path.join(run_dir, "cache"), "majority")[0]
+    with np.load(os.path.join(run_dir, "stage2", "prototypes.npz")) as saved:
+        bank, grid = saved["bank"].astype(np.float64), int(saved["G"])
+    outputs = {}
+    for name in ("B3", "kd_teacher"):
+        model, config = load_student(os.path.join(run_dir, "stage3", name, "best.pt"))
+        outputs[name] = predict(model, splits["test"].images, config["input_size"], "cpu")
+    config = load_student(os.path.join(run_dir, "stage3", "B3", "best.pt"))[1]
+    expected = mechanisms_by_hand(
+        *outputs["B3"], splits["test"].labels, stage4_eval.proto_kd_targets(bank, grid, config["anchors"], config["tau"]),
+        bank, config["tau"], np.array([c in config["positive"] for c in FER_CLASSES]), outputs["kd_teacher"][0])
+    measured = summary["mechanisms"]["B3"]["ferplus_test"]
+    assert measured["teacher"] == "kd_teacher" and "agreement_gain" not in measured  # no other CE-only student here
+    assert measured["values"] == {name: pytest.approx(value, rel=1e-5) for name, value in expected.items()}
+    teacher = summary["mechanisms"]["kd_teacher"]["ferplus_test"]
+    assert "teacher" not in teacher and "teacher_agreement" not in teacher["values"]
+    assert measured["differences"]["proto_kd_kl"]["difference"] == pytest.approx(
+        measured["values"]["proto_kd_kl"] - teacher["values"]["proto_kd_kl"])
+    with open(os.path.join(run_dir, "stage4", "summary.md")) as handle:
+        table = handle.read().split("**What each term did on FERPlus test")[1]
+    row = next(line for line in table.splitlines() if line.startswith("| B3 |"))
+    assert row.split(" | ")[1] == (f"{100 * expected['teacher_agreement']:.1f} (no other CE-only student to compare)")
+
+
+def test_a_b3_student_distilled_by_kl_at_t1_is_the_papers_full_t1_row():
+    config = {"kd_weight": 0.3, "proto_weight": 0.12, "dgeo_weight": 0.012, "kd_loss": "kl", "kd_temperature": 1.0}
+    assert stage4_eval.preset_of(config) == "Full (T=1)"
+    assert stage4_eval.label_of("B3_t1", config) == "B3_t1 (Full (T=1))"
+    assert stage4_eval.preset_of({**config, "kd_temperature": 5.0}) == "B3"
+    assert stage4_eval.preset_of({**config, "kd_loss": "mse"}) == "B3"
 
 
 def test_intervals_and_differences_come_from_the_predictions(demo):
@@ -548,6 +590,19 @@ def test_replicates_summarise_students_of_several_seeds(demo, tmp_path):
         f"| B3 | 0, 1, 2 | {100 * paired['datasets']['ferplus_valid']['eight_way']['macro_f1']['mean']:+.1f}") == 1
     assert (f"{100 * test_difference['mean']:+.1f} [{100 * low:+.1f}, {100 * high:+.1f}], "
             f"{test_difference['above_zero']} of 3 above 0 |") in markdown
+    # what KD did, seed by seed: each B3's agreement with its own B0 teacher, against another seed's B0's
+    mechanisms = summary["mechanisms"]
+    for name, teacher in (("B3", "kd_teacher"), ("B3_seed1", "B0_seed1"), ("B3_seed2", "B0_seed2")):
+        entry = mechanisms[name]["ferplus_test"]
+        # the reference, B0_seed1, where it is not the teacher; else the first other B0 in the tables' order
+        assert entry["teacher"] == teacher and entry["baseline"] == ("B0_seed2" if teacher == "B0_seed1" else
+                                                                     "B0_seed1")
+    across = summary["mechanisms_across_seeds"]
+    assert (across["B3"]["preset"], across["B3"]["from"], across["B0"]["from"]) == ("B3", None, None)  # no B2 group
+    gain = across["B3"]["datasets"]["ferplus_test"]["agreement_gain"]
+    assert gain["values"] == [mechanisms[name]["ferplus_test"]["agreement_gain"]["difference"]
+                              for name in ("B3_seed2", "B3", "B3_seed1")]  # in the group's order
+    assert "agreement_gain" not in across["B0"]["datasets"]["ferplus_test"]
     with open(os.path.join(copy, "stage4", "summary.tex")) as handle:
         assert r"$\pm$" in handle.read()
     assert "replicates.png" in artifacts.read_manifest(os.path.join(copy, "stage4"))
