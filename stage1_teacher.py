@@ -26,12 +26,10 @@ finishes, the previous RUN_DIR/stage1/ stays as it was.
 
 import argparse
 import functools
-import hashlib
 import itertools
-import json
 import os
 import sys
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import matplotlib
 import numpy as np
@@ -43,21 +41,19 @@ from tqdm import tqdm
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from ngd_ext import artifacts, cli, eeg_features, eeg_formats  # noqa: E402
-from ngd_ext.determinism import set_determinism  # noqa: E402
-from ngd_ext.eeg_features import BANDS, interpolation_matrix, recording_entropy, topographic_maps  # noqa: E402
-from ngd_ext.eeg_formats import (NOISY_AMPLITUDE_RATIO, EEGFormatError, MahnobScan, MahnobSession,  # noqa: E402
-                                 average_referenced, iter_dreamer, read_mahnob_trial, scan_mahnob,
-                                 without_unusable_channels)
+from ngd_ext import artifacts, cli  # noqa: E402
+from ngd_ext.data.eeg import (NOISY_AMPLITUDE_RATIO, EEGFormatError, MahnobScan, MahnobSession,  # noqa: E402
+                              iter_dreamer, scan_mahnob)
+from ngd_ext.data.eeg_cache import trial_entropy_or_skip, trial_entropy_or_stop  # noqa: E402
+from ngd_ext.data.eeg_features import BANDS, SFREQ, interpolation_matrix, topographic_maps  # noqa: E402
+from ngd_ext.data.synthetic_eeg import ensure_synthetic_eeg  # noqa: E402
 from ngd_ext.emotions import VA_DIMENSIONS  # noqa: E402
 from ngd_ext.metrics import BOOTSTRAP_LEVEL, intervals, regression_bootstrap, regression_metrics  # noqa: E402
-from ngd_ext.parallel import default_workers, map_in_processes  # noqa: E402
-from ngd_ext.synthetic_eeg import ensure_synthetic_eeg  # noqa: E402
+from ngd_ext.runtime import default_workers, map_in_processes, set_determinism  # noqa: E402
 from ngd_ext.teacher_embeddings import save_embeddings  # noqa: E402
 
 # Defaults ---------------------------------------------------------------------------------------------------
 RUN_DIR = "runs/demo"
-SFREQ = 128            # common sampling rate after resampling, Hz
 WINDOW_S, STEP_S = 2.0, 1.0
 MAP_SIZE = 16          # topographic maps are MAP_SIZE x MAP_SIZE per band
 EMBEDDING_SIZE = 128
@@ -151,100 +147,6 @@ def split_subjects(subjects_by_dataset, fraction, seed):
         count = min(len(subjects) - 1, max(1, int(round(fraction * len(subjects)))))
         held_out.update(rng.choice(subjects, size=count, replace=False).tolist())
     return held_out
-
-
-@dataclass
-class TrialEntropy:
-    entropy: np.ndarray  # windows x bands x channels
-    dataset: str
-    subject: str
-    trial_id: str
-    ch_names: tuple
-    constant_channels: tuple  # left out by eeg_formats.without_unusable_channels; ch_names holds the channels kept
-    noisy_channels: tuple     # left out likewise
-    valence: float
-    arousal: float
-    recording: str       # the file it came from
-    content_sha256: str  # of the recording: a MAHNOB-HCI session's BDF, a DREAMER clip's samples
-    from_cache: bool
-
-
-@functools.cache
-def feature_code_fingerprint():
-    """What a trial's features depend on besides its recording and the settings: the code that reads and filters
-    recordings, and the packages it calls."""
-    return [artifacts.sha256_file(module.__file__) for module in (eeg_features, eeg_formats)] + sorted(
-        artifacts.package_versions(("numpy", "scipy", "mne")).items())
-
-
-def dreamer_clip_sha256(trial):
-    """The SHA-256 of a DREAMER clip as read: its sampling rate, channels and samples (baseline, then stimulus)."""
-    digest = hashlib.sha256(json.dumps([trial.sfreq, list(trial.ch_names)]).encode())
-    for samples in (trial.baseline, trial.signal):
-        digest.update(np.ascontiguousarray(samples, dtype=np.float64).data)
-    return digest.hexdigest()
-
-
-def read_cached_entropy(path):
-    """(entropy, ch_names, constant_channels, noisy_channels) from a cache entry, or None where there is none or it
-    cannot be read (then it is taken anew and rewritten)."""
-    return artifacts.read_cache_entry(path, lambda entry: (entry["entropy"], *(
-        tuple(entry[name].tolist()) for name in ("ch_names", "constant_channels", "noisy_channels"))))
-
-
-def trial_entropy(source, window_s, step_s, noisy_ratio, cache_dir):
-    """The band entropy of every window of one trial (a DREAMER Trial, or a MAHNOB-HCI session, whose BDF is read
-    here unless its features are cached). Runs in a worker process (in this one with --workers 1), which returns
-    only the features.
-
-    Features are cached in cache_dir under a key made of the recording's content, the settings and
-    feature_code_fingerprint(), so that a rerun, or a killed run started again, takes each trial's from there:
-    hashing a BDF costs a small part of reading and filtering it."""
-    if isinstance(source, MahnobSession):
-        try:
-            trial, content, recording = None, artifacts.sha256_file(source.bdf), source.bdf
-        except OSError as error:
-            raise EEGFormatError(f"{source.bdf}: cannot be read ({error.strerror})") from error
-    else:
-        trial, content, recording = source, dreamer_clip_sha256(source), source.source
-    key = json.dumps([content, SFREQ, window_s, step_s, noisy_ratio, feature_code_fingerprint()])
-    cache_path = os.path.join(cache_dir, f"{source.dataset}-{hashlib.sha256(key.encode()).hexdigest()[:32]}.npz")
-    cached = read_cached_entropy(cache_path)
-    if cached is not None:
-        entropy, ch_names, constant, noisy = cached
-    else:
-        trial, constant, noisy = without_unusable_channels(trial or read_mahnob_trial(source), noisy_ratio)
-        trial = average_referenced(trial)
-        entropy = recording_entropy(trial.signal, trial.baseline, trial.sfreq, SFREQ, window_s, step_s)
-        ch_names = trial.ch_names
-        if not len(entropy):
-            raise EEGFormatError(f"{recording}: {source.subject} trial {source.trial} is shorter than one "
-                                 f"{window_s:g} s window")
-        with artifacts.atomic_path(cache_path) as temporary:
-            with open(temporary, "wb") as handle:
-                np.savez(handle, entropy=entropy, ch_names=np.array(ch_names, dtype=str),
-                         constant_channels=np.array(constant, dtype=str), noisy_channels=np.array(noisy, dtype=str))
-    return TrialEntropy(entropy, source.dataset, source.subject, f"{source.subject}/{source.trial}", ch_names,
-                        constant, noisy, source.valence, source.arousal, recording, content,
-                        from_cache=cached is not None)
-
-
-def trial_entropy_or_stop(source, **settings):
-    """trial_entropy, whose error, which stops the run, adds that --skip-unreadable would leave the trial out."""
-    try:
-        return trial_entropy(source, **settings)
-    except EEGFormatError as error:
-        hint = "--skip-unreadable leaves out, and lists, each trial that cannot be used"
-        raise EEGFormatError(f"{error} ({hint})") from error
-
-
-def trial_entropy_or_skip(source, **settings):
-    """trial_entropy, or, where the trial's recording cannot be used, the error's message, which names the file
-    (--skip-unreadable)."""
-    try:
-        return trial_entropy(source, **settings)
-    except EEGFormatError as error:
-        return str(error)
 
 
 def window_data(trials, matrices, map_size):
@@ -361,25 +263,25 @@ def plot_held_out(prediction, targets, datasets, trials, metrics, path, note):
     artifacts.save_figure(figure, path)
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    with artifacts.folder_lock(os.path.join(args.run_dir, "stage1")):  # one writer: a second run stops at once
-        train_teacher(args)
+class Inputs(NamedTuple):
+    """What stage 1 reads: the trials' features, and what it left out and why, for metrics.json and config.json."""
+    trials: list     # TrialEntropy
+    skipped: list    # why each unusable trial was left out (--skip-unreadable)
+    left_out: dict   # {"constant" / "noisy": {trial: [channels]}}
+    source: str      # "real" or "synthetic"
+    dreamer: str     # DREAMER.mat, or None
+    mahnob: str      # the MAHNOB-HCI folder, or None
 
 
-def train_teacher(args):
-    set_determinism(args.deterministic)
-    out_dir = os.path.join(args.run_dir, "stage1")
-    torch.manual_seed(args.seed)
-
-    # Data: real files when given, the embedded synthetic default otherwise --------------------------------
+def load_trials(args):
+    """Every trial's features, from the real files given or the embedded synthetic default, read in worker processes
+    and cached; the unusable ones stop the run, or are left out with --skip-unreadable."""
     if args.dreamer or args.mahnob:
         dreamer_path, mahnob_root, source = args.dreamer, args.mahnob, "real"
     else:
         dreamer_path, mahnob_root = ensure_synthetic_eeg(os.path.join(args.run_dir, "data", "synthetic_eeg"),
                                                          args.data_seed, **SYNTHETIC_SIZES[args.synthetic_size])
         source = "synthetic"
-    note = " (synthetic data: not the paper's numbers)" if source == "synthetic" else ""
     scan = scan_mahnob(mahnob_root) if mahnob_root else MahnobScan([], [], [])
     if scan.without_subject and not args.skip_unreadable:
         raise EEGFormatError(f"{scan.without_subject[0]} ({len(scan.without_subject)} such session(s) in all; "
@@ -397,27 +299,50 @@ def train_teacher(args):
     trials = [trial for trial in trials if not isinstance(trial, str)]
     for reason in skipped:
         print(f"skipped (--skip-unreadable): {reason}", file=sys.stderr)
-    left_out = {"constant": {}, "noisy": {}}  # kind -> trial -> channels, for metrics.json
+    left_out = left_out_channels(trials)
+    print(f"features of {len(trials)} trials, {sum(t.from_cache for t in trials)} of them from {cache_dir}/"
+          + (f"; {len(skipped)} left out, their recordings unusable" if skipped else "")
+          + "".join(f"; {len(trial_ids)} with {kind} channels left out" for kind, trial_ids in left_out.items()
+                    if trial_ids))
+    return Inputs(trials, skipped, left_out, source, dreamer_path, mahnob_root)
+
+
+def left_out_channels(trials):
+    """{kind: {trial: [channels]}} of the constant and noisy channels left out, each named on stderr."""
+    left_out = {"constant": {}, "noisy": {}}
     for trial in trials:
         for kind, names in (("constant", trial.constant_channels), ("noisy", trial.noisy_channels)):
             if names:
                 left_out[kind][trial.trial_id] = list(names)
                 print(f"{trial.recording}: {trial.trial_id}: {kind} channels left out, their places on the maps "
                       f"interpolated from the other channels: {', '.join(names)}", file=sys.stderr)
-    print(f"features of {len(trials)} trials, {sum(t.from_cache for t in trials)} of them from {cache_dir}/"
-          + (f"; {len(skipped)} left out, their recordings unusable" if skipped else "")
-          + "".join(f"; {len(trial_ids)} with {kind} channels left out" for kind, trial_ids in left_out.items()
-                    if trial_ids))
+    return left_out
+
+
+class Windows(NamedTuple):
+    """The training and held-out windows' standardised maps and targets, with the held-out windows' provenance."""
+    train_maps: np.ndarray
+    train_targets: np.ndarray
+    test_maps: np.ndarray
+    test_targets: np.ndarray
+    test_subjects: np.ndarray
+    test_trial_ids: np.ndarray
+    test_datasets: np.ndarray
+    mean: np.ndarray  # the training windows' feature standardisation
+    std: np.ndarray
+
+
+def held_out_windows(trials, args, note):
+    """Whole subjects held out, and every window's map, standardised by the training windows alone."""
     subjects_by_dataset = {}
     for trial in trials:
         subjects_by_dataset.setdefault(trial.dataset, set()).add(trial.subject)
     held_out = split_subjects(subjects_by_dataset, args.held_out_fraction, args.seed)
     if not held_out:
-        sys.exit("stage1_teacher.py: a held-out split needs at least 2 subjects in one dataset")
+        raise EEGFormatError("a held-out split needs at least 2 subjects in one dataset")
     print(f"{len(trials)} trials of {sum(len(s) for s in subjects_by_dataset.values())} subjects "
           f"({', '.join(f'{d}: {len(s)}' for d, s in sorted(subjects_by_dataset.items()))}); "
           f"held out: {sorted(held_out)}{note}")
-
     matrices = {names: interpolation_matrix(names, args.map_size) for names in {t.ch_names for t in trials}}
     train_maps, train_v, train_a, train_subjects, _, _ = window_data(
         [t for t in trials if t.subject not in held_out], matrices, args.map_size)
@@ -426,21 +351,33 @@ def train_teacher(args):
     assert not set(train_subjects) & set(test_subjects)
     mean = train_maps.mean(axis=0, keepdims=True)
     std = train_maps.std(axis=0, keepdims=True) + 1e-6
-    train_maps, test_maps = (train_maps - mean) / std, (test_maps - mean) / std
-    train_targets = np.stack([train_v, train_a], axis=1)
-    test_targets = np.stack([test_v, test_a], axis=1)
     print(f"{len(train_maps)} training and {len(test_maps)} held-out windows of {len(BANDS)} x {args.map_size} x "
           f"{args.map_size} maps")
+    return Windows((train_maps - mean) / std, np.stack([train_v, train_a], axis=1), (test_maps - mean) / std,
+                   np.stack([test_v, test_a], axis=1), test_subjects, test_trial_ids, test_datasets, mean, std)
 
-    # Model and optimiser, with --resume from the last finished epoch of a killed run ---------------------------
-    device = torch.device(args.device)
-    model = Teacher(len(BANDS), args.embedding_size).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    config = {name: value for name, value in vars(args).items()
-              if name not in ("device", "run_dir", "workers", "resume", "bootstrap")}
-    config.update(source=source, bands=list(BANDS), sfreq=SFREQ)
-    # Beside the stage folder, not in it: the manifest lists the folder's files, and must never list this one.
-    checkpoint_path = os.path.join(f"{out_dir}.partial", "checkpoint.pt")
+
+def train_one_epoch(model, optimizer, train_x, train_y, args):
+    """One pass over the training windows in a random order; the mean loss of its steps."""
+    model.train()
+    order = torch.randperm(len(train_x)).to(train_x.device)
+    losses = []
+    for start in range(0, len(order), args.batch_size):
+        batch = order[start:start + args.batch_size]
+        if len(batch) < 2:
+            continue  # BatchNorm and the CCC need two samples
+        prediction, _ = model(train_x[batch])
+        target = train_y[batch]
+        loss = (1 - ccc(prediction, target)).mean() if args.loss == "ccc" else F.mse_loss(prediction, target)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.detach())  # kept as a tensor: a step waits for nothing
+    return torch.stack(losses).double().mean().item()
+
+
+def train(model, optimizer, windows, args, config, checkpoint_path):
+    """Every epoch after the checkpoint's (--resume), each ending in a checkpoint; returns the history."""
     history, start_epoch = [], 0
     checkpoint = artifacts.resume_checkpoint(checkpoint_path, config, args.resume)
     if checkpoint is not None:
@@ -451,100 +388,120 @@ def train_teacher(args):
         print(f"resuming after epoch {start_epoch}")
     elif args.resume:
         print(f"--resume: no checkpoint at {checkpoint_path} (none was left, or the run finished); starting afresh")
-
-    # Training ---------------------------------------------------------------------------------------------
-    # On the training device whole (both datasets' maps take about half a GB), so that a step copies nothing and,
-    # its loss kept as a tensor, waits for nothing.
-    train_x = torch.from_numpy(train_maps).to(device)
-    train_y = torch.from_numpy(train_targets).to(device)
+    device = next(model.parameters()).device
+    # On the training device whole (both datasets' maps take about half a GB), so that a step copies nothing.
+    train_x = torch.from_numpy(windows.train_maps).to(device)
+    train_y = torch.from_numpy(windows.train_targets).to(device)
     progress = tqdm(range(start_epoch + 1, args.epochs + 1), desc="training", unit="epoch")
     for epoch in progress:
-        model.train()
-        order = torch.randperm(len(train_x)).to(device)
-        losses = []
-        for start in range(0, len(order), args.batch_size):
-            batch = order[start:start + args.batch_size]
-            if len(batch) < 2:
-                continue  # BatchNorm and the CCC need two samples
-            prediction, _ = model(train_x[batch])
-            target = train_y[batch]
-            loss = (1 - ccc(prediction, target)).mean() if args.loss == "ccc" else F.mse_loss(prediction, target)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            losses.append(loss.detach())
-        held_out_prediction, _ = predict(model, test_maps, device, 256)
-        history.append({"epoch": epoch, "train_loss": torch.stack(losses).double().mean().item(),
-                        "held_out": regression_metrics(held_out_prediction, test_targets)})
-        scores = history[-1]["held_out"]
-        progress.set_postfix(loss=f"{history[-1]['train_loss']:.4f}", ccc_valence=f"{scores['valence']['ccc']:.3f}",
+        loss = train_one_epoch(model, optimizer, train_x, train_y, args)
+        scores = regression_metrics(predict(model, windows.test_maps, device, 256)[0], windows.test_targets)
+        history.append({"epoch": epoch, "train_loss": loss, "held_out": scores})
+        progress.set_postfix(loss=f"{loss:.4f}", ccc_valence=f"{scores['valence']['ccc']:.3f}",
                              ccc_arousal=f"{scores['arousal']['ccc']:.3f}")
         artifacts.save_checkpoint({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
                                    "history": history, "config": config, "rng": torch.get_rng_state()},
                                   checkpoint_path)
+    return history
 
-    # Outputs: written beside the old folder and swapped in whole at the end, so a run that fails or is killed
-    # leaves the previous teacher and its embeddings as they were, and never a folder that looks finished. -------
-    prediction, embeddings = predict(model, test_maps, device, 256)
-    baseline = np.broadcast_to(train_targets.mean(axis=0), test_targets.shape)
+
+def held_out_report(prediction, windows, inputs, args):
+    """metrics.json: the held-out scores pooled, per dataset and per subject, each beside a mean baseline, with their
+    intervals over the held-out subjects; and what was left out."""
+    targets, subjects = windows.test_targets, windows.test_subjects
+    baseline = np.broadcast_to(windows.train_targets.mean(axis=0), targets.shape)
+
+    def scores(mask):
+        return held_out_scores(prediction[mask], targets[mask], subjects[mask], args.bootstrap, args.seed)
+
     # Papers report each dataset on its own; the two differ in headset, stimuli and rating scale.
-    by_dataset = {name: {"windows": int(mask.sum()), "subjects": len(set(test_subjects[mask])),
-                         "held_out": held_out_scores(prediction[mask], test_targets[mask], test_subjects[mask],
-                                                     args.bootstrap, args.seed),
-                         "mean_baseline": regression_metrics(baseline[mask], test_targets[mask])}
-                  for name in sorted(set(test_datasets)) for mask in [test_datasets == name]}
-    # A quarter of each dataset's subjects are held out, few in number, and a teacher may read some far better than
-    # others: the pooled figures alone would hide it.
-    by_subject = {subject: {"windows": int(mask.sum()), "trials": len(set(test_trial_ids[mask])),
-                            "held_out": held_out_scores(prediction[mask], test_targets[mask], test_subjects[mask],
-                                                        args.bootstrap, args.seed)}
-                  for subject in sorted(set(test_subjects)) for mask in [test_subjects == subject]}
-    metrics = {"held_out": held_out_scores(prediction, test_targets, test_subjects, args.bootstrap, args.seed),
-               "mean_baseline": regression_metrics(baseline, test_targets), "by_dataset": by_dataset,
-               "by_subject": by_subject,
-               "held_out_subjects": sorted(held_out), "windows": {"train": len(train_maps), "held_out": len(test_maps)},
+    by_dataset = {name: {"windows": int(mask.sum()), "subjects": len(set(subjects[mask])), "held_out": scores(mask),
+                         "mean_baseline": regression_metrics(baseline[mask], targets[mask])}
+                  for name in sorted(set(windows.test_datasets)) for mask in [windows.test_datasets == name]}
+    # A few held-out subjects, and a teacher may read some far better than others: pooled figures alone would hide it.
+    by_subject = {subject: {"windows": int(mask.sum()), "trials": len(set(windows.test_trial_ids[mask])),
+                            "held_out": scores(mask)}
+                  for subject in sorted(set(subjects)) for mask in [subjects == subject]}
+    metrics = {"held_out": scores(np.ones(len(subjects), bool)), "mean_baseline": regression_metrics(baseline, targets),
+               "by_dataset": by_dataset, "by_subject": by_subject, "held_out_subjects": sorted(set(subjects)),
+               "windows": {"train": len(windows.train_maps), "held_out": len(windows.test_maps)},
                "bootstrap": {"resamples": args.bootstrap, "level": BOOTSTRAP_LEVEL, "seed": args.seed,
                              "method": "percentile bootstrap over the held-out subjects, each drawn with all its "
                                        "windows; none where one subject is held out"},
-               "skipped_trials": skipped, "constant_channels": left_out["constant"],
-               "noisy_channels": left_out["noisy"], "source": source}
-    if source == "synthetic":
+               "skipped_trials": inputs.skipped, "constant_channels": inputs.left_out["constant"],
+               "noisy_channels": inputs.left_out["noisy"], "source": inputs.source}
+    if inputs.source == "synthetic":
         metrics["note"] = "synthetic EEG: these numbers are not the paper's"
-    norms = np.maximum(np.linalg.norm(embeddings, axis=1, keepdims=True), 1e-8)
-    bdf_hashes = {os.path.relpath(t.recording, mahnob_root): t.content_sha256
-                  for t in trials if t.dataset == MahnobSession.dataset}
-    with artifacts.atomic_dir(out_dir) as staging:
-        artifacts.save_checkpoint({"state_dict": model.state_dict(), "config": config,
-                                   "feature_mean": torch.from_numpy(mean), "feature_std": torch.from_numpy(std)},
-                                  os.path.join(staging, "teacher.pt"))
-        save_embeddings(os.path.join(staging, "embeddings.npz"), embeddings / norms, test_v, test_a, test_subjects,
-                        test_trial_ids, source)
-        artifacts.write_json(os.path.join(staging, "metrics.json"), metrics)
-        plot_curve(history, os.path.join(staging, "training_curve.png"), note)
-        plot_held_out(prediction, test_targets, test_datasets, test_trial_ids, metrics,
-                      os.path.join(staging, "held_out.png"), note)
-        artifacts.write_config(staging, args, {
-            "dreamer": artifacts.sha256_file(dreamer_path) if dreamer_path else None,
-            "mahnob": {"root": mahnob_root, "bdf_sha256": bdf_hashes} if mahnob_root else None})
-        artifacts.write_manifest(staging)
-    artifacts.remove_tree(os.path.dirname(checkpoint_path), out_dir)
+    return metrics
 
-    print(f"held-out scores, with their {BOOTSTRAP_LEVEL:.0%} intervals over the {len(by_subject)} held-out subjects:"
-          if len(by_subject) > 1 else "held-out scores (one held-out subject: no intervals):")
+
+def print_report(metrics, note):
+    subjects = len(metrics["by_subject"])
+    print(f"held-out scores, with their {BOOTSTRAP_LEVEL:.0%} intervals over the {subjects} held-out subjects:"
+          if subjects > 1 else "held-out scores (one held-out subject: no intervals):")
     for name in VA_DIMENSIONS:
         got, base = metrics["held_out"][name], metrics["mean_baseline"][name]
         print(f"  {name}: CCC {with_interval(got, 'ccc')} (mean baseline {base['ccc']:.3f}), r "
               f"{with_interval(got, 'pearson_r')}, RMSE {with_interval(got, 'rmse')} "
               f"(baseline {base['rmse']:.3f}){note}")
-    for dataset, scores in by_dataset.items():
-        subjects = f"{scores['subjects']} subject" + ("s" if scores["subjects"] > 1 else "")
-        print(f"  {dataset} ({scores['windows']} windows of {subjects}): CCC valence "
+    for dataset, scores in metrics["by_dataset"].items():
+        counted = f"{scores['subjects']} subject" + ("s" if scores["subjects"] > 1 else "")
+        print(f"  {dataset} ({scores['windows']} windows of {counted}): CCC valence "
               f"{with_interval(scores['held_out']['valence'], 'ccc')}, arousal "
               f"{with_interval(scores['held_out']['arousal'], 'ccc')}{note}")
-    spans = {name: [scores["held_out"][name]["ccc"] for scores in by_subject.values()] for name in VA_DIMENSIONS}
-    print(f"  subject by subject ({len(by_subject)} held out; metrics.json by_subject): CCC valence "
+    spans = {name: [scores["held_out"][name]["ccc"] for scores in metrics["by_subject"].values()]
+             for name in VA_DIMENSIONS}
+    print(f"  subject by subject ({subjects} held out; metrics.json by_subject): CCC valence "
           f"{min(spans['valence']):.2f} to {max(spans['valence']):.2f}, arousal {min(spans['arousal']):.2f} to "
           f"{max(spans['arousal']):.2f}{note}")
+
+
+def write_outputs(out_dir, model, config, windows, inputs, history, metrics, held_out, args, note):
+    """The stage folder, written beside the old one and swapped in whole: a run that fails or is killed leaves the
+    previous teacher and its embeddings as they were, and never a folder that looks finished. held_out: the
+    teacher's (prediction, embeddings) of the held-out windows."""
+    prediction, embeddings = held_out
+    norms = np.maximum(np.linalg.norm(embeddings, axis=1, keepdims=True), 1e-8)
+    bdf_hashes = {os.path.relpath(t.recording, inputs.mahnob): t.content_sha256
+                  for t in inputs.trials if t.dataset == MahnobSession.dataset}
+    with artifacts.atomic_dir(out_dir) as staging:
+        artifacts.save_checkpoint({"state_dict": model.state_dict(), "config": config,
+                                   "feature_mean": torch.from_numpy(windows.mean),
+                                   "feature_std": torch.from_numpy(windows.std)}, os.path.join(staging, "teacher.pt"))
+        save_embeddings(os.path.join(staging, "embeddings.npz"), embeddings / norms, *windows.test_targets.T,
+                        windows.test_subjects, windows.test_trial_ids, inputs.source)
+        artifacts.write_json(os.path.join(staging, "metrics.json"), metrics)
+        plot_curve(history, os.path.join(staging, "training_curve.png"), note)
+        plot_held_out(prediction, windows.test_targets, windows.test_datasets, windows.test_trial_ids, metrics,
+                      os.path.join(staging, "held_out.png"), note)
+        artifacts.write_config(staging, args, {
+            "dreamer": artifacts.sha256_file(inputs.dreamer) if inputs.dreamer else None,
+            "mahnob": {"root": inputs.mahnob, "bdf_sha256": bdf_hashes} if inputs.mahnob else None})
+        artifacts.write_manifest(staging)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    out_dir = os.path.join(args.run_dir, "stage1")
+    with artifacts.folder_lock(out_dir):  # one writer: a second run stops at once
+        set_determinism(args.deterministic)
+        torch.manual_seed(args.seed)
+        inputs = load_trials(args)
+        note = " (synthetic data: not the paper's numbers)" if inputs.source == "synthetic" else ""
+        windows = held_out_windows(inputs.trials, args, note)
+        model = Teacher(len(BANDS), args.embedding_size).to(args.device)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+        config = {name: value for name, value in vars(args).items()
+                  if name not in ("device", "run_dir", "workers", "resume", "bootstrap")}
+        config.update(source=inputs.source, bands=list(BANDS), sfreq=SFREQ)
+        # Beside the stage folder, not in it: the manifest lists the folder's files, and must never list this one.
+        checkpoint_path = os.path.join(f"{out_dir}.partial", "checkpoint.pt")
+        history = train(model, optimizer, windows, args, config, checkpoint_path)
+        held_out = predict(model, windows.test_maps, args.device, 256)
+        metrics = held_out_report(held_out[0], windows, inputs, args)
+        write_outputs(out_dir, model, config, windows, inputs, history, metrics, held_out, args, note)
+        artifacts.remove_tree(os.path.dirname(checkpoint_path), out_dir)
+    print_report(metrics, note)
     print(f"wrote {out_dir}/")
 
 

@@ -44,25 +44,23 @@ import matplotlib
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from tqdm import tqdm
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from ngd_ext import artifacts, cli  # noqa: E402
-from ngd_ext.determinism import set_determinism  # noqa: E402
-from ngd_ext.distributed import gather_rows  # noqa: E402
+from ngd_ext.augment import augment  # noqa: E402
+from ngd_ext.data.ferplus import FerPlusError, data_summary, load_ferplus_cached  # noqa: E402
+from ngd_ext.data.synthetic_faces import FERPLUS_SIZES, synthetic_ferplus  # noqa: E402
 from ngd_ext.emotions import DEFAULT_ANCHORS, DEFAULT_POSITIVE, FER_CLASSES  # noqa: E402
-from ngd_ext.ferplus import FerPlusError, data_summary, load_ferplus_cached  # noqa: E402
 from ngd_ext.metrics import eight_way  # noqa: E402
-from ngd_ext.prototypes import proto_kd_targets  # noqa: E402
+from ngd_ext.prototypes import load_bank, proto_kd_targets  # noqa: E402
+from ngd_ext.runtime import gather_rows, gathered_order, set_determinism  # noqa: E402
 from ngd_ext.student_loss import (CLASS_WEIGHTINGS, INERT_SHARE, KD_TEMPERATURE, LABEL_SMOOTHING, TERMS,  # noqa: E402
-                                  LossConstants, class_weights, dgeo_ramp, gradient_shares, loss_terms,
-                                  term_weights)
+                                  LossConstants, class_weights, dgeo_ramp, gradient_shares, loss_terms, term_weights)
 from ngd_ext.student_model import (ARCHITECTURES, EXECUTION_SETTINGS, Student, load_backbone_weights,  # noqa: E402
                                    load_student, predict)
-from ngd_ext.synthetic_faces import FERPLUS_SIZES, synthetic_ferplus  # noqa: E402
 
 # Defaults ---------------------------------------------------------------------------------------------------
 RUN_DIR = "runs/demo"
@@ -201,48 +199,12 @@ def learning_rate_factor(step, warmup_steps, total_steps):
     return 0.5 * (1 + math.cos(math.pi * (step - warmup_steps) / max(total_steps - warmup_steps, 1)))
 
 
-def augment(images, generator, size, part=slice(None)):
-    """A batch of uint8 N x 48 x 48 images -> images[part] as float M x 1 x size x size, on the images' device: random
-    crop (pad 4), flip, a small affine (rotation, scale), random erasing. All randomness comes from `generator` and
-    is drawn for the whole batch, so a resumed run repeats it, and a DDP process (part = its share) gets the images
-    one process would. Tensor operations over the whole batch, with no loop over the images: on a GPU the work stays
-    on the GPU."""
-    n = len(images)
-    draws = (torch.randint(0, 9, (n, 2), generator=generator),  # crop offsets
-             torch.rand(n, generator=generator) < 0.5,  # flip
-             (torch.rand(n, generator=generator) - 0.5) * math.radians(20),  # angle
-             1 + (torch.rand(n, generator=generator) - 0.5) * 0.2,  # scale
-             torch.rand(n, generator=generator) < 0.25,  # erase
-             (torch.rand(n, 2, generator=generator) * size * 0.75).long())  # erased square's corner
-    offsets, flip, angle, scale, erase, corners = (draw[part].to(images.device) for draw in draws)
-    padded = F.pad(images[part].float().div(255).unsqueeze(1), (4, 4, 4, 4), mode="replicate")[:, 0]
-    rows, cols = (offsets[:, axis, None] + torch.arange(48, device=images.device) for axis in (0, 1))
-    x = padded[torch.arange(len(padded), device=images.device)[:, None, None], rows[:, :, None], cols[:, None, :]]
-    x = torch.where(flip[:, None, None], x.flip(-1), x).unsqueeze(1)
-    theta = torch.zeros(len(x), 2, 3, device=images.device)
-    theta[:, 0, 0], theta[:, 0, 1] = torch.cos(angle) / scale, -torch.sin(angle) / scale
-    theta[:, 1, 0], theta[:, 1, 1] = torch.sin(angle) / scale, torch.cos(angle) / scale
-    x = F.grid_sample(x, F.affine_grid(theta, (len(x), 1, size, size), align_corners=False), padding_mode="border",
-                      align_corners=False)
-    pixels = torch.arange(size, device=images.device)
-    in_rows, in_cols = ((pixels >= corners[:, axis, None]) & (pixels < corners[:, axis, None] + size // 4)
-                        for axis in (0, 1))
-    square = erase[:, None, None] & in_rows[:, :, None] & in_cols[:, None, :]
-    x = torch.where(square[:, None], 0.5, x)
-    return (x - 0.5) / 0.25
-
-
 def check_batch_share(batch_size, world):
     """Each of the world processes takes an equal share of every global batch, of two images at least: BatchNorm,
     which normalises over each process's share, cannot train on one image."""
     if batch_size % world or batch_size // world < 2:
         raise ValueError(f"--batch-size {batch_size} must divide among the {world} processes, at least 2 images each "
                          f"(BatchNorm needs two per step in every process)")
-
-
-def gathered_order(batch, world):
-    """The batch's rows in the order gather_rows returns them, when each process takes batch[rank::world]."""
-    return torch.cat([batch[rank::world] for rank in range(world)])
 
 
 def load_teacher(path, device):
@@ -343,10 +305,7 @@ def loss_constants(args, train_labels, device):
     """CE's class weights (--class-weights, from the training set's class counts) and the Proto-KD + D-Geo op's
     constants from stage 2's bank, checked against its manifest; with the bank's hash, side and size."""
     counts = np.bincount(train_labels, minlength=len(FER_CLASSES))
-    stage2_dir = os.path.join(args.run_dir, "stage2")
-    bank_hash = artifacts.verify_manifest(stage2_dir, ["prototypes.npz"])["prototypes.npz"]
-    with np.load(os.path.join(stage2_dir, "prototypes.npz")) as saved:
-        bank, grid = saved["bank"].astype(np.float64), int(saved["G"])
+    bank_hash, bank, grid, _ = load_bank(os.path.join(args.run_dir, "stage2"))
     anchors = [DEFAULT_ANCHORS[name] for name in FER_CLASSES]
     constants = LossConstants(
         class_weights=class_weights(counts, args.class_weights).to(device),
@@ -468,8 +427,9 @@ def training_step(state, trained, teacher, batches, batch, seed, ramp, args, con
     return logged
 
 
-def train_one_epoch(state, trained, teacher, batches, args, constants, autocast, save):
-    """The rest of epoch state.epoch from step state.step, a resume checkpoint every --checkpoint-every steps (save);
+def train_one_epoch(state, trained, teacher, batches, args, constants, autocast, checkpoint):
+    """The rest of epoch state.epoch from step state.step, a resume checkpoint every --checkpoint-every steps (to
+    checkpoint = (path, config), or none for None);
     returns the epoch's mean loss terms and images/s."""
     trained.train()
     steps_per_epoch = len(batches.labels) // args.batch_size
@@ -488,7 +448,8 @@ def train_one_epoch(state, trained, teacher, batches, args, constants, autocast,
         state.step = step + 1
         progress.set_postfix(loss=f"{state.sums['total'] / (state.step - first):.4f}")
         if state.step % args.checkpoint_every == 0 and state.step < steps_per_epoch:
-            save()
+            if checkpoint:
+                state.save(*checkpoint)
     elapsed = time.perf_counter() - started
     means = {term: total / steps_per_epoch for term, total in state.sums.items()}
     return means, (steps_per_epoch - first) * args.batch_size / elapsed, ramp
@@ -577,22 +538,19 @@ def train(args, device, rank, world):
         os.makedirs(work_dir)
     if rank == 0:
         artifacts.write_json(os.path.join(stage_dir, "data_summary.json"), {**data_summary(splits), "source": source})
-
-    def save():
-        if rank == 0:
-            state.save(checkpoint_path, config)
-
+    checkpoint = (checkpoint_path, config) if rank == 0 else None  # where rank 0 saves it; the others do not
     batches = Batches(torch.from_numpy(train_set.images).to(device), torch.from_numpy(train_set.labels).to(device),
                       torch.from_numpy(train_set.targets).to(device) if args.training_labels == "probability" else None,
                       rank, world)
     kd_teacher = (teacher, teacher_size) if teacher is not None and args.kd_weight > 0 else None
     while state.epoch < args.epochs:
         means, images_per_s, ramp = train_one_epoch(state, trained, kd_teacher, batches, args, constants, autocast,
-                                                    save)
+                                                    checkpoint)
         if rank == 0:
             end_of_epoch(state, model, valid, args, device, work_dir, config, means, images_per_s, ramp, note)
         state.epoch, state.step, state.sums, state.shares = state.epoch + 1, 0, dict.fromkeys(TERMS, 0.0), {}
-        save()
+        if checkpoint:
+            state.save(*checkpoint)
     if rank == 0:
         write_student(out_dir, work_dir, args, config, {"stage2/prototypes.npz": bank_facts["prototypes_sha256"],
                                                         "ferplus": data_key, "kd_teacher": teacher_hash})

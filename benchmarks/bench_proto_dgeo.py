@@ -2,6 +2,8 @@
 
     python benchmarks/bench_proto_dgeo.py                       # CPU, or CUDA when a GPU is present
     python benchmarks/bench_proto_dgeo.py --batch 8192 --dim 512 --dtype float32 --mode fwdbwd
+    python benchmarks/bench_proto_dgeo.py --profile --batch 8192 65536 --dim 512 2048 --dtype float32
+    ncu -k regex:forward_rows python benchmarks/bench_proto_dgeo.py --profile-plain --batch 65536 --dim 2048
 
 Times forward (under no_grad), backward (on a retained graph) and both, for every provider, batch size,
 width and dtype asked for; prints a table and writes JSON with the machine, versions and thread count.
@@ -11,6 +13,9 @@ L2 between runs), with CUDA-graph replays of the fused op alongside. Inputs are 
 On CPU every provider's time includes the first touch of the memory it allocates, which for large outputs
 (the backward's gradient) is mostly page faults; PyTorch's allocator asks for transparent huge pages, which
 take far fewer, when THP_MEM_ALLOC_ENABLE=1 is set. The JSON records that variable and the kernel's THP mode.
+
+--profile says where the fused op's time goes instead: torch.profiler over forward + backward steps, each kernel's
+(CUDA) or op's (CPU) time and share per shape. --profile-plain only runs the steps, for an outside profiler (ncu).
 """
 
 import argparse
@@ -22,6 +27,7 @@ import time
 
 import torch
 import torch.utils.benchmark as benchmark
+from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import ngd_ext  # noqa: E402
@@ -49,7 +55,13 @@ def parse_args():
                              "(much less compile time; its kernels may be a little slower)")
     parser.add_argument("--time-budget", type=float, default=float("inf"),
                         help="seconds after which no new configuration is started (the rest are listed as skipped)")
-    parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/proto_dgeo_<device>.json)")
+    parser.add_argument("--profile", action="store_true",
+                        help="profile the fused op's forward + backward kernel by kernel instead of timing providers")
+    parser.add_argument("--profile-plain", action="store_true",
+                        help="run the fused op's forward + backward steps unprofiled, for an outside profiler")
+    parser.add_argument("--steps", type=int, default=10, help="profiled steps per shape (default 10)")
+    parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/proto_dgeo_<device>.json, "
+                                                    "or profile_<device>.json with --profile)")
     return parser.parse_args()
 
 
@@ -140,9 +152,72 @@ def machine(device):
     return info
 
 
+def profile_shape(batch, dim, dtype, device, steps):
+    """[(name, total_ms, calls)] for every kernel (CUDA) or op (CPU) that steps of forward + backward ran."""
+    z, *rest = make_inputs(batch, dim, 25, 8, dtype, device)
+    step = make_callables(ngd_ext.proto_dgeo_loss, z, rest)["fwdbwd"]
+    for _ in range(3):  # warm-up: allocator, first launches
+        step()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        if device == "cuda":
+            torch.cuda.synchronize()
+    rows = []
+    for event in prof.key_averages():
+        on_device = device == "cuda" and event.device_type == torch.autograd.DeviceType.CUDA
+        total_us = event.self_device_time_total if device == "cuda" else event.self_cpu_time_total
+        if total_us > 0 and (on_device or device != "cuda"):
+            rows.append((event.key, total_us / 1e3, event.count))
+    return sorted(rows, key=lambda row: -row[1])
+
+
+def profile_main(args):
+    """--profile: per shape, each kernel's share of a forward + backward of the fused op, printed and as JSON."""
+    dtype = DTYPES[args.dtype[0]]
+    report = {"machine": machine(args.device), "device": args.device, "dtype": args.dtype[0], "steps": args.steps,
+              "shapes": []}
+    for batch in args.batch:
+        for dim in args.dim:
+            rows = profile_shape(batch, dim, dtype, args.device, args.steps)
+            total = sum(ms for _, ms, _ in rows)
+            print(f"\nB={batch} D={dim} {args.dtype[0]} on {args.device}: {total / args.steps:.3f} ms of "
+                  f"{'kernels' if args.device == 'cuda' else 'ops'} per forward + backward")
+            print(f"{'ms/step':>9} {'share':>6} {'calls':>6}  name")
+            for name, ms, calls in rows[:12]:
+                print(f"{ms / args.steps:9.3f} {ms / total:6.1%} {calls:6d}  {name[:100]}")
+            report["shapes"].append({"batch": batch, "dim": dim, "ms_per_step": total / args.steps, "rows": [
+                {"name": name, "ms_per_step": ms / args.steps, "calls": calls} for name, ms, calls in rows]})
+    write_report(report, args.out or default_out(f"profile_{args.device}.json"))
+
+
+def default_out(name):
+    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", name)
+
+
+def write_report(report, out):
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out + ".tmp", "w") as handle:
+        json.dump(report, handle, indent=1)
+    os.replace(out + ".tmp", out)
+
+
 def main():
     args = parse_args()
     device = args.device
+    if args.profile or args.profile_plain:
+        if not ngd_ext.fused_available(device):
+            sys.exit(f"the fused op is not built for {device}: pip install --no-build-isolation -e .")
+        if args.profile_plain:
+            for batch in args.batch:
+                for dim in args.dim:
+                    z, *rest = make_inputs(batch, dim, 25, 8, DTYPES[args.dtype[0]], device)
+                    step = make_callables(ngd_ext.proto_dgeo_loss, z, rest)["fwdbwd"]
+                    for _ in range(args.steps):
+                        step()
+            return
+        return profile_main(args)
     if "fused" in args.provider and not ngd_ext.fused_available(device):
         sys.exit(f"the fused op is not built for {device}: pip install --no-build-isolation -e .")
     served = ngd_ext.ops.cuda_kernels_serve(args.num_protos, args.num_classes)
@@ -193,13 +268,10 @@ def main():
                         print(json.dumps(row), flush=True)
                     del callables
 
-    out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"proto_dgeo_{device}.json")
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    report = dict(machine=machine(device), device=device, num_protos=args.num_protos, num_classes=args.num_classes,
-                  compile_dynamic=args.compile_dynamic, params=PARAMS, results=results, skipped=skipped)
-    with open(out + ".tmp", "w") as handle:
-        json.dump(report, handle, indent=1)
-    os.replace(out + ".tmp", out)
+    out = args.out or default_out(f"proto_dgeo_{device}.json")
+    write_report(dict(machine=machine(device), device=device, num_protos=args.num_protos,
+                      num_classes=args.num_classes, compile_dynamic=args.compile_dynamic, params=PARAMS,
+                      results=results, skipped=skipped), out)
     print_table(results, device)
     print(f"\n{len(results)} timings, {len(skipped)} configurations skipped for time; JSON: {out}")
 

@@ -17,7 +17,6 @@ bootstrap.
 """
 
 import numpy as np
-import scipy.stats
 
 from ngd_ext.emotions import VA_DIMENSIONS
 from ngd_ext.prototypes import unit_rows
@@ -216,6 +215,9 @@ MECHANISMS = {  # name: what it measures, and the term meant to move it
 }
 
 
+MECHANISM_SETS = ("ferplus_valid", "ferplus_test")  # where they are measured: the source domain the terms trained on
+
+
 def _per_image_mechanisms(logits, embeddings, labels, target_table, bank, tau, teacher_logits):
     """N x 2: each image's agreement with the teacher (NaN without one) and its Proto-KD KL, as SPEC section 4 takes
     it (u = z / max(||z||, 1e-8), q = softmax over the unit prototypes' cosines / tau, 0 log 0 = 0)."""
@@ -273,7 +275,110 @@ def mechanisms(logits, embeddings, labels, target_table, bank, tau, positive, re
 def seed_interval(differences, level=BOOTSTRAP_LEVEL):
     """The mean of differences paired by training seed, its standard deviation (n - 1), Student's t interval of the
     mean (n - 1 degrees of freedom, taking the differences as normal), and how many are above 0."""
+    import scipy.stats  # here: it takes half a second to import, and only stage 4 compares seeds
+
     n, mean, sd = len(differences), float(np.mean(differences)), float(np.std(differences, ddof=1))
     half_width = scipy.stats.t.ppf((1 + level) / 2, n - 1) * sd / np.sqrt(n)
     return {"mean": mean, "sd": sd, "interval": [mean - half_width, mean + half_width],
             "above_zero": int(sum(difference > 0 for difference in differences)), "values": list(differences)}
+
+
+# Scores across students and training seeds --------------------------------------------------------------------
+
+def score_readouts(readouts, data, resamples, seed):
+    """The readouts scored against the ratings of the set's rated images, with bootstrap intervals over the images, or
+    their groups: {"images", "readouts": {readout: {dimension: {score, ..., "interval"}}}}."""
+    rated = ~np.isnan(data.va[:, 0])
+    groups = None if data.groups is None else [group for group, kept in zip(data.groups, rated) if kept]
+    scored = {}
+    for readout, values in readouts.items():
+        scored[readout] = regression_metrics(values[rated], data.va[rated])
+        samples = regression_bootstrap(values[rated], data.va[rated], resamples, seed, groups)
+        for dimension in VA_DIMENSIONS:
+            scored[readout][dimension]["interval"] = intervals(samples[dimension])
+    return {"images": int(rated.sum()), "readouts": scored}
+
+
+def differences_from_reference(results, resampled, variants, datasets, reference):
+    """Every other student's scores minus the reference student's, per dataset and protocol, with the
+    paired-bootstrap interval of each difference: both students were scored on the same resamples of the images.
+    Shaped as `results` is: {name: {dataset: {protocol: {score: difference, "interval": {score: [low, high]}}}}}."""
+
+    def difference(name, key, protocol):
+        mine, theirs = results[name][key][protocol], results[reference][key][protocol]
+        mine_resampled, theirs_resampled = resampled[name][key][protocol], resampled[reference][key][protocol]
+        spread = intervals({score: mine_resampled[score] - theirs_resampled[score] for score in SCORES})
+        return {**{score: mine[score] - theirs[score] for score in SCORES}, "interval": spread}
+
+    return {name: {key: {protocol: difference(name, key, protocol) for protocol in PROTOCOLS} for key, _, _ in datasets}
+            for name, _ in variants if name != reference}
+
+
+def across_seeds(results, groups, variants, datasets):
+    """Each --replicates group's scores over its students: {group: {"students": [...], "seeds": [...], "datasets":
+    {dataset: {protocol: {score: {"mean", "sd", "values"}}, and on a rated set "valence_arousal": {readout:
+    {dimension: {score: {"mean", "sd", "values"}}}}}}}}; sd is the sample standard deviation (over n - 1)."""
+    configs = dict(variants)
+
+    def spread(values):
+        return {"mean": float(np.mean(values)), "sd": float(np.std(values, ddof=1)), "values": values}
+
+    def on_dataset(names, key):
+        scores = [results[name][key] for name in names]
+        entry = {protocol: {score: spread([mine[protocol][score] for mine in scores]) for score in SCORES}
+                 for protocol in PROTOCOLS}
+        if "valence_arousal" in scores[0]:  # students trained alike have the same readouts
+            readouts = [mine["valence_arousal"]["readouts"] for mine in scores]
+            entry["valence_arousal"] = {readout: {dimension: {
+                score: spread([mine[readout][dimension][score] for mine in readouts]) for score in REGRESSION_SCORES}
+                for dimension in VA_DIMENSIONS} for readout in readouts[0]}
+        return entry
+
+    return {group: {"students": names, "seeds": [configs[name]["seed"] for name in names],
+                    "datasets": {key: on_dataset(names, key) for key, _, _ in datasets}}
+            for group, names in groups.items()}
+
+
+def paired_across_seeds(replicates, reference_group):
+    """Each other --replicates group's scores minus the reference group's, paired by training seed: {group: {"from",
+    "seeds", "datasets": {dataset: {protocol: {score: difference}, and on a rated set "valence_arousal": {readout:
+    {dimension: {score: difference}}} for the readouts both groups have}}}}, each difference {"mean", "sd",
+    "interval", "above_zero", "values"}, over the seeds both groups have (a group sharing fewer than two with the
+    reference is left out). A seed fixes the initial weights, the batch order and the augmentation, so a seed's two
+    students differ chiefly by their recipe. The interval is Student's t interval of the mean difference (n - 1
+    degrees of freedom), which takes the seeds' differences as normal."""
+    reference = replicates[reference_group]
+    paired_groups = {}
+    for group, entry in replicates.items():
+        seeds = sorted(set(entry["seeds"]) & set(reference["seeds"]))
+        if group == reference_group or len(seeds) < 2:
+            continue
+        pairs = [(entry["seeds"].index(seed), reference["seeds"].index(seed)) for seed in seeds]
+
+        def difference(mine, theirs):  # two groups' spreads of one score, as across_seeds gives them
+            return seed_interval([mine["values"][i] - theirs["values"][j] for i, j in pairs])
+
+        datasets = {}
+        for key, mine in entry["datasets"].items():
+            theirs = reference["datasets"][key]
+            datasets[key] = {protocol: {score: difference(mine[protocol][score], theirs[protocol][score])
+                                        for score in SCORES} for protocol in PROTOCOLS}
+            if "valence_arousal" in mine:
+                mine_va, theirs_va = mine["valence_arousal"], theirs["valence_arousal"]
+                datasets[key]["valence_arousal"] = {readout: {dimension: {
+                    score: difference(mine_va[readout][dimension][score], theirs_va[readout][dimension][score])
+                    for score in REGRESSION_SCORES} for dimension in VA_DIMENSIONS}
+                    for readout in mine_va if readout in theirs_va}
+        paired_groups[group] = {"from": reference_group, "seeds": seeds, "datasets": datasets}
+    return paired_groups
+
+
+def summary_scores(scores):
+    """One student's scores on one dataset as summary.json keeps them: metrics.json's, without the confusion
+    matrices."""
+    kept = {protocol: {**{score: scores[protocol][score] for score in SCORES}, "interval": scores[protocol]["interval"],
+                       "per_class": scores[protocol]["per_class"]} for protocol in PROTOCOLS}
+    if "valence_arousal" in scores:
+        kept["valence_arousal"] = scores["valence_arousal"]
+    return kept
+

@@ -1,9 +1,12 @@
 """The G x G valence/arousal grid, the prototype bank built on it, and the Proto-KD target table
 (SPEC sections 2 and 3)."""
 
+import os
 from dataclasses import dataclass
 
 import numpy as np
+
+from ngd_ext import artifacts
 
 GRID_LOW, GRID_HIGH = -0.8, 0.8
 
@@ -103,3 +106,11 @@ def proto_kd_targets(bank, grid, anchors, tau):
     logits -= logits.max(axis=1, keepdims=True)
     weights = np.exp(logits)
     return weights / weights.sum(axis=1, keepdims=True)
+
+
+def load_bank(stage2_dir):
+    """Stage 2's prototype bank after its manifest check: (its SHA-256, bank K x E, grid side G, filled_from)."""
+    bank_hash = artifacts.verify_manifest(stage2_dir, ["prototypes.npz"])["prototypes.npz"]
+    with np.load(os.path.join(stage2_dir, "prototypes.npz")) as saved:
+        return bank_hash, saved["bank"].astype(np.float64), int(saved["G"]), saved["filled_from"]
+

@@ -138,3 +138,25 @@ def predict(model, images, size, device, batch_size=512):
     if not logits:
         raise ValueError("no images to predict")
     return torch.cat(logits).numpy(), torch.cat(embeddings).numpy()
+
+
+PRESET_ORDER = ("B0", "B1", "B2", "B3")  # each adds one term to the one before
+
+
+def preset_of(config):
+    """'B0'..'B3' when the loss terms in use are a preset's, 'Full (T=1)' for B3 with KL distillation at T = 1 (the
+    paper's row of that name), else 'custom'."""
+    used = (config["kd_weight"] > 0, config["proto_weight"] > 0, config["dgeo_weight"] > 0)
+    presets = {(False, False, False): "B0", (True, False, False): "B1", (True, True, False): "B2",
+               (True, True, True): "B3"}
+    preset = presets.get(used, "custom")
+    if preset == "B3" and config.get("kd_loss") == "kl" and config.get("kd_temperature") == 1:
+        return "Full (T=1)"
+    return preset
+
+
+def label_of(name, config):
+    """A student's name in tables and titles: its run name, and its preset when the name does not say it."""
+    preset = preset_of(config)
+    return name if name == preset else f"{name} ({preset})"
+

@@ -14,4 +14,6 @@ if (( free_mb < 2048 )); then
   exit 1
 fi
 bash scripts/setup.sh
-.venv/bin/python -m pytest -q tests "$@"
+.venv/bin/python -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
+# A worker per CPU (pytest-xdist), each test file on one worker, so that a file's fixtures are built once.
+.venv/bin/python -m pytest -q -n auto --dist loadfile tests "$@"

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from ngd_ext import reference
-from ngd_ext.eeg_formats import MAHNOB_EEG, read_mahnob_trial, scan_mahnob, write_bdf, write_session_xml
+from ngd_ext.data.eeg import MAHNOB_EEG, read_mahnob_trial, scan_mahnob, write_bdf, write_session_xml
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -188,16 +188,22 @@ EDGE_CASES = {
 }
 
 
+def address_sanitizer_runtime():
+    """(AddressSanitizer's runtime, libstdc++) as the C++ compiler names them; the first is not an absolute path where
+    the compiler has no runtime."""
+    compiler = os.environ.get("CXX", "c++")
+    return tuple(subprocess.run([compiler, f"-print-file-name={name}"], capture_output=True, text=True).stdout.strip()
+                 for name in ("libasan.so", "libstdc++.so"))
+
+
 def run_under_address_sanitizer(script_args, env_extra, cwd):
     """Runs `python script_args...` (a pytest run whose C++ extension is built with -fsanitize=address) with
     AddressSanitizer's runtime preloaded, and checks that the sanitizer found nothing and the tests passed. The
     runtime is preloaded with libstdc++, which its hook on C++ throws must find loaded (the ops throw their
     errors); the calling test skips where the compiler has no runtime."""
-    compiler = os.environ.get("CXX", "c++")
-    runtime, libstdcxx = (subprocess.run([compiler, f"-print-file-name={name}"], capture_output=True, text=True)
-                          .stdout.strip() for name in ("libasan.so", "libstdc++.so"))
+    runtime, libstdcxx = address_sanitizer_runtime()
     if not os.path.isabs(runtime):
-        pytest.skip(f"{compiler} has no AddressSanitizer runtime")
+        pytest.skip("the C++ compiler has no AddressSanitizer runtime")
     env = dict(os.environ, LD_PRELOAD=f"{runtime} {libstdcxx}", ASAN_OPTIONS="detect_leaks=0", **env_extra)
     result = subprocess.run([sys.executable, *script_args], env=env, capture_output=True, text=True, cwd=cwd)
     finding = result.stderr.find("ERROR: AddressSanitizer")

@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ngd_ext import eeg_formats, face_datasets, ferplus
-from ngd_ext.eeg_formats import EEGFormatError
-from ngd_ext.face_datasets import DatasetError
-from ngd_ext.ferplus import FerPlusError
-from ngd_ext.synthetic_eeg import ensure_synthetic_eeg
-from ngd_ext.synthetic_faces import synthetic_ferplus, write_synthetic_affectnet, write_synthetic_ckplus
+from ngd_ext.data import eeg as eeg_formats, faces as face_datasets, ferplus
+from ngd_ext.data.eeg import EEGFormatError
+from ngd_ext.data.faces import DatasetError
+from ngd_ext.data.ferplus import FerPlusError
+from ngd_ext.data.synthetic_eeg import ensure_synthetic_eeg
+from ngd_ext.data.synthetic_faces import synthetic_ferplus, write_synthetic_affectnet, write_synthetic_ckplus
 
 MUTATIONS = 25
 INSERTS = (b",", b"\n", b'"', b"-1", b"nan", b"\x00", b"999", b"\xff")

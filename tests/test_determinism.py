@@ -1,10 +1,10 @@
-"""ngd_ext.determinism: the training stages' --deterministic switch."""
+"""ngd_ext.runtime.set_determinism: the training stages' --deterministic switch."""
 
 import os
 
 import torch
 
-from ngd_ext.determinism import set_determinism
+from ngd_ext.runtime import set_determinism
 
 
 def test_set_determinism_switches_torch_cudnn_and_cublas(monkeypatch):

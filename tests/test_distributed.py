@@ -1,4 +1,4 @@
-"""ngd_ext.distributed.gather_rows: the fused loss over the global batch under DDP, as the README shows it, on two
+"""ngd_ext.runtime.gather_rows: the fused loss over the global batch under DDP, as the README shows it, on two
 gloo processes against one process."""
 
 import pytest
@@ -6,7 +6,7 @@ import torch
 
 import ngd_ext
 from helpers import run_under_gloo
-from ngd_ext.distributed import gather_rows
+from ngd_ext.runtime import gather_rows
 
 BATCH, FEATURES, EMBEDDING, CLASSES, PROTOS = 24, 10, 6, 8, 25
 

@@ -68,9 +68,13 @@ def test_tables_have_a_header_and_whole_rows(page):
     assert not problems, f"{page}: {problems}"
 
 
-def code_blocks(page, language):
-    with open(os.path.join(ROOT, page)) as handle:
-        return re.findall(rf"^```{language}\n(.*?)^```$", handle.read(), flags=re.S | re.M)
+def code_blocks(language):
+    """The fenced code blocks of a language on every page."""
+    blocks = []
+    for page in PAGES:
+        with open(os.path.join(ROOT, page)) as handle:
+            blocks += re.findall(rf"^```{language}\n(.*?)^```$", handle.read(), flags=re.S | re.M)
+    return blocks
 
 
 def test_the_readme_example_of_the_loss_in_ones_own_training_runs(tmp_path, monkeypatch):
@@ -79,7 +83,7 @@ def test_the_readme_example_of_the_loss_in_ones_own_training_runs(tmp_path, monk
 
     from ngd_ext import artifacts, reference
 
-    (example,) = [block for block in code_blocks("README.md", "python") if "proto_kd_targets" in block]
+    (example,) = [block for block in code_blocks("python") if "proto_kd_targets" in block]
     stage2 = tmp_path / "runs" / "demo" / "stage2"
     stage2.mkdir(parents=True)
     bank = np.random.default_rng(0).normal(size=(25, 16)).astype(np.float32)
@@ -104,9 +108,9 @@ def test_the_readme_example_of_prediction_from_python_runs(tmp_path, monkeypatch
 
     from ngd_ext import artifacts
     from ngd_ext.student_model import Student
-    from ngd_ext.synthetic_faces import EXPRESSIONS, draw_face, place_face
+    from ngd_ext.data.synthetic_faces import EXPRESSIONS, draw_face, place_face
 
-    (example,) = [block for block in code_blocks("README.md", "python") if "load_student" in block]
+    (example,) = [block for block in code_blocks("python") if "load_student" in block]
     student = tmp_path / "runs" / "demo" / "stage3" / "B3"
     student.mkdir(parents=True)
     torch.manual_seed(0)
@@ -129,7 +133,7 @@ def test_the_readme_example_of_the_exported_program_runs(tmp_path, monkeypatch):
 
     from ngd_ext.student_model import Student, export_student
 
-    (example,) = [block for block in code_blocks("README.md", "python") if "torch.export.load" in block]
+    (example,) = [block for block in code_blocks("python") if "torch.export.load" in block]
     torch.manual_seed(0)
     export_student(Student("resnet18", 8, 16), {"input_size": 32}, str(tmp_path / "student.pt2"), {})
     monkeypatch.chdir(tmp_path)
@@ -137,3 +141,11 @@ def test_the_readme_example_of_the_exported_program_runs(tmp_path, monkeypatch):
     exec(compile(example, "README.md", "exec"), names)
     assert names["probabilities"].shape == (2, 8) and names["embeddings"].shape == (2, 16)
     torch.testing.assert_close(names["probabilities"].sum(dim=1), torch.ones(2))
+
+
+def test_the_readme_is_a_front_page():
+    """At most 250 lines, and no history in prose: no commit hashes (results that change are data under docs/)."""
+    with open(os.path.join(ROOT, "README.md")) as handle:
+        text = handle.read()
+    assert len(text.splitlines()) <= 250
+    assert not re.findall(r"\b(?=[0-9a-f]*[a-f])(?=[0-9a-f]*[0-9])[0-9a-f]{7,40}\b", text)

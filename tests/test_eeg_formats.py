@@ -8,7 +8,7 @@ import pytest
 import scipy.io
 
 from helpers import read_only_session, write_mahnob_session
-from ngd_ext.eeg_formats import (DREAMER_ELECTRODES, MAHNOB_EEG, EEGFormatError, average_referenced, iter_dreamer,
+from ngd_ext.data.eeg import (DREAMER_ELECTRODES, MAHNOB_EEG, EEGFormatError, average_referenced, iter_dreamer,
                                  read_mahnob_trial, scan_mahnob, without_unusable_channels, write_dreamer)
 
 

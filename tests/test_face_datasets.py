@@ -9,10 +9,10 @@ import pytest
 from PIL import Image
 
 from ngd_ext.emotions import FER_CLASSES
-from ngd_ext.face_crop import CROP_MARGIN, FaceCropper, cut
-from ngd_ext.face_datasets import (AFFECTNET_COLUMNS, DatasetError, affectnet_records, ckplus_records, class_index,
+from ngd_ext.data.face_crop import CROP_MARGIN, FaceCropper, cut
+from ngd_ext.data.faces import (AFFECTNET_COLUMNS, DatasetError, affectnet_records, ckplus_records, class_index,
                                    manifest_records, read_class_map, read_faces)
-from ngd_ext.synthetic_faces import EXPRESSIONS, draw_face, place_face
+from ngd_ext.data.synthetic_faces import EXPRESSIONS, draw_face, place_face
 
 
 @pytest.fixture(scope="module")

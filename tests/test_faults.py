@@ -272,12 +272,14 @@ def test_a_student_checkpoint_that_is_not_one_is_named(run_with_student, tmp_pat
         folder.mkdir()
         (folder / "best.pt").write_bytes(data)
         artifacts.write_manifest(str(folder))
-        code, message = run_stage("stage3_student.py", "--run-dir", run_with_student, "--variant", "B1", "--name",
-                                  "k", "--kd-teacher", str(folder / "best.pt"), *TINY)
-        assert code == 1
-        assert message.startswith(f"stage3_student.py: --kd-teacher: {folder}/best.pt: not a stage-3 checkpoint: "), \
-            kind
-        assert message.count("\n") == 1 and "weights_only" not in message
+        arguments = ["--run-dir", run_with_student, "--variant", "B1", "--name", "k", "--kd-teacher",
+                     str(folder / "best.pt"), *TINY]
+        with pytest.raises(artifacts.ArtifactError) as refused:
+            stage3_student.main(arguments)
+        assert str(refused.value).startswith(f"--kd-teacher: {folder}/best.pt: not a stage-3 checkpoint: "), kind
+        assert "weights_only" not in str(refused.value)
+    code, message = run_stage("stage3_student.py", *arguments)  # as the user meets it: one line
+    assert (code, message) == (1, f"stage3_student.py: {refused.value}\n")
 
 
 def test_a_damaged_resume_checkpoint_is_named(run_with_student):
@@ -285,33 +287,38 @@ def test_a_damaged_resume_checkpoint_is_named(run_with_student):
     os.makedirs(partial)
     with open(os.path.join(partial, "checkpoint.pt"), "wb") as handle:
         handle.write(np.random.default_rng(1).bytes(10_000))
-    code, message = run_stage("stage3_student.py", "--run-dir", run_with_student, "--variant", "B0", "--name",
-                              "damaged", "--resume", *TINY)
-    assert (code, message) == (1, f"stage3_student.py: {partial}/checkpoint.pt: not a resume checkpoint (rerun without "
-                                  "--resume to start over): not a torch file of tensors and plain containers "
-                                  "(damaged, of another format, or holding Python objects, which are never unpickled "
-                                  "here)\n")
+    with pytest.raises(artifacts.ArtifactError) as refused:
+        stage3_student.main(["--run-dir", run_with_student, "--variant", "B0", "--name", "damaged", "--resume", *TINY])
+    assert str(refused.value) == (f"{partial}/checkpoint.pt: not a resume checkpoint (rerun without --resume to start "
+                                  "over): not a torch file of tensors and plain containers (damaged, of another "
+                                  "format, or holding Python objects, which are never unpickled here)")
 
 
 def test_a_pretrained_file_that_is_not_a_state_dict_is_named(run_with_student, tmp_path):
     path = tmp_path / "weights.pth"
     path.write_bytes(b"\x80\x02}q\x00.")  # a pickle, torch.save's legacy format, of an empty dict
-    code, message = run_stage("stage3_student.py", "--run-dir", run_with_student, "--variant", "B0", "--name", "p",
-                              "--pretrained", str(path), *TINY)
-    assert code == 1 and message.startswith(f"stage3_student.py: {path}: not a state_dict file: ")
+    with pytest.raises(artifacts.ArtifactError, match=rf"^{path}: not a state_dict file: "):
+        stage3_student.main(["--run-dir", run_with_student, "--variant", "B0", "--name", "p", "--pretrained",
+                             str(path), *TINY])
+
+
+def usage_error(stage, arguments, capsys):
+    """The last line a stage's parser prints for arguments it refuses."""
+    with pytest.raises(SystemExit) as stopped:
+        stage.parse_args(arguments)
+    assert stopped.value.code == 2
+    return capsys.readouterr().err.splitlines()[-1]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
-@pytest.mark.parametrize("script", ["stage1_teacher.py", "stage2_prototypes.py", "stage3_student.py",
-                                    "stage4_eval.py"])
-def test_a_device_this_machine_lacks_is_a_usage_error(script):
-    code, message = run_stage(script, "--device", "cuda")
-    assert code == 2
-    assert message.splitlines()[-1] == (f"{script}: error: argument --device: cuda: this machine has no CUDA GPU that "
-                                        f"torch can use (torch {torch.__version__}, built for CUDA {torch.version.cuda}"
-                                        "); use cpu")
-    assert run_stage(script, "--device", "gpu")[1].splitlines()[-1].endswith(
-        "argument --device: 'gpu' is not a torch device (e.g. cpu, cuda, cuda:1)")
+@pytest.mark.parametrize("stage", [stage1_teacher, stage2_prototypes, stage3_student, stage4_eval],
+                         ids=lambda stage: stage.__name__)
+def test_a_device_this_machine_lacks_is_a_usage_error(stage, capsys):
+    assert usage_error(stage, ["--device", "cuda"], capsys).endswith(
+        f"error: argument --device: cuda: this machine has no CUDA GPU that torch can use (torch {torch.__version__}, "
+        f"built for CUDA {torch.version.cuda}); use cpu")
+    assert usage_error(stage, ["--device", "gpu"], capsys).endswith(
+        "error: argument --device: 'gpu' is not a torch device (e.g. cpu, cuda, cuda:1)")
 
 
 def mount_small_disk(folder, size):
@@ -330,22 +337,21 @@ def small_disk(tmp_path):
     subprocess.run(["umount", folder], check=True)
 
 
-def test_a_full_disk_and_a_read_only_folder_are_one_line_each(small_disk):
+def test_a_full_disk_and_a_read_only_folder_are_named(small_disk):
     """On a real full disk and a real read-only file system (a tmpfs mounted for the test)."""
     write_stage1(small_disk, count=400)
     filler = os.statvfs(small_disk)
     with open(os.path.join(small_disk, "filler"), "wb") as handle:  # leaves 16 KB: the bank fits, its pictures not
         handle.write(b"\0" * (filler.f_bavail * filler.f_frsize - 16384))
-    code, message = run_stage("stage2_prototypes.py", "--run-dir", small_disk, "--min-count", "1")
-    assert code == 1
-    assert message.startswith(f"stage2_prototypes.py: cannot write {small_disk}/stage2") and \
-        message.endswith(": No space left on device\n") and message.count("\n") == 1
+    with pytest.raises(artifacts.ArtifactError, match=rf"^cannot write {small_disk}/stage2\S*: No space left on "
+                                                      "device$"):
+        stage2_prototypes.main(["--run-dir", small_disk, "--min-count", "1"])
     assert sorted(os.listdir(small_disk)) == ["filler", "stage1", "stage2.lock"]  # no half-written stage2/
     os.remove(os.path.join(small_disk, "filler"))
     subprocess.run(["mount", "-o", "remount,ro", small_disk], check=True)
-    code, message = run_stage("stage2_prototypes.py", "--run-dir", small_disk)
-    assert (code, message) == (1, f"stage2_prototypes.py: cannot write {small_disk}/stage2.lock: Read-only file "
-                                  "system\n")
+    with pytest.raises(artifacts.ArtifactError, match=rf"^cannot write {small_disk}/stage2.lock: Read-only file "
+                                                      "system$"):
+        stage2_prototypes.main(["--run-dir", small_disk])
 
 
 def test_a_full_disk_in_the_middle_of_writing_names_the_file(tmp_path, monkeypatch):
@@ -362,17 +368,22 @@ def test_a_full_disk_in_the_middle_of_writing_names_the_file(tmp_path, monkeypat
     assert sorted(os.listdir(run_dir)) == ["stage1", "stage2.lock"]
 
 
-@pytest.mark.parametrize("script, flag, value, expected", [
-    ("stage3_student.py", "--kd-weight", "-0.3", "'-0.3': expected a finite number >= 0"),
-    ("stage3_student.py", "--proto-weight", "nan", "'nan': expected a finite number"),
-    ("stage3_student.py", "--dgeo-weight", "inf", "'inf': expected a finite number"),
-    ("stage3_student.py", "--lr", "0", "'0': expected a finite number > 0"),
-    ("stage3_student.py", "--lr", "1e999", "'1e999': expected a finite number"),
-    ("stage3_student.py", "--weight-decay", "-1", "'-1': expected a finite number >= 0"),
-    ("stage3_student.py", "--tau", "x", "'x' is not a number"),
-    ("stage1_teacher.py", "--lr", "-0.002", "'-0.002': expected a finite number > 0"),
-    ("stage1_teacher.py", "--window-s", "nan", "'nan': expected a finite number"),
+@pytest.mark.parametrize("stage, flag, value, expected", [
+    (stage3_student, "--kd-weight", "-0.3", "'-0.3': expected a finite number >= 0"),
+    (stage3_student, "--proto-weight", "nan", "'nan': expected a finite number"),
+    (stage3_student, "--dgeo-weight", "inf", "'inf': expected a finite number"),
+    (stage3_student, "--lr", "0", "'0': expected a finite number > 0"),
+    (stage3_student, "--lr", "1e999", "'1e999': expected a finite number"),
+    (stage3_student, "--weight-decay", "-1", "'-1': expected a finite number >= 0"),
+    (stage3_student, "--tau", "x", "'x' is not a number"),
+    (stage1_teacher, "--lr", "-0.002", "'-0.002': expected a finite number > 0"),
+    (stage1_teacher, "--window-s", "nan", "'nan': expected a finite number"),
 ])
-def test_weights_and_rates_must_be_finite_and_in_range(script, flag, value, expected):
-    code, message = run_stage(script, flag, value)
-    assert code == 2 and message.splitlines()[-1] == f"{script}: error: argument {flag}: {expected}"
+def test_weights_and_rates_must_be_finite_and_in_range(stage, flag, value, expected, capsys):
+    assert usage_error(stage, [flag, value], capsys).endswith(f"error: argument {flag}: {expected}")
+
+
+def test_a_usage_error_ends_in_a_line_naming_the_flag():
+    code, message = run_stage("stage3_student.py", "--kd-weight", "-1")
+    assert code == 2 and message.splitlines()[-1] == ("stage3_student.py: error: argument --kd-weight: '-1': expected "
+                                                      "a finite number >= 0")

@@ -8,8 +8,8 @@ import pytest
 from PIL import Image
 
 from ngd_ext.emotions import FER_CLASSES
-from ngd_ext import ferplus
-from ngd_ext.ferplus import (SPLITS, FerPlusError, apply_rule, data_summary, load_ferplus, load_ferplus_cached,
+from ngd_ext.data import ferplus
+from ngd_ext.data.ferplus import (SPLITS, FerPlusError, apply_rule, data_summary, load_ferplus, load_ferplus_cached,
                              majority_label, probability_label, read_votes)
 
 OFFICIAL = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "ferplus")

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ngd_ext.images import SIXTEEN_BIT_GREY, read_grey
+from ngd_ext.data.files import SIXTEEN_BIT_GREY, read_grey
 
 
 @pytest.mark.parametrize("name,dtype", [("a.png", "<u2"), ("a.tif", "<u2"), ("a.tif", ">u2")])

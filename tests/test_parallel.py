@@ -1,8 +1,8 @@
-"""ngd_ext.parallel: the pools the stages spread their work over."""
+"""ngd_ext.runtime: the pools the stages spread their work over."""
 
 import os
 
-from ngd_ext.parallel import default_workers, map_in_processes, map_in_threads
+from ngd_ext.runtime import default_workers, map_in_processes, map_in_threads
 
 
 def test_map_in_processes_reads_items_only_as_fast_as_the_workers_take_them():

@@ -17,13 +17,14 @@ import stage1_teacher
 import stage2_prototypes
 from helpers import write_mahnob_session
 from ngd_ext import artifacts
-from ngd_ext.eeg_features import (BANDS, band_entropy, differential_entropy, interpolation_matrix, preprocess,
+from ngd_ext.data import eeg_cache
+from ngd_ext.data.eeg_features import (BANDS, band_entropy, differential_entropy, interpolation_matrix, preprocess,
                                   topographic_maps, windows)
-from ngd_ext.eeg_formats import (DREAMER_ELECTRODES, MAHNOB_EEG, NOISY_AMPLITUDE_RATIO, EEGFormatError, MahnobSession,
+from ngd_ext.data.eeg import (DREAMER_ELECTRODES, MAHNOB_EEG, NOISY_AMPLITUDE_RATIO, EEGFormatError, MahnobSession,
                                  Trial, iter_dreamer, read_mahnob_trial, scan_mahnob, without_unusable_channels,
                                  write_dreamer)
-from ngd_ext.parallel import map_in_processes
-from ngd_ext.synthetic_eeg import ensure_synthetic_eeg, write_synthetic_dreamer
+from ngd_ext.runtime import map_in_processes
+from ngd_ext.data.synthetic_eeg import ensure_synthetic_eeg, write_synthetic_dreamer
 from ngd_ext.teacher_embeddings import load_embeddings
 
 TINY = stage1_teacher.SYNTHETIC_SIZES["tiny"]
@@ -106,7 +107,7 @@ def tiny_trial_sources(tmp_path):
 
 
 def features_cached_in(cache_dir, window_s=2.0, step_s=1.0, noisy_ratio=NOISY_AMPLITUDE_RATIO):
-    return partial(stage1_teacher.trial_entropy, window_s=window_s, step_s=step_s, noisy_ratio=noisy_ratio,
+    return partial(eeg_cache.trial_entropy, window_s=window_s, step_s=step_s, noisy_ratio=noisy_ratio,
                    cache_dir=str(cache_dir))
 
 
@@ -238,8 +239,8 @@ def test_features_are_cached_by_the_recordings_content(tmp_path, monkeypatch):
         raise AssertionError("read or filtered again")
 
     with monkeypatch.context() as patched:
-        patched.setattr(stage1_teacher, "read_mahnob_trial", no_reading)
-        patched.setattr(stage1_teacher, "recording_entropy", no_reading)
+        patched.setattr(eeg_cache, "read_mahnob_trial", no_reading)
+        patched.setattr(eeg_cache, "recording_entropy", no_reading)
         again = [features(source) for source in sources()]
     assert all(t.from_cache for t in again)
     for one, other in zip(first, again):
@@ -261,7 +262,7 @@ def test_features_are_cached_by_the_recordings_content(tmp_path, monkeypatch):
     retaken = [features(source) for source in sources()]
     assert sum(not t.from_cache for t in retaken) == 1
     assert [t.entropy.tobytes() for t in retaken[:9]] == [t.entropy.tobytes() for t in first[:9]]
-    assert stage1_teacher.read_cached_entropy(str(dreamer_entry)) is not None
+    assert eeg_cache.read_cached_entropy(str(dreamer_entry)) is not None
 
 
 def test_synthetic_default_is_deterministic(tmp_path):

@@ -1,11 +1,9 @@
-"""Stage 3: losses, presets, and the student trained end to end on the tiny synthetic default."""
+"""Stage 3: its settings and refusals, the augmentation, and the student trained on the tiny synthetic default with
+and without a KD teacher (test_stage3_runs.py: resumed, in float16, in several processes)."""
 
 import json
 import math
 import os
-import subprocess
-import sys
-import time
 
 import numpy as np
 import pytest
@@ -14,11 +12,10 @@ import torch.nn.functional as F
 
 import stage2_prototypes
 import stage3_student
-from helpers import kill_process_tree, run_under_gloo
 from ngd_ext import artifacts
-from ngd_ext.distributed import gather_rows
-from ngd_ext.ferplus import FerPlusError
-from ngd_ext.student_model import Student, load_student
+from ngd_ext.augment import augment
+from ngd_ext.data.ferplus import FerPlusError
+from ngd_ext.student_model import Student
 from test_ferplus import write_csv_layout
 from test_prototypes import write_stage1
 
@@ -39,21 +36,22 @@ def test_presets_and_overrides():
     assert (args.epochs, args.ramp_start, args.ramp_end, args.input_size) == (6, 1, 4, 48)  # the synthetic schedule
     assert (args.kd_loss, args.kd_temperature, args.class_weights) == ("mse", 5.0, "sqrt-inverse")
     real = stage3_student.parse_args(["--variant", "B0", "--ferplus", "x"])
-    assert (real.epochs, real.ramp_start, real.ramp_end, real.input_size) == (100, 20, 60, 224)  # the official release's
+    # the official release's schedule on FERPlus
+    assert (real.epochs, real.ramp_start, real.ramp_end, real.input_size) == (100, 20, 60, 224)
     args = stage3_student.parse_args(["--kd-teacher", "t.pt", "--kd-loss", "kl", "--kd-temperature", "1",
                                       "--class-weights", "1,2,3,4,5,6,7,8.5", "--input-size", "112"])
     assert (args.kd_temperature, args.class_weights, args.input_size) == (1.0, [1, 2, 3, 4, 5, 6, 7, 8.5], 112)
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--class-weights", "1,2,3"], "argument --class-weights: '1,2,3': expected one of sqrt-inverse, inverse, none, or 8 "
-                                   "comma-separated numbers (neutral, happiness, surprise, sadness, anger, disgust, fear, "
-                                   "contempt); got 3"),
+    (["--class-weights", "1,2,3"], "argument --class-weights: '1,2,3': expected one of sqrt-inverse, inverse, none, "
+                                   "or 8 comma-separated numbers (neutral, happiness, surprise, sadness, anger, "
+                                   "disgust, fear, contempt); got 3"),
     (["--class-weights", "1,1,1,1,1,1,1,-1"], "argument --class-weights: '-1': expected a finite number >= 0"),
     (["--class-weights", "1,1,1,1,1,1,1,nan"], "argument --class-weights: 'nan': expected a finite number"),
     (["--class-weights", "sqrt"], "argument --class-weights: 'sqrt': expected one of sqrt-inverse, inverse, none"),
-    (["--kd-teacher", "t.pt", "--kd-temperature", "2"], "--kd-temperature 2: --kd-loss mse matches the raw logits, with "
-                                                        "no temperature; give --kd-loss kl"),
+    (["--kd-teacher", "t.pt", "--kd-temperature", "2"],
+     "--kd-temperature 2: --kd-loss mse matches the raw logits, with no temperature; give --kd-loss kl"),
     (["--kd-teacher", "t.pt", "--kd-loss", "kl", "--kd-temperature", "0"],
      "argument --kd-temperature: '0': expected a finite number > 0"),
 ])
@@ -106,7 +104,7 @@ def test_kd_teacher_without_kd_is_refused(capsys, flags, why):
 
 
 def augment_image_by_image(images, generator, size):
-    """stage3_student.augment written as a loop over the images, each cropped and erased by slicing."""
+    """ngd_ext.augment.augment written as a loop over the images, each cropped and erased by slicing."""
     n = len(images)
     offsets = torch.randint(0, 9, (n, 2), generator=generator)
     flip = torch.rand(n, generator=generator) < 0.5
@@ -133,7 +131,7 @@ def augment_image_by_image(images, generator, size):
 @pytest.mark.parametrize("size", [48, 64])
 def test_augment_matches_a_loop_over_images(size):
     images = torch.randint(0, 256, (40, 48, 48), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
-    batched = stage3_student.augment(images, torch.Generator().manual_seed(size), size)
+    batched = augment(images, torch.Generator().manual_seed(size), size)
     looped = augment_image_by_image(images, torch.Generator().manual_seed(size), size)
     assert batched.shape == (40, 1, size, size)
     torch.testing.assert_close(batched, looped, rtol=0, atol=0)
@@ -142,9 +140,9 @@ def test_augment_matches_a_loop_over_images(size):
 
 def test_augment_gives_each_ddp_process_its_share_of_the_batch():
     images = torch.randint(0, 256, (30, 48, 48), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
-    whole = stage3_student.augment(images, torch.Generator().manual_seed(3), 48)
+    whole = augment(images, torch.Generator().manual_seed(3), 48)
     for rank in range(3):
-        share = stage3_student.augment(images, torch.Generator().manual_seed(3), 48, part=slice(rank, None, 3))
+        share = augment(images, torch.Generator().manual_seed(3), 48, part=slice(rank, None, 3))
         torch.testing.assert_close(share, whole[rank::3], rtol=0, atol=0)
 
 
@@ -153,17 +151,17 @@ def test_augment_draws_the_same_images_at_every_size():
     interpolation (measured: 0.004 mean difference, against 0.12 for another seed)."""
     blurred = F.avg_pool2d(torch.rand(16, 1, 52, 52, generator=torch.Generator().manual_seed(6)) * 255, 5, stride=1)
     images = blurred[:, 0].to(torch.uint8)  # smooth, so that sampling at two resolutions can agree
-    large = F.avg_pool2d(stage3_student.augment(images, torch.Generator().manual_seed(7), 96), 2)
-    small = stage3_student.augment(images, torch.Generator().manual_seed(7), 48)
-    other = stage3_student.augment(images, torch.Generator().manual_seed(8), 48)
+    large = F.avg_pool2d(augment(images, torch.Generator().manual_seed(7), 96), 2)
+    small = augment(images, torch.Generator().manual_seed(7), 48)
+    other = augment(images, torch.Generator().manual_seed(8), 48)
     assert (large - small).abs().mean() < 0.1 * (other - small).abs().mean()
 
 
 @needs_gpu
 def test_augment_on_a_gpu_matches_the_cpu():
     images = torch.randint(0, 256, (64, 48, 48), dtype=torch.uint8, generator=torch.Generator().manual_seed(4))
-    on_cpu = stage3_student.augment(images, torch.Generator().manual_seed(5), 64, part=slice(1, None, 2))
-    on_gpu = stage3_student.augment(images.cuda(), torch.Generator().manual_seed(5), 64, part=slice(1, None, 2))
+    on_cpu = augment(images, torch.Generator().manual_seed(5), 64, part=slice(1, None, 2))
+    on_gpu = augment(images.cuda(), torch.Generator().manual_seed(5), 64, part=slice(1, None, 2))
     assert on_gpu.device.type == "cuda"
     # The sampling points and bilinear weights round another way there; a wrong crop, flip or square is off by ~1.
     torch.testing.assert_close(on_gpu.cpu(), on_cpu, rtol=0, atol=2e-3)
@@ -172,7 +170,7 @@ def test_augment_on_a_gpu_matches_the_cpu():
 def test_augment_stays_on_the_images_device():
     """The meta device stands in for a GPU: an operation that mixed a CPU tensor into the batch's would fail."""
     images = torch.empty((16, 48, 48), dtype=torch.uint8, device="meta")
-    x = stage3_student.augment(images, torch.Generator().manual_seed(0), 64, part=slice(1, None, 2))
+    x = augment(images, torch.Generator().manual_seed(0), 64, part=slice(1, None, 2))
     assert (x.shape, x.device, x.dtype) == ((8, 1, 64, 64), torch.device("meta"), torch.float32)
 
 
@@ -183,14 +181,6 @@ def test_sync_bn_needs_cuda_and_keeps_the_checkpoint_format(capsys):
     synced = torch.nn.SyncBatchNorm.convert_sync_batchnorm(Student("resnet18", 8, 16))
     assert sum(isinstance(module, torch.nn.SyncBatchNorm) for module in synced.modules()) == 20
     Student("resnet18", 8, 16).load_state_dict(synced.state_dict())  # stage 4 reads its best.pt as a plain student
-
-
-@pytest.fixture(scope="module")
-def run_with_bank(tmp_path_factory):
-    run_dir = str(tmp_path_factory.mktemp("run"))
-    write_stage1(run_dir, count=400)
-    stage2_prototypes.main(["--run-dir", run_dir, "--min-count", "1"])
-    return run_dir
 
 
 def test_b0_then_b3_with_its_kd_teacher(run_with_bank, capsys):
@@ -327,238 +317,3 @@ def test_a_non_finite_loss_stops_the_run_at_its_step(run_with_bank, monkeypatch)
     assert len(computed) == 3
     assert not os.path.exists(os.path.join(run_with_bank, "stage3", "poisoned", artifacts.MANIFEST))
     assert not os.path.exists(os.path.join(run_with_bank, "stage3", "poisoned", "best.pt"))
-
-
-def weights(path):
-    return torch.load(path, weights_only=True)["state_dict"]
-
-
-@pytest.mark.parametrize("processes", [1, 2])
-def test_resume_after_kill_ends_with_the_same_weights(run_with_bank, processes):
-    """A run killed (with all its processes) after its first checkpoint and resumed ends with the weights of a run
-    never killed, bit for bit: in one process, and in 2 under torchrun (gloo)."""
-    ports = iter(range(29620 + 10 * processes, 29630 + 10 * processes))
-
-    def command(name, *extra):
-        launcher = [sys.executable]
-        if processes > 1:
-            launcher += ["-m", "torch.distributed.run", f"--nproc_per_node={processes}",
-                         "--master_port", str(next(ports))]
-        return launcher + [os.path.join(ROOT, "stage3_student.py"), "--run-dir", run_with_bank, "--variant", "B2",
-                           "--kd-weight", "0", "--checkpoint-every", "2", *TINY, "--name", name, *extra]
-
-    environment = {**os.environ, "OMP_NUM_THREADS": "1"} if processes > 1 else None  # 2 processes on 2 cores
-    straight, killed = f"straight{processes}", f"killed{processes}"
-    subprocess.run(command(straight), check=True, capture_output=True, cwd=ROOT, env=environment)
-    checkpoint = os.path.join(run_with_bank, "stage3", f"{killed}.partial", "checkpoint.pt")
-    process = subprocess.Popen(command(killed), cwd=ROOT, env=environment, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while not os.path.exists(checkpoint) and time.time() < deadline and process.poll() is None:
-        time.sleep(0.05)
-    kill_process_tree(process.pid)
-    process.wait()
-    assert os.path.exists(checkpoint), "the run ended before its first checkpoint"
-    assert not os.path.exists(os.path.join(run_with_bank, "stage3", killed, artifacts.MANIFEST))
-    resumed = subprocess.run(command(killed, "--resume"), check=True, capture_output=True, text=True, cwd=ROOT,
-                             env=environment)
-    assert "resuming at epoch 1, step" in resumed.stdout
-    expected = weights(os.path.join(run_with_bank, "stage3", straight, "best.pt"))
-    actual = weights(os.path.join(run_with_bank, "stage3", killed, "best.pt"))
-    for key in expected:
-        torch.testing.assert_close(actual[key], expected[key], rtol=0, atol=0, msg=key)
-
-
-def test_a_run_resumes_in_another_number_of_processes(run_with_bank, monkeypatch):
-    """A job killed on one machine may come back with fewer or more GPUs: the checkpoint of a run in one process
-    continues in two under torchrun, where the other settings are the same."""
-    arguments = ["--run-dir", run_with_bank, "--variant", "B2", "--kd-weight", "0", *TINY, "--name", "moved"]
-
-    def killed(*args, **kwargs):
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(stage3_student, "predict", killed)  # at the end of the first epoch, after step 6's checkpoint
-    with pytest.raises(KeyboardInterrupt):
-        stage3_student.main([*arguments, "--checkpoint-every", "3"])
-    resumed = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port",
-                              "29650", os.path.join(ROOT, "stage3_student.py"), *arguments, "--resume",
-                              "--checkpoint-every", "2"], check=True, capture_output=True, text=True, cwd=ROOT,
-                             env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert "resuming at epoch 1, step 6, in 2 processes where the checkpoint's run had 1" in resumed.stdout
-    out = os.path.join(run_with_bank, "stage3", "moved")
-    assert "best.pt" in artifacts.read_manifest(out)
-    assert torch.load(os.path.join(out, "best.pt"), weights_only=True)["config"]["world_size"] == 2
-
-
-def test_mixed_precision_by_device():
-    cpu = torch.device("cpu")
-    assert [stage3_student.mixed_precision(choice, cpu) for choice in ("auto", "bf16", "fp16", "off")] == [
-        None, torch.bfloat16, torch.float16, None]
-
-
-def test_a_first_step_skipped_by_the_float16_scaler_sets_off_no_scheduler_warning(recwarn):
-    weight = torch.nn.Parameter(torch.ones(3))
-    optimizer = torch.optim.AdamW([weight])
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    scaler = stage3_student.gradient_scaler(torch.device("cpu"), torch.float16)
-    scaler.scale((weight * 1e36).sum()).backward()  # finite, but not once scaled by 65536
-    scaler.step(optimizer)
-    scaler.update()
-    scheduler.step()
-    assert scaler.get_scale() == 32768.0 and weight.detach().tolist() == [1.0, 1.0, 1.0]  # the step was skipped
-    assert [str(warning.message) for warning in recwarn] == []
-
-
-def test_float16_training_keeps_its_gradient_scaler_across_a_resume(run_with_bank, monkeypatch, capsys):
-    """--amp fp16 (meant for GPUs without bfloat16, run here on the CPU): a gradient scaler scales the loss, skipping
-    the steps whose gradients overflow, and lowering its scale then; a killed run continues with the scaler's state,
-    and so ends with the weights of a run never killed (with the scale reset, it would skip other steps). The
-    history records the scale."""
-    arguments = ["--run-dir", run_with_bank, "--variant", "B2", "--kd-weight", "0", *TINY, "--amp", "fp16",
-                 "--class-weights", "inverse",  # its steep weights overflow float16 in the first steps, as needed
-                 "--checkpoint-every", "2", "--batch-size", "128", "--input-size", "16"]  # float16 is slow on a CPU
-    stage3_student.main([*arguments, "--name", "straight_fp16"])
-    with open(os.path.join(run_with_bank, "stage3", "straight_fp16", "history.jsonl")) as handle:
-        (entry,) = [json.loads(line) for line in handle]
-    assert entry["loss_scale"] < 65536.0
-
-    steps = []
-
-    def killed_at_the_third_step(*args, **kwargs):
-        steps.append(None)
-        if len(steps) == 3:  # after step 2's checkpoint
-            raise KeyboardInterrupt
-        return augment(*args, **kwargs)
-
-    augment = stage3_student.augment
-    with monkeypatch.context() as patch:
-        patch.setattr(stage3_student, "augment", killed_at_the_third_step)
-        with pytest.raises(KeyboardInterrupt):
-            stage3_student.main([*arguments, "--name", "killed_fp16"])
-    checkpoint = torch.load(os.path.join(run_with_bank, "stage3", "killed_fp16.partial", "checkpoint.pt"),
-                            weights_only=True)
-    assert checkpoint["config"]["precision"] == "torch.float16"
-    assert checkpoint["scaler"]["scale"] < 65536.0  # it began there, and an overflow has lowered it since
-    stage3_student.main([*arguments, "--name", "killed_fp16", "--resume"])
-    assert "resuming at epoch 1, step 2" in capsys.readouterr().out
-    expected, actual = (weights(os.path.join(run_with_bank, "stage3", name, "best.pt"))
-                        for name in ("straight_fp16", "killed_fp16"))
-    for key in expected:
-        torch.testing.assert_close(actual[key], expected[key], rtol=0, atol=0, msg=key)
-
-
-def test_two_gloo_processes_match_one_process(run_with_bank):
-    """DDP over 2 CPU processes against 1 process with the same global batch, for the full loss (B3 without KD, D-Geo
-    at full weight from the first step). Both see the same augmented images and take every loss term over the whole
-    global batch, so they train alike; not identically, as BatchNorm's statistics are taken per process (half the
-    batch each). Measured: each epoch's mean loss terms agree within 0.3%, the margin within 2%. Stated tolerances:
-    1%, and 5% for the margin; with the loss taken per process (each over its half), the first epoch's margin was 33%
-    lower, as half a batch's class means lie further apart."""
-    histories = {}
-    for processes in (1, 2):
-        name = f"ddp{processes}"
-        subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}",
-                        "--master_port", str(29600 + processes), os.path.join(ROOT, "stage3_student.py"),
-                        "--run-dir", run_with_bank, "--variant", "B3", "--kd-weight", "0", "--ramp-start", "0",
-                        "--ramp-end", "0", "--name", name, "--synthetic-size", "tiny", "--epochs", "2",
-                        "--batch-size", "64", "--device", "cpu"],
-                       check=True, capture_output=True, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
-        with open(os.path.join(run_with_bank, "stage3", name, "history.jsonl")) as handle:
-            histories[processes] = [json.loads(line) for line in handle]
-    assert [epoch["dgeo_ramp"] for epoch in histories[1]] == [1.0, 1.0]
-    for one, two in zip(histories[1], histories[2], strict=True):
-        for term, tolerance in (("total", 0.01), ("ce", 0.01), ("proto_kd", 0.01), ("margin", 0.05)):
-            assert two["train"][term] == pytest.approx(one["train"][term], rel=tolerance), (one["epoch"], term)
-
-
-def ddp_loss_problem():
-    """A batch, a linear 'student' whose outputs are the logits and the embeddings, a KD teacher's logits, and the loss
-    settings: every term on, Proto-KD and D-Geo weighted as much as CE so that their gradients show."""
-    generator = torch.Generator().manual_seed(0)
-    batch, features, embedding, classes = 32, 12, 6, 8
-    torch.manual_seed(0)
-    model = torch.nn.Linear(features, classes + embedding)
-    inputs = torch.randn(batch, features, generator=generator)
-    labels = torch.randint(0, classes, (batch,), generator=generator)
-    teacher_logits = torch.randn(batch, classes, generator=generator)
-    constants = stage3_student.LossConstants(
-        class_weights=torch.rand(classes, generator=generator) + 0.5,
-        protos=torch.randn(25, embedding, generator=generator),
-        target_table=torch.softmax(torch.randn(classes, 25, generator=generator), dim=1),
-        positive=torch.arange(classes) % 3 == 1)
-    args = stage3_student.parse_args(["--variant", "B3", "--kd-teacher", "unused.pt", "--proto-weight", "1",
-                                      "--dgeo-weight", "1", "--margin", "1.5", "--kd-loss", "kl"])
-    return model, inputs, labels, teacher_logits, constants, args
-
-
-def ddp_loss_worker(rank, world):
-    """One process of a DDP run of stage 3's loss: its share of the batch, the gathered global batch, backward."""
-    model, inputs, labels, teacher_logits, constants, args = ddp_loss_problem()
-    trained = torch.nn.parallel.DistributedDataParallel(model)
-    part = slice(rank, None, world)
-    outputs = gather_rows(trained(inputs[part]))
-    teacher = gather_rows(teacher_logits[part])
-    y = labels[stage3_student.gathered_order(torch.arange(len(labels)), world)]
-    values = stage3_student.loss_terms(outputs[:, :8], outputs[:, 8:], y, y, teacher, 1.0, args, constants)
-    values["total"].backward()
-    return {"values": {term: value.item() for term, value in values.items()},
-            "grads": {name: p.grad for name, p in model.named_parameters()}}
-
-
-def test_ddp_loss_is_the_one_process_loss(tmp_path):
-    """Under DDP every process takes the loss over the gathered global batch, so its terms, D-Geo's class statistics
-    and CE's class-weighted mean among them, are those of one process, and so is the gradient after DDP's average.
-    Taken per process instead (each over its half), the D-Geo and CE gradients would differ at first order."""
-    model, inputs, labels, teacher_logits, constants, args = ddp_loss_problem()
-    outputs = model(inputs)
-    expected = stage3_student.loss_terms(outputs[:, :8], outputs[:, 8:], labels, labels, teacher_logits, 1.0, args,
-                                         constants)
-    expected["total"].backward()
-    assert min(expected[term].item() for term in ("kd", "proto_kd", "var_cap", "margin")) > 0.1  # every term acts
-
-    for rank, result in enumerate(run_under_gloo(ddp_loss_worker, tmp_path)):
-        for term, value in expected.items():
-            assert result["values"][term] == pytest.approx(value.item(), rel=1e-5), (rank, term)
-        for name, parameter in model.named_parameters():
-            torch.testing.assert_close(result["grads"][name], parameter.grad, rtol=1e-4, atol=1e-6, msg=name)
-
-
-@needs_gpu
-@pytest.mark.parametrize("amp", ["auto", "fp16"])
-def test_the_student_trains_on_gpus_under_torchrun(run_with_bank, amp):
-    """B3 on CUDA under torchrun, on up to 2 GPUs (NCCL), with SyncBatchNorm: the GPU path of the training loop (data
-    on the device, mixed precision, channels_last, the fused op's CUDA kernels, the gathered loss), in the GPU's own
-    precision and in float16 with a gradient scaler. One epoch must end with finite loss terms and a best.pt that
-    stage 4 loads as a plain student."""
-    processes, name = min(2, torch.cuda.device_count()), f"gpus_{amp}"
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}",
-                          "--master_port", "29610", os.path.join(ROOT, "stage3_student.py"), "--run-dir",
-                          run_with_bank, "--variant", "B3", "--kd-weight", "0", "--ramp-start", "0", "--ramp-end", "0",
-                          "--sync-bn", "--amp", amp, "--name", name, *TINY[:-2], "--device", "cuda"],
-                         capture_output=True, text=True, cwd=ROOT)
-    assert run.returncode == 0, run.stderr[-4000:]
-    with open(os.path.join(run_with_bank, "stage3", name, "history.jsonl")) as handle:
-        (epoch,) = [json.loads(line) for line in handle]
-    assert all(math.isfinite(value) for value in epoch["train"].values()), epoch["train"]
-    assert epoch["train"]["margin"] > 0 and epoch["dgeo_ramp"] == 1.0
-    _, config = load_student(os.path.join(run_with_bank, "stage3", name, "best.pt"))
-    half = amp == "fp16" or torch.cuda.get_device_capability() < (8, 0)
-    assert config["precision"] == ("torch.float16" if half else "torch.bfloat16")
-
-
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=needs_gpu)], ids=["cpu", "gpu"])
-def test_a_deterministic_run_repeats_bit_for_bit(run_with_bank, device):
-    """--deterministic: two runs of B3 (D-Geo at full weight, so every loss term trains) end with the same weights, bit
-    for bit. On a GPU this holds only with deterministic cuDNN and cuBLAS algorithms, and any op of the training step
-    that has none stops the run, naming itself. Each run is a process of its own: cuBLAS reads its workspace setting
-    once per process."""
-    for name in ("deterministic_a", "deterministic_b"):
-        subprocess.run([sys.executable, os.path.join(ROOT, "stage3_student.py"), "--run-dir", run_with_bank,
-                        "--variant", "B3", "--kd-weight", "0", "--ramp-start", "0", "--ramp-end", "0",
-                        "--deterministic", "--name", name, *TINY[:-2], "--device", device],
-                       check=True, capture_output=True, cwd=ROOT)
-    first, second = (weights(os.path.join(run_with_bank, "stage3", name, "best.pt"))
-                     for name in ("deterministic_a", "deterministic_b"))
-    assert first.keys() == second.keys()
-    for key in first:
-        torch.testing.assert_close(second[key], first[key], rtol=0, atol=0, msg=key)

@@ -18,13 +18,14 @@ import stage1_teacher
 import stage2_prototypes
 import stage3_student
 import stage4_eval
-from ngd_ext import artifacts, metrics
+from ngd_ext import artifacts, inference, metrics, report
+from ngd_ext.data.faces import affectnet_records, read_faces
+from ngd_ext.data.ferplus import load_ferplus_cached
+from ngd_ext.data.synthetic_faces import EXPRESSIONS, draw_face, place_face
 from ngd_ext.emotions import DEFAULT_ANCHORS, FER_CLASSES, VA_DIMENSIONS
-from ngd_ext.face_datasets import affectnet_records, read_faces
 from ngd_ext.metrics import PROTOCOLS, REGRESSION_SCORES, SCORES, eight_way
-from ngd_ext.prototypes import grid_centres
-from ngd_ext.student_model import EXPORT_METADATA, Student, load_student, predict
-from ngd_ext.synthetic_faces import EXPRESSIONS, draw_face, place_face
+from ngd_ext.prototypes import grid_centres, proto_kd_targets
+from ngd_ext.student_model import EXPORT_METADATA, Student, label_of, load_student, predict, preset_of
 
 TINY3 = ["--synthetic-size", "tiny", "--epochs", "1", "--batch-size", "64", "--device", "cpu"]
 DATASETS = ["ferplus_valid", "ferplus_test", "ckplus", "affectnet"]
@@ -120,7 +121,7 @@ def test_what_each_term_did_is_measured_on_the_students_own_outputs(demo):
     run_dir, _ = demo
     with open(os.path.join(run_dir, "stage4", "summary.json")) as handle:
         summary = json.load(handle)
-    splits = stage4_eval.load_ferplus_cached(
+    splits = load_ferplus_cached(
         os.path.join(run_dir, "data", "synthetic_ferplus_tiny_seed0"), os.path.join(run_dir, "cache"), "majority")[0]
     with np.load(os.path.join(run_dir, "stage2", "prototypes.npz")) as saved:
         bank, grid = saved["bank"].astype(np.float64), int(saved["G"])
@@ -130,7 +131,7 @@ def test_what_each_term_did_is_measured_on_the_students_own_outputs(demo):
         outputs[name] = predict(model, splits["test"].images, config["input_size"], "cpu")
     config = load_student(os.path.join(run_dir, "stage3", "B3", "best.pt"))[1]
     expected = mechanisms_by_hand(
-        *outputs["B3"], splits["test"].labels, stage4_eval.proto_kd_targets(bank, grid, config["anchors"], config["tau"]),
+        *outputs["B3"], splits["test"].labels, proto_kd_targets(bank, grid, config["anchors"], config["tau"]),
         bank, config["tau"], np.array([c in config["positive"] for c in FER_CLASSES]), outputs["kd_teacher"][0])
     measured = summary["mechanisms"]["B3"]["ferplus_test"]
     assert measured["teacher"] == "kd_teacher" and "agreement_gain" not in measured  # no other CE-only student here
@@ -147,10 +148,10 @@ def test_what_each_term_did_is_measured_on_the_students_own_outputs(demo):
 
 def test_a_b3_student_distilled_by_kl_at_t1_is_the_papers_full_t1_row():
     config = {"kd_weight": 0.3, "proto_weight": 0.12, "dgeo_weight": 0.012, "kd_loss": "kl", "kd_temperature": 1.0}
-    assert stage4_eval.preset_of(config) == "Full (T=1)"
-    assert stage4_eval.label_of("B3_t1", config) == "B3_t1 (Full (T=1))"
-    assert stage4_eval.preset_of({**config, "kd_temperature": 5.0}) == "B3"
-    assert stage4_eval.preset_of({**config, "kd_loss": "mse"}) == "B3"
+    assert preset_of(config) == "Full (T=1)"
+    assert label_of("B3_t1", config) == "B3_t1 (Full (T=1))"
+    assert preset_of({**config, "kd_temperature": 5.0}) == "B3"
+    assert preset_of({**config, "kd_loss": "mse"}) == "B3"
 
 
 def test_intervals_and_differences_come_from_the_predictions(demo):
@@ -227,8 +228,8 @@ def test_valence_and_arousal_readouts_come_from_the_students(demo):
     for name, readouts in (("kd_teacher", ["class"]), ("B3", ["prototype", "class"])):
         model, config = load_student(os.path.join(run_dir, "stage3", name, "best.pt"))
         logits, embeddings = predict(model, data.images, config["input_size"], "cpu")
-        values = {"class": stage4_eval.class_readout(logits, config["anchors"]),
-                  "prototype": stage4_eval.prototype_readout(embeddings, *prototypes)}
+        values = {"class": inference.class_readout(logits, config["anchors"]),
+                  "prototype": inference.prototype_readout(embeddings, *prototypes)}
         scores, rows, _, _ = read_evaluation(os.path.join(out, name, "affectnet"))
         assert scores["data"]["rated_valence_arousal"] == scores["valence_arousal"]["images"] == 64
         assert np.array([[float(row["rated_valence"]), float(row["rated_arousal"])] for row in rows]).tolist() == \
@@ -280,12 +281,12 @@ def test_readouts_by_hand():
     nearest prototype's bin, and for a bin stage 2 filled from a neighbour (bin 0, from bin 1 here), the neighbour's."""
     anchors = [(0.0, 0.0), (0.8, 0.4), (-0.7, -0.4)]
     logits = np.log(np.array([[1.0, 1.0, 2.0], [1.0, 0.0 + 1e-300, 0.0 + 1e-300]]))
-    np.testing.assert_allclose(stage4_eval.class_readout(logits, anchors), [[(0.8 - 1.4) / 4, (0.4 - 0.8) / 4],
+    np.testing.assert_allclose(inference.class_readout(logits, anchors), [[(0.8 - 1.4) / 4, (0.4 - 0.8) / 4],
                                                                             [0.0, 0.0]], atol=1e-12)
     bank = np.array([[1.0, 0.0, 0.0], [1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])  # G = 2; bin 0 is bin 1's
     centres = grid_centres(2)  # (-0.8, -0.8), (-0.8, 0.8), (0.8, -0.8), (0.8, 0.8)
     embeddings = np.array([[5.0, 0.1, 0.0], [0.0, 0.2, -3.0], [0.1, 0.0, 2.0], [0.0, 3.0, 2.9]])
-    readout = stage4_eval.prototype_readout(embeddings, bank, centres, np.array([1, 1, 2, 3]))
+    readout = inference.prototype_readout(embeddings, bank, centres, np.array([1, 1, 2, 3]))
     np.testing.assert_array_equal(readout, [[-0.8, 0.8], [0.8, -0.8], [0.8, 0.8], [0.8, -0.8]])
 
 
@@ -335,7 +336,7 @@ def test_prediction_mode_needs_one_student(demo, tmp_path):
 
 
 def test_latex_tables_typeset_names_literally():
-    markdown, latex = stage4_eval.table(["variant", "R&D_set"], [["r50 #2", "50% ✓"], ["a|b", "x"]],
+    markdown, latex = report.table(["variant", "R&D_set"], [["r50 #2", "50% ✓"], ["a|b", "x"]],
                                         "names with $ and ~")
     assert r"\caption{names with \$ and \textasciitilde{}}" in latex
     assert r"variant & R\&D\_set \\" in latex and r"r50 \#2 & 50\% \checkmark \\" in latex
@@ -391,7 +392,7 @@ def test_export_writes_a_program_that_gives_the_students_outputs(demo, tmp_path,
     metadata = json.loads(extra[EXPORT_METADATA])
     assert (metadata["student"], metadata["checkpoint_sha256"], metadata["classes"], metadata["config"]) == (
         "B3", artifacts.sha256_file(checkpoint), list(FER_CLASSES), json.loads(json.dumps(config)))
-    assert "48 x 48" in metadata["input"] and metadata["note"] == stage4_eval.SYNTHETIC_NOTE
+    assert "48 x 48" in metadata["input"] and metadata["note"] == inference.SYNTHETIC_NOTE
     assert {node.target.namespace for node in program.graph.nodes if node.op == "call_function"
             and isinstance(node.target, torch._ops.OpOverload)} == {"aten"}
     faces = np.random.default_rng(0).integers(0, 256, (6, 48, 48), dtype=np.uint8)
@@ -626,7 +627,7 @@ def test_groups_are_compared_seed_by_seed_with_a_t_interval():
 
     replicates = {"B0": group([0, 1, 2]), "B3": group([2, 0, 1], ("prototype", "class")), "B1": group([1, 0]),
                   "B2": group([0, 7])}
-    paired = stage4_eval.paired_across_seeds(replicates, "B0")
+    paired = metrics.paired_across_seeds(replicates, "B0")
     assert list(paired) == ["B3", "B1"]
     assert (paired["B3"]["from"], paired["B3"]["seeds"], paired["B1"]["seeds"]) == ("B0", [0, 1, 2], [0, 1])
     for group_name, order in (("B3", [1, 2, 0]), ("B1", [1, 0])):  # where seeds 0, 1, 2 stand in the group
@@ -646,7 +647,7 @@ def test_groups_are_compared_seed_by_seed_with_a_t_interval():
     mine, theirs = (np.array(replicates[name]["datasets"]["ferplus_test"]["valence_arousal"]["class"]["arousal"]["ccc"][
         "values"]) for name in ("B3", "B0"))
     assert va["class"]["arousal"]["ccc"]["values"] == pytest.approx(mine[[1, 2, 0]] - theirs, abs=1e-15)
-    assert stage4_eval.paired_across_seeds({"B0": group([0, 1]), "B3": group([2, 3])}, "B0") == {}
+    assert metrics.paired_across_seeds({"B0": group([0, 1]), "B3": group([2, 3])}, "B0") == {}
 
 
 def fake_students(**differences):

@@ -10,7 +10,7 @@ import stage1_teacher
 import stage2_prototypes
 import stage3_student
 import stage4_eval
-from ngd_ext.synthetic_faces import write_synthetic_ferplus
+from ngd_ext.data.synthetic_faces import write_synthetic_ferplus
 
 STAGES = [stage1_teacher, stage2_prototypes, stage3_student, stage4_eval]
 

@@ -86,8 +86,8 @@ def test_a_term_under_one_percent_of_ce_by_value_and_by_gradient_is_named(capsys
     weights = {"ce": 1.0, "kd": 0.3, "proto_kd": 1e-4, "var_cap": 0.0, "margin": 0.0}
     stage3_student.warn_of_inert_terms(epoch_one({"kd": 0.6, "proto_kd": 1e-5, "var_cap": 0.0, "margin": 0.0},
                                                  {"kd": 0.4, "proto_kd": 2e-4}), weights)
-    assert capsys.readouterr().err == ("warning: proto_kd barely acts: in epoch 1, at weight 0.0001, it was 0.00% of CE "
-                                       "by value and 0.02% by gradient (under 1% both); raise its weight, or see "
+    assert capsys.readouterr().err == ("warning: proto_kd barely acts: in epoch 1, at weight 0.0001, it was 0.00% of "
+                                       "CE by value and 0.02% by gradient (under 1% both); raise its weight, or see "
                                        "history.jsonl\n")
     # small in value but pulling hard (Proto-KD on the projection head, which CE never reaches): not inert
     stage3_student.warn_of_inert_terms(epoch_one({"kd": 0.6, "proto_kd": 0.014, "var_cap": 0.0, "margin": 0.0},

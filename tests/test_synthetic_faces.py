@@ -3,8 +3,8 @@
 import numpy as np
 
 from ngd_ext.emotions import FER_CLASSES
-from ngd_ext.ferplus import load_ferplus, majority_label
-from ngd_ext.synthetic_faces import EXPRESSIONS, draw_face, make_faces, write_synthetic_ferplus
+from ngd_ext.data.ferplus import load_ferplus, majority_label
+from ngd_ext.data.synthetic_faces import EXPRESSIONS, draw_face, make_faces, write_synthetic_ferplus
 
 
 def test_faces_are_deterministic():

@@ -120,6 +120,13 @@ constexpr int kThreads = kWarp * kWarps;
 constexpr unsigned kFullMask = 0xffffffffu;
 // The row kernel's grid depends on B alone, so the order of every sum is the same on every GPU.
 constexpr int64_t kMaxRowBlocks = 264;
+#ifdef NGD_CUDA_EMULATION  // the emulator's tests may hold the grid to fewer blocks (emulation.h's row_block_limit)
+inline int64_t row_blocks() {
+  return ::ngd_emulation::row_block_limit() > 0 ? ::ngd_emulation::row_block_limit() : kMaxRowBlocks;
+}
+#else
+constexpr int64_t row_blocks() { return kMaxRowBlocks; }
+#endif
 // The row kernel keeps the class sums of u, and the backward kernel the class offsets, in shared memory up to this
 // size, in global memory beyond it.
 constexpr size_t kMaxSharedClassVectors = 96 * 1024;
@@ -1323,7 +1330,7 @@ ForwardOutputs forward_cuda_typed(const at::Tensor& z, const at::Tensor& protos,
   const auto whole = z.options().dtype(at::kInt);
 
   constexpr int tile_rows = kTileM * M_TILES;
-  const int64_t rows_per_block = ceil_div(ceil_div(batch, kMaxRowBlocks), tile_rows) * tile_rows;
+  const int64_t rows_per_block = ceil_div(ceil_div(batch, row_blocks()), tile_rows) * tile_rows;
   const int num_blocks = static_cast<int>(ceil_div(batch, rows_per_block));
 
   ForwardOutputs out;

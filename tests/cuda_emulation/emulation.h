@@ -112,6 +112,13 @@ inline bool& kernel_images_present() {
   return present;
 }
 
+// Above 0: the row kernel's grid is held to this many blocks instead of the .cu's constant, so that a block loops over
+// several tiles at a batch the emulator runs in seconds (the grid still depends on the batch alone).
+inline int64_t& row_block_limit() {
+  static int64_t limit = 0;
+  return limit;
+}
+
 }  // namespace ngd_emulation
 
 template <typename Kernel>

@@ -53,6 +53,9 @@ at::Tensor split_tf32(const at::Tensor& in) {
 // Whether the emulated kernels behave as compiled for the emulated GPU (emulation.h's kernel_images_present).
 void set_kernel_images_present(bool present) { ngd_emulation::kernel_images_present() = present; }
 
+// The row kernel's most blocks (emulation.h's row_block_limit; 0: the .cu's own).
+void set_row_block_limit(int64_t limit) { ngd_emulation::row_block_limit() = limit; }
+
 }  // namespace
 
 TORCH_LIBRARY(ngd_ext_emulated, m) {
@@ -61,4 +64,5 @@ TORCH_LIBRARY(ngd_ext_emulated, m) {
   m.def("mma_tile", &mma_tile);
   m.def("split_tf32", &split_tf32);
   m.def("set_kernel_images_present", &set_kernel_images_present);
+  m.def("set_row_block_limit", &set_row_block_limit);
 }

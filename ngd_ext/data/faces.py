@@ -1,7 +1,7 @@
 """Evaluation sets in their real layouts (SPEC section 6), read into FERPlus's class order.
 
 Each reader turns a dataset's files into records (image path, FERPlus label, the dataset's face box if any)
-and a count of what it dropped and why; `read_faces` then decodes and crops them (ngd_ext.face_crop).
+and a count of what it dropped and why; `read_faces` then decodes and crops them (ngd_ext.data.face_crop).
 
 - AffectNet: `training.csv` / `validation.csv` (in the folder or its `Manually_Annotated_file_lists/`, with
   or without the header row) whose `subDirectory_filePath` is relative to `Manually_Annotated_Images/`
@@ -40,12 +40,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ngd_ext.csv_files import read_rows
+from ngd_ext.data.face_crop import HOW, thread_cropper
+from ngd_ext.data.files import read_grey, read_rows
 from ngd_ext.emotions import (AFFECTNET_CODES, AFFECTNET_UNUSABLE, CKPLUS_CODES, CLASS_ALIASES, FER_CLASSES,
                               VA_DIMENSIONS)
-from ngd_ext.face_crop import HOW, thread_cropper
-from ngd_ext.images import read_grey
-from ngd_ext.parallel import map_in_threads
+from ngd_ext.runtime import map_in_threads
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 AFFECTNET_COLUMNS = ("subDirectory_filePath", "face_x", "face_y", "face_width", "face_height", "facial_landmarks",
@@ -73,7 +72,7 @@ class FaceSet:
     labels: np.ndarray   # N FERPlus class indices
     paths: list
     dropped: dict        # {why: count} of labelled items left out by the label rules
-    crops: dict = field(default_factory=dict)     # {how: count}, HOW of ngd_ext.face_crop
+    crops: dict = field(default_factory=dict)     # {how: count}, HOW of ngd_ext.data.face_crop
     unreadable: list = field(default_factory=list)  # image files skipped with skip_unreadable
     groups: list = None  # per image, its FaceRecord.group (or its path, where it has none); None: no groups at all
     va: np.ndarray = None  # N x 2 (valence, arousal), NaN for an image without a rating; None: no image has one

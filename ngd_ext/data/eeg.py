@@ -30,7 +30,7 @@ import scipy.io
 from scipy.io.matlab import MatReadError
 
 from ngd_ext.artifacts import atomic_path
-from ngd_ext.eeg_features import BROADBAND, BROADBAND_TRANSITION_HZ
+from ngd_ext.data.eeg_features import BROADBAND, BROADBAND_TRANSITION_HZ
 
 DREAMER_ELECTRODES = ("AF3", "F7", "F3", "FC5", "T7", "P7", "O1", "O2", "P8", "T8", "FC6", "F4", "F8", "AF4")
 MAHNOB_EEG = ("Fp1", "AF3", "F3", "F7", "FC5", "FC1", "C3", "T7", "CP5", "CP1", "P3", "P7", "PO3", "O1", "Oz", "Pz",
@@ -77,7 +77,7 @@ def without_unusable_channels(trial, noisy_ratio=NOISY_AMPLITUDE_RATIO):
     # Imported here: scipy.stats, and MNE (which preprocess imports), take a second that writing files does not need.
     from scipy.stats import median_abs_deviation
 
-    from ngd_ext.eeg_features import preprocess
+    from ngd_ext.data.eeg_features import preprocess
 
     constant = (np.ptp(trial.signal, axis=1) == 0) | (np.ptp(trial.baseline, axis=1) == 0)
     noisy = np.zeros_like(constant)

@@ -12,6 +12,7 @@ one network.
 import mne
 import numpy as np
 
+SFREQ = 128  # the features' common sampling rate, Hz
 BANDS = {"theta": (4.0, 8.0), "alpha": (8.0, 13.0), "beta": (13.0, 30.0), "gamma": (30.0, 45.0)}
 BROADBAND = (4.0, 45.0)
 # Both edges of BROADBAND fall off over 2 Hz, so that 50 Hz mains is stopped (below -60 dB). MNE's automatic

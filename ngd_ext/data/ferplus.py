@@ -18,9 +18,9 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from ngd_ext import images as image_decoder
 from ngd_ext.artifacts import atomic_path, package_versions, read_cache_entry, sha256_file
-from ngd_ext.csv_files import read_rows
+from ngd_ext.data import files as image_decoder
+from ngd_ext.data.files import read_rows
 from ngd_ext.emotions import FER_CLASSES
 
 VOTE_COLUMNS = FER_CLASSES + ("unknown", "NF")

@@ -20,7 +20,7 @@ import os
 import numpy as np
 
 from ngd_ext.artifacts import atomic_dir, folder_lock
-from ngd_ext.eeg_formats import DREAMER_ELECTRODES, MAHNOB_EEG, write_bdf, write_dreamer, write_session_xml
+from ngd_ext.data.eeg import DREAMER_ELECTRODES, MAHNOB_EEG, write_bdf, write_dreamer, write_session_xml
 
 BANDS_HZ = {"theta": 6.0, "alpha": 10.0, "beta": 20.0, "gamma": 36.0}
 BASE_AMPLITUDE_UV = {"theta": 6.0, "alpha": 9.0, "beta": 3.5, "gamma": 1.5}

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from ngd_ext.ferplus import IMAGE_SIDE
+from ngd_ext.data.ferplus import IMAGE_SIDE
 
 CROP_MARGIN = 0.13
 HOW = ("box", "detected", "centre")  # where a crop came from

@@ -20,8 +20,8 @@ import numpy as np
 from PIL import Image
 
 from ngd_ext.artifacts import atomic_dir, atomic_path, folder_lock
+from ngd_ext.data.ferplus import IMAGE_SIDE, VOTE_COLUMNS
 from ngd_ext.emotions import AFFECTNET_CODES, CKPLUS_CODES, DEFAULT_ANCHORS, FER_CLASSES
-from ngd_ext.ferplus import IMAGE_SIDE, VOTE_COLUMNS
 
 # FERPlus's training-set class shares (majority rule), neutral ... contempt.
 CLASS_SHARES = np.array([0.349, 0.291, 0.126, 0.120, 0.084, 0.005, 0.021, 0.005])
