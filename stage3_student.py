@@ -5,6 +5,7 @@ no --ferplus, the embedded synthetic default; and stage 2's prototype bank, afte
 manifest. Writes RUN_DIR/stage3/data_summary.json and RUN_DIR/stage3/<name>/:
 
   best.pt         state_dict + config of the epoch with the best FERPlus-valid macro-F1
+  last.pt         the same of the last epoch
   history.jsonl   one line per epoch: every loss term, raw and weighted, and its gradient's share against CE's;
                   valid accuracy, macro-F1, bACC, learning rate, images/s (and with --amp fp16 the gradient
                   scaler's loss scale)
@@ -24,10 +25,12 @@ whole global batch, as one process takes it; on GPUs, --sync-bn takes BatchNorm'
 works in stage3/<name>.partial/ and replaces stage3/<name>/ only once it has finished, so a rerun that fails leaves
 the previous student whole; killed at any moment, it continues with --resume from its last checkpoint there. A
 second run of the same name, while the first lives, stops at once. On GPUs, --deterministic makes a run repeat
-bit for bit (on CPU it does anyway).
+bit for bit (on CPU it does anyway). history.jsonl and curves.png are rewritten after every epoch, and --tensorboard
+logs the same to RUN_DIR/tensorboard/<name>/.
 """
 
 import argparse
+import importlib.util
 import json
 import math
 import os
@@ -40,27 +43,23 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-import matplotlib
 import numpy as np
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-from ngd_ext import artifacts, cli  # noqa: E402
-from ngd_ext.augment import augment  # noqa: E402
-from ngd_ext.data.ferplus import FerPlusError, data_summary, load_ferplus_cached  # noqa: E402
-from ngd_ext.data.synthetic_faces import FERPLUS_SIZES, synthetic_ferplus  # noqa: E402
-from ngd_ext.emotions import DEFAULT_ANCHORS, DEFAULT_POSITIVE, FER_CLASSES  # noqa: E402
-from ngd_ext.metrics import eight_way  # noqa: E402
-from ngd_ext.prototypes import load_bank, proto_kd_targets  # noqa: E402
-from ngd_ext.runtime import gather_rows, gathered_order, set_determinism  # noqa: E402
-from ngd_ext.student_loss import (CLASS_WEIGHTINGS, INERT_SHARE, KD_TEMPERATURE, LABEL_SMOOTHING, TERMS,  # noqa: E402
-                                  LossConstants, class_weights, dgeo_ramp, gradient_shares, loss_terms, term_weights)
-from ngd_ext.student_model import (ARCHITECTURES, EXECUTION_SETTINGS, Student, load_backbone_weights,  # noqa: E402
-                                   load_student, predict)
+from ngd_ext import artifacts, cli
+from ngd_ext.augment import augment
+from ngd_ext.data.ferplus import FerPlusError, data_summary, load_ferplus_cached
+from ngd_ext.data.synthetic_faces import FERPLUS_SIZES, synthetic_ferplus
+from ngd_ext.emotions import DEFAULT_ANCHORS, DEFAULT_POSITIVE, FER_CLASSES
+from ngd_ext.metrics import eight_way
+from ngd_ext.report import plot_curves
+from ngd_ext.runtime import gather_rows, gathered_order, set_determinism
+from ngd_ext.student_loss import (CLASS_WEIGHTINGS, INERT_SHARE, KD_TEMPERATURE, LABEL_SMOOTHING, TERMS, ProtoDGeoLoss,
+                                  StudentLoss, class_weights, dgeo_ramp, gradient_shares)
+from ngd_ext.student_model import (ARCHITECTURES, EXECUTION_SETTINGS, Student, check_architecture,
+                                   load_backbone_weights, load_student, predict)
 
 # Defaults ---------------------------------------------------------------------------------------------------
 RUN_DIR = "runs/demo"
@@ -79,8 +78,10 @@ def parse_args(argv=None):
     cli.add_synthetic_flags(parser, FERPLUS_SIZES, "the embedded synthetic faces")
     parser.add_argument("--variant", choices=sorted(PRESETS), default="B3", help="loss preset (default B3)")
     parser.add_argument("--name", type=cli.run_name, help="output folder under stage3/ (default: the variant)")
-    parser.add_argument("--arch", choices=sorted(ARCHITECTURES), default="resnet18",
-                        help="torchvision backbone (default resnet18)")
+    parser.add_argument("--arch", default="resnet18", metavar="{" + ",".join(ARCHITECTURES) + ",timm:NAME}",
+                        help="backbone: a torchvision classification model (default resnet18; vit_b_16 takes an "
+                             "--input-size that is a multiple of 16), or timm:NAME, one of timm's where it is "
+                             "installed")
     parser.add_argument("--input-size", type=int,
                         help="image side fed to the network (default 224 on FERPlus, its 48 x 48 faces upsampled as "
                              "the official evaluation runs them; 48 on the synthetic default)")
@@ -117,6 +118,9 @@ def parse_args(argv=None):
     parser.add_argument("--checkpoint-every", type=int, default=50,
                         help="steps between resume checkpoints (default 50; one also ends each epoch)")
     parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint of this run")
+    parser.add_argument("--tensorboard", action="store_true",
+                        help="also log every epoch's loss terms, gradient shares and valid scores as TensorBoard event "
+                             "files, in RUN_DIR/tensorboard/<name>/ (needs the tensorboard package)")
     parser.add_argument("--device", type=cli.device, default=cli.default_device(),
                         help="torch device (default cuda when available); under torchrun, each process's GPU")
     parser.add_argument("--amp", choices=("auto", "bf16", "fp16", "off"), default="auto",
@@ -125,6 +129,9 @@ def parse_args(argv=None):
                              "float32 throughout, on the CPU")
     parser.add_argument("--sync-bn", action="store_true",
                         help="BatchNorm statistics over the global batch under torchrun (GPUs only), as one process")
+    parser.add_argument("--compile", action="store_true",
+                        help="run the student and the KD teacher through torch.compile (checkpoints stay plain "
+                             "state_dicts; the first steps pay the compile; docs/benchmarks.md has what it gains)")
     parser.add_argument("--deterministic", action="store_true",
                         help="deterministic GPU algorithms only, so that a run repeats bit for bit (default: cuDNN's "
                              "fastest; CPU runs repeat either way)")
@@ -167,6 +174,11 @@ def check_settings(parser, args):
     args.kd_temperature = args.kd_temperature or KD_TEMPERATURE
     if args.sync_bn and not args.device.startswith("cuda"):
         parser.error(f"--sync-bn needs CUDA devices (torch's SyncBatchNorm does not run on {args.device!r})")
+    problem = check_architecture(args.arch, args.input_size)
+    if problem:
+        parser.error(f"--arch {args.arch}: {problem}")
+    if args.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        parser.error("--tensorboard writes TensorBoard's event files, and needs its package: pip install tensorboard")
     if args.epochs < 1 or args.batch_size < 2 or args.checkpoint_every < 1 or args.input_size < 16:
         parser.error("--epochs and --checkpoint-every must be at least 1, --batch-size at least 2 (BatchNorm needs two "
                      "images per step), --input-size at least 16")
@@ -241,33 +253,6 @@ def warn_of_inert_terms(epoch, weights):
                   "raise its weight, or see history.jsonl", file=sys.stderr)
 
 
-def plot_curves(history, path, note):
-    """Each term's weighted value and its gradient's share against CE's, and the FERPlus-valid scores, per epoch."""
-    figure, (values, shares, right) = plt.subplots(1, 3, figsize=(15, 4))
-    epochs = [h["epoch"] for h in history]
-    for term in ("ce", "kd", "proto_kd", "var_cap", "margin"):
-        values.plot(epochs, [h["weighted"][term] for h in history], label=term)
-    values.plot(epochs, [h["train"]["total"] for h in history], label="total", color="black", linestyle=":")
-    values.set_yscale("symlog", linthresh=1e-4)
-    values.set(xlabel="epoch", ylabel="weighted term (training mean)")
-    values.legend(fontsize=8)
-    for term in ("kd", "proto_kd", "var_cap", "margin"):
-        if any(term in h["gradient_share"] for h in history):
-            shares.plot(epochs, [h["gradient_share"].get(term, 0.0) for h in history], marker=".", label=term)
-    shares.axhline(INERT_SHARE, color="grey", linestyle=":", linewidth=1)
-    shares.set_yscale("symlog", linthresh=1e-3)
-    shares.set(xlabel="epoch", ylabel="gradient norm against CE's (one batch)")
-    if shares.get_legend_handles_labels()[0]:
-        shares.legend(fontsize=8)
-    for score in ("accuracy", "macro_f1", "balanced_accuracy"):
-        right.plot(epochs, [h["valid"][score] for h in history], label=score)
-    right.set_xlabel("epoch")
-    right.set_ylabel("FERPlus valid")
-    right.legend(fontsize=8)
-    figure.suptitle(f"student{note}", fontsize=10)
-    artifacts.save_figure(figure, path)
-
-
 def setup_distributed(device):
     """(device, rank, world) of this process: under torchrun, a process group (NCCL on GPUs, gloo on the CPU) and
     each process's own GPU."""
@@ -301,25 +286,25 @@ def training_data(args, rank, world):
     return splits, data_key, source
 
 
-def loss_constants(args, train_labels, device):
-    """CE's class weights (--class-weights, from the training set's class counts) and the Proto-KD + D-Geo op's
-    constants from stage 2's bank, checked against its manifest; with the bank's hash, side and size."""
-    counts = np.bincount(train_labels, minlength=len(FER_CLASSES))
-    bank_hash, bank, grid, _ = load_bank(os.path.join(args.run_dir, "stage2"))
-    anchors = [DEFAULT_ANCHORS[name] for name in FER_CLASSES]
-    constants = LossConstants(
-        class_weights=class_weights(counts, args.class_weights).to(device),
-        protos=torch.tensor(bank, dtype=torch.float32, device=device),
-        target_table=torch.tensor(proto_kd_targets(bank, grid, anchors, args.tau), dtype=torch.float32, device=device),
-        positive=torch.tensor([name in DEFAULT_POSITIVE for name in FER_CLASSES], device=device))
-    return constants, {"prototypes_sha256": bank_hash, "grid": grid, "embedding_size": int(bank.shape[1]),
-                       "anchors": anchors}
+def build_loss(args, train_labels, device):
+    """The student's loss (StudentLoss): CE's class weights from the training set's class counts (--class-weights),
+    and Proto-KD + D-Geo from stage 2's bank, checked against its manifest; with the bank's hash, side and size."""
+    bank_path = os.path.join(args.run_dir, "stage2", "prototypes.npz")
+    proto_dgeo = ProtoDGeoLoss.from_bank(bank_path, args.tau, args.var_cap, args.margin)
+    with np.load(bank_path) as saved:
+        grid = int(saved["G"])
+    weights = class_weights(np.bincount(train_labels, minlength=len(FER_CLASSES)), args.class_weights)
+    loss = StudentLoss(proto_dgeo, weights, args.kd_weight, args.proto_weight, args.dgeo_weight, args.kd_loss,
+                       args.kd_temperature, LABEL_SMOOTHING, (args.ramp_start, args.ramp_end)).to(device)
+    return loss, {"prototypes_sha256": artifacts.sha256_file(bank_path), "grid": grid,
+                  "embedding_size": int(proto_dgeo.embedding_dim),
+                  "anchors": [DEFAULT_ANCHORS[name] for name in FER_CLASSES]}
 
 
 def build_student(args, embedding_size, device, world):
     """(the student, the module that trains it: itself, or its DDP wrapper under torchrun)."""
     torch.manual_seed(args.seed)
-    model = Student(args.arch, len(FER_CLASSES), embedding_size)
+    model = Student(args.arch, len(FER_CLASSES), embedding_size, args.input_size)
     if args.pretrained:
         load_backbone_weights(model, args.pretrained)
     if args.sync_bn:
@@ -327,11 +312,10 @@ def build_student(args, embedding_size, device, world):
     model = model.to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
-    if world == 1:
-        return model, model
-    return model, torch.nn.parallel.DistributedDataParallel(
+    trained = model if world == 1 else torch.nn.parallel.DistributedDataParallel(
         model, device_ids=[device.index] if device.type == "cuda" else None,
         find_unused_parameters=args.proto_weight == 0 and args.dgeo_weight == 0)
+    return model, torch.compile(trained) if args.compile else trained  # model keeps the state_dict's plain names
 
 
 @dataclass
@@ -365,6 +349,11 @@ class Training:
             setattr(self, key, checkpoint[key])
 
 
+def autocast_settings(precision, device):
+    """torch.autocast's arguments for mixed_precision's choice (None: float32, autocast off)."""
+    return dict(device_type=device.type, dtype=precision or torch.bfloat16, enabled=precision is not None)
+
+
 def optimisation(args, model, device, steps_per_epoch):
     """The Training of a fresh run: AdamW, the warmup-then-cosine schedule, and the float16 gradient scaler."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
@@ -392,7 +381,7 @@ class Batches(NamedTuple):
         return x.contiguous(memory_format=torch.channels_last) if x.device.type == "cuda" else x
 
 
-def training_step(state, trained, teacher, batches, batch, seed, ramp, args, constants, autocast):
+def training_step(state, trained, teacher, batches, batch, seed, args, loss_fn, autocast):
     """One optimiser step on a global batch; returns the loss terms' values (the step's one host synchronisation)."""
     x = batches.network_input(batch, seed, args.input_size)
     x_teacher = None
@@ -409,10 +398,10 @@ def training_step(state, trained, teacher, batches, batch, seed, ramp, args, con
         teacher_logits = None if teacher_logits is None else gather_rows(teacher_logits)
         batch = gathered_order(batch, batches.world)
     y = batches.labels[batch]
-    ce_target = batches.soft_targets[batch] if batches.soft_targets is not None else y
-    values = loss_terms(logits, z, y, ce_target, teacher_logits, ramp, args, constants)
+    ce_target = batches.soft_targets[batch] if batches.soft_targets is not None else None
+    values = loss_fn(logits, z, y, teacher_logits, state.epoch, ce_target)
     if not state.shares:  # once an epoch, on its first step: how hard each term pulls against CE
-        state.shares = gradient_shares(values, term_weights(args, ramp), [logits, z])
+        state.shares = gradient_shares(values, loss_fn.weights(state.epoch), [logits, z])
     logged = dict(zip(TERMS, torch.stack([values[term].detach() for term in TERMS]).tolist()))
     if not math.isfinite(logged["total"]):
         raise FloatingPointError(f"epoch {state.epoch + 1}, step {state.step}: the loss is not finite; stopping "
@@ -427,14 +416,12 @@ def training_step(state, trained, teacher, batches, batch, seed, ramp, args, con
     return logged
 
 
-def train_one_epoch(state, trained, teacher, batches, args, constants, autocast, checkpoint):
-    """The rest of epoch state.epoch from step state.step, a resume checkpoint every --checkpoint-every steps (to
-    checkpoint = (path, config), or none for None);
-    returns the epoch's mean loss terms and images/s."""
+def train_one_epoch(state, trained, teacher, batches, args, loss_fn, autocast, checkpoint):
+    """The rest of epoch state.epoch from step state.step, with a resume checkpoint every --checkpoint-every steps (to
+    checkpoint = (path, config); none for None); returns the epoch's mean loss terms and images/s."""
     trained.train()
     steps_per_epoch = len(batches.labels) // args.batch_size
     order = torch.randperm(len(batches.labels), generator=torch.Generator().manual_seed(args.seed * 1000 + state.epoch))
-    ramp = dgeo_ramp(state.epoch, args.ramp_start, args.ramp_end)
     first, started = state.step, time.perf_counter()
     progress = tqdm(range(first, steps_per_epoch), disable=batches.rank != 0, unit="step", leave=False,
                     desc=f"epoch {state.epoch + 1}/{args.epochs}")
@@ -442,7 +429,7 @@ def train_one_epoch(state, trained, teacher, batches, args, constants, autocast,
         state.step = step
         batch = order[step * args.batch_size:(step + 1) * args.batch_size]
         seed = args.seed * 1_000_003 + state.epoch * 10_007 + step
-        for term, value in training_step(state, trained, teacher, batches, batch, seed, ramp, args, constants,
+        for term, value in training_step(state, trained, teacher, batches, batch, seed, args, loss_fn,
                                          autocast).items():
             state.sums[term] += value
         state.step = step + 1
@@ -452,7 +439,7 @@ def train_one_epoch(state, trained, teacher, batches, args, constants, autocast,
                 state.save(*checkpoint)
     elapsed = time.perf_counter() - started
     means = {term: total / steps_per_epoch for term, total in state.sums.items()}
-    return means, (steps_per_epoch - first) * args.batch_size / elapsed, ramp
+    return means, (steps_per_epoch - first) * args.batch_size / elapsed
 
 
 def evaluate(model, valid, args, device):
@@ -464,11 +451,22 @@ def evaluate(model, valid, args, device):
 def write_student(out_dir, work_dir, args, config, inputs):
     """Put the finished run's files in place of stage3/<name>/, whole: the previous student stays until then."""
     with artifacts.atomic_dir(out_dir) as staging:
-        for name in ("best.pt", "history.jsonl", "curves.png"):
+        for name in ("best.pt", "last.pt", "history.jsonl", "curves.png"):
             shutil.copy2(os.path.join(work_dir, name), os.path.join(staging, name))
         artifacts.write_config(staging, args, inputs)
         artifacts.write_manifest(staging)
     artifacts.remove_tree(work_dir, out_dir)
+
+
+def log_to_tensorboard(folder, entry):
+    """One epoch's loss terms (raw and weighted), gradient shares, valid scores and learning rate as scalars."""
+    from torch.utils.tensorboard import SummaryWriter  # here: the tensorboard package is optional
+
+    with SummaryWriter(folder) as writer:
+        for group in ("train", "weighted", "gradient_share", "valid"):
+            for key, value in entry[group].items():
+                writer.add_scalar(f"{group}/{key}", value, entry["epoch"])
+        writer.add_scalar("lr", entry["lr"], entry["epoch"])
 
 
 def write_progress(work_dir, history, note):
@@ -479,22 +477,28 @@ def write_progress(work_dir, history, note):
     plot_curves(history, os.path.join(work_dir, "curves.png"), note)
 
 
-def end_of_epoch(state, model, valid, args, device, work_dir, config, means, images_per_s, ramp, note):
-    """Score the epoch on FERPlus valid, log it, and keep the student as best.pt where it is the best so far."""
+def end_of_epoch(state, model, valid, args, device, work_dir, config, means, images_per_s, loss_fn, note):
+    """Score the epoch on FERPlus valid, log it, and keep the student as best.pt where it is the best so far (and as
+    last.pt after the last epoch)."""
     scores = evaluate(model, valid, args, device)
-    weights = term_weights(args, ramp)
-    state.history.append({"epoch": state.epoch + 1, "lr": state.scheduler.get_last_lr()[0], "dgeo_ramp": ramp,
+    weights = loss_fn.weights(state.epoch)
+    state.history.append({"epoch": state.epoch + 1, "lr": state.scheduler.get_last_lr()[0],
+                          "dgeo_ramp": dgeo_ramp(state.epoch, *loss_fn.ramp),
                           "train": means, "weighted": {term: weight * means[term] for term, weight in weights.items()},
                           "gradient_share": state.shares, "valid": scores, "images_per_s": images_per_s,
                           **({"loss_scale": state.scaler.get_scale()} if state.scaler.is_enabled() else {})})
     warn_of_inert_terms(state.history[-1], weights)
     print(f"epoch {state.epoch + 1}: loss {means['total']:.4f}, valid macro-F1 {scores['macro_f1']:.3f}, acc "
           f"{scores['accuracy']:.3f}, {images_per_s:.0f} images/s")
+    kept = {"state_dict": model.state_dict(), "config": config, "epoch": state.epoch + 1, "valid": scores}
     if scores["macro_f1"] > state.best_f1:
         state.best_f1 = scores["macro_f1"]
-        artifacts.save_checkpoint({"state_dict": model.state_dict(), "config": config, "epoch": state.epoch + 1,
-                                   "valid": scores}, os.path.join(work_dir, "best.pt"))
+        artifacts.save_checkpoint(kept, os.path.join(work_dir, "best.pt"))
+    if state.epoch + 1 == args.epochs:
+        artifacts.save_checkpoint(kept, os.path.join(work_dir, "last.pt"))
     write_progress(work_dir, state.history, note)
+    if args.tensorboard:
+        log_to_tensorboard(os.path.join(args.run_dir, "tensorboard", args.name), state.history[-1])
 
 
 def train(args, device, rank, world):
@@ -506,17 +510,17 @@ def train(args, device, rank, world):
     splits, data_key, source = training_data(args, rank, world)
     note = " (synthetic data: not the paper's numbers)" if source == "synthetic" else ""
     train_set, valid = splits["train"], splits["valid"]
-    constants, bank_facts = loss_constants(args, train_set.labels, device)
+    loss_fn, bank_facts = build_loss(args, train_set.labels, device)
     teacher, teacher_size, teacher_hash = load_teacher(args.kd_teacher, device) if args.kd_teacher else (None,) * 3
     model, trained = build_student(args, bank_facts["embedding_size"], device, world)
     steps_per_epoch = len(train_set.labels) // args.batch_size
     state = optimisation(args, model, device, steps_per_epoch)
     precision = mixed_precision(args.amp, device)
-    autocast = dict(device_type=device.type, dtype=precision or torch.bfloat16, enabled=precision is not None)
+    autocast = autocast_settings(precision, device)
     config = {key: value for key, value in vars(args).items() if key not in ("device", "resume", "run_dir")}
     config.update(bank_facts, positive=list(DEFAULT_POSITIVE), kd_teacher_sha256=teacher_hash, data_key=data_key,
                   source=source, world_size=world, precision=str(precision or torch.float32),
-                  class_weighting=args.class_weights, class_weights=constants.class_weights.tolist(),
+                  class_weighting=args.class_weights, class_weights=loss_fn.class_weights.tolist(),
                   label_smoothing=LABEL_SMOOTHING,
                   pretrained_sha256=artifacts.sha256_file(args.pretrained) if args.pretrained else None)
 
@@ -542,12 +546,14 @@ def train(args, device, rank, world):
     batches = Batches(torch.from_numpy(train_set.images).to(device), torch.from_numpy(train_set.labels).to(device),
                       torch.from_numpy(train_set.targets).to(device) if args.training_labels == "probability" else None,
                       rank, world)
+    if teacher is not None and args.compile:
+        teacher = torch.compile(teacher)
     kd_teacher = (teacher, teacher_size) if teacher is not None and args.kd_weight > 0 else None
     while state.epoch < args.epochs:
-        means, images_per_s, ramp = train_one_epoch(state, trained, kd_teacher, batches, args, constants, autocast,
-                                                    checkpoint)
+        means, images_per_s = train_one_epoch(state, trained, kd_teacher, batches, args, loss_fn, autocast,
+                                              checkpoint)
         if rank == 0:
-            end_of_epoch(state, model, valid, args, device, work_dir, config, means, images_per_s, ramp, note)
+            end_of_epoch(state, model, valid, args, device, work_dir, config, means, images_per_s, loss_fn, note)
         state.epoch, state.step, state.sums, state.shares = state.epoch + 1, 0, dict.fromkeys(TERMS, 0.0), {}
         if checkpoint:
             state.save(*checkpoint)

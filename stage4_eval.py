@@ -48,10 +48,11 @@ The folder is written whole or not at all: a killed run leaves the previous stag
 Prediction: --predict FOLDER runs one student (--variants NAME; default B3) on every image under FOLDER and
 writes a CSV with one row per face found (its box, the class probabilities and the class readout of valence and
 arousal, and the prototype readout where the run holds the student's bank), or one centre-crop row for an image where
-none is found.
+none is found. With --boxes CSV (path, x, y, width, height) the faces are those your own detector found.
 
 Export: --export FILE writes one student (--variants NAME; default B3), with its preprocessing, as a torch.export
-program that runs with torch alone: uint8 N x 48 x 48 face crops in, (logits, embeddings) out.
+program that runs with torch alone: uint8 N x 48 x 48 face crops in, (logits, embeddings) out; and, where the onnx
+packages are installed, the same as an ONNX model beside it (FILE with .onnx), checked by running it.
 """
 
 import argparse
@@ -145,15 +146,29 @@ def parse_args(argv=None):
                         help="prediction mode: classify the faces in every image under FOLDER")
     parser.add_argument("--output",
                         help="prediction mode: the CSV to write (default RUN_DIR/predictions/<variant>.csv)")
+    parser.add_argument("--boxes", metavar="CSV",
+                        help="prediction mode: the faces to classify, found by your own detector: a CSV with the "
+                             "columns path (relative to the --predict folder), x, y, width, height; a row per face")
     parser.add_argument("--export", metavar="FILE",
                         help="export mode: write one student, with its preprocessing, as a torch.export program "
-                             "(FILE, e.g. student.pt2) that runs with torch alone")
+                             "(FILE, e.g. student.pt2) that runs with torch alone, and as ONNX beside it")
     parser.add_argument("--device", type=cli.device, default=cli.default_device(),
                         help="where the students run (default cuda when present)")
     parser.add_argument("--seed", type=int, help="seed of the bootstrap and the t-SNE (default 0)")
     args = parser.parse_args(argv)
     cli.settle_synthetic_flags(parser, args, ["--ferplus", "--affectnet", "--ckplus", "--manifest", "--predict",
                                           "--export"])
+    refuse_flags_of_other_modes(parser, args)
+    for name, default in EVALUATION_DEFAULTS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, default)
+    if args.tsne_points < 10 or args.batch_size < 1 or args.bootstrap < 100:
+        parser.error("--tsne-points must be at least 10, --batch-size at least 1 and --bootstrap at least 100")
+    return args
+
+
+def refuse_flags_of_other_modes(parser, args):
+    """A usage error for a flag that the chosen mode (evaluation, --predict or --export) would not use."""
     if args.predict and not os.path.isdir(args.predict):
         parser.error(f"--predict {args.predict}: not a folder (give the folder that holds the images)")
     evaluation_only = [flag for flag in ("--ferplus", "--affectnet", "--ckplus", "--manifest", "--class-map",
@@ -163,8 +178,9 @@ def parse_args(argv=None):
     if args.predict and evaluation_only:
         parser.error(f"{', '.join(evaluation_only)}: evaluation only, and --predict classifies the images of a folder "
                      "with one student; leave them out")
-    if args.output and not args.predict:
-        parser.error("--output names the CSV of prediction mode: give it with --predict FOLDER")
+    for flag in ("--output", "--boxes"):
+        if getattr(args, flag[2:]) and not args.predict:
+            parser.error(f"{flag} is for prediction mode: give it with --predict FOLDER")
     not_exported = [flag for flag in ("--predict", "--skip-unreadable") if getattr(args, flag[2:].replace("-", "_"))]
     if args.export and (evaluation_only or not_exported):
         parser.error(f"{', '.join(evaluation_only + not_exported)}: --export writes one student as a program and "
@@ -173,12 +189,6 @@ def parse_args(argv=None):
         parser.error("--class-map reads the index labels of --manifest CSV: give it with --manifest")
     if args.affectnet_split and not args.affectnet:
         parser.error("--affectnet-split chooses the split of --affectnet FOLDER: give it with --affectnet")
-    for name, default in EVALUATION_DEFAULTS.items():
-        if getattr(args, name) is None:
-            setattr(args, name, default)
-    if args.tsne_points < 10 or args.batch_size < 1 or args.bootstrap < 100:
-        parser.error("--tsne-points must be at least 10, --batch-size at least 1 and --bootstrap at least 100")
-    return args
 
 
 # Students ---------------------------------------------------------------------------------------------------
@@ -550,7 +560,7 @@ def main(argv=None):
         if args.predict:  # the run's prototype bank, where it has one, adds a readout
             output = args.output or os.path.join(args.run_dir, "predictions", f"{names[0]}.csv")
             predict_folder(args.predict, output, model, config, prediction_prototypes(stage2_dir, config),
-                           args.device, args.batch_size)
+                           args.device, args.batch_size, args.boxes)
         else:
             export_for_deployment(args.export, model, config, names[0], checkpoint_hash)
         return

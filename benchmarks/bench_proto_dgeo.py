@@ -208,7 +208,7 @@ def main():
     device = args.device
     if args.profile or args.profile_plain:
         if not ngd_ext.fused_available(device):
-            sys.exit(f"the fused op is not built for {device}: pip install --no-build-isolation -e .")
+            sys.exit(f"the fused op is not built for {device}: {ngd_ext.ops.BUILD_HINT}")
         if args.profile_plain:
             for batch in args.batch:
                 for dim in args.dim:
@@ -219,7 +219,7 @@ def main():
             return
         return profile_main(args)
     if "fused" in args.provider and not ngd_ext.fused_available(device):
-        sys.exit(f"the fused op is not built for {device}: pip install --no-build-isolation -e .")
+        sys.exit(f"the fused op is not built for {device}: {ngd_ext.ops.BUILD_HINT}")
     served = ngd_ext.ops.cuda_kernels_serve(args.num_protos, args.num_classes)
     if "fused" in args.provider and device == "cuda" and not served:  # "fused" would time the reference
         sys.exit(f"the CUDA kernels serve at most {ngd_ext.ops.CUDA_MAX_PROTOS} prototypes and "

@@ -11,12 +11,12 @@ import torch
 
 from ngd_ext import artifacts
 from ngd_ext.data.face_crop import CROP_MARGIN, thread_cropper
-from ngd_ext.data.faces import IMAGE_EXTENSIONS
+from ngd_ext.data.faces import IMAGE_EXTENSIONS, box_records, crop_record
 from ngd_ext.data.files import read_grey
 from ngd_ext.emotions import FER_CLASSES, VA_DIMENSIONS
 from ngd_ext.prototypes import grid_centres, load_bank, nearest_prototypes
 from ngd_ext.runtime import map_in_threads
-from ngd_ext.student_model import export_student, predict
+from ngd_ext.student_model import ONNX_PACKAGES, export_onnx, export_student, onnx_available, predict
 
 SYNTHETIC_NOTE = "synthetic data: not the paper's numbers"
 
@@ -101,10 +101,9 @@ def prediction_prototypes(stage2_dir, config):
     return bank, grid_centres(grid), filled_from
 
 
-def predict_folder(folder, output, model, config, prototypes, device, batch_size=512):
-    """Classify every face found in the images under folder and write output, a CSV of one row per face: its image,
-    its box and how it was found, the predicted class, the class probabilities and the V/A readouts (the prototype
-    readout given prototypes = (bank, centres, filled_from))."""
+def found_faces(folder):
+    """(face crops, their CSV rows, the unreadable images, the image count) of every image under folder, each face
+    found by the cascade (or the centre square where it finds none)."""
     images, others = image_files(folder)
     if others:  # a phone's HEIC photos, say, which PIL does not decode
         print(f"--predict: left out {sum(others.values())} files that are not {'/'.join(IMAGE_EXTENSIONS)} images: "
@@ -119,13 +118,38 @@ def predict_folder(folder, output, model, config, prototypes, device, batch_size
         for index, crop in enumerate(found):
             faces.append(crop.face)
             rows.append([os.path.relpath(path, folder), index, crop.how, *crop.box])
+    return faces, rows, unreadable, len(images)
+
+
+def boxed_faces(folder, boxes):
+    """found_faces for the faces of a boxes CSV (path, x, y, width, height), which the user's own detector found:
+    each row one face, numbered within its image in the CSV's order."""
+    records = box_records(boxes, folder)
+    faces, rows, unreadable, numbers = [], [], [], Counter()
+    for record, crop in map_in_threads(crop_record, records, "cutting faces"):
+        if isinstance(crop, OSError):
+            unreadable.append(f"{record.path} ({crop})")
+            continue
+        name = os.path.relpath(record.path, folder)
+        faces.append(crop.face)
+        rows.append([name, numbers[name], crop.how, *crop.box])
+        numbers[name] += 1
+    return faces, rows, sorted(set(unreadable)), len({record.path for record in records})
+
+
+def predict_folder(folder, output, model, config, prototypes, device, batch_size=512, boxes=None):
+    """Classify every face in the images under folder (those of the boxes CSV, given one; else those the cascade
+    finds) and write output, a CSV of one row per face: its image, its box and how it was found, the predicted class,
+    the class probabilities and the V/A readouts (the prototype readout given prototypes = (bank, centres,
+    filled_from))."""
+    faces, rows, unreadable, images = boxed_faces(folder, boxes) if boxes else found_faces(folder)
     if not faces:
-        raise ValueError(f"--predict {folder}: none of its {len(images)} image files could be read")
+        raise ValueError(f"--predict {folder}: none of its {images} image files could be read")
     logits, embeddings = predict(model.to(device), np.stack(faces), config["input_size"], device, batch_size)
     write_face_predictions(output, rows, logits, readouts_of(logits, embeddings, config, prototypes))
     centre = sum(row[2] == "centre" for row in rows)
-    print(f"{len(rows)} faces in {len(images) - len(unreadable)} images ({centre} images with no face found: "
-          f"centre crop) -> {output}")
+    how = f"faces from {boxes}" if boxes else f"{centre} images with no face found: centre crop"
+    print(f"{len(rows)} faces in {images - len(unreadable)} images ({how}) -> {output}")
     for line in unreadable:
         print(f"skipped unreadable image {line}", file=sys.stderr)
 
@@ -144,16 +168,26 @@ def write_face_predictions(output, rows, logits, readouts):
 
 
 def export_for_deployment(path, model, config, name, checkpoint_hash):
-    """The student as a torch.export program, with what a program of another's needs to use it."""
+    """The student as a torch.export program, and beside it as an ONNX model where the ONNX packages are installed,
+    each with what a program of another's needs to use it."""
     synthetic = config["source"] == "synthetic"
-    export_student(model, config, path, {
+    metadata = {
         "student": name, "checkpoint_sha256": checkpoint_hash, "classes": list(FER_CLASSES),
         "input": "uint8 N x 48 x 48 grey face crops, cut as ngd_ext.data.face_crop cuts them (the face box widened by "
                  f"{CROP_MARGIN:.0%} on each side)",
         "outputs": ["logits N x C, in the order of classes (their softmax: the class probabilities)",
                     "embeddings N x E, the projection head's (Proto-KD's space)"],
-        "config": config, **({"note": SYNTHETIC_NOTE} if synthetic else {})})
+        "config": config, **({"note": SYNTHETIC_NOTE} if synthetic else {})}
+    note = f" ({SYNTHETIC_NOTE})" if synthetic else ""
+    export_student(model, config, path, metadata)
     print(f"{name} -> {path} (SHA-256 {artifacts.sha256_file(path)}): a torch.export program of uint8 N x 48 x 48 "
-          f"face crops to (logits, embeddings); torch.export.load({path!r}).module() runs it"
-          + (f" ({SYNTHETIC_NOTE})" if synthetic else ""))
+          f"face crops to (logits, embeddings); torch.export.load({path!r}).module() runs it{note}")
+    onnx_path = os.path.splitext(path)[0] + ".onnx"
+    if not onnx_available():
+        print(f"no ONNX model written: it needs the packages {', '.join(ONNX_PACKAGES)} "
+              "(pip install -r requirements-dev.txt)", file=sys.stderr)
+        return
+    export_onnx(model, config, onnx_path, metadata)
+    print(f"{name} -> {onnx_path} (SHA-256 {artifacts.sha256_file(onnx_path)}): the same as an ONNX model, inputs "
+          f"'faces', outputs 'logits' and 'embeddings'; onnxruntime.InferenceSession({onnx_path!r}) runs it{note}")
 

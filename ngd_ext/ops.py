@@ -1,17 +1,22 @@
 """The fused Proto-KD + D-Geo op: registrations (fake kernels, autograd) and the public entry point."""
 
+import glob
+import os
 import warnings
 
 import torch
 
 from ngd_ext import reference
 
+BUILD_HINT = "build it with `pip install -e .` in the project's folder (or `bash scripts/setup.sh`)"
 try:
     from ngd_ext import _C  # noqa: F401  (importing it registers torch.ops.ngd_ext.*)
 except ImportError as error:
     _C = None
-    warnings.warn(f"ngd_ext._C is not built ({error}); proto_dgeo_loss runs the pure-PyTorch reference. "
-                  "Build it with: pip install --no-build-isolation -e .", stacklevel=2)
+    built = glob.glob(os.path.join(os.path.dirname(os.path.abspath(__file__)), "_C.*"))
+    why = f"is built but does not load ({error}; built for another torch?)" if built else "is not built"
+    warnings.warn(f"ngd_ext's fused op {why}: proto_dgeo_loss runs the pure-PyTorch reference; {BUILD_HINT}",
+                  stacklevel=2)
 
 
 # Looked up once, so that proto_dgeo_loss traces under torch.compile(fullgraph=True).

@@ -108,9 +108,9 @@ def proto_kd_targets(bank, grid, anchors, tau):
     return weights / weights.sum(axis=1, keepdims=True)
 
 
-def load_bank(stage2_dir):
+def load_bank(stage2_dir, name="prototypes.npz"):
     """Stage 2's prototype bank after its manifest check: (its SHA-256, bank K x E, grid side G, filled_from)."""
-    bank_hash = artifacts.verify_manifest(stage2_dir, ["prototypes.npz"])["prototypes.npz"]
-    with np.load(os.path.join(stage2_dir, "prototypes.npz")) as saved:
+    bank_hash = artifacts.verify_manifest(stage2_dir, [name])[name]
+    with np.load(os.path.join(stage2_dir, name)) as saved:
         return bank_hash, saved["bank"].astype(np.float64), int(saved["G"]), saved["filled_from"]
 

@@ -1,5 +1,5 @@
-"""Stage 4's tables and pictures: the summary's Markdown and LaTeX tables, one function a table, and the figures of
-each student on each dataset and of the whole evaluation."""
+"""The tables and pictures of stages 3 and 4: a student's training curves; the summary's Markdown and LaTeX tables, one
+function a table; the figures of each student on each dataset and of the whole evaluation."""
 
 import csv
 
@@ -8,13 +8,13 @@ import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from sklearn.manifold import TSNE  # noqa: E402
 
 from ngd_ext import artifacts  # noqa: E402
 from ngd_ext.emotions import DEFAULT_ANCHORS, FER_CLASSES, VA_DIMENSIONS  # noqa: E402
 from ngd_ext.inference import READOUTS, class_probabilities, readout_columns  # noqa: E402
 from ngd_ext.metrics import BOOTSTRAP_LEVEL, MECHANISM_SETS  # noqa: E402
 from ngd_ext.prototypes import bin_centres, nearest_prototypes, unit_rows  # noqa: E402
+from ngd_ext.student_loss import INERT_SHARE  # noqa: E402
 from ngd_ext.student_model import label_of  # noqa: E402
 
 LATEX_ESCAPES = {"&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{", "}": r"\}",
@@ -304,6 +304,8 @@ def plot_confusions(view, title, path):
 
 def plot_tsne(embeddings, labels, bank, title, path, points, seed):
     """t-SNE of (a seeded sample of) the unit embeddings, with the 25 unit prototypes as black crosses."""
+    from sklearn.manifold import TSNE  # here: stage 3, which draws only its curves, need not load scikit-learn
+
     chosen = np.random.default_rng(seed).permutation(len(labels))[:points]
     joint = np.concatenate([unit_rows(embeddings[chosen]), unit_rows(bank)])
     perplexity = min(30.0, (len(joint) - 1) / 3)
@@ -457,3 +459,29 @@ def plot_readout_summary(results, rows, rated, note, path):
     ax.set_title(f"Valence and arousal read out from the students, against the ratings\n({note})", fontsize=10)
     artifacts.save_figure(figure, path)
 
+
+def plot_curves(history, path, note):
+    """Each term's weighted value and its gradient's share against CE's, and the FERPlus-valid scores, per epoch."""
+    figure, (values, shares, right) = plt.subplots(1, 3, figsize=(15, 4))
+    epochs = [h["epoch"] for h in history]
+    for term in ("ce", "kd", "proto_kd", "var_cap", "margin"):
+        values.plot(epochs, [h["weighted"][term] for h in history], label=term)
+    values.plot(epochs, [h["train"]["total"] for h in history], label="total", color="black", linestyle=":")
+    values.set_yscale("symlog", linthresh=1e-4)
+    values.set(xlabel="epoch", ylabel="weighted term (training mean)")
+    values.legend(fontsize=8)
+    for term in ("kd", "proto_kd", "var_cap", "margin"):
+        if any(term in h["gradient_share"] for h in history):
+            shares.plot(epochs, [h["gradient_share"].get(term, 0.0) for h in history], marker=".", label=term)
+    shares.axhline(INERT_SHARE, color="grey", linestyle=":", linewidth=1)
+    shares.set_yscale("symlog", linthresh=1e-3)
+    shares.set(xlabel="epoch", ylabel="gradient norm against CE's (one batch)")
+    if shares.get_legend_handles_labels()[0]:
+        shares.legend(fontsize=8)
+    for score in ("accuracy", "macro_f1", "balanced_accuracy"):
+        right.plot(epochs, [h["valid"][score] for h in history], label=score)
+    right.set_xlabel("epoch")
+    right.set_ylabel("FERPlus valid")
+    right.legend(fontsize=8)
+    figure.suptitle(f"student{note}", fontsize=10)
+    artifacts.save_figure(figure, path)

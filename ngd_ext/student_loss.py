@@ -1,15 +1,20 @@
-"""The student's loss of SPEC section 4, term by term: cross-entropy (label smoothing, class weights), logit KD from a
-visual teacher, Proto-KD, and D-Geo's variance cap and inter-class margin under their ramp; and how much each term
-weighs in training, by value and by gradient."""
+"""The student's loss of SPEC section 4 as modules to drop into a training loop: ProtoDGeoLoss (Proto-KD and D-Geo with
+the bank's constants) and StudentLoss (CE with its class weights, logit KD from a visual teacher, and ProtoDGeoLoss
+under D-Geo's ramp); the pieces they are made of; and how much each term weighs in training, by value and by
+gradient."""
 
 import math
+import os
 from typing import NamedTuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 
+from ngd_ext.emotions import DEFAULT_ANCHORS, DEFAULT_POSITIVE, FER_CLASSES
 from ngd_ext.ops import proto_dgeo_loss
+from ngd_ext.prototypes import load_bank, proto_kd_targets
 
 LABEL_SMOOTHING = 0.055
 KD_TEMPERATURE = 5.0
@@ -50,25 +55,74 @@ def dgeo_ramp(epoch, start, end):
     return (1 - math.cos(math.pi * (epoch - start) / (end - start))) / 2
 
 
-def term_weights(settings, ramp):
-    """Each term's weight in the total at D-Geo ramp `ramp`: {term: weight} (settings: kd_weight, proto_weight,
-    dgeo_weight)."""
-    dgeo = settings.dgeo_weight * ramp
-    return {"ce": 1.0, "kd": settings.kd_weight, "proto_kd": settings.proto_weight, "var_cap": dgeo, "margin": dgeo}
+class ProtoDGeoTerms(NamedTuple):
+    proto_kd: torch.Tensor
+    var_cap: torch.Tensor
+    margin: torch.Tensor
 
 
-def loss_terms(logits, z, labels, ce_target, teacher_logits, ramp, settings, constants):
-    """The loss over a batch, term by term, unweighted, and `total`, the weighted sum to minimise. teacher_logits is
-    None without KD; ce_target is the labels, or class distributions (FERPlus's probability rule). settings holds the
-    weights, tau, var_cap, margin, kd_loss and kd_temperature; constants the class weights and the op's constants."""
-    ce = F.cross_entropy(logits.float(), ce_target, weight=constants.class_weights, label_smoothing=LABEL_SMOOTHING)
-    kd = ce.new_zeros(()) if teacher_logits is None else kd_loss(logits.float(), teacher_logits.float(),
-                                                                settings.kd_loss, settings.kd_temperature)
-    proto_kd, var_cap, margin = proto_dgeo_loss(z.float(), constants.protos, constants.target_table, labels,
-                                                constants.positive, settings.tau, settings.var_cap, settings.margin)
-    values = {"ce": ce, "kd": kd, "proto_kd": proto_kd, "var_cap": var_cap, "margin": margin}
-    values["total"] = sum(weight * values[term] for term, weight in term_weights(settings, ramp).items())
-    return values
+class ProtoDGeoLoss(nn.Module):
+    """Proto-KD and D-Geo of SPEC section 4 with their constants held as buffers (they move with .to(device)): the
+    prototype bank (K x E), the Proto-KD target table (C x K), the positive classes (C). forward(z, labels) gives the
+    named triple (proto_kd, var_cap, margin) through the fused op where it is built, the reference otherwise."""
+
+    def __init__(self, protos, target, positive, tau=0.9, var_cap=0.2, margin=0.5):
+        super().__init__()
+        self.register_buffer("protos", torch.as_tensor(protos, dtype=torch.float32))
+        self.register_buffer("target", torch.as_tensor(target, dtype=torch.float32))
+        self.register_buffer("positive", torch.as_tensor(positive, dtype=torch.bool))
+        self.tau, self.var_cap, self.margin = tau, var_cap, margin
+
+    @classmethod
+    def from_bank(cls, path, tau=0.9, var_cap=0.2, margin=0.5, anchors=None, positive=DEFAULT_POSITIVE):
+        """From a stage-2 prototypes.npz, checked first against its folder's manifest: the targets of the classes'
+        V/A anchors (SPEC section 3's by default, a dict of FERPlus class -> (valence, arousal) otherwise)."""
+        _, bank, grid, _ = load_bank(os.path.dirname(os.path.abspath(path)), os.path.basename(path))
+        anchors = [(anchors or DEFAULT_ANCHORS)[name] for name in FER_CLASSES]
+        return cls(bank, proto_kd_targets(bank, grid, anchors, tau), [name in positive for name in FER_CLASSES], tau,
+                   var_cap, margin)
+
+    @property
+    def embedding_dim(self):
+        """The width E that z must have: the bank's."""
+        return self.protos.shape[1]
+
+    def forward(self, z, labels):
+        return ProtoDGeoTerms(*proto_dgeo_loss(z, self.protos, self.target, labels, self.positive, self.tau,
+                                               self.var_cap, self.margin))
+
+
+class StudentLoss(nn.Module):
+    """The student's loss as stage 3 takes it: CE (label smoothing, class weights) + kd_weight KD + proto_weight
+    Proto-KD + dgeo_weight w(e) (VarCap + Margin), w the D-Geo ramp over epochs ramp = (start, end). forward gives
+    every term, unweighted, and `total`, the weighted sum to minimise."""
+
+    def __init__(self, proto_dgeo, class_weights=None, kd_weight=0.30, proto_weight=0.12, dgeo_weight=0.012,
+                 kd_loss="mse", kd_temperature=KD_TEMPERATURE, label_smoothing=LABEL_SMOOTHING, ramp=(20, 60)):
+        super().__init__()
+        self.proto_dgeo = proto_dgeo
+        self.register_buffer("class_weights", None if class_weights is None else
+                             torch.as_tensor(class_weights, dtype=torch.float32))
+        self.kd_weight, self.proto_weight, self.dgeo_weight = kd_weight, proto_weight, dgeo_weight
+        self.kd_loss, self.kd_temperature, self.label_smoothing, self.ramp = (kd_loss, kd_temperature,
+                                                                               label_smoothing, ramp)
+
+    def weights(self, epoch):
+        """Each term's weight in the total in epoch `epoch` (counted from 0): {term: weight}."""
+        dgeo = self.dgeo_weight * dgeo_ramp(epoch, *self.ramp)
+        return {"ce": 1.0, "kd": self.kd_weight, "proto_kd": self.proto_weight, "var_cap": dgeo, "margin": dgeo}
+
+    def forward(self, logits, z, labels, teacher_logits=None, epoch=0, ce_target=None):
+        """logits B x C and z B x E, the student's two heads; labels B; teacher_logits B x C for KD (None: none);
+        ce_target the CE target where it is not the labels (FERPlus's probability rule: B x C distributions)."""
+        ce = F.cross_entropy(logits.float(), labels if ce_target is None else ce_target, weight=self.class_weights,
+                             label_smoothing=self.label_smoothing)
+        kd = ce.new_zeros(()) if teacher_logits is None else kd_loss(logits.float(), teacher_logits.float(),
+                                                                    self.kd_loss, self.kd_temperature)
+        proto_kd, var_cap, margin = self.proto_dgeo(z.float(), labels)
+        values = {"ce": ce, "kd": kd, "proto_kd": proto_kd, "var_cap": var_cap, "margin": margin}
+        values["total"] = sum(weight * values[term] for term, weight in self.weights(epoch).items())
+        return values
 
 
 def gradient_shares(values, weights, outputs):
@@ -81,11 +135,3 @@ def gradient_shares(values, weights, outputs):
     ce = norm(values["ce"])
     return {term: norm(weight * values[term]) / ce for term, weight in weights.items() if term != "ce" and weight > 0}
 
-
-class LossConstants(NamedTuple):
-    """What the loss takes besides the batch: CE's class weights, and the Proto-KD + D-Geo op's prototypes (K x E),
-    Proto-KD target table (C x K) and positive classes (C, bool)."""
-    class_weights: torch.Tensor
-    protos: torch.Tensor
-    target_table: torch.Tensor
-    positive: torch.Tensor

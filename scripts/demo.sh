@@ -4,6 +4,10 @@
 # prints are not the paper's.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# With no GPU to run it, the demo skips compiling the CUDA kernel, about 2 of its minutes; scripts/test.sh compiles it.
+if ! nvidia-smi -L > /dev/null 2>&1; then
+  export NGD_NO_CUDA=${NGD_NO_CUDA:-1}
+fi
 bash scripts/setup.sh
 # Stage 3 runs twice: a B0 student that serves as the logit-KD teacher, then the full B3 student.
 steps=(

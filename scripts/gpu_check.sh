@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole GPU verification of ngd_ext on a CUDA machine, with no network and whatever torch it has, within a time
 # budget (GPU_CHECK_BUDGET seconds, default 450, build included). Steps run in order of what a GPU run must settle
-# first: build the extension in place; the CUDA tests; the CUDA benchmark (the op's targets); compute-sanitizer
+# first: build the extension in place; the CUDA tests; the CUDA benchmark (the op's targets); the training benchmark
+# at 224 px; compute-sanitizer
 # memcheck and racecheck; stage 3's GPU tests; the torch.compile tests; then the diagnostics: the fused op timed
 # against a baseline checkout, a per-kernel profile (the baseline's too), Nsight Compute on the row kernels. Each
 # step's time limit is cut to what is left of the budget, and a step that no longer fits is skipped and named in the
@@ -23,7 +24,6 @@ python=${PYTHON:-python3}
 budget=${GPU_CHECK_BUDGET:-450}
 export PYTHONUNBUFFERED=1 FORCE_CUDA=1
 export MAX_JOBS=${MAX_JOBS:-$(nproc)}
-source scripts/cuda_env.sh  # CUDA_HOME, and TORCH_CUDA_ARCH_LIST for the GPU present
 
 step() { echo "== $1 ($(date +%T), $SECONDS s in)" | tee -a "$out/summary.txt"; }
 note() { echo "$@" | tee -a "$out/summary.txt"; }
@@ -54,7 +54,7 @@ ended() {
 }
 
 step "machine"
-{ nvidia-smi; echo "CUDA_HOME=${CUDA_HOME:-} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-}"; "$python" -c "import torch, sys; print(sys.version); print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())"; } > "$out/machine.txt" 2>&1
+{ nvidia-smi; command -v nvcc; "$python" -c "import torch, sys; print(sys.version); print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())"; } > "$out/machine.txt" 2>&1
 tail -n 2 "$out/machine.txt" | tee -a "$out/summary.txt"
 
 step "build"
@@ -93,6 +93,17 @@ if allow "benchmark" 200 100; then
     --time-budget $((limit - 70)) --out "$out/bench_cuda.json" > "$out/bench.log" 2>&1
   ended "benchmark" $?
   sed -n '/^dtype /,$p' "$out/bench.log" | tee -a "$out/summary.txt"
+fi
+
+# Stage 3's training step at the paper's 224 px, bf16 and channels_last, eager and compiled, with the projected time
+# of the paper's recipe (100 epochs of FERPlus) per configuration; B3's KD teacher a ResNet-50, as in the recipe.
+step "training benchmark"
+if allow "training benchmark" 240 120; then
+  timeout "$limit" "$python" benchmarks/bench_training.py --device cuda --arch resnet18 resnet50 --size 224 \
+    --batch 128 --teacher-arch resnet50 --compile --steps 20 --out "$out/bench_training_cuda.json" \
+    > "$out/bench_training.log" 2>&1
+  ended "training benchmark" $?
+  sed -n '/^arch /,$p' "$out/bench_training.log" | tee -a "$out/summary.txt"
 fi
 
 step "compute-sanitizer"

@@ -9,10 +9,6 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install --quiet --disable-pip-version-check -r requirements.txt
 
-if [ "${NGD_NO_CUDA:-0}" != 1 ]; then
-  python=.venv/bin/python
-  source scripts/cuda_env.sh  # CUDA_HOME, and TORCH_CUDA_ARCH_LIST for the GPUs present
-fi
 export MAX_JOBS=${MAX_JOBS:-$(nproc)}
 .venv/bin/python -m pip install --quiet --disable-pip-version-check --no-build-isolation --no-deps -e .
 .venv/bin/python -c "import ngd_ext; served = [d for d in ('cpu', 'cuda') if ngd_ext.fused_available(d)]

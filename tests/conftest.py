@@ -27,7 +27,8 @@ def run_with_bank(tmp_path_factory):
 # worker two files to begin with (the 1st and 3rd, the 2nd and 4th), then the next file to whichever finishes first; a
 # long file started last would leave the other worker idle at the end.
 LONGEST_FIRST = ["test_stage3_runs.py", "test_cuda_emulated_asan.py", "test_faults.py", "test_portability.py",
-                 "test_stage4.py", "test_cuda_emulated.py", "test_stage1.py", "test_stage3.py", "test_fused.py"]
+                 "test_training_bench.py", "test_stage4.py", "test_cuda_emulated.py", "test_stage1.py",
+                 "test_stage3.py", "test_backbones.py", "test_fused.py"]
 
 
 def pytest_collection_modifyitems(items):

@@ -78,27 +78,36 @@ def code_blocks(language):
 
 
 def test_the_readme_example_of_the_loss_in_ones_own_training_runs(tmp_path, monkeypatch):
+    """It trains on a small FERPlus against a stage-2 bank, and its criterion is the fused op's terms plus CE."""
     import numpy as np
     import torch
+    import torch.nn.functional as F
 
-    from ngd_ext import artifacts, reference
+    import ngd_ext
+    from ngd_ext import artifacts
+    from ngd_ext.data.synthetic_faces import write_synthetic_ferplus
 
-    (example,) = [block for block in code_blocks("python") if "proto_kd_targets" in block]
+    (example,) = [block for block in code_blocks("python") if "StudentLoss" in block]
     stage2 = tmp_path / "runs" / "demo" / "stage2"
     stage2.mkdir(parents=True)
     bank = np.random.default_rng(0).normal(size=(25, 16)).astype(np.float32)
-    np.savez(stage2 / "prototypes.npz", bank=bank / np.linalg.norm(bank, axis=1, keepdims=True), G=5)
+    np.savez(stage2 / "prototypes.npz", bank=bank / np.linalg.norm(bank, axis=1, keepdims=True), G=5,
+             filled_from=np.arange(25))
     artifacts.write_manifest(str(stage2))
+    write_synthetic_ferplus(str(tmp_path / "data" / "FERPlus"), seed=0, train=160, valid=16, test=16)
     monkeypatch.chdir(tmp_path)
+    forward, inputs = ngd_ext.StudentLoss.forward, []
+    monkeypatch.setattr(ngd_ext.StudentLoss, "forward", lambda self, *args, **kwargs: inputs.append(args) or
+                        forward(self, *args, **kwargs))
     names = {}
     exec(compile(example, "README.md", "exec"), names)
-    assert names["target"].shape == (8, 25)
-    torch.testing.assert_close(names["target"].sum(dim=1), torch.ones(8))
-    expected = reference.proto_dgeo_loss(names["z"].detach(), names["protos"], names["target"], names["labels"],
-                                         names["positive"], 0.9)
-    torch.testing.assert_close(torch.stack([names["proto_kd"], names["var_cap_loss"], names["margin_loss"]]).detach(),
-                               torch.stack(expected))
-    assert names["z"].grad is not None and names["z"].grad.abs().sum() > 0
+    losses, (logits, z, labels) = names["losses"], inputs[-1]
+    assert names["proto_dgeo"].embedding_dim == 16 and len(labels) == len(names["loader"].dataset) % 64
+    proto_kd, var_cap, margin = ngd_ext.proto_dgeo_loss(z, names["proto_dgeo"].protos, names["proto_dgeo"].target,
+                                                        labels, names["proto_dgeo"].positive, 0.9)
+    ce = F.cross_entropy(logits, labels, label_smoothing=0.055)
+    torch.testing.assert_close(losses["total"], ce + 0.12 * proto_kd)  # epoch 1: D-Geo's ramp has not begun
+    assert losses["kd"] == 0 and losses["margin"] == margin and losses["var_cap"] == var_cap
 
 
 def test_the_readme_example_of_prediction_from_python_runs(tmp_path, monkeypatch, capsys):

@@ -21,6 +21,7 @@ import stage3_student
 import stage4_eval
 from helpers import kill_process_tree
 from ngd_ext import artifacts
+from ngd_ext.student_loss import StudentLoss
 from test_prototypes import write_stage1
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -170,15 +171,15 @@ def test_a_rerun_killed_in_training_leaves_the_previous_student_whole(run_with_s
 def test_a_rerun_that_diverges_or_fills_the_disk_leaves_the_previous_student_whole(run_with_student, monkeypatch):
     old = os.path.join(run_with_student, "stage3", "old")
     before = snapshot(old)
-    loss_terms = stage3_student.loss_terms
+    forward = StudentLoss.forward
 
-    def diverging(*arguments):
-        values = loss_terms(*arguments)
+    def diverging(*arguments, **keywords):
+        values = forward(*arguments, **keywords)
         values["total"] = values["total"] * float("inf")
         return values
 
     with monkeypatch.context() as patch:
-        patch.setattr(stage3_student, "loss_terms", diverging)
+        patch.setattr(StudentLoss, "forward", diverging)
         with pytest.raises(FloatingPointError, match=r"^epoch 1, step 0: the loss is not finite"):
             stage3_student.main(["--run-dir", run_with_student, "--name", "old", "--variant", "B0", *TINY])
     assert snapshot(old) == before

@@ -15,6 +15,7 @@ import stage3_student
 from ngd_ext import artifacts
 from ngd_ext.augment import augment
 from ngd_ext.data.ferplus import FerPlusError
+from ngd_ext.student_loss import StudentLoss
 from ngd_ext.student_model import Student
 from test_ferplus import write_csv_layout
 from test_prototypes import write_stage1
@@ -190,7 +191,7 @@ def test_b0_then_b3_with_its_kd_teacher(run_with_bank, capsys):
     stage3_student.main(["--run-dir", run_dir, "--variant", "B3", "--kd-teacher", teacher, *TINY])
     assert "barely acts" not in capsys.readouterr().err  # D-Geo's ramp starts later: not judged in epoch 1
     out = os.path.join(run_dir, "stage3", "B3")
-    names = {"best.pt", "history.jsonl", "curves.png", "config.json"}
+    names = {"best.pt", "last.pt", "history.jsonl", "curves.png", "config.json"}
     assert set(artifacts.read_manifest(out)) == names
     artifacts.verify_manifest(out, sorted(names))
     with open(os.path.join(out, "history.jsonl")) as handle:
@@ -300,17 +301,17 @@ def test_a_split_with_no_usable_image_stops_the_run_before_training(run_with_ban
 def test_a_non_finite_loss_stops_the_run_at_its_step(run_with_bank, monkeypatch):
     """SPEC section 4: a non-finite loss (on a GPU, what a non-finite z gives) stops stage 3 at once, naming the step,
     and leaves no output that looks finished."""
-    loss_terms, computed = stage3_student.loss_terms, []
+    forward, computed = StudentLoss.forward, []
 
-    def poisoned_at_step_3(*arguments):
-        values = loss_terms(*arguments)
+    def poisoned_at_step_3(*arguments, **keywords):
+        values = forward(*arguments, **keywords)
         computed.append(values)
         if len(computed) == 3:
             values["kd"] = values["kd"] + float("nan")
             values["total"] = values["total"] + values["kd"]
         return values
 
-    monkeypatch.setattr(stage3_student, "loss_terms", poisoned_at_step_3)
+    monkeypatch.setattr(StudentLoss, "forward", poisoned_at_step_3)
     with pytest.raises(FloatingPointError, match=r"^epoch 1, step 2: the loss is not finite; stopping before"):
         stage3_student.main(["--run-dir", run_with_bank, "--variant", "B2", "--kd-weight", "0", "--name", "poisoned",
                              *TINY])

@@ -16,6 +16,7 @@ from helpers import kill_process_tree, run_under_gloo
 from ngd_ext import artifacts
 from ngd_ext.data.synthetic_faces import write_synthetic_ferplus
 from ngd_ext.runtime import gather_rows, gathered_order
+from ngd_ext.student_loss import ProtoDGeoLoss, StudentLoss
 from ngd_ext.student_model import load_student
 from test_stage3 import ROOT, TINY, needs_gpu
 
@@ -183,25 +184,24 @@ def ddp_loss_problem():
     inputs = torch.randn(batch, features, generator=generator)
     labels = torch.randint(0, classes, (batch,), generator=generator)
     teacher_logits = torch.randn(batch, classes, generator=generator)
-    constants = stage3_student.LossConstants(
-        class_weights=torch.rand(classes, generator=generator) + 0.5,
-        protos=torch.randn(25, embedding, generator=generator),
-        target_table=torch.softmax(torch.randn(classes, 25, generator=generator), dim=1),
-        positive=torch.arange(classes) % 3 == 1)
-    args = stage3_student.parse_args(["--variant", "B3", "--kd-teacher", "unused.pt", "--proto-weight", "1",
-                                      "--dgeo-weight", "1", "--margin", "1.5", "--kd-loss", "kl"])
-    return model, inputs, labels, teacher_logits, constants, args
+    class_weights = torch.rand(classes, generator=generator) + 0.5
+    proto_dgeo = ProtoDGeoLoss(torch.randn(25, embedding, generator=generator),
+                               torch.softmax(torch.randn(classes, 25, generator=generator), dim=1),
+                               torch.arange(classes) % 3 == 1, margin=1.5)
+    loss_fn = StudentLoss(proto_dgeo, class_weights, kd_weight=0.3, proto_weight=1.0, dgeo_weight=1.0, kd_loss="kl",
+                          ramp=(0, 0))
+    return model, inputs, labels, teacher_logits, loss_fn
 
 
 def ddp_loss_worker(rank, world):
     """One process of a DDP run of stage 3's loss: its share of the batch, the gathered global batch, backward."""
-    model, inputs, labels, teacher_logits, constants, args = ddp_loss_problem()
+    model, inputs, labels, teacher_logits, loss_fn = ddp_loss_problem()
     trained = torch.nn.parallel.DistributedDataParallel(model)
     part = slice(rank, None, world)
     outputs = gather_rows(trained(inputs[part]))
     teacher = gather_rows(teacher_logits[part])
     y = labels[gathered_order(torch.arange(len(labels)), world)]
-    values = stage3_student.loss_terms(outputs[:, :8], outputs[:, 8:], y, y, teacher, 1.0, args, constants)
+    values = loss_fn(outputs[:, :8], outputs[:, 8:], y, teacher)
     values["total"].backward()
     return {"values": {term: value.item() for term, value in values.items()},
             "grads": {name: p.grad for name, p in model.named_parameters()}}
@@ -211,10 +211,9 @@ def test_ddp_loss_is_the_one_process_loss(tmp_path):
     """Under DDP every process takes the loss over the gathered global batch, so its terms, D-Geo's class statistics
     and CE's class-weighted mean among them, are those of one process, and so is the gradient after DDP's average.
     Taken per process instead (each over its half), the D-Geo and CE gradients would differ at first order."""
-    model, inputs, labels, teacher_logits, constants, args = ddp_loss_problem()
+    model, inputs, labels, teacher_logits, loss_fn = ddp_loss_problem()
     outputs = model(inputs)
-    expected = stage3_student.loss_terms(outputs[:, :8], outputs[:, 8:], labels, labels, teacher_logits, 1.0, args,
-                                         constants)
+    expected = loss_fn(outputs[:, :8], outputs[:, 8:], labels, teacher_logits)
     expected["total"].backward()
     assert min(expected[term].item() for term in ("kd", "proto_kd", "var_cap", "margin")) > 0.1  # every term acts
 

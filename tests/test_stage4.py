@@ -19,7 +19,7 @@ import stage2_prototypes
 import stage3_student
 import stage4_eval
 from ngd_ext import artifacts, inference, metrics, report
-from ngd_ext.data.faces import affectnet_records, read_faces
+from ngd_ext.data.faces import DatasetError, affectnet_records, read_faces
 from ngd_ext.data.ferplus import load_ferplus_cached
 from ngd_ext.data.synthetic_faces import EXPRESSIONS, draw_face, place_face
 from ngd_ext.emotions import DEFAULT_ANCHORS, FER_CLASSES, VA_DIMENSIONS
@@ -290,13 +290,18 @@ def test_readouts_by_hand():
     np.testing.assert_array_equal(readout, [[-0.8, 0.8], [0.8, -0.8], [0.8, 0.8], [0.8, -0.8]])
 
 
+def photo_of_a_face(expression, seed):
+    """A 260 x 200 photo with a 110-pixel face in it."""
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(place_face(rng, draw_face(rng, EXPRESSIONS[expression], "ckplus"), (200, 260), 110,
+                                      "ckplus")[0])
+
+
 def test_prediction_mode(demo, tmp_path, capsys):
     run_dir, _ = demo
     folder = tmp_path / "photos"
     os.makedirs(folder / "nested")
-    rng = np.random.default_rng(3)
-    frame, _ = place_face(rng, draw_face(rng, EXPRESSIONS["surprise"], "ckplus"), (200, 260), 110, "ckplus")
-    Image.fromarray(frame).save(folder / "nested" / "face.png")
+    photo_of_a_face("surprise", 3).save(folder / "nested" / "face.png")
     Image.fromarray(np.full((50, 80, 3), 90, np.uint8)).save(folder / "wall.jpg")
     (folder / "broken.png").write_bytes(b"not a png")
     (folder / "._wall.jpg").write_bytes(b"\x00\x05\x16\x07 macOS's resource fork")  # hidden: left out
@@ -326,6 +331,41 @@ def test_prediction_mode(demo, tmp_path, capsys):
             p @ anchors, abs=1e-4)
         # B3 was trained with Proto-KD against the run's bank: its nearest prototype's bin centre
         assert (float(row["valence_from_prototype"]), float(row["arousal_from_prototype"])) in bin_centres
+
+
+def test_prediction_mode_with_boxes_classifies_the_boxed_faces_only(demo, tmp_path, capsys):
+    """--boxes: a row per face of the user's detector, cut from that box (not found again), numbered per image."""
+    run_dir, _ = demo
+    folder = tmp_path / "photos"
+    os.makedirs(folder / "day1")
+    photo_of_a_face("happiness", 4).save(folder / "day1" / "two.png")
+    photo_of_a_face("happiness", 4).save(folder / "unlisted.png")
+    boxes = tmp_path / "boxes.csv"
+    boxes.write_text("path,x,y,width,height\nday1/two.png,70,40,110,110\nday1/two.png,0,0,40,60\n")
+    output = str(tmp_path / "predictions.csv")
+    stage4_eval.main(["--run-dir", run_dir, "--predict", str(folder), "--boxes", str(boxes), "--output", output])
+    with open(output) as handle:
+        rows = [[row[key] for key in ("path", "face", "found_by", "x", "y", "width", "height")]
+                for row in csv.DictReader(handle)]
+    assert rows == [["day1/two.png", "0", "box", "70", "40", "110", "110"],
+                    ["day1/two.png", "1", "box", "0", "0", "40", "60"]]
+    assert f"2 faces in 1 images (faces from {boxes}) -> {output}" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("text, message", [
+    ("path,x,y,w,h\n", "lacks the columns width, height; expected path, x, y, width, height"),
+    ("path,x,y,width,height\nface.png,1,2,3.5,4\n", "row 2: width must be an integer, got '3.5'"),
+    ("path,x,y,width,height\nface.png,1,2,0,4\n", "row 2: face box (1, 2, 0, 4) has no area"),
+    ("path,x,y,width,height\nface.png,1,2,3,4\nmissing.png,1,2,3,4\n", "row 3: no image file 'missing.png' in"),
+    ("path,x,y,width,height\nface.png,90,2,3,4\n", "row 2: face box (90, 2, 3, 4) lies outside the 80 x 50 image"),
+    ("path,x,y,width,height\n", "no face box in it"),
+])
+def test_a_bad_boxes_csv_is_refused_naming_file_and_row(demo, tmp_path, text, message):
+    Image.fromarray(np.full((50, 80), 90, np.uint8)).save(tmp_path / "face.png")
+    (tmp_path / "boxes.csv").write_text(text)
+    with pytest.raises(DatasetError) as error:
+        stage4_eval.main(["--run-dir", demo[0], "--predict", str(tmp_path), "--boxes", str(tmp_path / "boxes.csv")])
+    assert str(error.value).startswith(str(tmp_path / "boxes.csv")) and message in str(error.value)
 
 
 def test_prediction_mode_needs_one_student(demo, tmp_path):
@@ -360,7 +400,8 @@ def test_prediction_mode_needs_a_folder(tmp_path, capsys):
     (["--predict", ".", "--ckplus", "ck", "--replicates", "B3=a,b"], "--ckplus, --replicates: evaluation only"),
     (["--predict", ".", "--bootstrap", "200", "--seed", "0"], "--bootstrap, --seed: evaluation only"),
     (["--predict", ".", "--tsne-points", "50"], "--tsne-points: evaluation only"),
-    (["--output", "out.csv"], "--output names the CSV of prediction mode: give it with --predict FOLDER"),
+    (["--output", "out.csv"], "--output is for prediction mode: give it with --predict FOLDER"),
+    (["--export", "s.pt2", "--boxes", "b.csv"], "--boxes is for prediction mode: give it with --predict FOLDER"),
     (["--affectnet-split", "training"], "--affectnet-split chooses the split of --affectnet FOLDER: give it with "
                                         "--affectnet"),
     (["--predict", ".", "--data-seed", "2"], "--data-seed shapes the embedded synthetic default, which --predict "
@@ -383,8 +424,9 @@ def test_export_writes_a_program_that_gives_the_students_outputs(demo, tmp_path,
     run_dir, _ = demo
     path = str(tmp_path / "exported" / "student.pt2")
     stage4_eval.main(["--run-dir", run_dir, "--export", path])
-    assert f"B3 -> {path} (SHA-256 {artifacts.sha256_file(path)}): a torch.export program" in capsys.readouterr().out
-    assert os.listdir(os.path.dirname(path)) == ["student.pt2"]
+    out = capsys.readouterr().out
+    assert f"B3 -> {path} (SHA-256 {artifacts.sha256_file(path)}): a torch.export program" in out
+    assert sorted(os.listdir(os.path.dirname(path))) == ["student.onnx", "student.pt2"]
     checkpoint = os.path.join(run_dir, "stage3", "B3", "best.pt")
     model, config = load_student(checkpoint)
     extra = {EXPORT_METADATA: ""}
@@ -407,6 +449,32 @@ def test_export_writes_a_program_that_gives_the_students_outputs(demo, tmp_path,
         f"print(*torch.export.load({path!r}).module()(torch.zeros(3, 48, 48, dtype=torch.uint8))[1].shape)")],
         capture_output=True, text=True, cwd=str(tmp_path))
     assert (alone.returncode, alone.stdout) == (0, f"3 {config['embedding_size']}\n"), alone.stderr
+    check_onnx_model(path.replace(".pt2", ".onnx"), out, model, config, metadata, faces)
+
+
+def check_onnx_model(path, out, model, config, metadata, faces):
+    """The ONNX model beside the program: onnxruntime gives predict's outputs, and it carries the same metadata."""
+    import onnx
+    import onnxruntime
+
+    assert f"B3 -> {path} (SHA-256 {artifacts.sha256_file(path)}): the same as an ONNX model" in out
+    props = {prop.key: prop.value for prop in onnx.load(path).metadata_props}
+    assert json.loads(props[EXPORT_METADATA]) == metadata
+    session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+    logits, embeddings = session.run(["logits", "embeddings"], {"faces": faces})
+    expected_logits, expected_embeddings = predict(model, faces, config["input_size"], "cpu")
+    np.testing.assert_allclose(logits, expected_logits, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(embeddings, expected_embeddings, rtol=1e-4, atol=1e-4)
+
+
+def test_export_without_the_onnx_packages_writes_the_program_and_says_why_not_the_onnx_model(
+        demo, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(inference, "onnx_available", lambda: False)
+    path = str(tmp_path / "student.pt2")
+    stage4_eval.main(["--run-dir", demo[0], "--export", path])
+    assert os.listdir(tmp_path) == ["student.pt2"]
+    assert ("no ONNX model written: it needs the packages onnx, onnxscript, onnxruntime (pip install -r "
+            "requirements-dev.txt)") in capsys.readouterr().err
 
 
 def add_variant(run_dir, name, state_dict, config):

@@ -7,8 +7,12 @@ import numpy as np
 import pytest
 import torch
 
+import ngd_ext
 import stage3_student
-from ngd_ext.student_loss import class_weights, dgeo_ramp, gradient_shares, kd_loss
+from ngd_ext import artifacts, reference
+from ngd_ext.emotions import DEFAULT_ANCHORS, FER_CLASSES
+from ngd_ext.prototypes import proto_kd_targets
+from ngd_ext.student_loss import ProtoDGeoLoss, StudentLoss, class_weights, dgeo_ramp, gradient_shares, kd_loss
 
 STUDENT = [[2.0, 0.0, -1.0, 0.5], [-0.5, 1.5, 0.0, 0.0]]
 TEACHER = [[0.0, 1.0, 0.0, 3.0], [1.0, 1.0, -2.0, 0.0]]
@@ -96,3 +100,55 @@ def test_a_term_under_one_percent_of_ce_by_value_and_by_gradient_is_named(capsys
     stage3_student.warn_of_inert_terms(later, weights)  # judged after the first epoch only
     assert capsys.readouterr().err == ""
 
+
+
+@pytest.fixture
+def bank_folder(tmp_path):
+    """A stage-2 folder holding a bank of 25 prototypes of 16 dimensions, with its manifest."""
+    rng = np.random.default_rng(0)
+    bank = rng.normal(size=(25, 16))
+    bank /= np.linalg.norm(bank, axis=1, keepdims=True)
+    np.savez(tmp_path / "prototypes.npz", bank=bank.astype(np.float32), G=5, filled_from=np.arange(25))
+    artifacts.write_manifest(str(tmp_path))
+    return tmp_path
+
+
+def test_proto_dgeo_loss_module_is_the_op_with_the_banks_constants(bank_folder):
+    loss = ProtoDGeoLoss.from_bank(str(bank_folder / "prototypes.npz"), tau=0.8, var_cap=0.1, margin=0.7)
+    with np.load(bank_folder / "prototypes.npz") as saved:
+        bank = saved["bank"].astype(np.float64)
+    target = proto_kd_targets(bank, 5, [DEFAULT_ANCHORS[name] for name in FER_CLASSES], 0.8)
+    positive = torch.tensor([name in ("happiness", "surprise") for name in FER_CLASSES])
+    z, labels = torch.randn(40, 16, generator=torch.Generator().manual_seed(1)), torch.arange(40) % 8
+    got = loss(z, labels)
+    want = ngd_ext.proto_dgeo_loss(z, torch.tensor(bank, dtype=torch.float32),
+                                   torch.tensor(target, dtype=torch.float32), labels, positive, 0.8, 0.1, 0.7)
+    assert loss.embedding_dim == 16 and got._fields == ("proto_kd", "var_cap", "margin")
+    for name, value, expected in zip(got._fields, got, want):
+        torch.testing.assert_close(value, expected, rtol=0, atol=0, msg=name)
+    assert {name for name, _ in loss.named_buffers()} == {"protos", "target", "positive"}
+
+
+def test_proto_dgeo_loss_module_refuses_a_bank_that_changed(bank_folder):
+    with open(bank_folder / "prototypes.npz", "ab") as handle:
+        handle.write(b"\0")
+    with pytest.raises(artifacts.ArtifactError, match=r"prototypes.npz does not match SHA256SUMS"):
+        ProtoDGeoLoss.from_bank(str(bank_folder / "prototypes.npz"))
+
+
+def test_student_loss_is_ce_kd_proto_kd_and_dgeo_under_its_ramp(bank_folder):
+    """StudentLoss against SPEC section 4 written out: the reference op, cross-entropy and KD by hand."""
+    proto_dgeo = ProtoDGeoLoss.from_bank(str(bank_folder / "prototypes.npz"))
+    weights = torch.tensor([1.0, 0.5, 2.0, 1.0, 1.0, 3.0, 1.0, 0.2])
+    loss = StudentLoss(proto_dgeo, weights, kd_weight=0.3, proto_weight=0.12, dgeo_weight=0.5, ramp=(2, 6))
+    generator = torch.Generator().manual_seed(2)
+    logits, teacher = torch.randn(32, 8, generator=generator), torch.randn(32, 8, generator=generator)
+    z, labels = torch.randn(32, 16, generator=generator), torch.arange(32) % 8
+    for epoch, ramp in ((1, 0.0), (4, 0.5), (7, 1.0)):  # w(e) = (1 - cos(pi (e - 2) / 4)) / 2 between 2 and 6
+        values = loss(logits, z, labels, teacher, epoch=epoch)
+        ce = torch.nn.functional.cross_entropy(logits, labels, weight=weights, label_smoothing=0.055)
+        proto_kd, var_cap, margin = reference.proto_dgeo_loss(z, proto_dgeo.protos, proto_dgeo.target, labels,
+                                                              proto_dgeo.positive)
+        total = ce + 0.3 * (logits - teacher).pow(2).mean() + 0.12 * proto_kd + 0.5 * ramp * (var_cap + margin)
+        torch.testing.assert_close(values["total"], total, rtol=1e-5, atol=1e-6, msg=str(epoch))
+        assert loss.weights(epoch)["margin"] == pytest.approx(0.5 * ramp)

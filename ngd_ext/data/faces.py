@@ -452,9 +452,43 @@ def manifest_records(path, class_map=None):
     return records, dict(dropped)
 
 
+BOX_COLUMNS = ("path", "x", "y", "width", "height")
+
+
+def box_records(path, folder):
+    """The faces of a boxes CSV (columns BOX_COLUMNS, one row per face; paths relative to folder, or absolute) as
+    FaceRecords without labels, for faces that the user's own detector found."""
+    if not os.path.isfile(path):
+        raise DatasetError(f"{path}: no such file; expected a CSV with the columns {', '.join(BOX_COLUMNS)}")
+    rows = read_rows(path, DatasetError)
+    header = [name.strip().lower() for name in next(rows, [])]
+    missing = [name for name in BOX_COLUMNS if name not in header]
+    if missing:
+        raise DatasetError(f"{path}: the header {header} lacks the columns {', '.join(missing)}; expected "
+                           f"{', '.join(BOX_COLUMNS)}")
+    columns = [header.index(name) for name in BOX_COLUMNS]
+    records = []
+    for number, fields in enumerate(rows, 2):
+        if not any(field.strip() for field in fields):
+            continue
+        if len(fields) != len(header):
+            raise DatasetError(f"{path}, row {number}: {len(fields)} fields, expected {len(header)}")
+        image, *box = (fields[i] for i in columns)
+        box = tuple(_integer(value, path, number, name) for value, name in zip(box, BOX_COLUMNS[1:]))
+        if box[2] <= 0 or box[3] <= 0:
+            raise DatasetError(f"{path}, row {number}: face box {box} has no area")
+        image_path = os.path.join(folder, image.strip())
+        if not os.path.isfile(image_path):
+            raise DatasetError(f"{path}, row {number}: no image file {image.strip()!r} in {folder}")
+        records.append(FaceRecord(image_path, None, box, f"{path}, row {number}"))
+    if not records:
+        raise DatasetError(f"{path}: no face box in it")
+    return records
+
+
 # Decoding and cropping ---------------------------------------------------------------------------------------
 
-def _crop_record(record):
+def crop_record(record):
     """(record, Crop), or (record, OSError) for an image that cannot be read."""
     try:
         grey = read_grey(record.path, upright=record.box is None)
@@ -481,7 +515,7 @@ def read_faces(name, records, dropped, skip_unreadable=False, workers=None):
     if not records:
         raise DatasetError(f"{name}: no image with a FERPlus label" + dropped_note(dropped))
     images, labels, paths, groups, ratings, unreadable, crops = [], [], [], [], [], [], Counter()
-    for record, crop in map_in_threads(_crop_record, records, f"reading {name}", workers):
+    for record, crop in map_in_threads(crop_record, records, f"reading {name}", workers):
         if isinstance(crop, OSError):
             if not skip_unreadable:
                 missing = isinstance(crop, FileNotFoundError)
