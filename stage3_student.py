@@ -289,14 +289,12 @@ def training_data(args, rank, world):
 def build_loss(args, train_labels, device):
     """The student's loss (StudentLoss): CE's class weights from the training set's class counts (--class-weights),
     and Proto-KD + D-Geo from stage 2's bank, checked against its manifest; with the bank's hash, side and size."""
-    bank_path = os.path.join(args.run_dir, "stage2", "prototypes.npz")
-    proto_dgeo = ProtoDGeoLoss.from_bank(bank_path, args.tau, args.var_cap, args.margin)
-    with np.load(bank_path) as saved:
-        grid = int(saved["G"])
+    proto_dgeo = ProtoDGeoLoss.from_bank(os.path.join(args.run_dir, "stage2", "prototypes.npz"), args.tau,
+                                         args.var_cap, args.margin)
     weights = class_weights(np.bincount(train_labels, minlength=len(FER_CLASSES)), args.class_weights)
     loss = StudentLoss(proto_dgeo, weights, args.kd_weight, args.proto_weight, args.dgeo_weight, args.kd_loss,
                        args.kd_temperature, LABEL_SMOOTHING, (args.ramp_start, args.ramp_end)).to(device)
-    return loss, {"prototypes_sha256": artifacts.sha256_file(bank_path), "grid": grid,
+    return loss, {"prototypes_sha256": proto_dgeo.bank_sha256, "grid": proto_dgeo.grid,
                   "embedding_size": int(proto_dgeo.embedding_dim),
                   "anchors": [DEFAULT_ANCHORS[name] for name in FER_CLASSES]}
 

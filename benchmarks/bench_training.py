@@ -21,9 +21,7 @@ and writes JSON with the machine and versions.
 """
 
 import argparse
-import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -37,7 +35,8 @@ from torch import nn
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import stage3_student  # noqa: E402
-from ngd_ext import artifacts, fused_available  # noqa: E402
+from bench_proto_dgeo import machine, write_report  # noqa: E402
+from ngd_ext import artifacts  # noqa: E402
 from ngd_ext.emotions import FER_CLASSES  # noqa: E402
 from ngd_ext.student_model import Student, backbone, preprocess  # noqa: E402
 
@@ -88,7 +87,7 @@ class Stage3Step:
             make_bank(run_dir)
         flags = ["--run-dir", run_dir, "--variant", variant, "--arch", arch, "--input-size", str(size),
                  "--batch-size", str(batch), "--device", device, "--amp", amp]
-        if variant == "B3":  # every term at its full weight: the D-Geo ramp's end
+        if variant == "B3":  # every term at full weight (the ramp's end); the teacher is built below, not read
             flags += ["--kd-teacher", "unused.pt", "--ramp-start", "0", "--ramp-end", "0"]
         self.args = stage3_student.parse_args(flags + (["--compile"] if compile else []))
         generator = torch.Generator().manual_seed(0)
@@ -248,15 +247,6 @@ def build(variant, arch, size, args, compile):
     return Stage3Step(variant, arch, size, args.batch, args.device, args.amp, compile, args.teacher_arch)
 
 
-def machine(device):
-    info = {"platform": platform.platform(), "processor": platform.processor(), "cpu_count": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(), "python": platform.python_version(), "torch": torch.__version__,
-            "fused_available": fused_available(torch.device(device).type)}
-    if torch.device(device).type == "cuda":
-        info.update(gpu=torch.cuda.get_device_name(), cuda=torch.version.cuda)
-    return info
-
-
 def summarise(rows):
     """The goals' figures per (arch, size, compile): B0's images/s over the plain loop's, and B3's step time beyond
     B0's and its teacher's forward, over B0's step time."""
@@ -314,11 +304,8 @@ def main(argv=None):
     goals = summarise(rows)
     print_table(rows, goals)
     if args.out:
-        report = {"command": " ".join(["python", *sys.argv]), "device": args.device, "amp": args.amp,
-                  "machine": machine(args.device), "rows": rows, "goals": goals}
-        with artifacts.atomic_path(args.out) as temporary:
-            with open(temporary, "w") as handle:
-                json.dump(report, handle, indent=1)
+        write_report({"command": " ".join(["python", *sys.argv]), "device": args.device, "amp": args.amp,
+                      "machine": machine(torch.device(args.device).type), "rows": rows, "goals": goals}, args.out)
 
 
 if __name__ == "__main__":

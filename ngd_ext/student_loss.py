@@ -64,7 +64,8 @@ class ProtoDGeoTerms(NamedTuple):
 class ProtoDGeoLoss(nn.Module):
     """Proto-KD and D-Geo of SPEC section 4 with their constants held as buffers (they move with .to(device)): the
     prototype bank (K x E), the Proto-KD target table (C x K), the positive classes (C). forward(z, labels) gives the
-    named triple (proto_kd, var_cap, margin) through the fused op where it is built, the reference otherwise."""
+    named triple (proto_kd, var_cap, margin) through the fused op where it is built, the reference otherwise. Built by
+    from_bank, it also says which bank it holds: bank_sha256 and grid (None otherwise)."""
 
     def __init__(self, protos, target, positive, tau=0.9, var_cap=0.2, margin=0.5):
         super().__init__()
@@ -72,15 +73,18 @@ class ProtoDGeoLoss(nn.Module):
         self.register_buffer("target", torch.as_tensor(target, dtype=torch.float32))
         self.register_buffer("positive", torch.as_tensor(positive, dtype=torch.bool))
         self.tau, self.var_cap, self.margin = tau, var_cap, margin
+        self.bank_sha256 = self.grid = None
 
     @classmethod
     def from_bank(cls, path, tau=0.9, var_cap=0.2, margin=0.5, anchors=None, positive=DEFAULT_POSITIVE):
         """From a stage-2 prototypes.npz, checked first against its folder's manifest: the targets of the classes'
         V/A anchors (SPEC section 3's by default, a dict of FERPlus class -> (valence, arousal) otherwise)."""
-        _, bank, grid, _ = load_bank(os.path.dirname(os.path.abspath(path)), os.path.basename(path))
+        bank_hash, bank, grid, _ = load_bank(os.path.dirname(os.path.abspath(path)), os.path.basename(path))
         anchors = [(anchors or DEFAULT_ANCHORS)[name] for name in FER_CLASSES]
-        return cls(bank, proto_kd_targets(bank, grid, anchors, tau), [name in positive for name in FER_CLASSES], tau,
+        loss = cls(bank, proto_kd_targets(bank, grid, anchors, tau), [name in positive for name in FER_CLASSES], tau,
                    var_cap, margin)
+        loss.bank_sha256, loss.grid = bank_hash, grid
+        return loss
 
     @property
     def embedding_dim(self):

@@ -356,6 +356,7 @@ def test_prediction_mode_with_boxes_classifies_the_boxed_faces_only(demo, tmp_pa
     ("path,x,y,w,h\n", "lacks the columns width, height; expected path, x, y, width, height"),
     ("path,x,y,width,height\nface.png,1,2,3.5,4\n", "row 2: width must be an integer, got '3.5'"),
     ("path,x,y,width,height\nface.png,1,2,0,4\n", "row 2: face box (1, 2, 0, 4) has no area"),
+    ("path,x,y,width,height\nface.png,,,,\n", "row 2: no face box (x, y, width, height are empty)"),
     ("path,x,y,width,height\nface.png,1,2,3,4\nmissing.png,1,2,3,4\n", "row 3: no image file 'missing.png' in"),
     ("path,x,y,width,height\nface.png,90,2,3,4\n", "row 2: face box (90, 2, 3, 4) lies outside the 80 x 50 image"),
     ("path,x,y,width,height\n", "no face box in it"),

@@ -127,6 +127,7 @@ def test_proto_dgeo_loss_module_is_the_op_with_the_banks_constants(bank_folder):
     for name, value, expected in zip(got._fields, got, want):
         torch.testing.assert_close(value, expected, rtol=0, atol=0, msg=name)
     assert {name for name, _ in loss.named_buffers()} == {"protos", "target", "positive"}
+    assert (loss.bank_sha256, loss.grid) == (artifacts.sha256_file(str(bank_folder / "prototypes.npz")), 5)
 
 
 def test_proto_dgeo_loss_module_refuses_a_bank_that_changed(bank_folder):

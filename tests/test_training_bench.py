@@ -48,6 +48,8 @@ def test_compiled_and_eager_students_give_the_same_losses(tmp_path):
     """Two steps of B3 (student and teacher compiled): the same loss terms, so the same first update too."""
     eager, compiled = (bench_training.Stage3Step("B3", "resnet18", 48, 16, "cpu", compile=flag, run_dir=str(tmp_path))
                        for flag in (False, True))
+    assert isinstance(compiled.trained, torch._dynamo.eval_frame.OptimizedModule)
+    assert isinstance(compiled.teacher[0], torch._dynamo.eval_frame.OptimizedModule)
     for i in range(2):
         assert compiled.run(i) == pytest.approx(eager.run(i), rel=1e-4, abs=1e-6)
 
@@ -71,6 +73,8 @@ def test_a_compiled_run_resumes_without_compile_and_saves_plain_checkpoints(run_
         patch.setattr(stage3_student, "augment", killed_at_the_second_step)
         with pytest.raises(KeyboardInterrupt):
             stage3_student.main([*arguments, "--compile"])
+    killed = torch.load(os.path.join(run_with_bank, "stage3", "compiled.partial", "checkpoint.pt"), weights_only=True)
+    assert killed["config"]["compile"] is True and not any("_orig_mod" in key for key in killed["model"])
     stage3_student.main([*arguments, "--resume"])
     assert "resuming at epoch 1, step 1" in capsys.readouterr().out
     for name in ("best.pt", "last.pt"):

@@ -105,6 +105,17 @@ def _integer(text, path, row, column):
     return int(value)
 
 
+def _face_box(values, names, path, row):
+    """A face box (x, y, width, height) from its four CSV fields (their column names: names), or None where all are
+    empty; a box without area is refused naming the row."""
+    if not any(value.strip() for value in values):
+        return None
+    box = tuple(_integer(value, path, row, name) for value, name in zip(values, names))
+    if box[2] <= 0 or box[3] <= 0:
+        raise DatasetError(f"{path}, row {row}: face box {box} has no area")
+    return box
+
+
 AFFECTNET_NOT_RATED = -2.0  # AffectNet's valence and arousal of an image without a rating (its codes 8-10 have it)
 
 
@@ -183,12 +194,8 @@ def affectnet_csv_records(path, image_root):
         if code not in AFFECTNET_CODES:
             dropped[f"expression {code} ({AFFECTNET_UNUSABLE.get(code, 'unknown code')})"] += 1
             continue
-        box_fields = [fields[columns[name]] for name in AFFECTNET_COLUMNS[1:5]]
-        box = None
-        if any(value.strip() for value in box_fields):
-            box = tuple(_integer(value, path, number, name) for value, name in zip(box_fields, AFFECTNET_COLUMNS[1:5]))
-            if box[2] <= 0 or box[3] <= 0:
-                raise DatasetError(f"{path}, row {number}: face box {box} has no area")
+        box = _face_box([fields[columns[name]] for name in AFFECTNET_COLUMNS[1:5]], AFFECTNET_COLUMNS[1:5], path,
+                        number)
         label = FER_CLASSES.index(AFFECTNET_CODES[code])
         where = f"{path}, row {number}"
         va = _rated(*(_rating(fields[columns[name]], where, name) for name in VA_DIMENSIONS)) if rated else None
@@ -431,11 +438,7 @@ def manifest_records(path, class_map=None):
             why = "not in --class-map" if mapped else "not a FERPlus class"
             dropped[f"label {fields[label_column].strip()!r} ({why})"] += 1
             continue
-        box = None
-        if box_columns and any(fields[i].strip() for i in box_columns):
-            box = tuple(_integer(fields[i], path, number, header[i]) for i in box_columns)
-            if box[2] <= 0 or box[3] <= 0:
-                raise DatasetError(f"{path}, row {number}: face box {box} has no area")
+        box = _face_box([fields[i] for i in box_columns], [header[i] for i in box_columns], path, number)
         image_path = os.path.join(base, fields[path_column])
         if not os.path.lexists(image_path):  # written as "a.png, 3": the spaces around a field are not its name
             image_path = os.path.join(base, fields[path_column].strip())
@@ -474,9 +477,9 @@ def box_records(path, folder):
         if len(fields) != len(header):
             raise DatasetError(f"{path}, row {number}: {len(fields)} fields, expected {len(header)}")
         image, *box = (fields[i] for i in columns)
-        box = tuple(_integer(value, path, number, name) for value, name in zip(box, BOX_COLUMNS[1:]))
-        if box[2] <= 0 or box[3] <= 0:
-            raise DatasetError(f"{path}, row {number}: face box {box} has no area")
+        box = _face_box(box, BOX_COLUMNS[1:], path, number)
+        if box is None:
+            raise DatasetError(f"{path}, row {number}: no face box (x, y, width, height are empty)")
         image_path = os.path.join(folder, image.strip())
         if not os.path.isfile(image_path):
             raise DatasetError(f"{path}, row {number}: no image file {image.strip()!r} in {folder}")
